@@ -1,0 +1,134 @@
+//! Verifies run logs and authority ledgers (ours and Lár's): the document signature with Lár's
+//! recipe, and, where steps carry a `chain`, the chain, naming the first step that is missing,
+//! reordered or altered.
+
+use super::runlog::chain_link;
+use super::secret::Secret;
+use crate::json::to_canonical_vec;
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// The result of checking one document.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Valid { what: String },
+    Invalid { reason: String },
+}
+
+impl Verdict {
+    pub fn is_valid(&self) -> bool {
+        matches!(self, Verdict::Valid { .. })
+    }
+    fn invalid(reason: impl Into<String>) -> Verdict {
+        Verdict::Invalid {
+            reason: reason.into(),
+        }
+    }
+}
+
+pub fn verify_file(path: &Path, secret: &Secret) -> Verdict {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) => return Verdict::invalid(format!("unreadable: {e}")),
+    };
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(doc) => verify_value(&doc, secret),
+        Err(e) => Verdict::invalid(format!("unreadable: not JSON ({e})")),
+    }
+}
+
+pub fn verify_value(doc: &Value, secret: &Secret) -> Verdict {
+    let Value::Object(map) = doc else {
+        return Verdict::invalid("unreadable: not a JSON object");
+    };
+    let what = describe(map);
+    let Some(sig) = map.get("signature") else {
+        return Verdict::invalid("missing signature");
+    };
+    let Value::String(sig) = sig else {
+        return Verdict::invalid("signature is not a string");
+    };
+    let chain_problem = map
+        .get("steps")
+        .and_then(Value::as_array)
+        .and_then(|steps| {
+            let run_id = map.get("run_id").and_then(Value::as_str).unwrap_or("");
+            check_chain(steps, run_id, secret)
+        });
+    let mut unsigned = map.clone();
+    unsigned.shift_remove("signature");
+    let canonical = to_canonical_vec(&Value::Object(unsigned));
+    if !secret.verify_hex(&canonical, sig) {
+        let mut reason = "signature mismatch: the content was changed after signing, or it was signed with another secret".to_string();
+        if let Some(p) = chain_problem {
+            reason.push_str("; ");
+            reason.push_str(&p);
+        }
+        return Verdict::invalid(reason);
+    }
+    if let Some(p) = chain_problem {
+        return Verdict::invalid(p);
+    }
+    Verdict::Valid { what }
+}
+
+fn describe(map: &Map<String, Value>) -> String {
+    if map.get("ledger_type").is_some() {
+        let n = map
+            .get("records")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        format!("authority ledger, {n} records")
+    } else {
+        let n = map
+            .get("steps")
+            .and_then(Value::as_array)
+            .map_or(0, Vec::len);
+        let chained = map
+            .get("steps")
+            .and_then(Value::as_array)
+            .is_some_and(|s| !s.is_empty() && s.iter().all(|x| x.get("chain").is_some()));
+        format!(
+            "run log, {n} steps{}",
+            if chained { ", chain intact" } else { "" }
+        )
+    }
+}
+
+/// Checks step numbering and, for chained logs, every link; names the first bad step.
+fn check_chain(steps: &[Value], run_id: &str, secret: &Secret) -> Option<String> {
+    let chained = steps.iter().any(|s| s.get("chain").is_some());
+    let mut prev = run_id.to_string();
+    for (pos, s) in steps.iter().enumerate() {
+        let idx = s.get("step").and_then(Value::as_u64);
+        match idx {
+            Some(i) if i == pos as u64 => {}
+            Some(i) if i > pos as u64 => {
+                return Some(format!(
+                    "step {pos} is missing (position {pos} holds step {i})"
+                ))
+            }
+            Some(i) => return Some(format!("steps reordered: position {pos} holds step {i}")),
+            None => return Some(format!("the record at position {pos} has no step index")),
+        }
+        if !chained {
+            continue;
+        }
+        let Value::Object(rec) = s else {
+            return Some(format!("step {pos} is not an object"));
+        };
+        let Some(Value::String(link)) = rec.get("chain") else {
+            return Some(format!("step {pos} has no chain link"));
+        };
+        let mut body = rec.clone();
+        body.shift_remove("chain");
+        let expect = chain_link(secret, &prev, &to_canonical_vec(&Value::Object(body)));
+        if &expect != link {
+            return Some(format!(
+                "chain broken at step {pos}: the record was altered, or the step before it is missing"
+            ));
+        }
+        prev = link.clone();
+    }
+    None
+}

@@ -1,0 +1,593 @@
+//! One run of a graph. The run owns its state and advances one node per [`Run::step`]; between
+//! steps its [`RunPosition`] is a complete description, so a checkpoint can store it and a later
+//! process (after a crash or a human decision) can continue exactly where it stopped.
+
+use super::diff::state_diff;
+use super::step::StepRecord;
+use crate::graph::{Graph, NodeKind, RouteSelector, ToolSpec};
+use crate::json::truthy;
+use crate::tools::command::{run_command, CommandCall};
+use crate::tools::{Registry, ToolContext, ToolFailure};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a run stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RunStatus {
+    Running,
+    Completed,
+    Failed {
+        reason: String,
+    },
+    /// Waiting at a `human_jury` node (the position's `next`) for a decision.
+    Halted,
+}
+
+impl RunStatus {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed { .. } => "failed",
+            RunStatus::Halted => "halted",
+        }
+    }
+}
+
+/// Everything needed to continue a run: what a checkpoint stores.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunPosition {
+    pub run_id: String,
+    pub job_id: String,
+    /// The id of the node that runs next (for a halted run: the jury node that waits).
+    pub next: Option<String>,
+    /// The index the next step record will have.
+    pub step: u64,
+    pub state: Map<String, Value>,
+    #[serde(flatten)]
+    pub status: RunStatus,
+}
+
+/// What a step needs from its surroundings.
+pub struct StepEnv<'a> {
+    pub registry: &'a Registry,
+}
+
+/// A human's answer to a `human_jury` node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Decision {
+    pub choice: String,
+    #[serde(default)]
+    pub rationale: String,
+    pub decided_by: String,
+    #[serde(default)]
+    pub role: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecisionError {
+    #[error("the run is not waiting for a decision (it is {0})")]
+    NotHalted(&'static str),
+    #[error("'{choice}' is not an allowed choice (allowed: {allowed})")]
+    InvalidChoice { choice: String, allowed: String },
+}
+
+pub struct Run {
+    graph: Arc<Graph>,
+    run_id: String,
+    job_id: String,
+    state: Map<String, Value>,
+    next: Option<usize>,
+    step: u64,
+    status: RunStatus,
+}
+
+/// What executing one node produced.
+struct NodeOutcome {
+    next: Option<usize>,
+    fatal: Option<String>,
+    halt: Option<Value>,
+    metadata: Map<String, Value>,
+}
+
+impl NodeOutcome {
+    fn go(next: Option<usize>) -> Self {
+        NodeOutcome {
+            next,
+            fatal: None,
+            halt: None,
+            metadata: Map::new(),
+        }
+    }
+}
+
+const NODE_COUNTS: &str = "__node_counts";
+const LAST_ERROR: &str = "last_error";
+const ROUTER_DECISION: &str = "_router_decision";
+
+impl Run {
+    /// A new run at the graph's entry with `input` as its initial state.
+    pub fn new(
+        graph: Arc<Graph>,
+        job_id: impl Into<String>,
+        run_id: impl Into<String>,
+        input: Map<String, Value>,
+    ) -> Self {
+        let next = Some(graph.entry);
+        Run {
+            graph,
+            run_id: run_id.into(),
+            job_id: job_id.into(),
+            state: input,
+            next,
+            step: 0,
+            status: RunStatus::Running,
+        }
+    }
+
+    /// Continues a run from a checkpointed position; fails if the graph has no such node.
+    pub fn from_position(graph: Arc<Graph>, pos: RunPosition) -> Result<Self, String> {
+        let next = match &pos.next {
+            Some(id) => Some(graph.node_index(id).ok_or_else(|| {
+                format!(
+                    "checkpoint names node '{id}', which graph '{}' does not have",
+                    graph.name
+                )
+            })?),
+            None => None,
+        };
+        Ok(Run {
+            graph,
+            run_id: pos.run_id,
+            job_id: pos.job_id,
+            state: pos.state,
+            next,
+            step: pos.step,
+            status: pos.status,
+        })
+    }
+
+    pub fn position(&self) -> RunPosition {
+        RunPosition {
+            run_id: self.run_id.clone(),
+            job_id: self.job_id.clone(),
+            next: self.next.map(|i| self.graph.node(i).id.clone()),
+            step: self.step,
+            state: self.state.clone(),
+            status: self.status.clone(),
+        }
+    }
+
+    pub fn graph(&self) -> &Arc<Graph> {
+        &self.graph
+    }
+    pub fn run_id(&self) -> &str {
+        &self.run_id
+    }
+    pub fn job_id(&self) -> &str {
+        &self.job_id
+    }
+    pub fn status(&self) -> &RunStatus {
+        &self.status
+    }
+    pub fn state(&self) -> &Map<String, Value> {
+        &self.state
+    }
+    pub fn into_state(self) -> Map<String, Value> {
+        self.state
+    }
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+    pub fn is_running(&self) -> bool {
+        self.status == RunStatus::Running
+    }
+
+    /// The jury node a halted run waits at.
+    pub fn waiting_node(&self) -> Option<&crate::graph::Node> {
+        match self.status {
+            RunStatus::Halted => self.next.map(|i| self.graph.node(i)),
+            _ => None,
+        }
+    }
+
+    /// Runs the next node; `None` once the run has ended (completed, failed or halted).
+    pub async fn step(&mut self, env: &StepEnv<'_>) -> Option<StepRecord> {
+        if self.status != RunStatus::Running {
+            return None;
+        }
+        let Some(idx) = self.next else {
+            self.status = self.end_status(None);
+            return None;
+        };
+        let graph = Arc::clone(&self.graph);
+        let node = graph.node(idx);
+        let started_at = now_utc();
+        let clock = Instant::now();
+
+        if self.step >= graph.max_steps {
+            let msg = format!(
+                "max_steps ({}) reached: the run stops before node '{}'",
+                graph.max_steps, node.id
+            );
+            return Some(self.fatal_step(idx, msg, &started_at, clock));
+        }
+        let visits = self.count_visit(&node.id);
+        if visits > graph.max_node_fatigue {
+            let msg = format!(
+                "max_node_fatigue ({}) exceeded: node '{}' visited {} times",
+                graph.max_node_fatigue, node.id, visits
+            );
+            return Some(self.fatal_step(idx, msg, &started_at, clock));
+        }
+
+        let before = self.state.clone();
+        let outcome = self.execute(idx, env).await;
+        let after = self.state.clone();
+        let diff = state_diff(&before, &after);
+
+        let mut error = outcome.fatal.clone();
+        if error.is_none() {
+            if let Some(e) = self.state.get(LAST_ERROR).filter(|v| truthy(v)) {
+                error = Some(match e {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+            }
+        }
+        let mut rec = self.record(
+            idx,
+            before,
+            diff,
+            outcome.metadata,
+            error,
+            after,
+            &started_at,
+            clock,
+        );
+        self.step += 1;
+        if let Some(halt) = outcome.halt {
+            rec.insert("halt".into(), halt);
+            self.status = RunStatus::Halted;
+            // `next` stays on the jury node: that is where the decision continues.
+        } else if let Some(fatal) = outcome.fatal {
+            self.next = None;
+            self.status = RunStatus::Failed { reason: fatal };
+        } else {
+            self.next = outcome.next;
+            if self.next.is_none() {
+                self.status = self.end_status(None);
+            }
+        }
+        Some(StepRecord(rec))
+    }
+
+    /// Applies a human decision to a halted run and records it as a step of the same run.
+    pub fn decide(&mut self, decision: &Decision) -> Result<StepRecord, DecisionError> {
+        if self.status != RunStatus::Halted {
+            return Err(DecisionError::NotHalted(self.status.name()));
+        }
+        let graph = Arc::clone(&self.graph);
+        let Some(idx) = self.next else {
+            return Err(DecisionError::NotHalted("halted without a jury node"));
+        };
+        let node = graph.node(idx);
+        let NodeKind::HumanJury {
+            choices, output, ..
+        } = &node.kind
+        else {
+            return Err(DecisionError::NotHalted(
+                "halted on a node that is not a jury",
+            ));
+        };
+        if !choices.iter().any(|c| c == &decision.choice) {
+            return Err(DecisionError::InvalidChoice {
+                choice: decision.choice.clone(),
+                allowed: choices.join(", "),
+            });
+        }
+        let started_at = now_utc();
+        let clock = Instant::now();
+        let before = self.state.clone();
+        self.state
+            .insert(output.clone(), Value::String(decision.choice.clone()));
+        self.state.insert(
+            format!("{output}_rationale"),
+            Value::String(decision.rationale.clone()),
+        );
+        let after = self.state.clone();
+        let diff = state_diff(&before, &after);
+        let mut rec = self.record(
+            idx,
+            before,
+            diff,
+            Map::new(),
+            None,
+            after,
+            &started_at,
+            clock,
+        );
+        let mut marker = Map::new();
+        marker.insert("choice".into(), Value::String(decision.choice.clone()));
+        marker.insert(
+            "rationale".into(),
+            Value::String(decision.rationale.clone()),
+        );
+        marker.insert(
+            "decided_by".into(),
+            Value::String(decision.decided_by.clone()),
+        );
+        marker.insert(
+            "role".into(),
+            decision
+                .role
+                .clone()
+                .map(Value::String)
+                .unwrap_or(Value::Null),
+        );
+        rec.insert("decision".into(), Value::Object(marker));
+        self.step += 1;
+        self.next = node.next;
+        self.status = RunStatus::Running;
+        if self.next.is_none() {
+            self.status = self.end_status(None);
+        }
+        Ok(StepRecord(rec))
+    }
+
+    fn end_status(&self, fatal: Option<String>) -> RunStatus {
+        if let Some(reason) = fatal {
+            return RunStatus::Failed { reason };
+        }
+        match self.state.get(LAST_ERROR).filter(|v| truthy(v)) {
+            Some(Value::String(s)) => RunStatus::Failed { reason: s.clone() },
+            Some(other) => RunStatus::Failed {
+                reason: other.to_string(),
+            },
+            None => RunStatus::Completed,
+        }
+    }
+
+    fn count_visit(&mut self, node_id: &str) -> u64 {
+        let counts = self
+            .state
+            .entry(NODE_COUNTS)
+            .or_insert_with(|| Value::Object(Map::new()));
+        if !counts.is_object() {
+            *counts = Value::Object(Map::new());
+        }
+        let Value::Object(counts) = counts else {
+            return 1;
+        };
+        let n = counts.get(node_id).and_then(Value::as_u64).unwrap_or(0) + 1;
+        counts.insert(node_id.to_string(), Value::from(n));
+        n
+    }
+
+    fn fatal_step(
+        &mut self,
+        idx: usize,
+        msg: String,
+        started_at: &str,
+        clock: Instant,
+    ) -> StepRecord {
+        let before = self.state.clone();
+        let diff = state_diff(&before, &self.state);
+        let after = self.state.clone();
+        let rec = self.record(
+            idx,
+            before,
+            diff,
+            Map::new(),
+            Some(msg.clone()),
+            after,
+            started_at,
+            clock,
+        );
+        self.step += 1;
+        self.next = None;
+        self.status = RunStatus::Failed { reason: msg };
+        StepRecord(rec)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn record(
+        &self,
+        idx: usize,
+        before: Map<String, Value>,
+        diff: Value,
+        metadata: Map<String, Value>,
+        error: Option<String>,
+        after: Map<String, Value>,
+        started_at: &str,
+        clock: Instant,
+    ) -> Map<String, Value> {
+        let node = self.graph.node(idx);
+        let mut rec = Map::with_capacity(14);
+        rec.insert("step".into(), Value::from(self.step));
+        rec.insert("node".into(), Value::String(node.kind.lar_class().into()));
+        rec.insert("state_before".into(), Value::Object(before));
+        rec.insert("state_diff".into(), diff);
+        rec.insert("run_metadata".into(), Value::Object(metadata));
+        let outcome = if error.is_some() { "error" } else { "success" };
+        rec.insert("outcome".into(), Value::String(outcome.into()));
+        if let Some(e) = error {
+            rec.insert("error".into(), Value::String(e));
+        }
+        rec.insert("state_after".into(), Value::Object(after));
+        rec.insert("node_id".into(), Value::String(node.id.clone()));
+        rec.insert(
+            "node_type".into(),
+            Value::String(node.kind.type_name().into()),
+        );
+        rec.insert("started_at".into(), Value::String(started_at.to_string()));
+        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
+        rec.insert("duration_us".into(), Value::from(micros));
+        rec
+    }
+
+    async fn execute(&mut self, idx: usize, env: &StepEnv<'_>) -> NodeOutcome {
+        let graph = Arc::clone(&self.graph);
+        let node = graph.node(idx);
+        match &node.kind {
+            NodeKind::Set { key, value } => {
+                let v = match value {
+                    Value::String(s) if s.len() > 2 && s.starts_with('{') && s.ends_with('}') => {
+                        self.state
+                            .get(&s[1..s.len() - 1])
+                            .cloned()
+                            .unwrap_or(Value::Null)
+                    }
+                    other => other.clone(),
+                };
+                self.state.insert(key.clone(), v);
+                NodeOutcome::go(node.next)
+            }
+            NodeKind::Router {
+                selector,
+                routes,
+                default,
+            } => {
+                let key = match selector {
+                    RouteSelector::Key(k) => Ok(match self.state.get(k) {
+                        Some(Value::String(s)) => s.clone(),
+                        Some(Value::Null) | None => "null".to_string(),
+                        Some(other) => other.to_string(),
+                    }),
+                    RouteSelector::Expr(e) => e.route_key(&self.state),
+                };
+                let key = match key {
+                    Ok(k) => k,
+                    Err(msg) => {
+                        return NodeOutcome {
+                            fatal: Some(msg),
+                            ..NodeOutcome::go(None)
+                        }
+                    }
+                };
+                let target = routes
+                    .iter()
+                    .find(|(route, _)| *route == key)
+                    .map(|(_, i)| *i)
+                    .or(*default);
+                self.state
+                    .insert(ROUTER_DECISION.into(), Value::String(key.clone()));
+                let mut out = NodeOutcome::go(target);
+                if target.is_none() {
+                    out.metadata.insert(
+                        "note".into(),
+                        Value::String(format!("no route for '{key}' and no default: the run ends")),
+                    );
+                }
+                out
+            }
+            NodeKind::Tool {
+                tool,
+                inputs,
+                output,
+                error,
+            } => {
+                let mut args = Map::with_capacity(inputs.len());
+                for k in inputs {
+                    args.insert(k.clone(), self.state.get(k).cloned().unwrap_or(Value::Null));
+                }
+                let ctx = ToolContext {
+                    job_id: self.job_id.clone(),
+                    run_id: self.run_id.clone(),
+                    step: self.step,
+                };
+                match call_tool(&graph, env.registry, tool, &args, &ctx).await {
+                    Ok(result) => {
+                        match (output, result) {
+                            (Some(key), v) => {
+                                self.state.insert(key.clone(), v);
+                            }
+                            (None, Value::Object(obj)) => self.state.extend(obj),
+                            (None, _) => {}
+                        }
+                        NodeOutcome::go(node.next)
+                    }
+                    Err(ToolFailure(reason)) => {
+                        self.state.insert(LAST_ERROR.into(), Value::String(reason));
+                        NodeOutcome::go(*error)
+                    }
+                }
+            }
+            NodeKind::ClearError => {
+                self.state.insert(LAST_ERROR.into(), Value::Null);
+                NodeOutcome::go(node.next)
+            }
+            NodeKind::HumanJury {
+                prompt,
+                choices,
+                output,
+                context,
+            } => {
+                let mut ctx = Map::new();
+                for k in context {
+                    ctx.insert(k.clone(), self.state.get(k).cloned().unwrap_or(Value::Null));
+                }
+                let mut halt = Map::new();
+                halt.insert("prompt".into(), Value::String(prompt.clone()));
+                halt.insert(
+                    "choices".into(),
+                    Value::Array(choices.iter().cloned().map(Value::String).collect()),
+                );
+                halt.insert("output".into(), Value::String(output.clone()));
+                halt.insert("context".into(), Value::Object(ctx));
+                NodeOutcome {
+                    halt: Some(Value::Object(halt)),
+                    ..NodeOutcome::go(Some(idx))
+                }
+            }
+        }
+    }
+}
+
+async fn call_tool(
+    graph: &Graph,
+    registry: &Registry,
+    name: &str,
+    args: &Map<String, Value>,
+    ctx: &ToolContext,
+) -> Result<Value, ToolFailure> {
+    let registered = |n: &str| {
+        registry
+            .get(n)
+            .ok_or_else(|| ToolFailure(format!("tool '{n}' is not registered in this worker")))
+    };
+    match graph.tools.get(name) {
+        Some(ToolSpec::Command {
+            argv,
+            timeout,
+            env,
+            cwd,
+            ..
+        }) => {
+            run_command(
+                CommandCall {
+                    tool: name,
+                    argv,
+                    timeout: *timeout,
+                    env,
+                    cwd: cwd.as_ref(),
+                },
+                args,
+                ctx,
+            )
+            .await
+        }
+        Some(ToolSpec::Registered { name: builtin }) => registered(builtin)?.call(args),
+        None => registered(name)?.call(args),
+    }
+}
+
+/// UTC time with microseconds, ISO-8601 with a `Z`.
+pub fn now_utc() -> String {
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        .to_string()
+}

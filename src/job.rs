@@ -1,0 +1,106 @@
+//! One job from input to signed log: drives a [`Run`] step by step, appending every record to
+//! the [`RunLog`], and writes the signed `run_<uuid>.json` however the run ends.
+
+use crate::audit::runlog::{RunLogHeader, RunOutcome};
+use crate::audit::write::write_atomic;
+use crate::audit::{RunLog, Secret};
+use crate::exec::{Run, RunStatus, StepEnv};
+use crate::graph::Graph;
+use crate::tools::Registry;
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Where and how run logs are written.
+#[derive(Debug, Clone)]
+pub struct AuditSettings {
+    pub log_dir: PathBuf,
+    pub secret: Option<Secret>,
+    /// fsync the log and its directory before the job counts as done.
+    pub durable: bool,
+}
+
+/// What a finished (or halted) job left behind.
+#[derive(Debug, Clone)]
+pub struct JobReport {
+    pub job_id: String,
+    pub run_id: String,
+    pub status: RunStatus,
+    pub state: Map<String, Value>,
+    pub log_path: PathBuf,
+    pub signature: Option<String>,
+    pub steps: usize,
+}
+
+impl JobReport {
+    pub fn status_name(&self) -> &'static str {
+        self.status.name()
+    }
+}
+
+/// A new log header for a run of `graph`.
+pub fn log_header(run: &Run, user_id: Option<String>) -> RunLogHeader {
+    RunLogHeader {
+        run_id: run.run_id().to_string(),
+        user_id,
+        timestamp: crate::exec::run::now_utc(),
+        job_id: run.job_id().to_string(),
+        graph_name: run.graph().name.clone(),
+        graph_digest: run.graph().digest.clone(),
+    }
+}
+
+pub fn outcome_of(status: &RunStatus) -> RunOutcome {
+    RunOutcome {
+        status: status.name().to_string(),
+        reason: match status {
+            RunStatus::Failed { reason } => Some(reason.clone()),
+            _ => None,
+        },
+    }
+}
+
+/// Signs and writes the log file for the run's current status.
+pub fn write_run_log(
+    log: &RunLog,
+    status: &RunStatus,
+    audit: &AuditSettings,
+) -> std::io::Result<(PathBuf, Option<String>)> {
+    let signed = log.sign(&outcome_of(status), audit.secret.as_ref());
+    let name = format!("run_{}.json", log.header.run_id);
+    let path = write_atomic(&audit.log_dir, &name, &signed.file_bytes, audit.durable)?;
+    Ok((path, signed.signature))
+}
+
+/// Runs a whole job in memory (the `run-once` pattern): every step, then the signed log.
+pub async fn run_job(
+    graph: Arc<Graph>,
+    registry: &Registry,
+    job_id: &str,
+    input: Map<String, Value>,
+    user_id: Option<String>,
+    audit: &AuditSettings,
+) -> std::io::Result<JobReport> {
+    let run_id = uuid::Uuid::new_v4().to_string();
+    let mut run = Run::new(graph, job_id, run_id, input);
+    let mut log = RunLog::new(log_header(&run, user_id));
+    let env = StepEnv { registry };
+    while let Some(step) = run.step(&env).await {
+        log.append(step, audit.secret.as_ref());
+    }
+    let (log_path, signature) = write_run_log(&log, run.status(), audit)?;
+    Ok(JobReport {
+        job_id: job_id.to_string(),
+        run_id: run.run_id().to_string(),
+        status: run.status().clone(),
+        steps: log.len(),
+        state: run.into_state(),
+        log_path,
+        signature,
+    })
+}
+
+/// Log files live under `dir`; used by tests and the CLI to find one by run id.
+pub fn log_path(dir: &Path, run_id: &str) -> PathBuf {
+    dir.join(format!("run_{run_id}.json"))
+}

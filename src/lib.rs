@@ -1,0 +1,18 @@
+//! lar-worker: runs Lár agent graphs as a durable queue service.
+//!
+//! The layers, bottom up:
+//! - [`json`]: Python-compatible canonical JSON (the bytes Lár signs).
+//! - [`audit`]: the HMAC secret, run logs, the authority ledger, verification.
+//! - [`graph`]: the graph file format, loaded into a validated typed graph.
+//! - [`tools`]: external-program tools and registered Rust tools.
+//! - [`exec`]: the step-by-step executor.
+//! - [`job`]: one job from input to signed log.
+//! - [`cli`]: the `lar-worker` command.
+
+pub mod audit;
+pub mod cli;
+pub mod exec;
+pub mod graph;
+pub mod job;
+pub mod json;
+pub mod tools;

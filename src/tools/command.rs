@@ -1,0 +1,147 @@
+//! External-program tools: argv (never a shell), the named inputs as one JSON object on stdin,
+//! one JSON value on stdout. The process runs in its own process group so a timeout kills the
+//! whole tree, and the HMAC secret is removed from its environment.
+
+use super::{ToolContext, ToolFailure};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Stdout beyond this is refused (a runaway tool must not exhaust memory).
+const MAX_STDOUT: usize = 16 * 1024 * 1024;
+/// How much of stderr is kept for `last_error`.
+const STDERR_TAIL: usize = 2000;
+/// Environment variables a tool must never see.
+const SCRUBBED_ENV: &[&str] = &["HMAC_SECRET", "LAR_WORKER_SECRET"];
+
+pub struct CommandCall<'a> {
+    pub tool: &'a str,
+    pub argv: &'a [String],
+    pub timeout: Duration,
+    pub env: &'a BTreeMap<String, String>,
+    pub cwd: Option<&'a PathBuf>,
+}
+
+/// Runs the program and parses its answer.
+pub async fn run_command(
+    call: CommandCall<'_>,
+    inputs: &Map<String, Value>,
+    ctx: &ToolContext,
+) -> Result<Value, ToolFailure> {
+    let tool = call.tool;
+    let Some((program, args)) = call.argv.split_first() else {
+        return Err(ToolFailure(format!("tool '{tool}': empty command")));
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .env("LAR_JOB_ID", &ctx.job_id)
+        .env("LAR_RUN_ID", &ctx.run_id)
+        .env("LAR_STEP", ctx.step.to_string())
+        .env("LAR_IDEMPOTENCY_KEY", ctx.idempotency_key());
+    for name in SCRUBBED_ENV {
+        cmd.env_remove(name);
+    }
+    cmd.envs(call.env);
+    if let Some(dir) = call.cwd {
+        cmd.current_dir(dir);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| ToolFailure(format!("tool '{tool}': cannot start '{program}': {e}")))?;
+    let pid = child.id();
+
+    let input_bytes = serde_json::to_vec(inputs).unwrap_or_else(|_| b"{}".to_vec());
+    let mut stdin = child.stdin.take();
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let io = async {
+        let write = async {
+            if let Some(mut s) = stdin.take() {
+                // A tool that exits without reading its input is not an error by itself.
+                let _ = s.write_all(&input_bytes).await;
+                let _ = s.shutdown().await;
+            }
+        };
+        let read_out = async {
+            let mut buf = Vec::new();
+            if let Some(s) = stdout.as_mut() {
+                let _ = s.take(MAX_STDOUT as u64 + 1).read_to_end(&mut buf).await;
+            }
+            buf
+        };
+        let read_err = async {
+            let mut buf = Vec::new();
+            if let Some(s) = stderr.as_mut() {
+                let _ = s.take(4 * 1024 * 1024).read_to_end(&mut buf).await;
+            }
+            buf
+        };
+        let ((), out, err) = tokio::join!(write, read_out, read_err);
+        let status = child.wait().await;
+        (out, err, status)
+    };
+    let (out, err, status) = match tokio::time::timeout(call.timeout, io).await {
+        Ok(done) => done,
+        Err(_) => {
+            kill_group(pid);
+            return Err(ToolFailure(format!(
+                "tool '{tool}': timed out after {} ms (process group killed)",
+                call.timeout.as_millis()
+            )));
+        }
+    };
+    // Children the tool left behind in its group go too.
+    kill_group(pid);
+    let tail = stderr_tail(&err);
+    let status = status.map_err(|e| ToolFailure(format!("tool '{tool}': wait failed: {e}")))?;
+    if !status.success() {
+        let how = match status.code() {
+            Some(code) => format!("exited with status {code}"),
+            None => "was killed by a signal".to_string(),
+        };
+        return Err(ToolFailure(format!("tool '{tool}': {how}{tail}")));
+    }
+    if out.len() > MAX_STDOUT {
+        return Err(ToolFailure(format!(
+            "tool '{tool}': wrote more than {MAX_STDOUT} bytes to stdout{tail}"
+        )));
+    }
+    serde_json::from_slice(&out).map_err(|e| {
+        ToolFailure(format!(
+            "tool '{tool}': stdout is not one JSON value ({e}){tail}"
+        ))
+    })
+}
+
+fn stderr_tail(err: &[u8]) -> String {
+    let text = String::from_utf8_lossy(err);
+    let text = text.trim_end();
+    if text.is_empty() {
+        return String::new();
+    }
+    let start = text
+        .char_indices()
+        .rev()
+        .nth(STDERR_TAIL.saturating_sub(1))
+        .map(|(i, _)| i)
+        .unwrap_or(0);
+    format!("; stderr: {}", &text[start..])
+}
+
+fn kill_group(pid: Option<u32>) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill(2) with a negative pid signals the process group we created with
+        // process_group(0); it has no memory-safety preconditions.
+        unsafe {
+            libc::kill(-pid, libc::SIGKILL);
+        }
+    }
+}
