@@ -11,8 +11,10 @@
 
 pub mod audit;
 pub mod cli;
+pub mod config;
 pub mod exec;
 pub mod graph;
 pub mod job;
+pub mod queue;
 pub mod json;
 pub mod tools;

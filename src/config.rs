@@ -1,0 +1,325 @@
+//! `workers.toml`: loaded once, fully validated at start (graphs included), unknown fields
+//! rejected. A few environment variables override deployment-specific values so one file can
+//! serve every host (see [`Config::apply_env`]).
+
+use crate::graph::{load_graph_file, Graph};
+use crate::tools::Registry;
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("{0}")]
+    Graph(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub worker: WorkerSection,
+    pub backend: BackendSection,
+    pub queues: Vec<QueueSection>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerSection {
+    /// Jobs run at once by one process.
+    pub concurrency: usize,
+    /// Where `run_<uuid>.json` audit logs go.
+    pub log_dir: PathBuf,
+    /// The HMAC secret file (else HMAC_SECRET or the systemd credential `hmac_secret`).
+    pub secret_file: Option<PathBuf>,
+    /// Write logs unsigned when no secret is configured (refused otherwise).
+    pub unsigned: bool,
+    /// How long a claim is held without renewal before another replica may take the job.
+    pub lease_ms: u64,
+    /// On SIGTERM, how long in-flight jobs get before they are handed back.
+    pub drain_timeout_ms: u64,
+    /// Larger messages are dead-lettered unread.
+    pub max_message_bytes: usize,
+    /// fsync audit logs (and their directory) before a job counts as done.
+    pub fsync: bool,
+    pub retry: RetrySection,
+}
+
+impl Default for WorkerSection {
+    fn default() -> Self {
+        WorkerSection {
+            concurrency: 16,
+            log_dir: PathBuf::from("lar_logs"),
+            secret_file: None,
+            unsigned: false,
+            lease_ms: 30_000,
+            drain_timeout_ms: 20_000,
+            max_message_bytes: 1024 * 1024,
+            fsync: true,
+            retry: RetrySection::default(),
+        }
+    }
+}
+
+impl WorkerSection {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_millis(self.drain_timeout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySection {
+    /// Attempts in all, the first included; after the last, the job is dead-lettered.
+    pub attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub multiplier: f64,
+    /// Random spread, as a fraction of the delay (0.2 = ±20 %).
+    pub jitter: f64,
+    /// Whether a run that ends `failed` is retried (else its failed result is final at once).
+    pub retry_failed_runs: bool,
+}
+
+impl Default for RetrySection {
+    fn default() -> Self {
+        RetrySection {
+            attempts: 3,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 60_000,
+            multiplier: 2.0,
+            jitter: 0.2,
+            retry_failed_runs: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BackendSection {
+    /// A SQLite file on this machine; several worker processes may share it.
+    Embedded {
+        #[serde(default = "default_db_path")]
+        path: PathBuf,
+    },
+    Redis {
+        #[serde(default = "default_redis_url")]
+        url: String,
+    },
+}
+
+fn default_db_path() -> PathBuf {
+    PathBuf::from("var/lar-worker.db")
+}
+fn default_redis_url() -> String {
+    "redis://127.0.0.1:6379/0".to_string()
+}
+
+/// How messages on a queue are shaped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PayloadFormat {
+    /// The message is the initial state; the result is the final state (the seed's format).
+    #[default]
+    State,
+    /// `{"id", "graph", "input", "user_id"}` in, `{"job_id", "run_id", "status", ...}` out.
+    Envelope,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSection {
+    /// The list/queue producers push to, e.g. `agent:jobs`.
+    pub name: String,
+    /// Where results go, e.g. `agent:results`.
+    pub results: String,
+    #[serde(default)]
+    pub payload: PayloadFormat,
+    /// The graph for state payloads, and for envelopes that name none.
+    pub graph: Option<PathBuf>,
+    /// Graphs an envelope may name: `{ loan_review = "graphs/loan_review.toml" }`.
+    #[serde(default)]
+    pub graphs: BTreeMap<String, PathBuf>,
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and checks the values.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        cfg.apply_env(|k| std::env::var(k).ok());
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        cfg.resolve_paths(&base);
+        cfg.check().map_err(|message| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        })?;
+        Ok(cfg)
+    }
+
+    /// Deployment overrides: `LAR_BACKEND_URL` (redis url), `LAR_DB_PATH`, `LAR_LOG_DIR`,
+    /// `LAR_SECRET_FILE`, `LAR_CONCURRENCY`. Takes a lookup so tests need not touch the
+    /// process environment.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+        if let Some(url) = get("LAR_BACKEND_URL") {
+            if let BackendSection::Redis { url: u } = &mut self.backend {
+                *u = url;
+            }
+        }
+        if let Some(p) = get("LAR_DB_PATH") {
+            if let BackendSection::Embedded { path } = &mut self.backend {
+                *path = PathBuf::from(p);
+            }
+        }
+        if let Some(d) = get("LAR_LOG_DIR") {
+            self.worker.log_dir = PathBuf::from(d);
+        }
+        if let Some(f) = get("LAR_SECRET_FILE") {
+            self.worker.secret_file = Some(PathBuf::from(f));
+        }
+        if let Some(n) = get("LAR_CONCURRENCY").and_then(|n| n.parse().ok()) {
+            self.worker.concurrency = n;
+        }
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        fix(&mut self.worker.log_dir);
+        if let Some(f) = &mut self.worker.secret_file {
+            fix(f);
+        }
+        if let BackendSection::Embedded { path } = &mut self.backend {
+            fix(path);
+        }
+        for q in &mut self.queues {
+            if let Some(g) = &mut q.graph {
+                fix(g);
+            }
+            for g in q.graphs.values_mut() {
+                fix(g);
+            }
+        }
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let w = &self.worker;
+        if w.concurrency == 0 {
+            return Err("worker.concurrency: must be at least 1".into());
+        }
+        if w.lease_ms < 1000 {
+            return Err("worker.lease_ms: must be at least 1000".into());
+        }
+        if w.max_message_bytes == 0 {
+            return Err("worker.max_message_bytes: must be more than 0".into());
+        }
+        if w.retry.attempts == 0 {
+            return Err("worker.retry.attempts: must be at least 1 (the first attempt counts)".into());
+        }
+        if !(0.0..=1.0).contains(&w.retry.jitter) {
+            return Err("worker.retry.jitter: must be between 0 and 1".into());
+        }
+        if w.retry.multiplier < 1.0 {
+            return Err("worker.retry.multiplier: must be at least 1".into());
+        }
+        if self.queues.is_empty() {
+            return Err("queues: at least one [[queues]] entry is required".into());
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, q) in self.queues.iter().enumerate() {
+            if q.name.is_empty() || q.results.is_empty() {
+                return Err(format!("queues[{i}]: 'name' and 'results' must not be empty"));
+            }
+            if q.name == q.results {
+                return Err(format!("queues[{i}] ({}): 'results' must differ from 'name'", q.name));
+            }
+            if !names.insert(q.name.clone()) {
+                return Err(format!("queues[{i}]: the queue '{}' is configured twice", q.name));
+            }
+            if q.graph.is_none() && q.graphs.is_empty() {
+                return Err(format!("queues[{i}] ({}): needs 'graph' or 'graphs'", q.name));
+            }
+            if q.payload == PayloadFormat::State && q.graph.is_none() {
+                return Err(format!(
+                    "queues[{i}] ({}): a 'state' payload queue needs 'graph' (the message carries no graph name)",
+                    q.name
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A queue with its graphs loaded and validated.
+#[derive(Debug, Clone)]
+pub struct LoadedQueue {
+    pub names: crate::queue::QueueNames,
+    pub payload: PayloadFormat,
+    pub default_graph: Option<Arc<Graph>>,
+    pub graphs: HashMap<String, Arc<Graph>>,
+}
+
+impl LoadedQueue {
+    /// The graph an envelope names (by its config key or the graph's own name).
+    pub fn graph_named(&self, name: &str) -> Option<&Arc<Graph>> {
+        self.graphs.get(name).or_else(|| {
+            self.default_graph
+                .as_ref()
+                .filter(|g| g.name == name)
+        })
+    }
+}
+
+/// Loads every graph the queues name, collecting all errors.
+pub fn load_queues(cfg: &Config, registry: &Registry) -> Result<Vec<LoadedQueue>, ConfigError> {
+    let mut errors = Vec::new();
+    let mut out = Vec::new();
+    let mut load = |p: &Path| match load_graph_file(p, registry) {
+        Ok(g) => Some(Arc::new(g)),
+        Err(e) => {
+            errors.push(e.to_string());
+            None
+        }
+    };
+    for q in &cfg.queues {
+        let default_graph = q.graph.as_deref().and_then(&mut load);
+        let mut graphs = HashMap::new();
+        for (name, path) in &q.graphs {
+            if let Some(g) = load(path) {
+                graphs.insert(name.clone(), g);
+            }
+        }
+        out.push(LoadedQueue {
+            names: crate::queue::QueueNames {
+                jobs: q.name.clone(),
+                results: q.results.clone(),
+            },
+            payload: q.payload,
+            default_graph,
+            graphs,
+        });
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigError::Graph(errors.join("\n")))
+    }
+}

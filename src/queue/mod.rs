@@ -1,0 +1,176 @@
+//! Queue backends behind one trait. A backend hands out claims with a lease, and finishes each
+//! claim exactly once: published result, delayed retry, dead letter, or hand-back. Every finish
+//! is fenced on the claim's epoch, so a worker that lost its lease cannot publish.
+//!
+//! | capability            | embedded (SQLite)        | redis                          | amqp                       |
+//! |-----------------------|--------------------------|--------------------------------|----------------------------|
+//! | processes             | one machine (WAL file)   | any number of hosts            | any number of hosts        |
+//! | claim                 | UPDATE in a transaction  | LMOVE/BLMOVE to own list + Lua | basic.consume, prefetch    |
+//! | lease / expiry        | lease_until column       | sorted set + reaper            | broker redelivery on close |
+//! | fenced completion     | epoch check in the txn   | epoch check in one Lua script  | delivery tag on channel    |
+//! | delayed retry         | available_at column      | sorted set, promoted by reaper | TTL delay queue → DLX      |
+//! | dead letters          | table                    | list `<queue>:dead`            | dead-letter queue          |
+//! | wake-up when empty    | polling (≤ 200 ms)       | blocking BLMOVE                | push (consumer)            |
+
+pub mod embedded;
+pub mod redis;
+pub mod wrapper;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+
+/// Failures talking to the queue's store. Retried by the worker with its backoff policy.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("amqp: {0}")]
+    Amqp(String),
+    #[error("queue store: {0}")]
+    Other(String),
+}
+
+/// One earlier attempt, kept with the job so a dead letter carries its history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AttemptRecord {
+    pub attempt: u32,
+    pub at: String,
+    pub error: String,
+}
+
+/// A job claimed by this worker.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    /// Stable across redeliveries and retries.
+    pub job_id: String,
+    /// The producer's bytes, exactly as sent.
+    pub payload: Vec<u8>,
+    /// 1 for the first attempt.
+    pub attempt: u32,
+    /// Fencing token: grows with every claim of this job.
+    pub epoch: u64,
+    pub history: Vec<AttemptRecord>,
+    /// Backend-specific handle (the stored message, a row id, a delivery tag).
+    pub handle: ClaimHandle,
+}
+
+#[derive(Debug, Clone)]
+pub enum ClaimHandle {
+    /// The wrapped message as it sits in the worker's processing list.
+    Redis { stored: Vec<u8> },
+    Sqlite { seq: i64 },
+    Amqp { delivery_tag: u64, channel: u64 },
+}
+
+/// How a claim ends.
+#[derive(Debug, Clone)]
+pub enum Finish {
+    /// Publish `result` to the results destination (and optionally record a dead letter too).
+    Publish {
+        result: Vec<u8>,
+        dead_letter: Option<DeadLetter>,
+    },
+    /// Retry later with the attempt recorded.
+    Retry { delay: Duration, error: String },
+    /// Move to the dead letters without a result.
+    DeadLetter(DeadLetter),
+    /// Give the job back untouched (shutdown): not a failed attempt.
+    Release,
+}
+
+/// What an operator finds in the dead letters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub job_id: String,
+    pub reason: String,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+/// Whether the finish took effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fenced {
+    /// This worker still held the claim; the finish happened.
+    Done,
+    /// The lease expired and the job was taken over (or finished) elsewhere: nothing was done.
+    Lost,
+}
+
+/// Depths for `inspect` and metrics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueDepth {
+    pub ready: u64,
+    pub claimed: u64,
+    pub delayed: u64,
+    pub dead: u64,
+    pub results: u64,
+}
+
+/// The names one configured queue uses.
+#[derive(Debug, Clone)]
+pub struct QueueNames {
+    pub jobs: String,
+    pub results: String,
+}
+
+/// The contract every backend meets (and `tests/conformance` checks).
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// A short name for logs: "embedded", "redis", "amqp".
+    fn kind(&self) -> &'static str;
+
+    /// Claims up to `max` jobs, waiting up to `wait` when none is ready.
+    async fn claim(&self, q: &QueueNames, max: usize, lease: Duration, wait: Duration) -> Result<Vec<Claim>, QueueError>;
+
+    /// Renews the leases of claims still held; returns, per claim, whether it is still held.
+    async fn extend(&self, q: &QueueNames, claims: &[(String, u64)], lease: Duration) -> Result<Vec<bool>, QueueError>;
+
+    /// Ends a claim, fenced on its epoch.
+    async fn finish(&self, q: &QueueNames, claim: &Claim, how: Finish) -> Result<Fenced, QueueError>;
+
+    /// Returns expired claims (and claims of dead workers) to the queue and promotes due
+    /// retries. Safe to run in every replica at once. Returns how many jobs it moved.
+    async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError>;
+
+    /// Adds a job (the producer side, for `lar-worker enqueue` and tests). Returns its job id
+    /// when the backend assigns one at enqueue time.
+    async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError>;
+
+    /// Queue, claim, delayed, dead-letter and result counts.
+    async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError>;
+
+    /// Reads (and removes, with `take`) up to `max` published results.
+    async fn results(&self, q: &QueueNames, max: usize, take: bool) -> Result<Vec<Vec<u8>>, QueueError>;
+
+    /// Reads up to `max` dead letters as JSON entries.
+    async fn dead_letters(&self, q: &QueueNames, max: usize) -> Result<Vec<serde_json::Value>, QueueError>;
+
+    /// Called periodically by the worker: heartbeats, registrations. Default: nothing.
+    async fn heartbeat(&self, _q: &QueueNames, _ttl: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
+/// Milliseconds since the Unix epoch (the clocks of leases and delays).
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The JSON entry stored for a dead letter: the payload kept exactly (as text when it is UTF-8,
+/// as hex otherwise), the reason and every attempt.
+pub fn dead_letter_entry(queue: &str, dl: &DeadLetter, payload: &[u8]) -> serde_json::Value {
+    let mut entry = serde_json::json!({
+        "job_id": dl.job_id,
+        "queue": queue,
+        "reason": dl.reason,
+        "attempts": dl.attempts,
+        "failed_at": crate::exec::run::now_utc(),
+    });
+    match std::str::from_utf8(payload) {
+        Ok(text) => entry["payload"] = serde_json::Value::String(text.to_string()),
+        Err(_) => entry["payload_hex"] = serde_json::Value::String(hex::encode(payload)),
+    }
+    entry
+}
