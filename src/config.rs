@@ -13,7 +13,10 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
     #[error("{0}")]
@@ -232,7 +235,9 @@ impl Config {
             return Err("worker.max_message_bytes: must be more than 0".into());
         }
         if w.retry.attempts == 0 {
-            return Err("worker.retry.attempts: must be at least 1 (the first attempt counts)".into());
+            return Err(
+                "worker.retry.attempts: must be at least 1 (the first attempt counts)".into(),
+            );
         }
         if !(0.0..=1.0).contains(&w.retry.jitter) {
             return Err("worker.retry.jitter: must be between 0 and 1".into());
@@ -246,16 +251,27 @@ impl Config {
         let mut names = std::collections::HashSet::new();
         for (i, q) in self.queues.iter().enumerate() {
             if q.name.is_empty() || q.results.is_empty() {
-                return Err(format!("queues[{i}]: 'name' and 'results' must not be empty"));
+                return Err(format!(
+                    "queues[{i}]: 'name' and 'results' must not be empty"
+                ));
             }
             if q.name == q.results {
-                return Err(format!("queues[{i}] ({}): 'results' must differ from 'name'", q.name));
+                return Err(format!(
+                    "queues[{i}] ({}): 'results' must differ from 'name'",
+                    q.name
+                ));
             }
             if !names.insert(q.name.clone()) {
-                return Err(format!("queues[{i}]: the queue '{}' is configured twice", q.name));
+                return Err(format!(
+                    "queues[{i}]: the queue '{}' is configured twice",
+                    q.name
+                ));
             }
             if q.graph.is_none() && q.graphs.is_empty() {
-                return Err(format!("queues[{i}] ({}): needs 'graph' or 'graphs'", q.name));
+                return Err(format!(
+                    "queues[{i}] ({}): needs 'graph' or 'graphs'",
+                    q.name
+                ));
             }
             if q.payload == PayloadFormat::State && q.graph.is_none() {
                 return Err(format!(
@@ -280,11 +296,9 @@ pub struct LoadedQueue {
 impl LoadedQueue {
     /// The graph an envelope names (by its config key or the graph's own name).
     pub fn graph_named(&self, name: &str) -> Option<&Arc<Graph>> {
-        self.graphs.get(name).or_else(|| {
-            self.default_graph
-                .as_ref()
-                .filter(|g| g.name == name)
-        })
+        self.graphs
+            .get(name)
+            .or_else(|| self.default_graph.as_ref().filter(|g| g.name == name))
     }
 }
 

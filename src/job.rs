@@ -72,6 +72,60 @@ pub fn write_run_log(
     Ok((path, signed.signature))
 }
 
+/// How a drive ended.
+pub enum Driven {
+    /// The run reached an end (completed, failed or halted) and its log is written.
+    Ended(JobReport),
+    /// Cancelled between or during steps (shutdown): nothing was written; hand the job back.
+    Interrupted,
+}
+
+/// Runs `run` to its end, stopping early when `cancel` fires, then writes the signed log
+/// (off the async threads: it may fsync).
+pub async fn drive(
+    mut run: Run,
+    mut log: RunLog,
+    registry: &Registry,
+    audit: &AuditSettings,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> std::io::Result<Driven> {
+    let env = StepEnv { registry };
+    loop {
+        if cancel.is_cancelled() {
+            return Ok(Driven::Interrupted);
+        }
+        let step = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return Ok(Driven::Interrupted),
+            step = run.step(&env) => step,
+        };
+        match step {
+            Some(step) => {
+                log.append(step, audit.secret.as_ref());
+            }
+            None => break,
+        }
+    }
+    let status = run.status().clone();
+    let audit_owned = audit.clone();
+    let (log, written) = tokio::task::spawn_blocking(move || {
+        let w = write_run_log(&log, &status, &audit_owned);
+        (log, w)
+    })
+    .await
+    .map_err(|e| std::io::Error::other(format!("log writer task failed: {e}")))?;
+    let (log_path, signature) = written?;
+    Ok(Driven::Ended(JobReport {
+        job_id: run.job_id().to_string(),
+        run_id: run.run_id().to_string(),
+        status: run.status().clone(),
+        steps: log.len(),
+        state: run.into_state(),
+        log_path,
+        signature,
+    }))
+}
+
 /// Runs a whole job in memory (the `run-once` pattern): every step, then the signed log.
 pub async fn run_job(
     graph: Arc<Graph>,

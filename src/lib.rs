@@ -10,11 +10,14 @@
 //! - [`cli`]: the `lar-worker` command.
 
 pub mod audit;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod graph;
 pub mod job;
-pub mod queue;
 pub mod json;
+pub mod queue;
+pub mod telemetry;
 pub mod tools;
+pub mod worker;

@@ -1,7 +1,9 @@
 //! The `lar-worker` command line. Each subcommand lives in its own file; this one parses the
 //! arguments and maps outcomes to exit codes.
 
+mod daemon;
 mod oneshot;
+mod queue_admin;
 mod secret;
 
 use clap::{Parser, Subcommand};
@@ -46,6 +48,17 @@ enum Command {
     Validate(oneshot::ValidateArgs),
     /// Print the compliance action inventory of a graph as JSON.
     Manifest(oneshot::ManifestArgs),
+    /// Run the worker daemon: claim jobs, run their graphs, publish results and signed logs.
+    Run(daemon::RunArgs),
+    /// Push jobs onto a configured queue (arguments, @FILE or - for stdin, one JSON per line).
+    Enqueue(queue_admin::EnqueueArgs),
+    /// Print published results (and consume them with --take).
+    Results(queue_admin::ResultsArgs),
+    /// Operate on dead letters.
+    #[command(subcommand)]
+    DeadLetters(queue_admin::DeadLetterCommand),
+    /// Show queue depth, claims, delayed retries, dead letters and results per queue.
+    Inspect(queue_admin::QueueArgs),
 }
 
 pub fn main() -> ExitCode {
@@ -55,6 +68,11 @@ pub fn main() -> ExitCode {
         Command::Verify(a) => oneshot::verify(a),
         Command::Validate(a) => oneshot::validate(a),
         Command::Manifest(a) => oneshot::manifest(a),
+        Command::Run(a) => daemon::run(a),
+        Command::Enqueue(a) => queue_admin::enqueue(a),
+        Command::Results(a) => queue_admin::results(a),
+        Command::DeadLetters(c) => queue_admin::dead_letters(c),
+        Command::Inspect(a) => queue_admin::inspect(a),
     };
     ExitCode::from(code)
 }

@@ -60,9 +60,16 @@ pub struct Claim {
 #[derive(Debug, Clone)]
 pub enum ClaimHandle {
     /// The wrapped message as it sits in the worker's processing list.
-    Redis { stored: Vec<u8> },
-    Sqlite { seq: i64 },
-    Amqp { delivery_tag: u64, channel: u64 },
+    Redis {
+        stored: Vec<u8>,
+    },
+    Sqlite {
+        seq: i64,
+    },
+    Amqp {
+        delivery_tag: u64,
+        channel: u64,
+    },
 }
 
 /// How a claim ends.
@@ -122,13 +129,29 @@ pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 
     /// Claims up to `max` jobs, waiting up to `wait` when none is ready.
-    async fn claim(&self, q: &QueueNames, max: usize, lease: Duration, wait: Duration) -> Result<Vec<Claim>, QueueError>;
+    async fn claim(
+        &self,
+        q: &QueueNames,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Claim>, QueueError>;
 
     /// Renews the leases of claims still held; returns, per claim, whether it is still held.
-    async fn extend(&self, q: &QueueNames, claims: &[(String, u64)], lease: Duration) -> Result<Vec<bool>, QueueError>;
+    async fn extend(
+        &self,
+        q: &QueueNames,
+        claims: &[(String, u64)],
+        lease: Duration,
+    ) -> Result<Vec<bool>, QueueError>;
 
     /// Ends a claim, fenced on its epoch.
-    async fn finish(&self, q: &QueueNames, claim: &Claim, how: Finish) -> Result<Fenced, QueueError>;
+    async fn finish(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        how: Finish,
+    ) -> Result<Fenced, QueueError>;
 
     /// Returns expired claims (and claims of dead workers) to the queue and promotes due
     /// retries. Safe to run in every replica at once. Returns how many jobs it moved.
@@ -142,13 +165,27 @@ pub trait Backend: Send + Sync + 'static {
     async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError>;
 
     /// Reads (and removes, with `take`) up to `max` published results.
-    async fn results(&self, q: &QueueNames, max: usize, take: bool) -> Result<Vec<Vec<u8>>, QueueError>;
+    async fn results(
+        &self,
+        q: &QueueNames,
+        max: usize,
+        take: bool,
+    ) -> Result<Vec<Vec<u8>>, QueueError>;
 
     /// Reads up to `max` dead letters as JSON entries.
-    async fn dead_letters(&self, q: &QueueNames, max: usize) -> Result<Vec<serde_json::Value>, QueueError>;
+    async fn dead_letters(
+        &self,
+        q: &QueueNames,
+        max: usize,
+    ) -> Result<Vec<serde_json::Value>, QueueError>;
 
     /// Called periodically by the worker: heartbeats, registrations. Default: nothing.
     async fn heartbeat(&self, _q: &QueueNames, _ttl: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+
+    /// Called once on a clean exit, after every claim is finished: drops registrations.
+    async fn deregister(&self, _q: &QueueNames) -> Result<(), QueueError> {
         Ok(())
     }
 }
@@ -173,4 +210,26 @@ pub fn dead_letter_entry(queue: &str, dl: &DeadLetter, payload: &[u8]) -> serde_
         Err(_) => entry["payload_hex"] = serde_json::Value::String(hex::encode(payload)),
     }
     entry
+}
+
+/// Opens the backend a config names.
+pub async fn connect(
+    cfg: &crate::config::Config,
+    worker_id: String,
+) -> Result<std::sync::Arc<dyn Backend>, QueueError> {
+    use crate::config::{BackendSection, PayloadFormat};
+    match &cfg.backend {
+        BackendSection::Redis { url } => {
+            let envelope_queues = cfg
+                .queues
+                .iter()
+                .filter(|q| q.payload == PayloadFormat::Envelope)
+                .map(|q| q.name.clone())
+                .collect();
+            Ok(std::sync::Arc::new(
+                redis::RedisBackend::connect(url, worker_id, envelope_queues).await?,
+            ))
+        }
+        BackendSection::Embedded { path } => embedded::open_backend(path, worker_id),
+    }
 }

@@ -1,1 +1,586 @@
-//! The Redis backend.
+//! The Redis backend: producers `RPUSH` JSON onto a list (the seed's `agent:jobs`); a worker
+//! claims with `LMOVE` (a batch, in a Lua script) or, when the queue is empty, a blocking
+//! `BLMOVE` into a processing list of its own. Every claim gets a lease in a sorted set and a new
+//! epoch; every finish is one Lua script that acts only while the epoch is still this claim's, so
+//! a result is published exactly once even after a lease expired and another replica took over.
+//!
+//! Keys, for a queue `Q` (results go to the configured list):
+//! `Q:processing:<worker>` claimed messages · `Q:leases` zset id→deadline · `Q:claims` hash
+//! id→stored message · `Q:owners` hash id→worker · `Q:epochs` hash id→epoch · `Q:delayed` zset
+//! of retries by due time · `Q:dead` dead letters · `Q:workers` set · `Q:hb:<worker>` heartbeat.
+//! The reaper touches other workers' processing lists by name, so this backend needs a
+//! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
+
+use super::wrapper::{unwrap_bytes, Wrapped};
+use super::*;
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{AsyncCommands, Client, Script};
+use std::sync::Arc;
+use tokio::sync::Mutex;
+
+const WRAP_FN: &str = r#"
+local PREFIX = '{"lar_worker":1,'
+local function wrap(raw, candidate, envelope)
+  if string.sub(raw, 1, #PREFIX) == PREFIX then
+    local ok, obj = pcall(cjson.decode, raw)
+    if ok and type(obj) == 'table' and type(obj.id) == 'string' then return raw, obj.id end
+  end
+  local id = candidate
+  if envelope == '1' then
+    local ok, obj = pcall(cjson.decode, raw)
+    if ok and type(obj) == 'table' then
+      if type(obj.id) == 'string' and #obj.id > 0 and #obj.id <= 200 then id = obj.id
+      elseif type(obj.id) == 'number' then id = string.format('%.17g', obj.id) end
+    end
+  end
+  return PREFIX .. '"id":' .. cjson.encode(id) .. ',"attempt":0,"history":[],"raw":' .. cjson.encode(raw) .. '}', id
+end
+local function hold(wrapped, id)
+  local epoch = redis.call('HINCRBY', KEYS[6], id, 1)
+  redis.call('ZADD', KEYS[3], ARGV[2], id)
+  redis.call('HSET', KEYS[4], id, wrapped)
+  redis.call('HSET', KEYS[5], id, ARGV[1])
+  return epoch
+end
+"#;
+
+/// KEYS: queue, processing, leases, claims, owners, epochs.
+/// ARGV: worker, deadline, n, envelope, candidate ids...
+const CLAIM: &str = r#"
+local out = {}
+for i = 1, tonumber(ARGV[3]) do
+  local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'LEFT')
+  if not raw then break end
+  local wrapped, id = wrap(raw, ARGV[4 + i], ARGV[4])
+  redis.call('LSET', KEYS[2], 0, wrapped)
+  out[#out + 1] = wrapped
+  out[#out + 1] = hold(wrapped, id)
+end
+return out
+"#;
+
+/// After a BLMOVE: the same, for the one message it moved. ARGV: worker, deadline, _, envelope,
+/// candidate, raw.
+const ADOPT: &str = r#"
+if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {} end
+local wrapped, id = wrap(ARGV[6], ARGV[5], ARGV[4])
+redis.call('LPUSH', KEYS[2], wrapped)
+return {wrapped, hold(wrapped, id)}
+"#;
+
+/// KEYS: leases, epochs. ARGV: deadline, (id, epoch)...
+const EXTEND: &str = r#"
+local out = {}
+for i = 2, #ARGV, 2 do
+  if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] and redis.call('ZSCORE', KEYS[1], ARGV[i]) then
+    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
+    out[#out + 1] = 1
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+"#;
+
+/// KEYS: processing, leases, claims, owners, epochs, results, dead, queue, delayed.
+/// ARGV: id, epoch, mode, a, b. Modes: publish (a = result or '', b = dead entry or ''),
+/// retry (a = new stored message, b = due ms), dead (a = entry), release (a = stored message).
+const FINISH: &str = r#"
+if redis.call('HGET', KEYS[5], ARGV[1]) ~= ARGV[2] then return 0 end
+local stored = redis.call('HGET', KEYS[3], ARGV[1])
+if not stored then return 0 end
+redis.call('LREM', KEYS[1], 1, stored)
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HDEL', KEYS[3], ARGV[1])
+redis.call('HDEL', KEYS[4], ARGV[1])
+local mode = ARGV[3]
+if mode == 'publish' then
+  if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[6], ARGV[4]) end
+  if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[7], ARGV[5]) end
+  redis.call('HDEL', KEYS[5], ARGV[1])
+elseif mode == 'retry' then
+  redis.call('ZADD', KEYS[9], ARGV[5], ARGV[4])
+elseif mode == 'dead' then
+  redis.call('RPUSH', KEYS[7], ARGV[4])
+  redis.call('HDEL', KEYS[5], ARGV[1])
+elseif mode == 'release' then
+  redis.call('LPUSH', KEYS[8], ARGV[4])
+end
+return 1
+"#;
+
+/// KEYS: queue, leases, claims, owners, delayed, workers, epochs.
+/// ARGV: now, processing-list prefix, heartbeat prefix.
+const RECOVER: &str = r#"
+local PREFIX = '{"lar_worker":1,'
+local moved = 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)) do
+  local stored = redis.call('HGET', KEYS[3], id)
+  local owner = redis.call('HGET', KEYS[4], id)
+  if stored then
+    if owner then redis.call('LREM', ARGV[2] .. owner, 1, stored) end
+    redis.call('LPUSH', KEYS[1], stored)
+    moved = moved + 1
+  end
+  redis.call('ZREM', KEYS[2], id)
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+end
+for _, w in ipairs(redis.call('SMEMBERS', KEYS[6])) do
+  if redis.call('EXISTS', ARGV[3] .. w) == 0 then
+    local proc = ARGV[2] .. w
+    while true do
+      local item = redis.call('RPOP', proc)
+      if not item then break end
+      redis.call('LPUSH', KEYS[1], item)
+      moved = moved + 1
+      if string.sub(item, 1, #PREFIX) == PREFIX then
+        local ok, obj = pcall(cjson.decode, item)
+        if ok and type(obj) == 'table' and type(obj.id) == 'string' then
+          redis.call('ZREM', KEYS[2], obj.id)
+          redis.call('HDEL', KEYS[3], obj.id)
+          redis.call('HDEL', KEYS[4], obj.id)
+        end
+      end
+    end
+    redis.call('SREM', KEYS[6], w)
+  end
+end
+for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[1], 'LIMIT', 0, 1000)) do
+  redis.call('RPUSH', KEYS[1], item)
+  redis.call('ZREM', KEYS[5], item)
+  moved = moved + 1
+end
+return moved
+"#;
+
+pub struct RedisBackend {
+    worker_id: String,
+    /// Multiplexed, auto-reconnecting: every non-blocking command of every task.
+    conn: ConnectionManager,
+    /// Its own connection for BLMOVE, which would otherwise stall the multiplexed one.
+    blocking: Mutex<ConnectionManager>,
+    envelope_queues: Arc<std::collections::HashSet<String>>,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    claim: Script,
+    adopt: Script,
+    extend: Script,
+    finish: Script,
+    recover: Script,
+}
+
+fn keys(q: &QueueNames, worker: &str) -> Keys {
+    let p = &q.jobs;
+    Keys {
+        queue: p.clone(),
+        processing: format!("{p}:processing:{worker}"),
+        processing_prefix: format!("{p}:processing:"),
+        leases: format!("{p}:leases"),
+        claims: format!("{p}:claims"),
+        owners: format!("{p}:owners"),
+        epochs: format!("{p}:epochs"),
+        delayed: format!("{p}:delayed"),
+        dead: format!("{p}:dead"),
+        workers: format!("{p}:workers"),
+        heartbeat_prefix: format!("{p}:hb:"),
+        results: q.results.clone(),
+    }
+}
+
+struct Keys {
+    queue: String,
+    processing: String,
+    processing_prefix: String,
+    leases: String,
+    claims: String,
+    owners: String,
+    epochs: String,
+    delayed: String,
+    dead: String,
+    workers: String,
+    heartbeat_prefix: String,
+    results: String,
+}
+
+impl RedisBackend {
+    /// Connects (failing fast when Redis is unreachable, so readiness can say why).
+    /// `envelope_queues` are the queues whose messages carry their own `id`.
+    pub async fn connect(
+        url: &str,
+        worker_id: String,
+        envelope_queues: Vec<String>,
+    ) -> Result<Self, QueueError> {
+        let client = Client::open(url)?;
+        let cfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = ConnectionManager::new_with_config(client.clone(), cfg.clone()).await?;
+        let blocking = ConnectionManager::new_with_config(client, cfg).await?;
+        Ok(RedisBackend {
+            worker_id,
+            conn,
+            blocking: Mutex::new(blocking),
+            envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
+            scripts: Scripts {
+                claim: Script::new(&format!("{WRAP_FN}{CLAIM}")),
+                adopt: Script::new(&format!("{WRAP_FN}{ADOPT}")),
+                extend: Script::new(EXTEND),
+                finish: Script::new(FINISH),
+                recover: Script::new(RECOVER),
+            },
+        })
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.worker_id
+    }
+
+    fn envelope_flag(&self, q: &QueueNames) -> &'static str {
+        if self.envelope_queues.contains(&q.jobs) {
+            "1"
+        } else {
+            "0"
+        }
+    }
+
+    fn decode_claims(&self, items: Vec<::redis::Value>) -> Vec<Claim> {
+        let mut out = Vec::with_capacity(items.len() / 2);
+        let mut it = items.into_iter();
+        while let (Some(stored), Some(epoch)) = (it.next(), it.next()) {
+            let stored: Vec<u8> = match ::redis::from_redis_value(stored) {
+                Ok(b) => b,
+                Err(_) => continue,
+            };
+            let epoch: u64 = ::redis::from_redis_value(epoch).unwrap_or(0);
+            out.push(self.to_claim(stored, epoch));
+        }
+        out
+    }
+
+    fn to_claim(&self, stored: Vec<u8>, epoch: u64) -> Claim {
+        match unwrap_bytes(&stored) {
+            Some((w, raw)) => Claim {
+                job_id: w.id,
+                payload: raw,
+                attempt: w.attempt + 1,
+                epoch,
+                history: w.history,
+                handle: ClaimHandle::Redis { stored },
+            },
+            // Unreachable for messages our scripts wrapped; keep the bytes so the worker can
+            // dead-letter them rather than lose them.
+            None => Claim {
+                job_id: uuid::Uuid::new_v4().to_string(),
+                payload: stored.clone(),
+                attempt: 1,
+                epoch,
+                history: Vec::new(),
+                handle: ClaimHandle::Redis { stored },
+            },
+        }
+    }
+
+    /// The stored message again, with a changed attempt count and history.
+    fn rewrap(claim: &Claim, attempt: u32, history: Vec<AttemptRecord>) -> Vec<u8> {
+        Wrapped {
+            lar_worker: 1,
+            id: claim.job_id.clone(),
+            attempt,
+            history,
+            raw: String::from_utf8_lossy(&claim.payload).into_owned(),
+        }
+        .encode()
+    }
+}
+
+#[async_trait]
+impl Backend for RedisBackend {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn claim(
+        &self,
+        q: &QueueNames,
+        max: usize,
+        lease: Duration,
+        wait: Duration,
+    ) -> Result<Vec<Claim>, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let deadline = now_ms() + lease.as_millis() as i64;
+        let mut inv = self.scripts.claim.prepare_invoke();
+        inv.key(&k.queue)
+            .key(&k.processing)
+            .key(&k.leases)
+            .key(&k.claims)
+            .key(&k.owners)
+            .key(&k.epochs);
+        inv.arg(&self.worker_id)
+            .arg(deadline)
+            .arg(max)
+            .arg(self.envelope_flag(q));
+        for _ in 0..max {
+            inv.arg(uuid::Uuid::new_v4().to_string());
+        }
+        let mut conn = self.conn.clone();
+        let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
+        if !items.is_empty() || wait.is_zero() {
+            return Ok(self.decode_claims(items));
+        }
+        // Nothing ready: block on the queue without spinning.
+        let raw: Option<Vec<u8>> = {
+            let mut b = self.blocking.lock().await;
+            ::redis::cmd("BLMOVE")
+                .arg(&k.queue)
+                .arg(&k.processing)
+                .arg("LEFT")
+                .arg("LEFT")
+                .arg(wait.as_secs_f64())
+                .query_async(&mut *b)
+                .await?
+        };
+        let Some(raw) = raw else {
+            return Ok(Vec::new());
+        };
+        let deadline = now_ms() + lease.as_millis() as i64;
+        let mut inv = self.scripts.adopt.prepare_invoke();
+        inv.key(&k.queue)
+            .key(&k.processing)
+            .key(&k.leases)
+            .key(&k.claims)
+            .key(&k.owners)
+            .key(&k.epochs);
+        inv.arg(&self.worker_id)
+            .arg(deadline)
+            .arg(1)
+            .arg(self.envelope_flag(q))
+            .arg(uuid::Uuid::new_v4().to_string())
+            .arg(raw);
+        let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
+        Ok(self.decode_claims(items))
+    }
+
+    async fn extend(
+        &self,
+        q: &QueueNames,
+        claims: &[(String, u64)],
+        lease: Duration,
+    ) -> Result<Vec<bool>, QueueError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let k = keys(q, &self.worker_id);
+        let mut inv = self.scripts.extend.prepare_invoke();
+        inv.key(&k.leases)
+            .key(&k.epochs)
+            .arg(now_ms() + lease.as_millis() as i64);
+        for (id, epoch) in claims {
+            inv.arg(id).arg(epoch.to_string());
+        }
+        let mut conn = self.conn.clone();
+        let flags: Vec<i64> = inv.invoke_async(&mut conn).await?;
+        Ok(flags.into_iter().map(|f| f == 1).collect())
+    }
+
+    async fn finish(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        how: Finish,
+    ) -> Result<Fenced, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let (mode, a, b): (&str, Vec<u8>, Vec<u8>) = match how {
+            Finish::Publish {
+                result,
+                dead_letter,
+            } => {
+                let dead = dead_letter
+                    .map(|dl| {
+                        dead_letter_entry(&q.jobs, &dl, &claim.payload)
+                            .to_string()
+                            .into_bytes()
+                    })
+                    .unwrap_or_default();
+                ("publish", result, dead)
+            }
+            Finish::Retry { delay, error } => {
+                let mut history = claim.history.clone();
+                history.push(AttemptRecord {
+                    attempt: claim.attempt,
+                    at: crate::exec::run::now_utc(),
+                    error,
+                });
+                let due = now_ms() + delay.as_millis() as i64;
+                (
+                    "retry",
+                    Self::rewrap(claim, claim.attempt, history),
+                    due.to_string().into_bytes(),
+                )
+            }
+            Finish::DeadLetter(dl) => (
+                "dead",
+                dead_letter_entry(&q.jobs, &dl, &claim.payload)
+                    .to_string()
+                    .into_bytes(),
+                Vec::new(),
+            ),
+            Finish::Release => (
+                "release",
+                Self::rewrap(
+                    claim,
+                    claim.attempt.saturating_sub(1),
+                    claim.history.clone(),
+                ),
+                Vec::new(),
+            ),
+        };
+        let mut inv = self.scripts.finish.prepare_invoke();
+        inv.key(&k.processing)
+            .key(&k.leases)
+            .key(&k.claims)
+            .key(&k.owners)
+            .key(&k.epochs)
+            .key(&k.results)
+            .key(&k.dead)
+            .key(&k.queue)
+            .key(&k.delayed);
+        inv.arg(&claim.job_id)
+            .arg(claim.epoch.to_string())
+            .arg(mode)
+            .arg(a)
+            .arg(b);
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(if done == 1 {
+            Fenced::Done
+        } else {
+            Fenced::Lost
+        })
+    }
+
+    async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut inv = self.scripts.recover.prepare_invoke();
+        inv.key(&k.queue)
+            .key(&k.leases)
+            .key(&k.claims)
+            .key(&k.owners)
+            .key(&k.delayed)
+            .key(&k.workers)
+            .key(&k.epochs);
+        inv.arg(now_ms())
+            .arg(&k.processing_prefix)
+            .arg(&k.heartbeat_prefix);
+        let mut conn = self.conn.clone();
+        Ok(inv.invoke_async(&mut conn).await?)
+    }
+
+    async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.rpush(&q.jobs, payload).await?;
+        Ok(None)
+    }
+
+    async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        let (ready, claimed, delayed, dead, results): (u64, u64, u64, u64, u64) = ::redis::pipe()
+            .llen(&k.queue)
+            .zcard(&k.leases)
+            .zcard(&k.delayed)
+            .llen(&k.dead)
+            .llen(&k.results)
+            .query_async(&mut conn)
+            .await?;
+        Ok(QueueDepth {
+            ready,
+            claimed,
+            delayed,
+            dead,
+            results,
+        })
+    }
+
+    async fn results(
+        &self,
+        q: &QueueNames,
+        max: usize,
+        take: bool,
+    ) -> Result<Vec<Vec<u8>>, QueueError> {
+        let mut conn = self.conn.clone();
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        if take {
+            let items: Option<Vec<Vec<u8>>> = ::redis::cmd("LPOP")
+                .arg(&q.results)
+                .arg(max)
+                .query_async(&mut conn)
+                .await?;
+            Ok(items.unwrap_or_default())
+        } else {
+            Ok(conn.lrange(&q.results, 0, max as isize - 1).await?)
+        }
+    }
+
+    async fn dead_letters(
+        &self,
+        q: &QueueNames,
+        max: usize,
+    ) -> Result<Vec<serde_json::Value>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        let items: Vec<Vec<u8>> = conn.lrange(&k.dead, 0, max as isize - 1).await?;
+        Ok(items
+            .iter()
+            .map(|b| {
+                serde_json::from_slice(b).unwrap_or_else(|_| {
+                    serde_json::Value::String(String::from_utf8_lossy(b).into_owned())
+                })
+            })
+            .collect())
+    }
+
+    async fn heartbeat(&self, q: &QueueNames, ttl: Duration) -> Result<(), QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        let ttl_ms = ttl.as_millis().max(1000) as u64;
+        let _: () = ::redis::pipe()
+            .cmd("SET")
+            .arg(format!("{}{}", k.heartbeat_prefix, self.worker_id))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl_ms)
+            .ignore()
+            .sadd(&k.workers, &self.worker_id)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        // Only when nothing is left in the processing list (else the reaper must see it).
+        let left: u64 = conn.llen(&k.processing).await?;
+        if left == 0 {
+            let _: () = ::redis::pipe()
+                .del(format!("{}{}", k.heartbeat_prefix, self.worker_id))
+                .ignore()
+                .srem(&k.workers, &self.worker_id)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+        }
+        Ok(())
+    }
+}

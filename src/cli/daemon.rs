@@ -1,0 +1,126 @@
+//! `lar-worker run`: the daemon.
+
+use super::exit;
+use super::secret::SecretArgs;
+use crate::config::{load_queues, Config};
+use crate::job::AuditSettings;
+use crate::tools::Registry;
+use crate::worker::{RunOptions, Worker};
+use clap::Args;
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The worker configuration.
+    #[arg(long, short, value_name = "FILE", default_value = "workers.toml")]
+    pub config: PathBuf,
+    /// Stop once every queue is empty and nothing is in flight.
+    #[arg(long)]
+    pub exit_when_idle: bool,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+}
+
+/// Everything the daemon and the admin commands share: config, graphs, secret.
+pub struct Loaded {
+    pub config: Config,
+    pub queues: Vec<crate::config::LoadedQueue>,
+    pub registry: Registry,
+}
+
+pub fn load(config: &std::path::Path) -> Result<Loaded, String> {
+    let config = Config::load(config).map_err(|e| e.to_string())?;
+    let registry = Registry::with_builtins();
+    let queues = load_queues(&config, &registry).map_err(|e| e.to_string())?;
+    Ok(Loaded {
+        config,
+        queues,
+        registry,
+    })
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime, u8> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("error: cannot start the runtime: {e}");
+            exit::ERROR
+        })
+}
+
+pub fn run(a: RunArgs) -> u8 {
+    crate::telemetry::init();
+    let loaded = match load(&a.config) {
+        Ok(l) => l,
+        Err(e) => {
+            error!(error = %e, "invalid configuration");
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let mut secret_args = a.secret.clone();
+    if secret_args.secret_file.is_none() {
+        secret_args.secret_file = loaded.config.worker.secret_file.clone();
+    }
+    secret_args.unsigned |= loaded.config.worker.unsigned;
+    let secret = match secret_args.resolve() {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "no secret");
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    rt.block_on(async move {
+        let worker_id = crate::telemetry::worker_identity();
+        let backend = match crate::queue::connect(&loaded.config, worker_id.clone()).await {
+            Ok(b) => b,
+            Err(e) => {
+                error!(error = %e, "cannot open the queue backend");
+                return exit::ERROR;
+            }
+        };
+        let audit = AuditSettings {
+            log_dir: loaded.config.worker.log_dir.clone(),
+            secret,
+            durable: loaded.config.worker.fsync,
+        };
+        if let Err(e) = std::fs::create_dir_all(&audit.log_dir) {
+            error!(dir = %audit.log_dir.display(), error = %e, "the audit directory is not writable");
+            return exit::ERROR;
+        }
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        info!(worker = %worker_id, backend = backend.kind(), queues = loaded.queues.len(),
+              concurrency = loaded.config.worker.concurrency, "worker started");
+        let worker = Worker::new(backend, loaded.queues, loaded.registry, audit, loaded.config.worker.clone());
+        worker.run(shutdown, RunOptions { exit_when_idle: a.exit_when_idle }).await;
+        exit::OK
+    })
+}
+
+/// SIGTERM and SIGINT start the drain.
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            error!("cannot install signal handlers");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: draining"),
+            _ = int.recv() => info!("SIGINT: draining"),
+        }
+        shutdown.cancel();
+    });
+}

@@ -1,0 +1,247 @@
+//! Producer and operator commands on the configured backend: enqueue, results, dead-letters,
+//! inspect.
+
+use super::daemon::{load, runtime};
+use super::exit;
+use crate::config::LoadedQueue;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+use std::io::BufRead;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct QueueArgs {
+    /// The worker configuration.
+    #[arg(long, short, value_name = "FILE", default_value = "workers.toml")]
+    pub config: PathBuf,
+    /// The queue (its `name` in workers.toml); default: the first one.
+    #[arg(long, short)]
+    pub queue: Option<String>,
+}
+
+#[derive(Args)]
+pub struct EnqueueArgs {
+    #[command(flatten)]
+    pub q: QueueArgs,
+    /// Jobs: JSON objects, @FILE (one JSON per line), or - for stdin (one JSON per line).
+    #[arg(required = true, value_name = "JSON|@FILE|-")]
+    pub jobs: Vec<String>,
+}
+
+#[derive(Args)]
+pub struct ResultsArgs {
+    #[command(flatten)]
+    pub q: QueueArgs,
+    /// How many results at most.
+    #[arg(long, default_value_t = 100)]
+    pub max: usize,
+    /// Remove the results it prints (consume them).
+    #[arg(long)]
+    pub take: bool,
+}
+
+#[derive(Subcommand)]
+pub enum DeadLetterCommand {
+    /// List dead letters with their reasons.
+    List {
+        #[command(flatten)]
+        q: QueueArgs,
+        #[arg(long, default_value_t = 100)]
+        max: usize,
+    },
+}
+
+fn pick<'a>(queues: &'a [LoadedQueue], name: Option<&str>) -> Result<&'a LoadedQueue, String> {
+    match name {
+        None => queues
+            .first()
+            .ok_or_else(|| "no queue configured".to_string()),
+        Some(n) => queues.iter().find(|q| q.names.jobs == n).ok_or_else(|| {
+            let names: Vec<&str> = queues.iter().map(|q| q.names.jobs.as_str()).collect();
+            format!(
+                "no queue '{n}' in the configuration (configured: {})",
+                names.join(", ")
+            )
+        }),
+    }
+}
+
+/// Collects and checks the jobs to push: each must be JSON (producers may push anything, but
+/// this command refuses to push what it can already tell is broken).
+fn collect_jobs(args: &[String]) -> Result<Vec<Vec<u8>>, String> {
+    let mut out = Vec::new();
+    let mut push_line = |line: &str, origin: &str| -> Result<(), String> {
+        let line = line.trim();
+        if line.is_empty() {
+            return Ok(());
+        }
+        serde_json::from_str::<Value>(line)
+            .map_err(|e| format!("{origin}: not valid JSON: {e}"))?;
+        out.push(line.as_bytes().to_vec());
+        Ok(())
+    };
+    for a in args {
+        if a == "-" {
+            for (i, line) in std::io::stdin().lock().lines().enumerate() {
+                let line = line.map_err(|e| format!("stdin: {e}"))?;
+                push_line(&line, &format!("stdin line {}", i + 1))?;
+            }
+        } else if let Some(path) = a.strip_prefix('@') {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("cannot read '{path}': {e}"))?;
+            for (i, line) in text.lines().enumerate() {
+                push_line(line, &format!("{path} line {}", i + 1))?;
+            }
+        } else {
+            push_line(a, "argument")?;
+        }
+    }
+    Ok(out)
+}
+
+pub fn enqueue(a: EnqueueArgs) -> u8 {
+    let jobs = match collect_jobs(&a.jobs) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    with_backend(&a.q, |backend, q| async move {
+        let mut n = 0;
+        for job in &jobs {
+            match backend.enqueue(&q.names, job).await {
+                Ok(Some(id)) => println!("{id}"),
+                Ok(None) => println!("queued"),
+                Err(e) => {
+                    eprintln!("error: enqueue failed after {n} jobs: {e}");
+                    return exit::ERROR;
+                }
+            }
+            n += 1;
+        }
+        eprintln!("{n} jobs queued on '{}'", q.names.jobs);
+        exit::OK
+    })
+}
+
+pub fn results(a: ResultsArgs) -> u8 {
+    with_backend(&a.q, |backend, q| async move {
+        match backend.results(&q.names, a.max, a.take).await {
+            Ok(items) => {
+                for r in items {
+                    println!("{}", String::from_utf8_lossy(&r));
+                }
+                exit::OK
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::ERROR
+            }
+        }
+    })
+}
+
+pub fn dead_letters(cmd: DeadLetterCommand) -> u8 {
+    match cmd {
+        DeadLetterCommand::List { q, max } => with_backend(&q, |backend, q| async move {
+            match backend.dead_letters(&q.names, max).await {
+                Ok(items) => {
+                    for d in items {
+                        println!("{d}");
+                    }
+                    exit::OK
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::ERROR
+                }
+            }
+        }),
+    }
+}
+
+pub fn inspect(a: QueueArgs) -> u8 {
+    let loaded = match load(&a.config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    rt.block_on(async move {
+        let backend = match crate::queue::connect(
+            &loaded.config,
+            crate::telemetry::worker_identity(),
+        )
+        .await
+        {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: cannot open the backend: {e}");
+                return exit::ERROR;
+            }
+        };
+        let mut out = serde_json::Map::new();
+        for q in &loaded.queues {
+            if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
+                continue;
+            }
+            match backend.depth(&q.names).await {
+                Ok(d) => {
+                    out.insert(
+                        q.names.jobs.clone(),
+                        serde_json::to_value(d).unwrap_or(Value::Null),
+                    );
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", q.names.jobs);
+                    return exit::ERROR;
+                }
+            }
+        }
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&Value::Object(out)).unwrap_or_default()
+        );
+        exit::OK
+    })
+}
+
+fn with_backend<F, Fut>(a: &QueueArgs, f: F) -> u8
+where
+    F: FnOnce(std::sync::Arc<dyn crate::queue::Backend>, LoadedQueue) -> Fut,
+    Fut: std::future::Future<Output = u8>,
+{
+    let loaded = match load(&a.config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let q = match pick(&loaded.queues, a.queue.as_deref()) {
+        Ok(q) => q.clone(),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    rt.block_on(async move {
+        match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
+            Ok(b) => f(b, q).await,
+            Err(e) => {
+                eprintln!("error: cannot open the backend: {e}");
+                exit::ERROR
+            }
+        }
+    })
+}

@@ -1,0 +1,364 @@
+//! The daemon: claims jobs from every configured queue, runs up to `concurrency` at once (each
+//! on its own [`crate::exec::Run`]), finishes each claim exactly once, renews leases, reaps
+//! expired claims, and drains on shutdown within a deadline.
+
+pub mod payload;
+mod process;
+pub mod stats;
+
+use crate::backoff::Backoff;
+use crate::config::{LoadedQueue, WorkerSection};
+use crate::job::AuditSettings;
+use crate::queue::{Backend, Claim, Fenced, Finish};
+use crate::tools::Registry;
+use process::Verdict;
+use stats::Stats;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn, Instrument};
+
+/// How long one claim call waits on an empty queue before the loop looks at shutdown again.
+const CLAIM_WAIT: Duration = Duration::from_secs(1);
+/// How often expired claims are reaped and due retries promoted.
+const REAP_EVERY: Duration = Duration::from_millis(500);
+/// The most jobs claimed in one round trip.
+const MAX_BATCH: usize = 64;
+
+pub struct Worker {
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) queues: Vec<LoadedQueue>,
+    pub(crate) registry: Registry,
+    pub(crate) audit: AuditSettings,
+    pub(crate) cfg: WorkerSection,
+    pub(crate) backoff: Backoff,
+    pub stats: Arc<Stats>,
+    /// (queue index, job id) → epoch, for lease renewal.
+    in_flight: Mutex<HashMap<(usize, String), u64>>,
+}
+
+/// Options that are not part of workers.toml.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Stop once every queue is empty and nothing is in flight (demos, benchmarks, batch use).
+    pub exit_when_idle: bool,
+}
+
+impl Worker {
+    pub fn new(
+        backend: Arc<dyn Backend>,
+        queues: Vec<LoadedQueue>,
+        registry: Registry,
+        audit: AuditSettings,
+        cfg: WorkerSection,
+    ) -> Arc<Self> {
+        let backoff = Backoff::from(&cfg.retry);
+        Arc::new(Worker {
+            backend,
+            queues,
+            registry,
+            audit,
+            cfg,
+            backoff,
+            stats: Arc::new(Stats::default()),
+            in_flight: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn in_flight_of(&self, qi: usize) -> Vec<(String, u64)> {
+        match self.in_flight.lock() {
+            Ok(m) => m
+                .iter()
+                .filter(|((q, _), _)| *q == qi)
+                .map(|((_, id), e)| (id.clone(), *e))
+                .collect(),
+            Err(p) => p
+                .into_inner()
+                .iter()
+                .filter(|((q, _), _)| *q == qi)
+                .map(|((_, id), e)| (id.clone(), *e))
+                .collect(),
+        }
+    }
+
+    fn track(&self, qi: usize, claim: &Claim, on: bool) {
+        let mut m = match self.in_flight.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        if on {
+            m.insert((qi, claim.job_id.clone()), claim.epoch);
+        } else {
+            m.remove(&(qi, claim.job_id.clone()));
+        }
+    }
+
+    /// Runs until `shutdown` fires (or the queues are idle with `exit_when_idle`), then drains.
+    pub async fn run(self: Arc<Self>, shutdown: CancellationToken, opts: RunOptions) {
+        let hard_stop = CancellationToken::new();
+        for q in &self.queues {
+            if let Err(e) = self.backend.heartbeat(&q.names, self.cfg.lease()).await {
+                warn!(queue = %q.names.jobs, error = %e, "heartbeat failed");
+            }
+            match self.backend.recover(&q.names).await {
+                Ok(n) if n > 0 => {
+                    info!(queue = %q.names.jobs, moved = n, "recovered expired claims at start")
+                }
+                Ok(_) => {}
+                Err(e) => warn!(queue = %q.names.jobs, error = %e, "recovery at start failed"),
+            }
+        }
+        let maintenance = tokio::spawn(Arc::clone(&self).maintain(shutdown.clone()));
+        let idle_watch = opts
+            .exit_when_idle
+            .then(|| tokio::spawn(Arc::clone(&self).watch_idle(shutdown.clone())));
+
+        let permits = Arc::new(Semaphore::new(self.cfg.concurrency));
+        let mut jobs: JoinSet<()> = JoinSet::new();
+        let mut claimers = JoinSet::new();
+        for qi in 0..self.queues.len() {
+            let w = Arc::clone(&self);
+            let (sd, hs, p) = (shutdown.clone(), hard_stop.clone(), Arc::clone(&permits));
+            claimers.spawn(async move { w.claim_loop(qi, sd, hs, p).await });
+        }
+        // Claimers return their in-flight job tasks when shutdown fires; drain them together.
+        while let Some(res) = claimers.join_next().await {
+            match res {
+                Ok(mut set) => {
+                    jobs.spawn(async move { while set.join_next().await.is_some() {} });
+                }
+                Err(e) => error!(error = %e, "a claim loop ended abnormally"),
+            }
+        }
+        info!(in_flight = Stats::get(&self.stats.in_flight), "draining");
+        let drained = tokio::time::timeout(self.cfg.drain_timeout(), async {
+            while jobs.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!("drain deadline reached: handing unfinished jobs back to the queue");
+            hard_stop.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                while jobs.join_next().await.is_some() {}
+            })
+            .await;
+        }
+        maintenance.abort();
+        if let Some(h) = idle_watch {
+            h.abort();
+        }
+        if Stats::get(&self.stats.in_flight) == 0 {
+            for q in &self.queues {
+                if let Err(e) = self.backend.deregister(&q.names).await {
+                    warn!(queue = %q.names.jobs, error = %e, "deregistration failed");
+                }
+            }
+        }
+        info!(stats = %self.stats.summary(), "worker stopped");
+    }
+
+    async fn claim_loop(
+        self: Arc<Self>,
+        qi: usize,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+        permits: Arc<Semaphore>,
+    ) -> JoinSet<()> {
+        let mut tasks = JoinSet::new();
+        let names = self.queues[qi].names.clone();
+        let mut failures = 0u32;
+        let batch_max = self.cfg.concurrency.min(MAX_BATCH);
+        loop {
+            while tasks.try_join_next().is_some() {}
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let mut held = vec![first];
+            while held.len() < batch_max {
+                match Arc::clone(&permits).try_acquire_owned() {
+                    Ok(p) => held.push(p),
+                    Err(_) => break,
+                }
+            }
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let claims = match self
+                .backend
+                .claim(&names, held.len(), self.cfg.lease(), CLAIM_WAIT)
+                .await
+            {
+                Ok(c) => {
+                    failures = 0;
+                    c
+                }
+                Err(e) => {
+                    failures += 1;
+                    let pause = Backoff::reconnect().delay(failures);
+                    warn!(queue = %names.jobs, error = %e, retry_in_ms = pause.as_millis() as u64, "claim failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(pause) => continue,
+                    }
+                }
+            };
+            Stats::add(&self.stats.claimed, claims.len() as u64);
+            for claim in claims {
+                let Some(permit) = held.pop() else {
+                    // More claims than permits cannot happen; keep the job rather than drop it.
+                    error!(job_id = %claim.job_id, "claimed beyond the permits; handing back");
+                    let _ = self.backend.finish(&names, &claim, Finish::Release).await;
+                    continue;
+                };
+                let w = Arc::clone(&self);
+                let hs = hard_stop.clone();
+                self.track(qi, &claim, true);
+                Stats::add(&self.stats.in_flight, 1);
+                let span = tracing::info_span!("job", job_id = %claim.job_id, attempt = claim.attempt, queue = %names.jobs);
+                tasks.spawn(
+                    async move {
+                        w.handle(qi, claim, hs).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+        }
+        tasks
+    }
+
+    /// Processes one claim and finishes it, retrying the finish through broker hiccups.
+    async fn handle(self: Arc<Self>, qi: usize, claim: Claim, hard_stop: CancellationToken) {
+        let (finish, verdict) = self.process(qi, &claim, &hard_stop).await;
+        let names = &self.queues[qi].names;
+        let mut tries = 0u32;
+        let outcome = loop {
+            match self.backend.finish(names, &claim, finish.clone()).await {
+                Ok(f) => break Some(f),
+                Err(e) => {
+                    tries += 1;
+                    if hard_stop.is_cancelled() && tries > 3 {
+                        // The lease will expire and a replica will take the job over.
+                        error!(job_id = %claim.job_id, error = %e, "cannot finish the claim; leaving it to lease expiry");
+                        break None;
+                    }
+                    let pause = Backoff::reconnect().delay(tries);
+                    warn!(job_id = %claim.job_id, error = %e, "finish failed; retrying");
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        };
+        match outcome {
+            Some(Fenced::Done) => {
+                let s = &self.stats;
+                match verdict {
+                    Verdict::Completed => Stats::add(&s.completed, 1),
+                    Verdict::Failed => {
+                        Stats::add(&s.failed, 1);
+                        if matches!(
+                            &finish,
+                            Finish::Publish {
+                                dead_letter: Some(_),
+                                ..
+                            }
+                        ) {
+                            Stats::add(&s.dead_lettered, 1);
+                        }
+                    }
+                    Verdict::Halted => Stats::add(&s.halted, 1),
+                    Verdict::Retry => Stats::add(&s.retried, 1),
+                    Verdict::DeadLetter => Stats::add(&s.dead_lettered, 1),
+                    Verdict::Release => Stats::add(&s.released, 1),
+                }
+            }
+            Some(Fenced::Lost) => {
+                Stats::add(&self.stats.fenced, 1);
+                warn!(job_id = %claim.job_id, epoch = claim.epoch, "claim lost to another worker: nothing published");
+            }
+            None => {}
+        }
+        self.track(qi, &claim, false);
+        self.stats
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Lease renewal, heartbeats and reaping, until shutdown.
+    async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
+        let renew_every = (self.cfg.lease() / 3).max(Duration::from_millis(300));
+        let mut renew = tokio::time::interval(renew_every);
+        let mut reap = tokio::time::interval(REAP_EVERY);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    // Keep renewing while draining: in-flight jobs still hold their claims.
+                    renew.tick().await;
+                    self.renew_all().await;
+                }
+                _ = renew.tick() => self.renew_all().await,
+                _ = reap.tick() => {
+                    for q in &self.queues {
+                        match self.backend.recover(&q.names).await {
+                            Ok(n) if n > 0 => debug!(queue = %q.names.jobs, moved = n, "reaped or promoted"),
+                            Ok(_) => {}
+                            Err(e) => warn!(queue = %q.names.jobs, error = %e, "reaper failed"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn renew_all(&self) {
+        for (qi, q) in self.queues.iter().enumerate() {
+            if let Err(e) = self.backend.heartbeat(&q.names, self.cfg.lease()).await {
+                warn!(queue = %q.names.jobs, error = %e, "heartbeat failed");
+            }
+            let held = self.in_flight_of(qi);
+            if held.is_empty() {
+                continue;
+            }
+            match self.backend.extend(&q.names, &held, self.cfg.lease()).await {
+                Ok(flags) => {
+                    for ((id, epoch), ok) in held.iter().zip(flags) {
+                        if !ok {
+                            warn!(job_id = %id, epoch, "lease lost: another worker may take this job over");
+                        }
+                    }
+                }
+                Err(e) => warn!(queue = %q.names.jobs, error = %e, "lease renewal failed"),
+            }
+        }
+    }
+
+    /// Cancels `shutdown` once every queue is empty and nothing is in flight, twice in a row.
+    async fn watch_idle(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut idle_rounds = 0;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if Stats::get(&self.stats.in_flight) > 0 {
+                idle_rounds = 0;
+                continue;
+            }
+            let mut empty = true;
+            for q in &self.queues {
+                match self.backend.depth(&q.names).await {
+                    Ok(d) if d.ready == 0 && d.claimed == 0 && d.delayed == 0 => {}
+                    _ => empty = false,
+                }
+            }
+            idle_rounds = if empty { idle_rounds + 1 } else { 0 };
+            if idle_rounds >= 2 {
+                info!("queues are empty: stopping (--exit-when-idle)");
+                shutdown.cancel();
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! Message formats. `state`: the message is the initial state and the result is the final state
+//! with job metadata in one reserved key (the seed's Python producer works unchanged).
+//! `envelope`: `{"id", "graph", "input", "user_id"}` in, `{"job_id", "run_id", "status",
+//! "state", "audit_log", "signature", "error"}` out.
+
+use crate::config::{LoadedQueue, PayloadFormat};
+use crate::graph::Graph;
+use crate::job::JobReport;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// The reserved key of a state-format result that carries the job's metadata.
+pub const META_KEY: &str = "__lar_worker";
+
+/// A message that passed every check and can run.
+#[derive(Debug)]
+pub struct ParsedJob {
+    pub graph: Arc<Graph>,
+    pub input: Map<String, Value>,
+    pub user_id: Option<String>,
+    /// The producer's own id (envelopes), echoed in the result.
+    pub producer_id: Option<Value>,
+}
+
+/// Checks a message; the error is the dead-letter reason.
+pub fn parse(queue: &LoadedQueue, payload: &[u8], max_bytes: usize) -> Result<ParsedJob, String> {
+    if payload.len() > max_bytes {
+        return Err(format!(
+            "message too large: {} bytes (max_message_bytes = {max_bytes})",
+            payload.len()
+        ));
+    }
+    let text = std::str::from_utf8(payload)
+        .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
+    let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let Value::Object(mut obj) = value else {
+        return Err(format!(
+            "the message must be a JSON object, found {}",
+            kind(&value)
+        ));
+    };
+    match queue.payload {
+        PayloadFormat::State => {
+            let graph = queue
+                .default_graph
+                .clone()
+                .ok_or_else(|| "this queue has no graph configured".to_string())?;
+            obj.shift_remove(META_KEY);
+            Ok(ParsedJob {
+                graph,
+                input: obj,
+                user_id: None,
+                producer_id: None,
+            })
+        }
+        PayloadFormat::Envelope => {
+            let graph = match obj.get("graph") {
+                Some(Value::String(name)) => queue.graph_named(name).cloned().ok_or_else(|| {
+                    let mut known: Vec<&str> = queue.graphs.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    format!(
+                        "unknown graph '{name}' (this queue runs: {})",
+                        known.join(", ")
+                    )
+                })?,
+                Some(other) => {
+                    return Err(format!("'graph' must be a string, found {}", kind(other)))
+                }
+                None => queue.default_graph.clone().ok_or_else(|| {
+                    "the envelope names no 'graph' and the queue has no default".to_string()
+                })?,
+            };
+            let input = match obj.shift_remove("input") {
+                Some(Value::Object(m)) => m,
+                None => Map::new(),
+                Some(other) => {
+                    return Err(format!(
+                        "'input' must be a JSON object, found {}",
+                        kind(&other)
+                    ))
+                }
+            };
+            let user_id = match obj.get("user_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            };
+            Ok(ParsedJob {
+                graph,
+                input,
+                user_id,
+                producer_id: obj.get("id").cloned(),
+            })
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// The result message for a finished (or halted) run.
+pub fn result_message(
+    format: PayloadFormat,
+    job: &ParsedJob,
+    report: &JobReport,
+    attempt: u32,
+) -> Vec<u8> {
+    let error = match &report.status {
+        crate::exec::RunStatus::Failed { reason } => Value::String(reason.clone()),
+        _ => Value::Null,
+    };
+    let job_id = job
+        .producer_id
+        .clone()
+        .unwrap_or_else(|| Value::String(report.job_id.clone()));
+    let audit_log = Value::String(report.log_path.display().to_string());
+    let signature = report
+        .signature
+        .clone()
+        .map(Value::String)
+        .unwrap_or(Value::Null);
+    let v = match format {
+        PayloadFormat::State => {
+            let mut state = report.state.clone();
+            state.insert(
+                META_KEY.into(),
+                json!({
+                    "job_id": job_id, "run_id": report.run_id, "status": report.status_name(),
+                    "audit_log": audit_log, "signature": signature, "error": error, "attempt": attempt,
+                }),
+            );
+            Value::Object(state)
+        }
+        PayloadFormat::Envelope => json!({
+            "job_id": job_id, "run_id": report.run_id, "status": report.status_name(),
+            "state": report.state, "audit_log": audit_log, "signature": signature, "error": error,
+            "attempt": attempt,
+        }),
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}
