@@ -18,6 +18,8 @@ pub struct AuditSettings {
     pub secret: Option<Secret>,
     /// fsync the log and its directory before the job counts as done.
     pub durable: bool,
+    /// The daemon's group-commit writer; `None` writes each log directly (run-once).
+    pub writer: Option<crate::audit::write::LogWriter>,
 }
 
 /// What a finished (or halted) job left behind.
@@ -107,14 +109,23 @@ pub async fn drive(
         }
     }
     let status = run.status().clone();
-    let audit_owned = audit.clone();
-    let (log, written) = tokio::task::spawn_blocking(move || {
-        let w = write_run_log(&log, &status, &audit_owned);
-        (log, w)
-    })
-    .await
-    .map_err(|e| std::io::Error::other(format!("log writer task failed: {e}")))?;
-    let (log_path, signature) = written?;
+    let (log_path, signature) = match &audit.writer {
+        Some(writer) => {
+            let signed = log.sign(&outcome_of(&status), audit.secret.as_ref());
+            let name = format!("run_{}.json", log.header.run_id);
+            let path = writer
+                .write(&audit.log_dir, name, signed.file_bytes, audit.durable)
+                .await?;
+            (path, signed.signature)
+        }
+        None => {
+            let audit_owned = audit.clone();
+            let log_ref = log.clone();
+            tokio::task::spawn_blocking(move || write_run_log(&log_ref, &status, &audit_owned))
+                .await
+                .map_err(|e| std::io::Error::other(format!("log writer task failed: {e}")))??
+        }
+    };
     Ok(Driven::Ended(JobReport {
         job_id: run.job_id().to_string(),
         run_id: run.run_id().to_string(),
@@ -135,7 +146,7 @@ pub async fn run_job(
     user_id: Option<String>,
     audit: &AuditSettings,
 ) -> std::io::Result<JobReport> {
-    let run_id = uuid::Uuid::new_v4().to_string();
+    let run_id = crate::ids::new_id();
     let mut run = Run::new(graph, job_id, run_id, input);
     let mut log = RunLog::new(log_header(&run, user_id));
     let env = StepEnv { registry };

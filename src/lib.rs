@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod exec;
 pub mod graph;
+pub mod ids;
 pub mod job;
 pub mod json;
 pub mod queue;

@@ -275,7 +275,7 @@ impl RedisBackend {
             // Unreachable for messages our scripts wrapped; keep the bytes so the worker can
             // dead-letter them rather than lose them.
             None => Claim {
-                job_id: uuid::Uuid::new_v4().to_string(),
+                job_id: crate::ids::new_id(),
                 payload: stored.clone(),
                 attempt: 1,
                 epoch,
@@ -325,7 +325,7 @@ impl Backend for RedisBackend {
             .arg(max)
             .arg(self.envelope_flag(q));
         for _ in 0..max {
-            inv.arg(uuid::Uuid::new_v4().to_string());
+            inv.arg(crate::ids::new_id());
         }
         let mut conn = self.conn.clone();
         let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
@@ -359,7 +359,7 @@ impl Backend for RedisBackend {
             .arg(deadline)
             .arg(1)
             .arg(self.envelope_flag(q))
-            .arg(uuid::Uuid::new_v4().to_string())
+            .arg(crate::ids::new_id())
             .arg(raw);
         let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
         Ok(self.decode_claims(items))

@@ -39,7 +39,7 @@ impl Worker {
                 );
             }
         };
-        let run_id = uuid::Uuid::new_v4().to_string();
+        let run_id = crate::ids::new_id();
         let run = Run::new(
             job.graph.clone(),
             claim.job_id.clone(),
