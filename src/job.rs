@@ -32,6 +32,8 @@ pub struct JobReport {
     pub log_path: PathBuf,
     pub signature: Option<String>,
     pub steps: usize,
+    /// The last step record (a halted run's carries the `halt` marker).
+    pub last_step: Option<Map<String, Value>>,
 }
 
 impl JobReport {
@@ -78,8 +80,35 @@ pub fn write_run_log(
 pub enum Driven {
     /// The run reached an end (completed, failed or halted) and its log is written.
     Ended(JobReport),
-    /// Cancelled between or during steps (shutdown): nothing was written; hand the job back.
+    /// Cancelled between or during steps (shutdown): hand the job back; it resumes from its
+    /// last checkpoint.
     Interrupted,
+    /// The claim moved to another worker: stop, publish nothing.
+    Fenced,
+    /// A step's checkpoint could not be stored.
+    StoreFailed(String),
+}
+
+/// Makes each step durable before the run moves on (the daemon's checkpoint + journal).
+#[async_trait::async_trait]
+pub trait StepSink: Send + Sync {
+    async fn persist(&self, run: &Run, log: &RunLog) -> Result<(), PersistError>;
+}
+
+#[derive(Debug, Clone)]
+pub enum PersistError {
+    /// This worker no longer holds the job.
+    Fenced,
+    Failed(String),
+}
+
+impl PersistError {
+    pub fn into_driven(self) -> Driven {
+        match self {
+            PersistError::Fenced => Driven::Fenced,
+            PersistError::Failed(m) => Driven::StoreFailed(m),
+        }
+    }
 }
 
 /// Runs `run` to its end, stopping early when `cancel` fires, then writes the signed log
@@ -90,6 +119,7 @@ pub async fn drive(
     registry: &Registry,
     audit: &AuditSettings,
     cancel: &tokio_util::sync::CancellationToken,
+    sink: Option<&dyn StepSink>,
 ) -> std::io::Result<Driven> {
     let env = StepEnv { registry };
     loop {
@@ -104,6 +134,11 @@ pub async fn drive(
         match step {
             Some(step) => {
                 log.append(step, audit.secret.as_ref());
+                if let Some(sink) = sink {
+                    if let Err(e) = sink.persist(&run, &log).await {
+                        return Ok(e.into_driven());
+                    }
+                }
             }
             None => break,
         }
@@ -131,6 +166,7 @@ pub async fn drive(
         run_id: run.run_id().to_string(),
         status: run.status().clone(),
         steps: log.len(),
+        last_step: log.steps().last().cloned(),
         state: run.into_state(),
         log_path,
         signature,
@@ -159,6 +195,7 @@ pub async fn run_job(
         run_id: run.run_id().to_string(),
         status: run.status().clone(),
         steps: log.len(),
+        last_step: log.steps().last().cloned(),
         state: run.into_state(),
         log_path,
         signature,

@@ -13,6 +13,7 @@ pub mod audit;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod durable;
 pub mod exec;
 pub mod graph;
 pub mod ids;
