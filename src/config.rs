@@ -30,6 +30,16 @@ pub struct Config {
     pub worker: WorkerSection,
     pub backend: BackendSection,
     pub queues: Vec<QueueSection>,
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// The admin HTTP port: `/live`, `/ready`, `/metrics`. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// e.g. "127.0.0.1:9464"; keep it on loopback (or behind a firewall).
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -198,6 +208,9 @@ impl Config {
         }
         if let Some(f) = get("LAR_SECRET_FILE") {
             self.worker.secret_file = Some(PathBuf::from(f));
+        }
+        if let Some(a) = get("LAR_ADMIN_LISTEN") {
+            self.admin.listen = Some(a);
         }
         if let Some(n) = get("LAR_CONCURRENCY").and_then(|n| n.parse().ok()) {
             self.worker.concurrency = n;

@@ -37,6 +37,11 @@ impl StepSink for CheckpointSink<'_> {
         let Some(last) = log.steps().last() else {
             return Ok(());
         };
+        self.worker.steps.observe(last);
+        self.worker.touch();
+        if !self.worker.durable() {
+            return Ok(());
+        }
         let record = serde_json::to_vec(last).map_err(|e| PersistError::Failed(e.to_string()))?;
         let checkpoint = Checkpoint {
             job_id: self.claim.job_id.clone(),
