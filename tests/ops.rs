@@ -431,3 +431,63 @@ fn ready_follows_redis_away_and_back() {
     let _ = redis_proc.kill();
     let _ = redis_proc.wait();
 }
+
+#[test]
+fn dead_letters_show_and_redrive_keep_the_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
+    let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, None);
+    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let bad = "{\"kind\": \"sum\", truncated";
+    let _: () = r.rpush(&queue, bad).unwrap();
+    let mut child = spawn(&config, &[]);
+    let dead = wait_for(Duration::from_secs(20), || {
+        let d: Vec<String> = r.lrange(format!("{queue}:dead"), 0, -1).ok()?;
+        (d.len() == 1).then(|| d[0].clone())
+    })
+    .expect("dead-lettered");
+    term(&mut child);
+    let entry: Value = serde_json::from_str(&dead).unwrap();
+    let job_id = entry["job_id"].as_str().unwrap().to_string();
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON"),
+        "{entry}"
+    );
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = cli(&["dead-letters", "show", &job_id]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("invalid JSON"), "{out}");
+    let (code, _) = cli(&["dead-letters", "redrive", &job_id]);
+    assert_eq!(code, Some(0));
+    let back: Vec<String> = r.lrange(&queue, 0, -1).unwrap();
+    assert_eq!(
+        back,
+        vec![bad.to_string()],
+        "the payload is back, byte for byte"
+    );
+    let d: u64 = r.llen(format!("{queue}:dead")).unwrap();
+    assert_eq!(d, 0);
+    let (code, _) = cli(&["dead-letters", "redrive", &job_id]);
+    assert_eq!(code, Some(2), "a second redrive finds nothing");
+    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).unwrap();
+    }
+}

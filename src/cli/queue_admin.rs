@@ -49,6 +49,18 @@ pub enum DeadLetterCommand {
         #[arg(long, default_value_t = 100)]
         max: usize,
     },
+    /// Show one dead letter in full.
+    Show {
+        #[command(flatten)]
+        q: QueueArgs,
+        job_id: String,
+    },
+    /// Put a dead letter's payload back on its queue, byte for byte, after review.
+    Redrive {
+        #[command(flatten)]
+        q: QueueArgs,
+        job_id: String,
+    },
 }
 
 fn pick<'a>(queues: &'a [LoadedQueue], name: Option<&str>) -> Result<&'a LoadedQueue, String> {
@@ -144,6 +156,52 @@ pub fn results(a: ResultsArgs) -> u8 {
 
 pub fn dead_letters(cmd: DeadLetterCommand) -> u8 {
     match cmd {
+        DeadLetterCommand::Show { q, job_id } => with_backend(&q, |backend, q| async move {
+            match backend.dead_letters(&q.names, usize::MAX / 2).await {
+                Ok(items) => match items
+                    .iter()
+                    .find(|d| d.get("job_id").and_then(Value::as_str) == Some(&job_id))
+                {
+                    Some(d) => {
+                        println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+                        exit::OK
+                    }
+                    None => {
+                        eprintln!(
+                            "error: no dead letter with job id {job_id} on '{}'",
+                            q.names.jobs
+                        );
+                        exit::USAGE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::ERROR
+                }
+            }
+        }),
+        DeadLetterCommand::Redrive { q, job_id } => with_backend(&q, |backend, q| async move {
+            match backend.redrive_dead_letter(&q.names, &job_id).await {
+                Ok(true) => {
+                    println!(
+                        "dead letter {job_id} is back on '{}' with its original payload",
+                        q.names.jobs
+                    );
+                    exit::OK
+                }
+                Ok(false) => {
+                    eprintln!(
+                        "error: no dead letter with job id {job_id} on '{}'",
+                        q.names.jobs
+                    );
+                    exit::USAGE
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::ERROR
+                }
+            }
+        }),
         DeadLetterCommand::List { q, max } => with_backend(&q, |backend, q| async move {
             match backend.dead_letters(&q.names, max).await {
                 Ok(items) => {
