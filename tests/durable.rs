@@ -585,9 +585,72 @@ macro_rules! on_backends {
     };
 }
 
+fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
+    let mut env = Env::new(
+        kind,
+        &twenty_step_graph(),
+        "state",
+        5000,
+        &[("effect.py", SIDE_EFFECT_TOOL)],
+    );
+    env.push(r#"{"job":"long"}"#);
+    let side = env.dir.path().join("side.txt");
+    let w1 = env.worker();
+    let start = Instant::now();
+    while std::fs::read_to_string(&side)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the run did not progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = Instant::now();
+    let mut w1 = w1;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(w1.id().to_string())
+        .status();
+    let status = w1.wait().unwrap();
+    assert!(status.success(), "clean exit");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "stopped at the next boundary, not after the whole graph: {:?}",
+        stopped.elapsed()
+    );
+    let done_before = std::fs::read_to_string(&side).unwrap().lines().count();
+    assert!(
+        done_before < 20,
+        "handed back unfinished ({done_before} steps ran)"
+    );
+    assert!(env.results_now().is_empty());
+    let w2 = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(40));
+    stop(w2);
+    assert_eq!(results.len(), 1);
+    let lines: Vec<String> = std::fs::read_to_string(&side)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut distinct = lines.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 20);
+    assert_eq!(
+        lines.len(),
+        20,
+        "no step ran twice: the stop waited for the step to end"
+    );
+}
+
 on_backends!(
     halt_stop_every_worker_decide_resume_elsewhere,
     tampered_checkpoint_is_refused,
     kill_9_mid_run_resumes_without_replaying_completed_steps,
     a_frozen_worker_past_its_lease_cannot_publish_or_rewind,
+    sigterm_hands_a_long_run_back_at_a_step_boundary,
 );

@@ -352,12 +352,13 @@ impl Worker {
                 };
                 let w = Arc::clone(&self);
                 let hs = hard_stop.clone();
+                let sd = shutdown.clone();
                 self.track(qi, &claim, true);
                 self.in_flight_count.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("job", job_id = %claim.job_id, attempt = claim.attempt, queue = %names.jobs);
                 tasks.spawn(
                     async move {
-                        w.handle(qi, claim, hs).await;
+                        w.handle(qi, claim, sd, hs).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -368,8 +369,14 @@ impl Worker {
     }
 
     /// Processes one claim and finishes it, retrying the finish through broker hiccups.
-    async fn handle(self: Arc<Self>, qi: usize, claim: Claim, hard_stop: CancellationToken) {
-        let (finish, verdict) = self.process(qi, &claim, &hard_stop).await;
+    async fn handle(
+        self: Arc<Self>,
+        qi: usize,
+        claim: Claim,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+    ) {
+        let (finish, verdict) = self.process(qi, &claim, &shutdown, &hard_stop).await;
         let names = &self.queues[qi].names;
         let mut tries = 0u32;
         let outcome = loop {

@@ -7,7 +7,7 @@ use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
 use crate::audit::RunLog;
 use crate::durable::{Checkpoint, DecisionRequest, Pending};
 use crate::exec::{Decision, Run, RunStatus};
-use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink};
+use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink, Stops};
 use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -88,7 +88,8 @@ impl Worker {
         &self,
         qi: usize,
         claim: &Claim,
-        cancel: &CancellationToken,
+        shutdown: &CancellationToken,
+        hard_stop: &CancellationToken,
     ) -> (Finish, Verdict) {
         let queue = &self.queues[qi];
         let job = match parse(queue, &claim.payload, self.cfg.max_message_bytes) {
@@ -146,7 +147,17 @@ impl Worker {
             }
         }
 
-        let report = match drive(run, log, &self.registry, &self.audit, cancel, sink_ref).await {
+        // With checkpoints, a shutdown hands the job back at the next step boundary (it resumes
+        // elsewhere); without, the run gets the drain deadline to finish.
+        let stops = Stops {
+            at_boundary: if self.durable() {
+                shutdown.clone()
+            } else {
+                CancellationToken::new()
+            },
+            abort: hard_stop.clone(),
+        };
+        let report = match drive(run, log, &self.registry, &self.audit, &stops, sink_ref).await {
             Ok(Driven::Ended(r)) => r,
             Ok(Driven::Interrupted) | Ok(Driven::Fenced) => {
                 return (Finish::Release, Verdict::Release)
