@@ -166,6 +166,9 @@ pub struct QueueSection {
     /// Graphs an envelope may name: `{ loan_review = "graphs/loan_review.toml" }`.
     #[serde(default)]
     pub graphs: BTreeMap<String, PathBuf>,
+    /// Where human decisions arrive as messages `{"job_id", "choice", "rationale", "by",
+    /// "role"}`; replies (accepted/rejected) go to `<decisions>:replies`.
+    pub decisions: Option<String>,
 }
 
 impl Config {
@@ -308,6 +311,8 @@ pub struct LoadedQueue {
     pub payload: PayloadFormat,
     pub default_graph: Option<Arc<Graph>>,
     pub graphs: HashMap<String, Arc<Graph>>,
+    /// The decisions queue and its replies, when configured.
+    pub decisions: Option<crate::queue::QueueNames>,
 }
 
 impl LoadedQueue {
@@ -346,6 +351,10 @@ pub fn load_queues(cfg: &Config, registry: &Registry) -> Result<Vec<LoadedQueue>
             payload: q.payload,
             default_graph,
             graphs,
+            decisions: q.decisions.as_ref().map(|d| crate::queue::QueueNames {
+                jobs: d.clone(),
+                results: format!("{d}:replies"),
+            }),
         });
     }
     if errors.is_empty() {

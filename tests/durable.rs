@@ -59,7 +59,7 @@ impl Env {
             format!(
                 "[worker]\nconcurrency = 4\nlog_dir = \"audit\"\nlease_ms = {lease_ms}\ndrain_timeout_ms = 3000\n\
                  [worker.retry]\nattempts = 2\ninitial_backoff_ms = 100\n{backend_toml}\
-                 [[queues]]\nname = \"{queue}\"\nresults = \"{results}\"\npayload = \"{payload}\"\ngraph = \"g.toml\"\n"
+                 [[queues]]\nname = \"{queue}\"\nresults = \"{results}\"\npayload = \"{payload}\"\ngraph = \"g.toml\"\ndecisions = \"{queue}:decisions\"\n"
             ),
         )
         .unwrap();
@@ -133,6 +133,31 @@ impl Env {
             .iter()
             .map(|b| serde_json::from_slice(b).unwrap())
             .collect()
+    }
+
+    fn decisions(&self) -> lar_worker::queue::QueueNames {
+        let d = format!("{}:decisions", self.queue);
+        lar_worker::queue::QueueNames {
+            jobs: d.clone(),
+            results: format!("{d}:replies"),
+        }
+    }
+
+    fn wait_replies(&self, n: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let items = self
+                .rt
+                .block_on(self.backend.results(&self.decisions(), 100, false))
+                .unwrap();
+            if items.len() >= n || start.elapsed() > Duration::from_secs(20) {
+                return items
+                    .iter()
+                    .map(|b| serde_json::from_slice(b).unwrap())
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     fn clear_results(&self) {
@@ -574,6 +599,77 @@ fn a_frozen_worker_past_its_lease_cannot_publish_or_rewind(kind: Kind) {
     assert_eq!(log["steps"].as_array().unwrap().len(), 20);
 }
 
+fn decisions_arrive_as_messages(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-m","input":{"amount":5000}}"#);
+    let w1 = env.worker();
+    let job = pending_job_id(&mut env);
+    let dq = env.decisions();
+    let send = |env: &Env, msg: String| {
+        env.rt
+            .block_on(env.backend.enqueue(&dq, msg.as_bytes()))
+            .unwrap()
+    };
+    send(&env, "this is not json".to_string());
+    send(
+        &env,
+        format!(r#"{{"job_id":"{job}","choice":"maybe","by":"cfo@example.com"}}"#),
+    );
+    let replies = env.wait_replies(1);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["status"], "rejected");
+    assert!(replies[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not an allowed choice"));
+    send(
+        &env,
+        format!(
+            r#"{{"job_id":"{job}","choice":"reject","rationale":"too risky","by":"cfo@example.com","role":"CFO"}}"#
+        ),
+    );
+    let results = env.wait_results(1, Duration::from_secs(20));
+    let replies = env.wait_replies(2);
+    stop(w1);
+    assert_eq!(replies[1]["status"], "accepted", "{replies:?}");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "completed");
+    assert_eq!(results[0]["state"]["paid"], false);
+    let dead = env.rt.block_on(env.backend.dead_letters(&dq, 10)).unwrap();
+    assert_eq!(dead.len(), 1, "the malformed decision is a dead letter");
+    assert!(dead[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid JSON"));
+}
+
+fn an_expired_pending_job_takes_the_default_path(kind: Kind) {
+    let graph = LOAN.replace(
+        "next = \"route\"",
+        "next = \"route\"\nexpires_after_ms = 300\non_expiry = \"reject\"",
+    );
+    let mut env = Env::new(kind, &graph, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-x","input":{"amount":5000}}"#);
+    let w1 = env.worker();
+    let _job = pending_job_id(&mut env);
+    let results = env.wait_results(1, Duration::from_secs(20));
+    stop(w1);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "completed");
+    assert_eq!(results[0]["state"]["paid"], false);
+    let log_path = PathBuf::from(results[0]["audit_log"].as_str().unwrap());
+    let log: Value = serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
+    let decision = log["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("decision"))
+        .unwrap()
+        .clone();
+    assert_eq!(decision["decided_by"], "system:expiry");
+    assert_eq!(decision["choice"], "reject");
+}
+
 macro_rules! on_backends {
     ($($scenario:ident),* $(,)?) => {
         mod redis_backend {
@@ -653,4 +749,6 @@ on_backends!(
     kill_9_mid_run_resumes_without_replaying_completed_steps,
     a_frozen_worker_past_its_lease_cannot_publish_or_rewind,
     sigterm_hands_a_long_run_back_at_a_step_boundary,
+    decisions_arrive_as_messages,
+    an_expired_pending_job_takes_the_default_path,
 );

@@ -339,66 +339,56 @@ pub fn decide(a: DecideArgs) -> u8 {
         Err(c) => return c,
     };
     rt.block_on(async move {
-        let backend = match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
+        let backend = match crate::queue::connect(
+            &loaded.config,
+            crate::telemetry::worker_identity(),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("error: cannot open the backend: {e}");
                 return exit::ERROR;
             }
         };
+        use crate::durable::decide::{pending_of, submit_for, Refusal};
+        let decision = crate::exec::Decision {
+            choice: a.choice.clone(),
+            rationale: a.rationale.clone(),
+            decided_by: a.by.clone(),
+            role: a.role.clone(),
+        };
         for q in &loaded.queues {
             if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
-            let raw = match backend.get_pending(&q.names, &a.job_id).await {
-                Ok(Some(r)) => r,
+            let result = match pending_of(backend.as_ref(), &q.names, &a.job_id).await {
                 Ok(None) => continue,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit::ERROR;
-                }
+                Ok(Some(p)) => submit_for(backend.as_ref(), &q.names, &p, &decision).await,
+                Err(e) => Err(e),
             };
-            let pending: crate::durable::Pending = match serde_json::from_slice(&raw) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("error: the pending record of job {} is unreadable: {e}", a.job_id);
-                    return exit::ERROR;
-                }
-            };
-            if !pending.request.choices.contains(&a.choice) {
-                eprintln!(
-                    "error: '{}' is not an allowed choice for job {} (allowed: {}); the job stays pending",
-                    a.choice,
-                    a.job_id,
-                    pending.request.choices.join(", ")
-                );
-                return exit::USAGE;
-            }
-            let decision = crate::exec::Decision {
-                choice: a.choice.clone(),
-                rationale: a.rationale.clone(),
-                decided_by: a.by.clone(),
-                role: a.role.clone(),
-            };
-            return match backend
-                .submit_decision(&q.names, &a.job_id, pending.payload.as_bytes(), &decision)
-                .await
-            {
-                Ok(true) => {
-                    println!("decision '{}' recorded for job {}: it resumes at the next free worker", a.choice, a.job_id);
+            return match result {
+                Ok(()) => {
+                    println!(
+                        "decision '{}' recorded for job {}: it resumes at the next free worker",
+                        a.choice, a.job_id
+                    );
                     exit::OK
                 }
-                Ok(false) => {
-                    eprintln!("error: job {} was decided meanwhile", a.job_id);
-                    exit::USAGE
-                }
-                Err(e) => {
+                Err(Refusal::Store(e)) => {
                     eprintln!("error: {e}");
                     exit::ERROR
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::USAGE
+                }
             };
         }
-        eprintln!("error: no pending decision for job {}: unknown job, or already decided", a.job_id);
+        eprintln!(
+            "error: no pending decision for job {}: unknown job, or already decided",
+            a.job_id
+        );
         exit::USAGE
     })
 }

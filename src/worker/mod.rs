@@ -2,6 +2,7 @@
 //! on its own [`crate::exec::Run`]), finishes each claim exactly once, renews leases, reaps
 //! expired claims, and drains on shutdown within a deadline.
 
+mod decisions;
 pub mod payload;
 mod process;
 pub mod stats;
@@ -26,9 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 /// How long one claim call waits on an empty queue before the loop looks at shutdown again.
-const CLAIM_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const CLAIM_WAIT: Duration = Duration::from_secs(1);
 /// How often expired claims are reaped and due retries promoted.
 const REAP_EVERY: Duration = Duration::from_millis(500);
+/// How often pending decisions are checked for expiry.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// The most jobs claimed in one round trip.
 const MAX_BATCH: usize = 64;
 
@@ -239,6 +242,12 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.cfg.concurrency));
         let mut jobs: JoinSet<()> = JoinSet::new();
         let mut claimers = JoinSet::new();
+        let mut decision_loops = JoinSet::new();
+        for qi in 0..self.queues.len() {
+            if self.queues[qi].decisions.is_some() && self.durable() {
+                decision_loops.spawn(Arc::clone(&self).decision_loop(qi, shutdown.clone()));
+            }
+        }
         for qi in 0..self.queues.len() {
             let w = Arc::clone(&self);
             let (sd, hs, p) = (shutdown.clone(), hard_stop.clone(), Arc::clone(&permits));
@@ -272,6 +281,7 @@ impl Worker {
             })
             .await;
         }
+        while decision_loops.join_next().await.is_some() {}
         maintenance.abort();
         watchdog.abort();
         if let Some(h) = idle_watch {
@@ -457,6 +467,8 @@ impl Worker {
         let renew_every = (self.cfg.lease() / 3).max(Duration::from_millis(300));
         let mut renew = tokio::time::interval(renew_every);
         let mut reap = tokio::time::interval(REAP_EVERY);
+        let mut expire = tokio::time::interval(EXPIRE_EVERY);
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -467,6 +479,7 @@ impl Worker {
                     self.renew_all().await;
                 }
                 _ = renew.tick() => self.renew_all().await,
+                _ = expire.tick() => self.expire_pending().await,
                 _ = reap.tick() => {
                     for q in &self.queues {
                         match self.backend.recover(&q.names).await {

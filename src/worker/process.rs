@@ -79,7 +79,7 @@ impl StepSink for CheckpointSink<'_> {
 }
 
 impl Worker {
-    fn durable(&self) -> bool {
+    pub(super) fn durable(&self) -> bool {
         self.cfg.checkpoints && self.backend.supports_checkpoints()
     }
 
@@ -265,6 +265,7 @@ impl Worker {
             request,
             awaiting_since: crate::exec::run::now_utc(),
             payload: String::from_utf8_lossy(&claim.payload).into_owned(),
+            expires_at_ms: request_expiry(&report.last_step),
         })
     }
 
@@ -402,6 +403,16 @@ impl Worker {
             attempts,
         }
     }
+}
+
+/// When a halted run's default path is due, from its halt marker.
+fn request_expiry(last_step: &Option<Map<String, Value>>) -> Option<i64> {
+    let after = last_step
+        .as_ref()?
+        .get("halt")?
+        .get("expires_after_ms")?
+        .as_u64()?;
+    Some(crate::queue::now_ms().saturating_add(i64::try_from(after).unwrap_or(i64::MAX)))
 }
 
 /// Why a run could not be started or resumed.
