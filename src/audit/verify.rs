@@ -31,10 +31,50 @@ pub fn verify_file(path: &Path, secret: &Secret) -> Verdict {
         Ok(b) => b,
         Err(e) => return Verdict::invalid(format!("unreadable: {e}")),
     };
-    match serde_json::from_slice::<Value>(&bytes) {
+    let parsed = serde_json::from_slice::<Value>(&bytes).or_else(|e| {
+        // Python (and our writer, to match its bytes) prints an overflowing float as a bare
+        // `Infinity`, which serde_json refuses; `1e400` parses to the same float and
+        // canonicalizes back to `Infinity`, so the signature still checks.
+        match infinity_as_number(&bytes) {
+            Some(fixed) => serde_json::from_slice::<Value>(&fixed).map_err(|_| e),
+            None => Err(e),
+        }
+    });
+    match parsed {
         Ok(doc) => verify_value(&doc, secret),
         Err(e) => Verdict::invalid(format!("unreadable: not JSON ({e})")),
     }
+}
+
+/// `bytes` with every `Infinity` outside a string replaced by `1e400` (`-Infinity` becomes
+/// `-1e400`); `None` when there is none.
+fn infinity_as_number(bytes: &[u8]) -> Option<Vec<u8>> {
+    const INF: &[u8] = b"Infinity";
+    let mut out = Vec::with_capacity(bytes.len() + 16);
+    let (mut in_string, mut escaped, mut changed) = (false, false, false);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if bytes[i..].starts_with(INF) {
+            out.extend_from_slice(b"1e400");
+            i += INF.len();
+            changed = true;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    changed.then_some(out)
 }
 
 pub fn verify_value(doc: &Value, secret: &Secret) -> Verdict {
@@ -104,9 +144,17 @@ fn check_chain(steps: &[Value], run_id: &str, secret: &Secret) -> Option<String>
         match idx {
             Some(i) if i == pos as u64 => {}
             Some(i) if i > pos as u64 => {
-                return Some(format!(
-                    "step {pos} is missing (position {pos} holds step {i})"
-                ))
+                // Step `pos` further down means the records were moved, not dropped.
+                let later = steps[pos + 1..]
+                    .iter()
+                    .position(|s| s.get("step").and_then(Value::as_u64) == Some(pos as u64));
+                return Some(match later {
+                    Some(off) => format!(
+                        "steps reordered: position {pos} holds step {i}, step {pos} is at position {}",
+                        pos + 1 + off
+                    ),
+                    None => format!("step {pos} is missing (position {pos} holds step {i})"),
+                });
             }
             Some(i) => return Some(format!("steps reordered: position {pos} holds step {i}")),
             None => return Some(format!("the record at position {pos} has no step index")),

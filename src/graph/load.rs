@@ -482,15 +482,26 @@ fn parse_node(
         }
         None => None,
     };
-    let next = match &kind {
-        Some(NodeKind::Router { .. }) | None => None,
-        Some(_) => {
+    // By the type, not by whether the node parsed: a set node missing its `value` still has a
+    // valid `next` (and a wrong target in it is worth reporting).
+    let known_type = type_name
+        .as_deref()
+        .is_some_and(|t| NODE_TYPES.split(", ").any(|k| k == t));
+    let next = match type_name.as_deref() {
+        Some("router") => None,
+        _ if known_type => {
             let n = next_name(&mut r);
             target(&mut r, "next", n)
         }
+        _ => None,
     };
     let what = format!("a {} node", type_name.as_deref().unwrap_or("typeless"));
-    let errors = r.finish(&what);
+    // Without a known type nobody knows which fields belong: report the type alone.
+    let errors = if known_type {
+        r.finish(&what)
+    } else {
+        r.errors
+    };
     match kind {
         Some(kind) if errors.is_empty() => Ok(Node {
             id: id.to_string(),

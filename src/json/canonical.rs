@@ -156,15 +156,26 @@ pub fn python_float_repr(out: &mut String, f: f64) {
         out.push_str(if f.is_sign_negative() { "-0.0" } else { "0.0" });
         return;
     }
-    // Rust's `{:e}` yields the shortest round-trip digits, e.g. "-1.2345e-5".
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci.as_str(), "0"));
-    let exp: i32 = exp.parse().unwrap_or(0);
-    let (negative, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => (true, m),
-        None => (false, mantissa),
+    // Shortest round-trip digits. Where two shortest candidates are equally close, Python's dtoa
+    // picks the even last digit, and so does zmij; Rust's `{:e}` rounds the tie up instead
+    // (698040783168879.25: Python "698040783168879.2", `{:e}` "6.980407831688793e14").
+    let mut buf = zmij::Buffer::new();
+    let text = buf.format_finite(f);
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(t) => (true, t),
+        None => (false, text),
     };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let (mantissa, exp) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (m, e.trim_start_matches('+').parse::<i32>().unwrap_or(0)),
+        None => (text, 0),
+    };
+    let (int_part, frac_part) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let all: String = [int_part, frac_part].concat();
+    let significant = all.trim_start_matches('0');
+    let leading_zeros = (all.len() - significant.len()) as i32;
+    let digits = significant.trim_end_matches('0');
+    // The decimal exponent of the first significant digit.
+    let exp = exp + int_part.len() as i32 - 1 - leading_zeros;
     if negative {
         out.push('-');
     }
@@ -183,11 +194,11 @@ pub fn python_float_repr(out: &mut String, f: f64) {
         for _ in 0..(-point) {
             out.push('0');
         }
-        out.push_str(&digits);
+        out.push_str(digits);
     } else {
         let point = point as usize;
         if point >= digits.len() {
-            out.push_str(&digits);
+            out.push_str(digits);
             for _ in digits.len()..point {
                 out.push('0');
             }

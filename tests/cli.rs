@@ -1,0 +1,423 @@
+//! The `lar-worker` command line: bad input is a clear message and exit 2 (never a panic),
+//! run outcomes map to exit codes 0 / 3 / 4, I/O trouble to 1, and `manifest` lists what a
+//! compliance reviewer needs.
+
+mod common;
+
+use common::{bin, manifest_dir, only_log, reference_logs_dir, run, write, SECRET};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::Command;
+use tempfile::TempDir;
+
+const SIMPLE: &str = r#"
+entry = "a"
+[[nodes]]
+id = "a"
+type = "set"
+key = "status"
+value = "done"
+"#;
+
+/// `run-once` with the secret set, logs in `dir/logs`, the given graph and input.
+fn run_once(dir: &Path, graph: &Path, input: &str) -> Command {
+    let mut cmd = bin();
+    cmd.env("HMAC_SECRET", SECRET)
+        .arg("run-once")
+        .arg("--no-fsync")
+        .arg("--graph")
+        .arg(graph)
+        .arg("--input")
+        .arg(input)
+        .arg("--log-dir")
+        .arg(dir.join("logs"));
+    cmd
+}
+
+/// Asserts exit 2, a message on stderr containing `needle`, nothing on stdout, no log.
+fn assert_usage_error(dir: &Path, cmd: &mut Command, needle: &str) {
+    let (code, out, err) = run(cmd);
+    assert_eq!(code, 2, "stdout: {out}\nstderr: {err}");
+    assert!(err.contains("error: "), "{err}");
+    assert!(
+        err.contains(needle),
+        "expected {needle:?} in stderr:\n{err}"
+    );
+    assert!(out.is_empty(), "nothing ran, nothing printed: {out}");
+    assert!(!dir.join("logs").exists(), "nothing ran, no log");
+}
+
+#[test]
+fn run_once_rejects_invalid_json_input() {
+    let dir = TempDir::new().unwrap();
+    let g = write(dir.path(), "g.toml", SIMPLE);
+    assert_usage_error(
+        dir.path(),
+        &mut run_once(dir.path(), &g, "{\"amount\": 12,"),
+        "--input is not valid JSON",
+    );
+}
+
+#[test]
+fn run_once_rejects_non_object_input() {
+    let dir = TempDir::new().unwrap();
+    let g = write(dir.path(), "g.toml", SIMPLE);
+    for (input, kind) in [
+        ("[1, 2]", "an array"),
+        ("\"text\"", "a string"),
+        ("null", "null"),
+        ("42", "a number"),
+    ] {
+        assert_usage_error(
+            dir.path(),
+            &mut run_once(dir.path(), &g, input),
+            &format!("--input must be a JSON object (the initial state), found {kind}"),
+        );
+    }
+}
+
+#[test]
+fn run_once_reads_input_files() {
+    let dir = TempDir::new().unwrap();
+    let g = write(dir.path(), "g.toml", SIMPLE);
+    let missing = dir.path().join("no_such_input.json");
+    assert_usage_error(
+        dir.path(),
+        &mut run_once(dir.path(), &g, &format!("@{}", missing.display())),
+        &format!("cannot read input file '{}'", missing.display()),
+    );
+    let bad = write(dir.path(), "bad_input.json", "{oops");
+    assert_usage_error(
+        dir.path(),
+        &mut run_once(dir.path(), &g, &format!("@{}", bad.display())),
+        &format!("input file '{}' is not valid JSON", bad.display()),
+    );
+    let good = write(dir.path(), "input.json", "{\"who\": \"file\"}\n");
+    let (code, out, err) = run(&mut run_once(
+        dir.path(),
+        &g,
+        &format!("@{}", good.display()),
+    ));
+    assert_eq!(code, 0, "{err}");
+    let state: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(state["who"], "file");
+}
+
+#[test]
+fn run_once_needs_a_secret_unless_unsigned() {
+    let dir = TempDir::new().unwrap();
+    let g = write(dir.path(), "g.toml", SIMPLE);
+    let mut cmd = run_once(dir.path(), &g, "{}");
+    cmd.env_remove("HMAC_SECRET");
+    assert_usage_error(dir.path(), &mut cmd, "no HMAC secret");
+    // An empty HMAC_SECRET is no secret either.
+    let mut cmd = run_once(dir.path(), &g, "{}");
+    cmd.env("HMAC_SECRET", "");
+    assert_usage_error(dir.path(), &mut cmd, "no HMAC secret");
+    // A secret file that is not there.
+    let mut cmd = run_once(dir.path(), &g, "{}");
+    cmd.arg("--secret-file").arg(dir.path().join("nope"));
+    assert_usage_error(dir.path(), &mut cmd, "cannot read secret file");
+
+    // --unsigned runs and writes a log without a signature, as Lár does without a secret.
+    let mut cmd = run_once(dir.path(), &g, "{}");
+    cmd.env_remove("HMAC_SECRET").arg("--unsigned");
+    let (code, _, err) = run(&mut cmd);
+    assert_eq!(code, 0, "{err}");
+    let log: Value =
+        serde_json::from_slice(&std::fs::read(only_log(&dir.path().join("logs"))).unwrap())
+            .unwrap();
+    assert!(log.get("signature").is_none());
+    assert!(log["steps"][0].get("chain").is_none());
+
+    // A secret file works like HMAC_SECRET (one trailing newline dropped).
+    let logs2 = TempDir::new().unwrap();
+    let secret_file = write(dir.path(), "secret", &format!("{SECRET}\n"));
+    let (code, _, err) = run(bin()
+        .args(["run-once", "--no-fsync", "--input", "{}", "--graph"])
+        .arg(&g)
+        .arg("--log-dir")
+        .arg(logs2.path())
+        .arg("--secret-file")
+        .arg(&secret_file));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(bin()
+        .env("HMAC_SECRET", SECRET)
+        .arg("verify")
+        .arg(logs2.path()));
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn run_once_rejects_an_invalid_graph() {
+    let dir = TempDir::new().unwrap();
+    let g = write(
+        dir.path(),
+        "bad.toml",
+        "entry = \"a\"\n[[nodes]]\nid = \"a\"\ntype = \"set\"\nkey = \"k\"\nvalue = 1\nnext = \"ghost\"\n",
+    );
+    assert_usage_error(
+        dir.path(),
+        &mut run_once(dir.path(), &g, "{}"),
+        &format!(
+            "the graph is invalid:\n{}: node 'a': field 'next': no node has id 'ghost'",
+            g.display()
+        ),
+    );
+    let missing = dir.path().join("missing.toml");
+    assert_usage_error(
+        dir.path(),
+        &mut run_once(dir.path(), &missing, "{}"),
+        &format!("{}: cannot read", missing.display()),
+    );
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let (code, _, err) = run(&mut bin());
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(bin().arg("frobnicate"));
+    assert_eq!(code, 2, "{err}");
+    let (code, _, err) = run(bin().args(["run-once", "--input", "{}"]));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--graph"), "{err}");
+    // verify cannot work without a secret.
+    let (code, _, err) = run(bin().arg("verify").arg(reference_logs_dir()));
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no HMAC secret"), "{err}");
+}
+
+fn state_of(out: &str) -> Value {
+    serde_json::from_str(out.trim())
+        .unwrap_or_else(|e| panic!("stdout is not the state ({e}): {out}"))
+}
+
+fn log_of(dir: &Path) -> Value {
+    let logs = dir.join("logs");
+    let (code, out, _) = run(bin().env("HMAC_SECRET", SECRET).arg("verify").arg(&logs));
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_slice(&std::fs::read(only_log(&logs)).unwrap()).unwrap()
+}
+
+#[test]
+fn run_once_completed_exits_0() {
+    let dir = TempDir::new().unwrap();
+    let g = manifest_dir().join("graphs/bench.toml");
+    let (code, out, err) = run(&mut run_once(
+        dir.path(),
+        &g,
+        r#"{"kind":"text","text":"hello"}"#,
+    ));
+    assert_eq!(code, 0, "{err}");
+    let state = state_of(&out);
+    assert_eq!(state["result"], "HELLO");
+    assert_eq!(state["status"], "done");
+    assert!(err.contains("completed after 5 steps"), "{err}");
+    let log = log_of(dir.path());
+    assert_eq!(log["outcome"], json!({"status": "completed"}));
+    assert_eq!(log["summary"]["total_steps"], 5);
+    assert_eq!(log["graph_name"], "bench");
+}
+
+#[test]
+fn run_once_failed_exits_3() {
+    let dir = TempDir::new().unwrap();
+    let g = write(
+        dir.path(),
+        "fail.toml",
+        "entry = \"f\"\n[[nodes]]\nid = \"f\"\ntype = \"tool\"\ntool = \"fail\"\ninputs = [\"reason\"]\n",
+    );
+    let (code, out, err) = run(&mut run_once(dir.path(), &g, r#"{"reason":"no funds"}"#));
+    assert_eq!(code, 3, "{out}{err}");
+    assert!(err.contains("the run failed: no funds"), "{err}");
+    assert_eq!(state_of(&out)["last_error"], "no funds");
+    let log = log_of(dir.path());
+    assert_eq!(
+        log["outcome"],
+        json!({"status": "failed", "reason": "no funds"})
+    );
+    assert_eq!(log["steps"][0]["outcome"], "error");
+}
+
+#[test]
+fn run_once_halted_exits_4() {
+    let dir = TempDir::new().unwrap();
+    let g = manifest_dir().join("graphs/loan_review.toml");
+    let (code, out, err) = run(&mut run_once(
+        dir.path(),
+        &g,
+        r#"{"applicant":"Acme GmbH","amount":250000,"sector":"construction"}"#,
+    ));
+    assert_eq!(code, 4, "{out}{err}");
+    assert!(err.contains("halted"), "{err}");
+    let state = state_of(&out);
+    assert_eq!(state["risk_level"], "high");
+    let log = log_of(dir.path());
+    assert_eq!(log["outcome"], json!({"status": "halted"}));
+    let steps = log["steps"].as_array().unwrap();
+    let last = steps.last().unwrap();
+    assert_eq!(last["node_id"], "jury");
+    assert_eq!(last["halt"]["choices"], json!(["approve", "reject"]));
+    assert_eq!(
+        last["halt"]["context"],
+        json!({"applicant": "Acme GmbH", "amount": 250000, "risk": 0.55})
+    );
+
+    // A low-risk application goes through without a human.
+    let dir = TempDir::new().unwrap();
+    let (code, out, err) = run(&mut run_once(
+        dir.path(),
+        &g,
+        r#"{"applicant":"Small Co","amount":10000,"sector":"software"}"#,
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(state_of(&out)["status"], "approved");
+
+    // The python tool's own failure (exit 2 on a bad amount) takes the graph's error path.
+    let dir = TempDir::new().unwrap();
+    let (code, out, err) = run(&mut run_once(
+        dir.path(),
+        &g,
+        r#"{"applicant":"X","amount":-5,"sector":"software"}"#,
+    ));
+    assert_eq!(code, 3, "last_error is still set at the end: {err}");
+    let state = state_of(&out);
+    assert_eq!(state["status"], "needs_manual_scoring");
+    let reason = state["last_error"].as_str().unwrap();
+    assert!(reason.contains("exited with status 2"), "{reason}");
+    assert!(
+        reason.contains("amount must be a positive number, got -5"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn run_once_io_error_exits_1() {
+    let dir = TempDir::new().unwrap();
+    let g = write(dir.path(), "g.toml", SIMPLE);
+    let blocker = write(dir.path(), "not_a_dir", "x");
+    let (code, _, err) = run(bin()
+        .env("HMAC_SECRET", SECRET)
+        .args(["run-once", "--input", "{}", "--graph"])
+        .arg(&g)
+        .arg("--log-dir")
+        .arg(blocker.join("logs")));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cannot write the audit log"), "{err}");
+}
+
+#[test]
+fn verify_accepts_the_reference_logs() {
+    let (code, out, err) = run(bin()
+        .env("HMAC_SECRET", SECRET)
+        .arg("verify")
+        .arg(reference_logs_dir()));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.matches(": valid (").count(), 5, "{out}");
+    assert!(out.contains("valid (authority ledger, 1 records)"), "{out}");
+    let (code, out, _) = run(bin()
+        .env("HMAC_SECRET", "wrong")
+        .arg("verify")
+        .arg(reference_logs_dir()));
+    assert_eq!(code, 3);
+    assert_eq!(
+        out.matches(": INVALID: signature mismatch").count(),
+        5,
+        "{out}"
+    );
+}
+
+#[test]
+fn manifest_of_loan_review() {
+    let (code, out, err) = run(bin().arg("manifest").arg("graphs/loan_review.toml"));
+    assert_eq!(code, 0, "{err}");
+    let m: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(m["graph"], "loan_review");
+    assert_eq!(m["entry"], "score");
+    assert_eq!(
+        m["limits"],
+        json!({"max_steps": 100, "max_node_fatigue": 20})
+    );
+    assert_eq!(m["nodes"].as_array().unwrap().len(), 7);
+    assert_eq!(
+        m["external_actions"],
+        json!([{
+            "node": "score",
+            "tool": "risk_score",
+            "transport": "command",
+            "detail": {"argv": ["python3", "tools/risk_score.py"], "timeout_ms": 5000, "timeout_explicit": true},
+            "inputs": ["amount", "sector"],
+            "output": null,
+        }])
+    );
+    assert_eq!(
+        m["human_approval_points"],
+        json!([{
+            "node": "jury",
+            "prompt": "Approve this SME loan?",
+            "choices": ["approve", "reject"],
+            "output": "jury_decision",
+            "context": ["applicant", "amount", "risk"],
+        }])
+    );
+    let risks: Vec<(String, String)> = m["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["risk"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    // Low-risk loans are approved with no human on the path; after_jury has no default.
+    assert!(
+        risks.contains(&(
+            "score".into(),
+            "external_action_without_human_review".into()
+        )),
+        "{risks:?}"
+    );
+    assert!(
+        risks.contains(&("after_jury".into(), "router_without_default".into())),
+        "{risks:?}"
+    );
+    // score has an error path and a timeout: no such flags for it.
+    assert!(
+        !risks
+            .iter()
+            .any(|(_, r)| r == "tool_failure_ends_run" || r == "tool_without_timeout"),
+        "{risks:?}"
+    );
+    assert_eq!(m["graph_digest"].as_str().unwrap().len(), 64);
+}
+
+#[test]
+fn manifest_flags_tools_without_timeout_or_error_path() {
+    let dir = TempDir::new().unwrap();
+    let g = write(
+        dir.path(),
+        "risky.toml",
+        "entry = \"t\"\n[[nodes]]\nid = \"t\"\ntype = \"tool\"\ntool = \"x\"\n[tools.x]\ncommand = [\"python3\", \"x.py\"]\n",
+    );
+    let (code, out, err) = run(bin().arg("manifest").arg(&g));
+    assert_eq!(code, 0, "{err}");
+    let m: Value = serde_json::from_str(&out).unwrap();
+    let kinds: Vec<&str> = m["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["risk"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"tool_without_timeout"), "{kinds:?}");
+    assert!(kinds.contains(&"tool_failure_ends_run"), "{kinds:?}");
+    assert_eq!(m["external_actions"][0]["detail"]["timeout_ms"], 30000);
+
+    let bad = write(dir.path(), "bad.toml", "entry = \"nope\"\nnodes = []\n");
+    let (code, out, err) = run(bin().arg("manifest").arg(&bad));
+    assert_eq!(code, 2);
+    assert!(out.is_empty());
+    assert!(err.contains("the graph is invalid"), "{err}");
+    assert!(err.contains("field 'entry'"), "{err}");
+}
