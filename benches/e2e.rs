@@ -56,6 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let conc: usize = env_or("BENCH_CONCURRENCY", 64);
     let fsync: u8 = env_or("BENCH_FSYNC", 1);
     let lat_m: usize = env_or("BENCH_LAT_M", 200);
+    let checkpoints: u8 = env_or("BENCH_CHECKPOINTS", 1);
     let url = std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
     let client = redis::Client::open(url.as_str())?;
     let mut r = client.get_connection()?;
@@ -68,10 +69,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(
         &cfg,
         format!(
-            "[worker]\nconcurrency = {conc}\nlog_dir = {log:?}\nfsync = {fs}\n\n[backend]\nkind = \"redis\"\nurl = {url:?}\n\n\
+            "[worker]\nconcurrency = {conc}\nlog_dir = {log:?}\nfsync = {fs}\ncheckpoints = {ck}\n\n[backend]\nkind = \"redis\"\nurl = {url:?}\n\n\
              [[queues]]\nname = {jobs:?}\nresults = {results:?}\ngraph = {graph:?}\n",
             log = log_dir.display().to_string(),
             fs = fsync == 1,
+            ck = checkpoints == 1,
             graph = graph.display().to_string()
         ),
     )?;
@@ -144,9 +146,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .arg(format!("{jobs}:owners"))
         .query(&mut r)?;
     println!(
-        "e2e redis: N={n} concurrency={conc} fsync={} | {:.0} jobs/s | start-up {:.0} ms | CPU {:.3} ms/job | peak RSS {:.1} MB | \
+        "e2e redis: N={n} concurrency={conc} fsync={} checkpoints={} | {:.0} jobs/s | start-up {:.0} ms | CPU {:.3} ms/job | peak RSS {:.1} MB | \
          latency p50 {:.2} ms p99 {:.2} ms | {logs} audit logs | worker exit {status}",
         fsync == 1,
+        checkpoints == 1,
         n as f64 / secs,
         startup.as_secs_f64() * 1000.0,
         cpu_ms / n as f64,

@@ -242,6 +242,7 @@ fn bench<M: Measurement<Value = Duration> + 'static>(c: &mut Criterion<M>, group
             log_dir: dir.path().to_path_buf(),
             secret: Some(secret.clone()),
             durable,
+            writer: None,
         };
         assert_eq!(
             rt.block_on(run_with_log(&graph, &registry, input.clone(), &audit)),

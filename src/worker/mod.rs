@@ -103,10 +103,16 @@ impl Worker {
 
     /// Alive = the consumer made progress within the watchdog window (or 60 s without one).
     pub fn alive(&self) -> bool {
-        let window = Notifier::watchdog_interval()
+        self.since_progress() < Self::progress_window()
+    }
+
+    /// How long without progress still counts as alive: half the watchdog interval, but never
+    /// less than two empty claim waits (an idle consumer reports progress once per wait).
+    fn progress_window() -> Duration {
+        let half = Notifier::watchdog_interval()
             .map(|w| w / 2)
             .unwrap_or(Duration::from_secs(60));
-        self.since_progress() < window
+        half.max(CLAIM_WAIT * 2)
     }
 
     pub fn in_flight(&self) -> u64 {
@@ -447,9 +453,7 @@ impl Worker {
             tokio::time::sleep(tick).await;
             let status = self.status_line();
             match interval {
-                Some(w) if self.since_progress() < w / 2 => {
-                    self.notifier.notify(&format!("WATCHDOG=1\n{status}"))
-                }
+                Some(_) if self.alive() => self.notifier.notify(&format!("WATCHDOG=1\n{status}")),
                 Some(_) => {
                     warn!(
                         since_progress_ms = self.since_progress().as_millis() as u64,
