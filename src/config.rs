@@ -51,6 +51,9 @@ pub struct WorkerSection {
     pub max_message_bytes: usize,
     /// fsync audit logs (and their directory) before a job counts as done.
     pub fsync: bool,
+    /// Checkpoint after every step (resume after a crash, human pauses). Needs a backend that
+    /// stores checkpoints; without, a redelivered job runs from the start and juries cannot pause.
+    pub checkpoints: bool,
     pub retry: RetrySection,
 }
 
@@ -65,6 +68,7 @@ impl Default for WorkerSection {
             drain_timeout_ms: 20_000,
             max_message_bytes: 1024 * 1024,
             fsync: true,
+            checkpoints: true,
             retry: RetrySection::default(),
         }
     }

@@ -18,6 +18,8 @@ pub struct AuditSettings {
     pub secret: Option<Secret>,
     /// fsync the log and its directory before the job counts as done.
     pub durable: bool,
+    /// The daemon's group-commit writer; `None` writes each log directly (run-once).
+    pub writer: Option<crate::audit::write::LogWriter>,
 }
 
 /// What a finished (or halted) job left behind.
@@ -30,6 +32,8 @@ pub struct JobReport {
     pub log_path: PathBuf,
     pub signature: Option<String>,
     pub steps: usize,
+    /// The last step record (a halted run's carries the `halt` marker).
+    pub last_step: Option<Map<String, Value>>,
 }
 
 impl JobReport {
@@ -76,8 +80,35 @@ pub fn write_run_log(
 pub enum Driven {
     /// The run reached an end (completed, failed or halted) and its log is written.
     Ended(JobReport),
-    /// Cancelled between or during steps (shutdown): nothing was written; hand the job back.
+    /// Cancelled between or during steps (shutdown): hand the job back; it resumes from its
+    /// last checkpoint.
     Interrupted,
+    /// The claim moved to another worker: stop, publish nothing.
+    Fenced,
+    /// A step's checkpoint could not be stored.
+    StoreFailed(String),
+}
+
+/// Makes each step durable before the run moves on (the daemon's checkpoint + journal).
+#[async_trait::async_trait]
+pub trait StepSink: Send + Sync {
+    async fn persist(&self, run: &Run, log: &RunLog) -> Result<(), PersistError>;
+}
+
+#[derive(Debug, Clone)]
+pub enum PersistError {
+    /// This worker no longer holds the job.
+    Fenced,
+    Failed(String),
+}
+
+impl PersistError {
+    pub fn into_driven(self) -> Driven {
+        match self {
+            PersistError::Fenced => Driven::Fenced,
+            PersistError::Failed(m) => Driven::StoreFailed(m),
+        }
+    }
 }
 
 /// Runs `run` to its end, stopping early when `cancel` fires, then writes the signed log
@@ -88,6 +119,7 @@ pub async fn drive(
     registry: &Registry,
     audit: &AuditSettings,
     cancel: &tokio_util::sync::CancellationToken,
+    sink: Option<&dyn StepSink>,
 ) -> std::io::Result<Driven> {
     let env = StepEnv { registry };
     loop {
@@ -102,24 +134,39 @@ pub async fn drive(
         match step {
             Some(step) => {
                 log.append(step, audit.secret.as_ref());
+                if let Some(sink) = sink {
+                    if let Err(e) = sink.persist(&run, &log).await {
+                        return Ok(e.into_driven());
+                    }
+                }
             }
             None => break,
         }
     }
     let status = run.status().clone();
-    let audit_owned = audit.clone();
-    let (log, written) = tokio::task::spawn_blocking(move || {
-        let w = write_run_log(&log, &status, &audit_owned);
-        (log, w)
-    })
-    .await
-    .map_err(|e| std::io::Error::other(format!("log writer task failed: {e}")))?;
-    let (log_path, signature) = written?;
+    let (log_path, signature) = match &audit.writer {
+        Some(writer) => {
+            let signed = log.sign(&outcome_of(&status), audit.secret.as_ref());
+            let name = format!("run_{}.json", log.header.run_id);
+            let path = writer
+                .write(&audit.log_dir, name, signed.file_bytes, audit.durable)
+                .await?;
+            (path, signed.signature)
+        }
+        None => {
+            let audit_owned = audit.clone();
+            let log_ref = log.clone();
+            tokio::task::spawn_blocking(move || write_run_log(&log_ref, &status, &audit_owned))
+                .await
+                .map_err(|e| std::io::Error::other(format!("log writer task failed: {e}")))??
+        }
+    };
     Ok(Driven::Ended(JobReport {
         job_id: run.job_id().to_string(),
         run_id: run.run_id().to_string(),
         status: run.status().clone(),
         steps: log.len(),
+        last_step: log.steps().last().cloned(),
         state: run.into_state(),
         log_path,
         signature,
@@ -135,7 +182,7 @@ pub async fn run_job(
     user_id: Option<String>,
     audit: &AuditSettings,
 ) -> std::io::Result<JobReport> {
-    let run_id = uuid::Uuid::new_v4().to_string();
+    let run_id = crate::ids::new_id();
     let mut run = Run::new(graph, job_id, run_id, input);
     let mut log = RunLog::new(log_header(&run, user_id));
     let env = StepEnv { registry };
@@ -148,6 +195,7 @@ pub async fn run_job(
         run_id: run.run_id().to_string(),
         status: run.status().clone(),
         steps: log.len(),
+        last_step: log.steps().last().cloned(),
         state: run.into_state(),
         log_path,
         signature,

@@ -91,6 +91,13 @@ pub fn run(a: RunArgs) -> u8 {
             log_dir: loaded.config.worker.log_dir.clone(),
             secret,
             durable: loaded.config.worker.fsync,
+            writer: match crate::audit::write::LogWriter::start() {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    error!(error = %e, "cannot start the audit writer thread");
+                    return exit::ERROR;
+                }
+            },
         };
         if let Err(e) = std::fs::create_dir_all(&audit.log_dir) {
             error!(dir = %audit.log_dir.display(), error = %e, "the audit directory is not writable");

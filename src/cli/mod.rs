@@ -57,6 +57,10 @@ enum Command {
     /// Operate on dead letters.
     #[command(subcommand)]
     DeadLetters(queue_admin::DeadLetterCommand),
+    /// Record a human decision for a job waiting at a human_jury node; the job resumes.
+    Decide(queue_admin::DecideArgs),
+    /// List the jobs waiting for a human decision.
+    Pending(queue_admin::QueueArgs),
     /// Show queue depth, claims, delayed retries, dead letters and results per queue.
     Inspect(queue_admin::QueueArgs),
 }
@@ -73,6 +77,8 @@ pub fn main() -> ExitCode {
         Command::Results(a) => queue_admin::results(a),
         Command::DeadLetters(c) => queue_admin::dead_letters(c),
         Command::Inspect(a) => queue_admin::inspect(a),
+        Command::Decide(a) => queue_admin::decide(a),
+        Command::Pending(a) => queue_admin::pending(a),
     };
     ExitCode::from(code)
 }

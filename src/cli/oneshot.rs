@@ -122,8 +122,9 @@ pub fn run_once(a: RunOnceArgs) -> u8 {
         log_dir: a.log_dir,
         secret,
         durable: !a.no_fsync,
+        writer: None,
     };
-    let job_id = a.job_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let job_id = a.job_id.unwrap_or_else(|| crate::ids::new_id());
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -245,3 +245,154 @@ where
         }
     })
 }
+
+#[derive(Args)]
+pub struct DecideArgs {
+    #[command(flatten)]
+    pub q: QueueArgs,
+    /// The job waiting for a decision (see `lar-worker pending`).
+    pub job_id: String,
+    /// One of the choices the jury node allows.
+    #[arg(long)]
+    pub choice: String,
+    /// Why: recorded in the run log and the authority ledger.
+    #[arg(long, default_value = "")]
+    pub rationale: String,
+    /// Who decides (recorded as the stakeholder id).
+    #[arg(long, value_name = "ID")]
+    pub by: String,
+    /// The decider's role (recorded as the stakeholder role).
+    #[arg(long)]
+    pub role: Option<String>,
+}
+
+/// Records a human decision: checks the job waits and the choice is allowed, then queues the
+/// job to resume (any replica picks it up), atomically with removing the pending record.
+pub fn decide(a: DecideArgs) -> u8 {
+    let loaded = match load(&a.q.config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    rt.block_on(async move {
+        let backend = match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: cannot open the backend: {e}");
+                return exit::ERROR;
+            }
+        };
+        for q in &loaded.queues {
+            if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
+                continue;
+            }
+            let raw = match backend.get_pending(&q.names, &a.job_id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::ERROR;
+                }
+            };
+            let pending: crate::durable::Pending = match serde_json::from_slice(&raw) {
+                Ok(p) => p,
+                Err(e) => {
+                    eprintln!("error: the pending record of job {} is unreadable: {e}", a.job_id);
+                    return exit::ERROR;
+                }
+            };
+            if !pending.request.choices.contains(&a.choice) {
+                eprintln!(
+                    "error: '{}' is not an allowed choice for job {} (allowed: {}); the job stays pending",
+                    a.choice,
+                    a.job_id,
+                    pending.request.choices.join(", ")
+                );
+                return exit::USAGE;
+            }
+            let decision = crate::exec::Decision {
+                choice: a.choice.clone(),
+                rationale: a.rationale.clone(),
+                decided_by: a.by.clone(),
+                role: a.role.clone(),
+            };
+            return match backend
+                .submit_decision(&q.names, &a.job_id, pending.payload.as_bytes(), &decision)
+                .await
+            {
+                Ok(true) => {
+                    println!("decision '{}' recorded for job {}: it resumes at the next free worker", a.choice, a.job_id);
+                    exit::OK
+                }
+                Ok(false) => {
+                    eprintln!("error: job {} was decided meanwhile", a.job_id);
+                    exit::USAGE
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::ERROR
+                }
+            };
+        }
+        eprintln!("error: no pending decision for job {}: unknown job, or already decided", a.job_id);
+        exit::USAGE
+    })
+}
+
+/// Lists what waits for a human, one JSON object per line.
+pub fn pending(a: QueueArgs) -> u8 {
+    let loaded = match load(&a.config) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(c) => return c,
+    };
+    rt.block_on(async move {
+        let backend = match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("error: cannot open the backend: {e}");
+                return exit::ERROR;
+            }
+        };
+        for q in &loaded.queues {
+            if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
+                continue;
+            }
+            match backend.list_pending(&q.names).await {
+                Ok(items) => {
+                    for raw in items {
+                        match serde_json::from_slice::<crate::durable::Pending>(&raw) {
+                            Ok(p) => println!(
+                                "{}",
+                                serde_json::json!({
+                                    "job_id": p.job_id, "queue": p.queue, "run_id": p.run_id, "node": p.node,
+                                    "prompt": p.request.prompt, "choices": p.request.choices,
+                                    "context": p.request.context, "awaiting_since": p.awaiting_since,
+                                    "how_to_answer": crate::durable::pending::how_to_answer(&p.job_id, &p.request.choices),
+                                })
+                            ),
+                            Err(e) => eprintln!("warning: unreadable pending record: {e}"),
+                        }
+                    }
+                }
+                Err(e) => {
+                    eprintln!("error: {}: {e}", q.names.jobs);
+                    return exit::ERROR;
+                }
+            }
+        }
+        exit::OK
+    })
+}

@@ -53,6 +53,8 @@ pub struct Claim {
     /// Fencing token: grows with every claim of this job.
     pub epoch: u64,
     pub history: Vec<AttemptRecord>,
+    /// A human decision this delivery carries (a paused job coming back to resume).
+    pub decision: Option<crate::exec::Decision>,
     /// Backend-specific handle (the stored message, a row id, a delivery tag).
     pub handle: ClaimHandle,
 }
@@ -84,8 +86,12 @@ pub enum Finish {
     Retry { delay: Duration, error: String },
     /// Move to the dead letters without a result.
     DeadLetter(DeadLetter),
-    /// Give the job back untouched (shutdown): not a failed attempt.
+    /// Give the job back untouched (shutdown): not a failed attempt. Its checkpoint stays, so
+    /// the next claim resumes after the last completed step.
     Release,
+    /// Pause for a human: publish the `awaiting_decision` result, store the pending record,
+    /// and let go of the message. The checkpoint stays.
+    Pause { result: Vec<u8>, pending: Vec<u8> },
 }
 
 /// What an operator finds in the dead letters.
@@ -120,6 +126,13 @@ pub struct QueueDepth {
 pub struct QueueNames {
     pub jobs: String,
     pub results: String,
+}
+
+/// A job's durable run data as stored: the signed checkpoint and the journaled step records.
+#[derive(Debug, Clone)]
+pub struct StoredRun {
+    pub checkpoint: Vec<u8>,
+    pub journal: Vec<Vec<u8>>,
 }
 
 /// The contract every backend meets (and `tests/conformance` checks).
@@ -182,6 +195,65 @@ pub trait Backend: Send + Sync + 'static {
     /// Called periodically by the worker: heartbeats, registrations. Default: nothing.
     async fn heartbeat(&self, _q: &QueueNames, _ttl: Duration) -> Result<(), QueueError> {
         Ok(())
+    }
+
+    /// Whether this backend stores checkpoints, journals and pending decisions (the methods
+    /// below). Backends that do not run jobs from scratch on redelivery and cannot pause.
+    fn supports_checkpoints(&self) -> bool {
+        false
+    }
+
+    /// The stored checkpoint and journal of a job, if it has run before.
+    async fn load_run(
+        &self,
+        _q: &QueueNames,
+        _job_id: &str,
+    ) -> Result<Option<StoredRun>, QueueError> {
+        Ok(None)
+    }
+
+    /// Appends a step record to the job's journal and replaces its checkpoint, in one atomic
+    /// write, only while `claim` still holds the job (its epoch is current).
+    async fn save_step(
+        &self,
+        _q: &QueueNames,
+        _claim: &Claim,
+        _record: &[u8],
+        _checkpoint: &[u8],
+    ) -> Result<Fenced, QueueError> {
+        Err(QueueError::Other(format!(
+            "the {} backend does not store checkpoints",
+            self.kind()
+        )))
+    }
+
+    /// Pending-decision records (JSON), oldest first.
+    async fn list_pending(&self, _q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        Ok(Vec::new())
+    }
+
+    /// One job's pending-decision record.
+    async fn get_pending(
+        &self,
+        _q: &QueueNames,
+        _job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        Ok(None)
+    }
+
+    /// If the job is still pending: removes the pending record and queues the job again with
+    /// `decision` attached, atomically. `false` when it is not (unknown or already decided).
+    async fn submit_decision(
+        &self,
+        _q: &QueueNames,
+        _job_id: &str,
+        _payload: &[u8],
+        _decision: &crate::exec::Decision,
+    ) -> Result<bool, QueueError> {
+        Err(QueueError::Other(format!(
+            "the {} backend cannot pause jobs",
+            self.kind()
+        )))
     }
 
     /// Called once on a clean exit, after every claim is finished: drops registrations.

@@ -82,9 +82,11 @@ end
 return out
 "#;
 
-/// KEYS: processing, leases, claims, owners, epochs, results, dead, queue, delayed.
-/// ARGV: id, epoch, mode, a, b. Modes: publish (a = result or '', b = dead entry or ''),
-/// retry (a = new stored message, b = due ms), dead (a = entry), release (a = stored message).
+/// KEYS: processing, leases, claims, owners, epochs, results, dead, queue, delayed, checkpoint,
+/// journal, pending. ARGV: id, epoch, mode, a, b. Modes: publish (a = result or '', b = dead
+/// entry or ''), retry (a = new stored message, b = due ms), dead (a = entry), release (a =
+/// stored message), pause (a = awaiting_decision result, b = pending record). Every mode but
+/// release and pause ends the run: its checkpoint and journal go.
 const FINISH: &str = r#"
 if redis.call('HGET', KEYS[5], ARGV[1]) ~= ARGV[2] then return 0 end
 local stored = redis.call('HGET', KEYS[3], ARGV[1])
@@ -98,13 +100,20 @@ if mode == 'publish' then
   if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[6], ARGV[4]) end
   if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[7], ARGV[5]) end
   redis.call('HDEL', KEYS[5], ARGV[1])
+  redis.call('DEL', KEYS[10], KEYS[11])
 elseif mode == 'retry' then
   redis.call('ZADD', KEYS[9], ARGV[5], ARGV[4])
+  redis.call('DEL', KEYS[10], KEYS[11])
 elseif mode == 'dead' then
   redis.call('RPUSH', KEYS[7], ARGV[4])
   redis.call('HDEL', KEYS[5], ARGV[1])
+  redis.call('DEL', KEYS[10], KEYS[11])
 elseif mode == 'release' then
   redis.call('LPUSH', KEYS[8], ARGV[4])
+elseif mode == 'pause' then
+  redis.call('RPUSH', KEYS[6], ARGV[4])
+  redis.call('HSET', KEYS[12], ARGV[1], ARGV[5])
+  redis.call('HDEL', KEYS[5], ARGV[1])
 end
 return 1
 "#;
@@ -154,6 +163,21 @@ end
 return moved
 "#;
 
+/// KEYS: epochs, journal, checkpoint. ARGV: id, epoch, record, checkpoint.
+const SAVE_STEP: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4])
+return 1
+"#;
+
+/// KEYS: pending, queue. ARGV: id, message.
+const SUBMIT_DECISION: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"#;
+
 pub struct RedisBackend {
     worker_id: String,
     /// Multiplexed, auto-reconnecting: every non-blocking command of every task.
@@ -170,6 +194,8 @@ struct Scripts {
     extend: Script,
     finish: Script,
     recover: Script,
+    save_step: Script,
+    submit_decision: Script,
 }
 
 fn keys(q: &QueueNames, worker: &str) -> Keys {
@@ -186,8 +212,17 @@ fn keys(q: &QueueNames, worker: &str) -> Keys {
         dead: format!("{p}:dead"),
         workers: format!("{p}:workers"),
         heartbeat_prefix: format!("{p}:hb:"),
+        pending: format!("{p}:pending"),
         results: q.results.clone(),
     }
+}
+
+fn checkpoint_key(q: &QueueNames, job_id: &str) -> String {
+    format!("{}:ckpt:{job_id}", q.jobs)
+}
+
+fn journal_key(q: &QueueNames, job_id: &str) -> String {
+    format!("{}:journal:{job_id}", q.jobs)
 }
 
 struct Keys {
@@ -202,6 +237,7 @@ struct Keys {
     dead: String,
     workers: String,
     heartbeat_prefix: String,
+    pending: String,
     results: String,
 }
 
@@ -232,6 +268,8 @@ impl RedisBackend {
                 extend: Script::new(EXTEND),
                 finish: Script::new(FINISH),
                 recover: Script::new(RECOVER),
+                save_step: Script::new(SAVE_STEP),
+                submit_decision: Script::new(SUBMIT_DECISION),
             },
         })
     }
@@ -270,16 +308,18 @@ impl RedisBackend {
                 attempt: w.attempt + 1,
                 epoch,
                 history: w.history,
+                decision: w.decision,
                 handle: ClaimHandle::Redis { stored },
             },
             // Unreachable for messages our scripts wrapped; keep the bytes so the worker can
             // dead-letter them rather than lose them.
             None => Claim {
-                job_id: uuid::Uuid::new_v4().to_string(),
+                job_id: crate::ids::new_id(),
                 payload: stored.clone(),
                 attempt: 1,
                 epoch,
                 history: Vec::new(),
+                decision: None,
                 handle: ClaimHandle::Redis { stored },
             },
         }
@@ -293,6 +333,7 @@ impl RedisBackend {
             attempt,
             history,
             raw: String::from_utf8_lossy(&claim.payload).into_owned(),
+            decision: claim.decision.clone(),
         }
         .encode()
     }
@@ -325,7 +366,7 @@ impl Backend for RedisBackend {
             .arg(max)
             .arg(self.envelope_flag(q));
         for _ in 0..max {
-            inv.arg(uuid::Uuid::new_v4().to_string());
+            inv.arg(crate::ids::new_id());
         }
         let mut conn = self.conn.clone();
         let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
@@ -359,7 +400,7 @@ impl Backend for RedisBackend {
             .arg(deadline)
             .arg(1)
             .arg(self.envelope_flag(q))
-            .arg(uuid::Uuid::new_v4().to_string())
+            .arg(crate::ids::new_id())
             .arg(raw);
         let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
         Ok(self.decode_claims(items))
@@ -438,6 +479,7 @@ impl Backend for RedisBackend {
                 ),
                 Vec::new(),
             ),
+            Finish::Pause { result, pending } => ("pause", result, pending),
         };
         let mut inv = self.scripts.finish.prepare_invoke();
         inv.key(&k.processing)
@@ -448,7 +490,10 @@ impl Backend for RedisBackend {
             .key(&k.results)
             .key(&k.dead)
             .key(&k.queue)
-            .key(&k.delayed);
+            .key(&k.delayed)
+            .key(checkpoint_key(q, &claim.job_id))
+            .key(journal_key(q, &claim.job_id))
+            .key(&k.pending);
         inv.arg(&claim.job_id)
             .arg(claim.epoch.to_string())
             .arg(mode)
@@ -565,6 +610,92 @@ impl Backend for RedisBackend {
             .query_async(&mut conn)
             .await?;
         Ok(())
+    }
+
+    fn supports_checkpoints(&self) -> bool {
+        true
+    }
+
+    async fn load_run(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<StoredRun>, QueueError> {
+        let mut conn = self.conn.clone();
+        let (checkpoint, journal): (Option<Vec<u8>>, Vec<Vec<u8>>) = ::redis::pipe()
+            .get(checkpoint_key(q, job_id))
+            .lrange(journal_key(q, job_id), 0, -1)
+            .query_async(&mut conn)
+            .await?;
+        Ok(checkpoint.map(|checkpoint| StoredRun {
+            checkpoint,
+            journal,
+        }))
+    }
+
+    async fn save_step(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        record: &[u8],
+        checkpoint: &[u8],
+    ) -> Result<Fenced, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut inv = self.scripts.save_step.prepare_invoke();
+        inv.key(&k.epochs)
+            .key(journal_key(q, &claim.job_id))
+            .key(checkpoint_key(q, &claim.job_id));
+        inv.arg(&claim.job_id)
+            .arg(claim.epoch.to_string())
+            .arg(record)
+            .arg(checkpoint);
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(if done == 1 {
+            Fenced::Done
+        } else {
+            Fenced::Lost
+        })
+    }
+
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        Ok(conn.hvals(&k.pending).await?)
+    }
+
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        Ok(conn.hget(&k.pending, job_id).await?)
+    }
+
+    async fn submit_decision(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        payload: &[u8],
+        decision: &crate::exec::Decision,
+    ) -> Result<bool, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let msg = Wrapped {
+            lar_worker: 1,
+            id: job_id.to_string(),
+            attempt: 0,
+            history: Vec::new(),
+            raw: String::from_utf8_lossy(payload).into_owned(),
+            decision: Some(decision.clone()),
+        }
+        .encode();
+        let mut inv = self.scripts.submit_decision.prepare_invoke();
+        inv.key(&k.pending).key(&k.queue).arg(job_id).arg(msg);
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(done == 1)
     }
 
     async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {

@@ -18,6 +18,9 @@ pub struct Wrapped {
     pub history: Vec<AttemptRecord>,
     /// The producer's message (text; invalid UTF-8 is recovered by [`unwrap_bytes`]).
     pub raw: String,
+    /// A human decision for a paused job (set by `lar-worker decide`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<crate::exec::Decision>,
 }
 
 impl Wrapped {
@@ -25,9 +28,12 @@ impl Wrapped {
         // Field order matters: PREFIX must come first.
         let mut out = Vec::with_capacity(self.raw.len() + 128);
         out.extend_from_slice(PREFIX.as_bytes());
-        let rest = serde_json::json!({
+        let mut rest = serde_json::json!({
             "id": self.id, "attempt": self.attempt, "history": self.history, "raw": self.raw,
         });
+        if let Some(d) = &self.decision {
+            rest["decision"] = serde_json::to_value(d).unwrap_or(serde_json::Value::Null);
+        }
         let body = serde_json::to_vec(&rest).unwrap_or_default();
         out.extend_from_slice(body.get(1..).unwrap_or_default());
         out
@@ -106,6 +112,7 @@ mod tests {
             attempt: 2,
             history: vec![],
             raw: "{\"a\":\"\\u00e9\\n\"}".into(),
+            decision: None,
         };
         let enc = w.encode();
         assert!(enc.starts_with(PREFIX.as_bytes()));

@@ -326,8 +326,10 @@ impl Worker {
             }
             match self.backend.extend(&q.names, &held, self.cfg.lease()).await {
                 Ok(flags) => {
+                    let still = self.in_flight_of(qi);
                     for ((id, epoch), ok) in held.iter().zip(flags) {
-                        if !ok {
+                        // A job that finished since the snapshot is not a lost lease.
+                        if !ok && still.iter().any(|(i, e)| i == id && e == epoch) {
                             warn!(job_id = %id, epoch, "lease lost: another worker may take this job over");
                         }
                     }

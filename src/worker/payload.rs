@@ -147,3 +147,45 @@ pub fn result_message(
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
+
+/// The `awaiting_decision` result: what is asked, the context, and how to answer.
+pub fn awaiting_message(
+    format: PayloadFormat,
+    job: &ParsedJob,
+    report: &JobReport,
+    pending: &crate::durable::Pending,
+) -> Vec<u8> {
+    let job_id_shown = job
+        .producer_id
+        .clone()
+        .unwrap_or_else(|| Value::String(report.job_id.clone()));
+    let request = json!({
+        "job_id": report.job_id,
+        "node": pending.node,
+        "prompt": pending.request.prompt,
+        "choices": pending.request.choices,
+        "context": pending.request.context,
+        "how_to_answer": crate::durable::pending::how_to_answer(&report.job_id, &pending.request.choices),
+    });
+    let audit_log = Value::String(report.log_path.display().to_string());
+    let v = match format {
+        PayloadFormat::State => {
+            let mut state = report.state.clone();
+            state.insert(
+                META_KEY.into(),
+                json!({
+                    "job_id": job_id_shown, "run_id": report.run_id, "status": "awaiting_decision",
+                    "audit_log": audit_log, "signature": report.signature, "error": null,
+                    "decision_request": request,
+                }),
+            );
+            Value::Object(state)
+        }
+        PayloadFormat::Envelope => json!({
+            "job_id": job_id_shown, "run_id": report.run_id, "status": "awaiting_decision",
+            "state": report.state, "audit_log": audit_log, "signature": report.signature,
+            "error": null, "decision_request": request,
+        }),
+    };
+    serde_json::to_vec(&v).unwrap_or_default()
+}

@@ -1,10 +1,15 @@
-//! One claim from message to finish: parse, run, decide how the claim ends.
+//! One claim from message to finish: parse, resume or start the run (applying a human decision
+//! when the delivery carries one), checkpoint every step, and decide how the claim ends.
 
-use super::payload::{parse, result_message};
+use super::payload::{awaiting_message, parse, result_message, ParsedJob};
 use super::Worker;
-use crate::exec::{Run, RunStatus};
-use crate::job::{drive, log_header, Driven};
-use crate::queue::{AttemptRecord, Claim, DeadLetter, Finish};
+use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
+use crate::audit::RunLog;
+use crate::durable::{Checkpoint, DecisionRequest, Pending};
+use crate::exec::{Decision, Run, RunStatus};
+use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink};
+use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish};
+use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -19,7 +24,60 @@ pub enum Verdict {
     Release,
 }
 
+/// Saves each step's record and checkpoint through the backend, fenced on the claim.
+struct CheckpointSink<'a> {
+    worker: &'a Worker,
+    qi: usize,
+    claim: &'a Claim,
+}
+
+#[async_trait::async_trait]
+impl StepSink for CheckpointSink<'_> {
+    async fn persist(&self, run: &Run, log: &RunLog) -> Result<(), PersistError> {
+        let Some(last) = log.steps().last() else {
+            return Ok(());
+        };
+        let record = serde_json::to_vec(last).map_err(|e| PersistError::Failed(e.to_string()))?;
+        let checkpoint = Checkpoint {
+            job_id: self.claim.job_id.clone(),
+            run_id: run.run_id().to_string(),
+            graph_name: log.header.graph_name.clone(),
+            graph_digest: log.header.graph_digest.clone(),
+            user_id: log.header.user_id.clone(),
+            started_at: log.header.timestamp.clone(),
+            attempt: self.claim.attempt,
+            epoch: self.claim.epoch,
+            chain_head: log.chain_head().to_string(),
+            position: run.position(),
+        }
+        .encode(self.worker.audit.secret.as_ref());
+        let names = &self.worker.queues[self.qi].names;
+        let mut tries = 0;
+        loop {
+            match self
+                .worker
+                .backend
+                .save_step(names, self.claim, &record, &checkpoint)
+                .await
+            {
+                Ok(Fenced::Done) => return Ok(()),
+                Ok(Fenced::Lost) => return Err(PersistError::Fenced),
+                Err(e) if tries < 3 => {
+                    tries += 1;
+                    warn!(error = %e, "checkpoint write failed; retrying");
+                    tokio::time::sleep(crate::backoff::Backoff::reconnect().delay(tries)).await;
+                }
+                Err(e) => return Err(PersistError::Failed(e.to_string())),
+            }
+        }
+    }
+}
+
 impl Worker {
+    fn durable(&self) -> bool {
+        self.cfg.checkpoints && self.backend.supports_checkpoints()
+    }
+
     /// Decides how `claim` ends. Never fails: every problem becomes a retry or a dead letter.
     pub(super) async fn process(
         &self,
@@ -28,7 +86,6 @@ impl Worker {
         cancel: &CancellationToken,
     ) -> (Finish, Verdict) {
         let queue = &self.queues[qi];
-        let retry = &self.cfg.retry;
         let job = match parse(queue, &claim.payload, self.cfg.max_message_bytes) {
             Ok(j) => j,
             Err(reason) => {
@@ -39,18 +96,60 @@ impl Worker {
                 );
             }
         };
-        let run_id = uuid::Uuid::new_v4().to_string();
-        let run = Run::new(
-            job.graph.clone(),
-            claim.job_id.clone(),
-            run_id,
-            job.input.clone(),
-        );
-        let log = crate::audit::RunLog::new(log_header(&run, job.user_id.clone()));
-        let driven = drive(run, log, &self.registry, &self.audit, cancel).await;
-        let report = match driven {
+        let (mut run, mut log) = match self.start_or_resume(qi, claim, &job).await {
+            Ok(pair) => pair,
+            Err(Start::Dead(reason)) => {
+                warn!(job_id = %claim.job_id, %reason, "cannot resume: dead-lettered");
+                return (
+                    Finish::DeadLetter(self.dead_letter(claim, &reason)),
+                    Verdict::DeadLetter,
+                );
+            }
+            Err(Start::Store(error)) => return self.retry_or_dead(claim, error),
+        };
+        let sink = CheckpointSink {
+            worker: self,
+            qi,
+            claim,
+        };
+        let sink_ref: Option<&dyn StepSink> = if self.durable() { Some(&sink) } else { None };
+
+        if let Some(decision) = &claim.decision {
+            match run.decide(decision) {
+                Ok(record) => {
+                    log.append(record, self.audit.secret.as_ref());
+                    if let Some(s) = sink_ref {
+                        match s.persist(&run, &log).await {
+                            Ok(()) => {}
+                            Err(PersistError::Fenced) => {
+                                return (Finish::Release, Verdict::Release)
+                            }
+                            Err(PersistError::Failed(e)) => return self.retry_or_dead(claim, e),
+                        }
+                    }
+                    self.record_authority(&run, &log, decision).await;
+                }
+                Err(e) => {
+                    // The decide command checks choices; a stale or forged decision lands here.
+                    let reason = format!("decision refused: {e}");
+                    warn!(job_id = %claim.job_id, %reason, "decision refused");
+                    return (
+                        Finish::DeadLetter(self.dead_letter(claim, &reason)),
+                        Verdict::DeadLetter,
+                    );
+                }
+            }
+        }
+
+        let report = match drive(run, log, &self.registry, &self.audit, cancel, sink_ref).await {
             Ok(Driven::Ended(r)) => r,
-            Ok(Driven::Interrupted) => return (Finish::Release, Verdict::Release),
+            Ok(Driven::Interrupted) | Ok(Driven::Fenced) => {
+                return (Finish::Release, Verdict::Release)
+            }
+            Ok(Driven::StoreFailed(e)) => {
+                warn!(job_id = %claim.job_id, error = %e, "checkpoint store failing: handing the job back");
+                return (Finish::Release, Verdict::Release);
+            }
             Err(e) => {
                 // The evidence could not be written: never publish without it.
                 let error = format!("cannot write the audit log: {e}");
@@ -60,26 +159,61 @@ impl Worker {
         };
         info!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
               steps = report.steps, attempt = claim.attempt, "run ended");
-        let result = result_message(queue.payload, &job, &report, claim.attempt);
+        self.finish_for(qi, claim, &job, &report)
+    }
+
+    fn finish_for(
+        &self,
+        qi: usize,
+        claim: &Claim,
+        job: &ParsedJob,
+        report: &JobReport,
+    ) -> (Finish, Verdict) {
+        let queue = &self.queues[qi];
+        let retry = &self.cfg.retry;
         match &report.status {
-            RunStatus::Completed => (
-                Finish::Publish {
-                    result,
-                    dead_letter: None,
-                },
-                Verdict::Completed,
-            ),
-            RunStatus::Halted | RunStatus::Running => (
-                Finish::Publish {
-                    result,
-                    dead_letter: None,
-                },
-                Verdict::Halted,
-            ),
+            RunStatus::Completed => {
+                let result = result_message(queue.payload, job, report, claim.attempt);
+                (
+                    Finish::Publish {
+                        result,
+                        dead_letter: None,
+                    },
+                    Verdict::Completed,
+                )
+            }
+            RunStatus::Halted if self.durable() => match self.pending_for(qi, claim, report) {
+                Some(pending) => {
+                    let result = awaiting_message(queue.payload, job, report, &pending);
+                    let pending = serde_json::to_vec(&pending).unwrap_or_default();
+                    (Finish::Pause { result, pending }, Verdict::Halted)
+                }
+                None => {
+                    let result = result_message(queue.payload, job, report, claim.attempt);
+                    (
+                        Finish::Publish {
+                            result,
+                            dead_letter: None,
+                        },
+                        Verdict::Halted,
+                    )
+                }
+            },
+            RunStatus::Halted | RunStatus::Running => {
+                let result = result_message(queue.payload, job, report, claim.attempt);
+                (
+                    Finish::Publish {
+                        result,
+                        dead_letter: None,
+                    },
+                    Verdict::Halted,
+                )
+            }
             RunStatus::Failed { reason } => {
                 if retry.retry_failed_runs && claim.attempt < retry.attempts {
                     self.retry_or_dead(claim, format!("run {} failed: {reason}", report.run_id))
                 } else {
+                    let result = result_message(queue.payload, job, report, claim.attempt);
                     let dead_letter = retry.retry_failed_runs.then(|| {
                         self.dead_letter(claim, &format!("run {} failed: {reason}", report.run_id))
                     });
@@ -92,6 +226,137 @@ impl Worker {
                     )
                 }
             }
+        }
+    }
+
+    /// The pending record for a run halted at a jury (from its last step's `halt` marker).
+    fn pending_for(&self, qi: usize, claim: &Claim, report: &JobReport) -> Option<Pending> {
+        let halt = report.last_step.as_ref()?.get("halt")?;
+        let request = DecisionRequest::from_halt(halt)?;
+        let node = report
+            .last_step
+            .as_ref()
+            .and_then(|s| s.get("node_id"))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        Some(Pending {
+            job_id: claim.job_id.clone(),
+            run_id: report.run_id.clone(),
+            queue: self.queues[qi].names.jobs.clone(),
+            node,
+            step: report.steps as u64,
+            request,
+            awaiting_since: crate::exec::run::now_utc(),
+            payload: String::from_utf8_lossy(&claim.payload).into_owned(),
+        })
+    }
+
+    /// A fresh run, or the stored one after a crash, a hand-back or a pause.
+    async fn start_or_resume(
+        &self,
+        qi: usize,
+        claim: &Claim,
+        job: &ParsedJob,
+    ) -> Result<(Run, RunLog), Start> {
+        let names = &self.queues[qi].names;
+        let stored = if self.durable() {
+            self.backend
+                .load_run(names, &claim.job_id)
+                .await
+                .map_err(|e| Start::Store(format!("cannot read the checkpoint: {e}")))?
+        } else {
+            None
+        };
+        let Some(stored) = stored else {
+            if claim.decision.is_some() {
+                return Err(Start::Dead(
+                    "a decision arrived for a job with no checkpoint".into(),
+                ));
+            }
+            let run = Run::new(
+                job.graph.clone(),
+                claim.job_id.clone(),
+                crate::ids::new_id(),
+                job.input.clone(),
+            );
+            let log = RunLog::new(log_header(&run, job.user_id.clone()));
+            return Ok((run, log));
+        };
+        let ckpt = Checkpoint::decode(&stored.checkpoint, self.audit.secret.as_ref())
+            .map_err(|e| Start::Dead(format!("checkpoint refused: {e}")))?;
+        if ckpt.graph_digest != job.graph.digest {
+            return Err(Start::Dead(format!(
+                "checkpoint refused: the run started on graph digest {}, the configured graph is now {}",
+                ckpt.graph_digest, job.graph.digest
+            )));
+        }
+        let mut journal: Vec<Map<String, Value>> = Vec::with_capacity(stored.journal.len());
+        for (i, rec) in stored.journal.iter().enumerate() {
+            match serde_json::from_slice::<Value>(rec) {
+                Ok(Value::Object(m)) => journal.push(m),
+                _ => return Err(Start::Dead(format!("journal record {i} is unreadable"))),
+            }
+        }
+        ckpt.check_journal(&journal)
+            .map_err(|e| Start::Dead(format!("checkpoint refused: {e}")))?;
+        let mut log = RunLog::new(ckpt.header());
+        for rec in journal {
+            log.restore(rec);
+        }
+        info!(job_id = %claim.job_id, run_id = %ckpt.run_id, step = ckpt.position.step,
+              status = ckpt.position.status.name(), "resuming from checkpoint");
+        let run = Run::from_position(job.graph.clone(), ckpt.position).map_err(Start::Dead)?;
+        Ok((run, log))
+    }
+
+    /// Writes the authority ledger record for a decision (Lár's fields plus job, run, step).
+    async fn record_authority(&self, run: &Run, log: &RunLog, decision: &Decision) {
+        let Some(step) = log.steps().last() else {
+            return;
+        };
+        let request = log
+            .steps()
+            .iter()
+            .rev()
+            .find_map(|s| s.get("halt"))
+            .and_then(DecisionRequest::from_halt);
+        let (prompt, context_keys, risk) = match &request {
+            Some(r) => (
+                r.prompt.clone(),
+                r.context.keys().cloned().collect::<Vec<_>>(),
+                r.context
+                    .get("risk")
+                    .or_else(|| r.context.get("risk_score"))
+                    .cloned()
+                    .unwrap_or(Value::Null),
+            ),
+            None => (String::new(), Vec::new(), Value::Null),
+        };
+        let record = AuthorityRecord {
+            timestamp: crate::exec::run::now_utc(),
+            action_description: prompt,
+            stakeholder_id: decision.decided_by.clone(),
+            stakeholder_role: decision.role.clone(),
+            decision: decision.choice.clone(),
+            rationale: decision.rationale.clone(),
+            risk_score_at_decision: risk,
+            context_snapshot_keys: context_keys,
+            job_id: run.job_id().to_string(),
+            run_id: run.run_id().to_string(),
+            step: step.get("step").and_then(Value::as_u64).unwrap_or(0),
+        };
+        let dir = self.audit.log_dir.clone();
+        let secret = self.audit.secret.clone();
+        let durable = self.audit.durable;
+        let written = tokio::task::spawn_blocking(move || {
+            write_ledger_record(&dir, &record, secret.as_ref(), durable)
+        })
+        .await;
+        match written {
+            Ok(Ok(path)) => info!(ledger = %path.display(), "authority ledger written"),
+            Ok(Err(e)) => warn!(error = %e, "cannot write the authority ledger"),
+            Err(e) => warn!(error = %e, "ledger writer task failed"),
         }
     }
 
@@ -121,4 +386,12 @@ impl Worker {
             attempts,
         }
     }
+}
+
+/// Why a run could not be started or resumed.
+enum Start {
+    /// The stored run cannot be trusted or used: dead-letter with the reason.
+    Dead(String),
+    /// The store did not answer: retry later.
+    Store(String),
 }
