@@ -422,6 +422,40 @@ impl Fixture {
         .await
     }
 
+    /// Once every job is finished: asserts the backend keeps no per-job state (claims, leases,
+    /// epochs, checkpoints, journals, processing lists) beyond results and dead letters, which
+    /// would otherwise grow without bound in production.
+    pub async fn assert_no_job_state_left(&self) {
+        match self.kind {
+            Kind::Redis => {
+                let prefix = self.prefix.clone();
+                let keys = tokio::task::spawn_blocking(move || {
+                    let client = redis::Client::open(redis_url())?;
+                    let mut conn = client.get_connection_with_timeout(Duration::from_secs(5))?;
+                    redis_keys(&mut conn, &prefix)
+                })
+                .await
+                .unwrap()
+                .unwrap_or_else(|e| panic!("scanning keys failed: {e}"));
+                let q = &self.names.jobs;
+                let allowed = |k: &str| {
+                    k == self.names.results
+                        || k == format!("{q}:dead")
+                        || k == format!("{q}:workers")
+                        || k.starts_with(&format!("{q}:hb:"))
+                };
+                let mut left: Vec<String> = keys.into_iter().filter(|k| !allowed(k)).collect();
+                left.sort();
+                assert!(
+                    left.is_empty(),
+                    "per-job state left after every job finished: {left:?}"
+                );
+            }
+            // Its per-job state is rows of tables that the depth counts cover.
+            Kind::Embedded => {}
+        }
+    }
+
     // ---- worker processes ---------------------------------------------------------------
 
     /// Starts `lar-worker run --config <dir>/workers.toml` (optionally `--exit-when-idle`).
