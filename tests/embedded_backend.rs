@@ -1,0 +1,651 @@
+//! The embedded (SQLite) backend against real files in temp dirs.
+
+use lar_worker::queue::embedded::EmbeddedBackend;
+use lar_worker::queue::{Backend, Claim, DeadLetter, Fenced, Finish, QueueNames};
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const LEASE: Duration = Duration::from_secs(30);
+const NO_WAIT: Duration = Duration::ZERO;
+
+fn names() -> QueueNames {
+    QueueNames {
+        jobs: "agent:jobs".into(),
+        results: "agent:results".into(),
+    }
+}
+
+fn open(path: &Path, worker: &str) -> EmbeddedBackend {
+    EmbeddedBackend::open(path, worker.to_string()).expect("open")
+}
+
+async fn claim_one(b: &EmbeddedBackend, q: &QueueNames, lease: Duration) -> Claim {
+    let mut claims = b.claim(q, 1, lease, NO_WAIT).await.expect("claim");
+    assert_eq!(claims.len(), 1, "expected one claim");
+    claims.remove(0)
+}
+
+#[tokio::test]
+async fn publish_gives_one_result_and_removes_the_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    let job_id = b.enqueue(&q, br#"{"x":1}"#).await.unwrap().expect("job id");
+    assert_eq!(b.depth(&q).await.unwrap().ready, 1);
+
+    let c = claim_one(&b, &q, LEASE).await;
+    assert_eq!(c.job_id, job_id);
+    assert_eq!(c.payload, br#"{"x":1}"#);
+    assert_eq!(c.attempt, 1);
+    assert_eq!(c.epoch, 1);
+    assert!(c.history.is_empty());
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed), (0, 1));
+
+    let how = Finish::Publish {
+        result: b"result-1".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(&q, &c, how.clone()).await.unwrap(), Fenced::Done);
+    // The same claim again: refused, and nothing is published twice.
+    assert_eq!(b.finish(&q, &c, how).await.unwrap(), Fenced::Lost);
+    assert_eq!(
+        b.finish(&q, &c, Finish::Release).await.unwrap(),
+        Fenced::Lost
+    );
+
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!(
+        (d.ready, d.claimed, d.delayed, d.dead, d.results),
+        (0, 0, 0, 0, 1)
+    );
+    assert!(b.claim(&q, 10, LEASE, NO_WAIT).await.unwrap().is_empty());
+
+    // Reading without take leaves the result; take removes it.
+    assert_eq!(
+        b.results(&q, 10, false).await.unwrap(),
+        vec![b"result-1".to_vec()]
+    );
+    assert_eq!(
+        b.results(&q, 10, true).await.unwrap(),
+        vec![b"result-1".to_vec()]
+    );
+    assert!(b.results(&q, 10, true).await.unwrap().is_empty());
+    assert_eq!(b.depth(&q).await.unwrap().results, 0);
+}
+
+#[tokio::test]
+async fn publish_with_dead_letter_records_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    let job_id = b.enqueue(&q, b"state").await.unwrap().unwrap();
+    let c = claim_one(&b, &q, LEASE).await;
+    let dl = DeadLetter {
+        job_id: job_id.clone(),
+        reason: "run failed".into(),
+        attempts: vec![],
+    };
+    let how = Finish::Publish {
+        result: b"{\"status\":\"failed\"}".to_vec(),
+        dead_letter: Some(dl),
+    };
+    assert_eq!(b.finish(&q, &c, how).await.unwrap(), Fenced::Done);
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.dead, d.results, d.ready, d.claimed), (1, 1, 0, 0));
+    let dead = b.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead[0]["job_id"], job_id.as_str());
+    assert_eq!(dead[0]["payload"], "state");
+    assert_eq!(dead[0]["reason"], "run failed");
+}
+
+#[tokio::test]
+async fn expired_lease_is_recovered_and_the_old_holder_is_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let first = open(&path, "worker-a");
+    // A second open of the same file, as another process would.
+    let second = open(&path, "worker-b");
+    let q = names();
+    let job_id = first.enqueue(&q, b"job").await.unwrap().unwrap();
+
+    let old = claim_one(&first, &q, Duration::from_millis(50)).await;
+    assert_eq!(old.epoch, 1);
+    // Not expired yet: nothing to recover, nothing to claim.
+    assert_eq!(second.recover(&q).await.unwrap(), 0);
+    assert!(second
+        .claim(&q, 1, LEASE, NO_WAIT)
+        .await
+        .unwrap()
+        .is_empty());
+
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(second.recover(&q).await.unwrap(), 1);
+    assert_eq!(second.recover(&q).await.unwrap(), 0);
+
+    let new = claim_one(&second, &q, LEASE).await;
+    assert_eq!(new.job_id, job_id, "the job id is stable across recoveries");
+    assert!(new.epoch > old.epoch);
+    // A recovery is not a failed attempt.
+    assert_eq!(new.attempt, 1);
+
+    // The zombie cannot renew, publish, retry, dead-letter or release.
+    assert_eq!(
+        first
+            .extend(&q, &[(old.job_id.clone(), old.epoch)], LEASE)
+            .await
+            .unwrap(),
+        vec![false]
+    );
+    let publish = Finish::Publish {
+        result: b"zombie".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(first.finish(&q, &old, publish).await.unwrap(), Fenced::Lost);
+    let retry = Finish::Retry {
+        delay: Duration::ZERO,
+        error: "zombie".into(),
+    };
+    assert_eq!(first.finish(&q, &old, retry).await.unwrap(), Fenced::Lost);
+    let dl = Finish::DeadLetter(DeadLetter {
+        job_id: job_id.clone(),
+        reason: "zombie".into(),
+        attempts: vec![],
+    });
+    assert_eq!(first.finish(&q, &old, dl).await.unwrap(), Fenced::Lost);
+    assert_eq!(
+        first.finish(&q, &old, Finish::Release).await.unwrap(),
+        Fenced::Lost
+    );
+    let d = second.depth(&q).await.unwrap();
+    assert_eq!((d.claimed, d.results, d.dead), (1, 0, 0));
+
+    // The current holder renews and publishes.
+    assert_eq!(
+        second
+            .extend(&q, &[(new.job_id.clone(), new.epoch)], LEASE)
+            .await
+            .unwrap(),
+        vec![true]
+    );
+    let publish = Finish::Publish {
+        result: b"real".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(
+        second.finish(&q, &new, publish).await.unwrap(),
+        Fenced::Done
+    );
+    assert_eq!(
+        first.results(&q, 10, true).await.unwrap(),
+        vec![b"real".to_vec()]
+    );
+}
+
+#[tokio::test]
+async fn the_epoch_alone_fences_a_reclaim_by_the_same_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    b.enqueue(&q, b"job").await.unwrap();
+    let old = claim_one(&b, &q, Duration::from_millis(30)).await;
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(b.recover(&q).await.unwrap(), 1);
+    let new = claim_one(&b, &q, LEASE).await;
+    assert_eq!(new.epoch, old.epoch + 1);
+    assert_eq!(
+        b.extend(&q, &[(old.job_id.clone(), old.epoch)], LEASE)
+            .await
+            .unwrap(),
+        vec![false]
+    );
+    let publish = Finish::Publish {
+        result: b"stale".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(&q, &old, publish).await.unwrap(), Fenced::Lost);
+    assert_eq!(b.depth(&q).await.unwrap().results, 0);
+    assert_eq!(
+        b.finish(&q, &new, Finish::Release).await.unwrap(),
+        Fenced::Done
+    );
+}
+
+#[tokio::test]
+async fn extend_keeps_a_claim_alive_past_its_first_lease() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    b.enqueue(&q, b"job").await.unwrap();
+    let c = claim_one(&b, &q, Duration::from_millis(100)).await;
+    let held = b
+        .extend(
+            &q,
+            &[(c.job_id.clone(), c.epoch), ("no-such-job".into(), 1)],
+            LEASE,
+        )
+        .await
+        .unwrap();
+    assert_eq!(held, vec![true, false]);
+    // A wrong epoch is not held either.
+    assert_eq!(
+        b.extend(&q, &[(c.job_id.clone(), c.epoch + 1)], LEASE)
+            .await
+            .unwrap(),
+        vec![false]
+    );
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        b.recover(&q).await.unwrap(),
+        0,
+        "the renewed lease has not expired"
+    );
+    assert_eq!(
+        b.finish(&q, &c, Finish::Release).await.unwrap(),
+        Fenced::Done
+    );
+}
+
+#[tokio::test]
+async fn retry_is_delayed_and_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    let job_id = b.enqueue(&q, b"job").await.unwrap().unwrap();
+
+    let c1 = claim_one(&b, &q, LEASE).await;
+    let retry = Finish::Retry {
+        delay: Duration::from_millis(300),
+        error: "tool timed out".into(),
+    };
+    assert_eq!(b.finish(&q, &c1, retry).await.unwrap(), Fenced::Done);
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed, d.delayed), (0, 0, 1));
+    assert!(
+        b.claim(&q, 1, LEASE, NO_WAIT).await.unwrap().is_empty(),
+        "claimable before its delay"
+    );
+    // The delay also holds across recover (nothing to promote).
+    assert_eq!(b.recover(&q).await.unwrap(), 0);
+
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.delayed), (1, 0));
+    let c2 = claim_one(&b, &q, LEASE).await;
+    assert_eq!(c2.job_id, job_id);
+    assert_eq!(c2.attempt, 2);
+    assert!(c2.epoch > c1.epoch);
+    assert_eq!(c2.history.len(), 1);
+    assert_eq!(c2.history[0].attempt, 1);
+    assert_eq!(c2.history[0].error, "tool timed out");
+    assert!(!c2.history[0].at.is_empty());
+
+    // A second retry appends; waiting in claim picks the job up once it is due.
+    let retry = Finish::Retry {
+        delay: Duration::from_millis(100),
+        error: "again".into(),
+    };
+    assert_eq!(b.finish(&q, &c2, retry).await.unwrap(), Fenced::Done);
+    let c3 = b.claim(&q, 1, LEASE, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(c3.len(), 1);
+    assert_eq!(c3[0].attempt, 3);
+    let errors: Vec<_> = c3[0]
+        .history
+        .iter()
+        .map(|h| (h.attempt, h.error.as_str()))
+        .collect();
+    assert_eq!(errors, vec![(1, "tool timed out"), (2, "again")]);
+}
+
+#[tokio::test]
+async fn dead_letter_keeps_the_exact_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    let text = "{\"name\": \"Zoë\", \"n\": 1.000000000000000000001}";
+    let binary: &[u8] = &[0xff, 0x00, 0xfe, b'a', 0x80];
+    let text_id = b.enqueue(&q, text.as_bytes()).await.unwrap().unwrap();
+    let bin_id = b.enqueue(&q, binary).await.unwrap().unwrap();
+
+    let claims = b.claim(&q, 10, LEASE, NO_WAIT).await.unwrap();
+    assert_eq!(claims.len(), 2);
+    assert_eq!(claims[0].job_id, text_id, "oldest first");
+    assert_eq!(claims[0].payload, text.as_bytes());
+    assert_eq!(claims[1].payload, binary);
+    for c in &claims {
+        let dl = DeadLetter {
+            job_id: c.job_id.clone(),
+            reason: "bad input".into(),
+            attempts: c.history.clone(),
+        };
+        assert_eq!(
+            b.finish(&q, c, Finish::DeadLetter(dl)).await.unwrap(),
+            Fenced::Done
+        );
+    }
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed, d.dead, d.results), (0, 0, 2, 0));
+
+    let dead = b.dead_letters(&q, 10).await.unwrap();
+    assert_eq!(dead.len(), 2);
+    assert_eq!(dead[0]["job_id"], text_id.as_str());
+    assert_eq!(dead[0]["payload"], text);
+    assert_eq!(dead[0]["queue"], "agent:jobs");
+    assert_eq!(dead[0]["reason"], "bad input");
+    assert_eq!(dead[1]["job_id"], bin_id.as_str());
+    assert_eq!(dead[1]["payload_hex"], "ff00fe6180");
+    assert!(dead[1].get("payload").is_none());
+    assert_eq!(b.dead_letters(&q, 1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn empty_payload_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    b.enqueue(&q, b"").await.unwrap();
+    let c = claim_one(&b, &q, LEASE).await;
+    assert!(c.payload.is_empty());
+}
+
+#[tokio::test]
+async fn release_gives_the_job_back_without_an_attempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let b = open(&path, "w1");
+    let other = open(&path, "w2");
+    let q = names();
+    let job_id = b.enqueue(&q, b"job").await.unwrap().unwrap();
+    let c1 = claim_one(&b, &q, LEASE).await;
+    assert_eq!(
+        b.finish(&q, &c1, Finish::Release).await.unwrap(),
+        Fenced::Done
+    );
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed, d.delayed), (1, 0, 0));
+
+    let c2 = claim_one(&other, &q, LEASE).await;
+    assert_eq!(c2.job_id, job_id);
+    assert_eq!(c2.attempt, 1, "a release is not a failed attempt");
+    assert!(c2.history.is_empty());
+    assert!(c2.epoch > c1.epoch);
+    assert_eq!(
+        b.finish(&q, &c1, Finish::Release).await.unwrap(),
+        Fenced::Lost
+    );
+}
+
+#[tokio::test]
+async fn queues_are_separate() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let a = names();
+    let other = QueueNames {
+        jobs: "other:jobs".into(),
+        results: "other:results".into(),
+    };
+    b.enqueue(&a, b"for a").await.unwrap();
+    assert!(b
+        .claim(&other, 10, LEASE, NO_WAIT)
+        .await
+        .unwrap()
+        .is_empty());
+    let c = claim_one(&b, &a, LEASE).await;
+    // A claim finished against the wrong queue is refused, not published elsewhere.
+    let publish = Finish::Publish {
+        result: b"r".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(
+        b.finish(&other, &c, publish.clone()).await.unwrap(),
+        Fenced::Lost
+    );
+    assert_eq!(b.finish(&a, &c, publish).await.unwrap(), Fenced::Done);
+    assert_eq!(b.depth(&other).await.unwrap().results, 0);
+    assert_eq!(b.depth(&a).await.unwrap().results, 1);
+}
+
+#[tokio::test]
+async fn claim_waits_then_returns_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1");
+    let q = names();
+    let started = Instant::now();
+    let claims = b
+        .claim(&q, 8, LEASE, Duration::from_millis(400))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(claims.is_empty());
+    assert!(
+        took >= Duration::from_millis(380),
+        "returned early: {took:?}"
+    );
+    assert!(took < Duration::from_secs(5), "overran the wait: {took:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_wakes_up_for_a_job_enqueued_while_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let consumer = open(&path, "w1");
+    let producer = open(&path, "producer");
+    let q = names();
+    let q2 = q.clone();
+    let push = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        producer.enqueue(&q2, b"late").await.unwrap().unwrap()
+    });
+    let started = Instant::now();
+    let claims = consumer
+        .claim(&q, 4, LEASE, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let job_id = push.await.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].job_id, job_id);
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Claims and publishes until the queue is empty; returns (job id, epoch) of every claim.
+async fn drain(b: Arc<EmbeddedBackend>, q: QueueNames, batch: usize) -> Vec<(String, u64)> {
+    let mut seen = Vec::new();
+    loop {
+        let claims = b
+            .claim(&q, batch, LEASE, Duration::from_millis(100))
+            .await
+            .unwrap();
+        if claims.is_empty() {
+            return seen;
+        }
+        for c in claims {
+            seen.push((c.job_id.clone(), c.epoch));
+            let how = Finish::Publish {
+                result: c.job_id.clone().into_bytes(),
+                dead_letter: None,
+            };
+            assert_eq!(b.finish(&q, &c, how).await.unwrap(), Fenced::Done);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_never_share_a_job_and_lose_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let a = Arc::new(open(&path, "worker-a"));
+    let b = Arc::new(open(&path, "worker-b"));
+    let q = names();
+    let mut enqueued = HashSet::new();
+    for i in 0..500 {
+        let id = a
+            .enqueue(&q, format!("{{\"i\":{i}}}").as_bytes())
+            .await
+            .unwrap()
+            .unwrap();
+        enqueued.insert(id);
+    }
+    let ta = tokio::spawn(drain(Arc::clone(&a), q.clone(), 7));
+    let tb = tokio::spawn(drain(Arc::clone(&b), q.clone(), 5));
+    let seen_a = ta.await.unwrap();
+    let seen_b = tb.await.unwrap();
+
+    let ids_a: HashSet<_> = seen_a.iter().map(|(id, _)| id.clone()).collect();
+    let ids_b: HashSet<_> = seen_b.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(ids_a.len(), seen_a.len(), "worker a got a job twice");
+    assert_eq!(ids_b.len(), seen_b.len(), "worker b got a job twice");
+    assert!(
+        ids_a.is_disjoint(&ids_b),
+        "a job was handed to both workers"
+    );
+    let all: HashSet<_> = ids_a.union(&ids_b).cloned().collect();
+    assert_eq!(all, enqueued, "a job was lost");
+    assert!(
+        !seen_a.is_empty() && !seen_b.is_empty(),
+        "both workers took part"
+    );
+
+    let results = a.results(&q, 1000, true).await.unwrap();
+    assert_eq!(results.len(), 500);
+    let published: HashSet<_> = results
+        .into_iter()
+        .map(|r| String::from_utf8(r).unwrap())
+        .collect();
+    assert_eq!(published, enqueued, "exactly one result per job");
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed, d.delayed, d.results), (0, 0, 0, 0));
+}
+
+const CHILD_ENV: &str = "LAR_EMBEDDED_TEST_CHILD_DB";
+
+/// Not a test on its own: the worker process `several_processes_share_one_file` starts.
+#[tokio::test]
+#[ignore = "child process of several_processes_share_one_file"]
+async fn child_worker_process() {
+    let Ok(db) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let worker = format!("child-{}", std::process::id());
+    let b = Arc::new(EmbeddedBackend::open(Path::new(&db), worker).unwrap());
+    for (job_id, epoch) in drain(b, names(), 8).await {
+        println!("CLAIMED {job_id} {epoch}");
+    }
+}
+
+#[test]
+fn several_processes_share_one_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let b = open(&path, "producer");
+    let q = names();
+    let mut enqueued = HashSet::new();
+    rt.block_on(async {
+        for i in 0..300 {
+            enqueued.insert(
+                b.enqueue(&q, format!("{i}").as_bytes())
+                    .await
+                    .unwrap()
+                    .unwrap(),
+            );
+        }
+    });
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "child_worker_process",
+                    "--ignored",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, &path)
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut claimed = Vec::new();
+    let mut per_child = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "child failed");
+        let lines: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            // With --nocapture the harness's "test ... " may share the first line.
+            .filter_map(|l| l.split_once("CLAIMED ").map(|(_, rest)| rest.to_string()))
+            .collect();
+        per_child.push(lines.len());
+        claimed.extend(lines);
+    }
+    let ids: Vec<&str> = claimed.iter().filter_map(|l| l.split(' ').next()).collect();
+    let unique: HashSet<String> = ids.iter().map(|s| s.to_string()).collect();
+    assert_eq!(
+        ids.len(),
+        unique.len(),
+        "a job was handed out twice: {per_child:?}"
+    );
+    let lost: Vec<_> = enqueued.difference(&unique).collect();
+    assert!(lost.is_empty(), "jobs lost: {lost:?} ({per_child:?})");
+    assert_eq!(unique.len(), enqueued.len());
+    let results = rt.block_on(b.results(&q, 1000, false)).unwrap();
+    assert_eq!(results.len(), 300);
+}
+
+/// `cargo test --release --test embedded_backend -- --ignored --nocapture throughput`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check"]
+async fn throughput() {
+    const JOBS: usize = 5_000;
+    const BATCH: usize = 32;
+    for full in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let b = EmbeddedBackend::open_with(&dir.path().join("q.db"), "bench".into(), full).unwrap();
+        let q = names();
+        let payload = br#"{"ticket": "printer on fire", "priority": 2}"#;
+
+        let started = Instant::now();
+        for _ in 0..JOBS {
+            b.enqueue(&q, payload).await.unwrap();
+        }
+        let enqueue = started.elapsed();
+
+        let started = Instant::now();
+        let mut claim_time = Duration::ZERO;
+        let mut done = 0;
+        loop {
+            let t = Instant::now();
+            let claims = b.claim(&q, BATCH, LEASE, NO_WAIT).await.unwrap();
+            claim_time += t.elapsed();
+            if claims.is_empty() {
+                break;
+            }
+            for c in &claims {
+                let how = Finish::Publish {
+                    result: b"{\"status\":\"success\"}".to_vec(),
+                    dead_letter: None,
+                };
+                assert_eq!(b.finish(&q, c, how).await.unwrap(), Fenced::Done);
+                done += 1;
+            }
+        }
+        let cycle = started.elapsed();
+        assert_eq!(done, JOBS);
+        let rate = |n: usize, d: Duration| n as f64 / d.as_secs_f64();
+        println!(
+            "synchronous={}: enqueue {JOBS} jobs in {enqueue:.2?} ({:.0}/s); claim(batch {BATCH})+finish(publish) in {cycle:.2?} ({:.0} jobs/s; claims took {claim_time:.2?}, finishes {:.2?})",
+            if full { "FULL" } else { "NORMAL" },
+            rate(JOBS, enqueue),
+            rate(JOBS, cycle),
+            cycle.saturating_sub(claim_time),
+        );
+    }
+}
