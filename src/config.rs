@@ -30,6 +30,16 @@ pub struct Config {
     pub worker: WorkerSection,
     pub backend: BackendSection,
     pub queues: Vec<QueueSection>,
+    #[serde(default)]
+    pub admin: AdminSection,
+}
+
+/// The admin HTTP port: `/live`, `/ready`, `/metrics`. Off unless `listen` is set.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// e.g. "127.0.0.1:9464"; keep it on loopback (or behind a firewall).
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +166,9 @@ pub struct QueueSection {
     /// Graphs an envelope may name: `{ loan_review = "graphs/loan_review.toml" }`.
     #[serde(default)]
     pub graphs: BTreeMap<String, PathBuf>,
+    /// Where human decisions arrive as messages `{"job_id", "choice", "rationale", "by",
+    /// "role"}`; replies (accepted/rejected) go to `<decisions>:replies`.
+    pub decisions: Option<String>,
 }
 
 impl Config {
@@ -198,6 +211,9 @@ impl Config {
         }
         if let Some(f) = get("LAR_SECRET_FILE") {
             self.worker.secret_file = Some(PathBuf::from(f));
+        }
+        if let Some(a) = get("LAR_ADMIN_LISTEN") {
+            self.admin.listen = Some(a);
         }
         if let Some(n) = get("LAR_CONCURRENCY").and_then(|n| n.parse().ok()) {
             self.worker.concurrency = n;
@@ -295,6 +311,8 @@ pub struct LoadedQueue {
     pub payload: PayloadFormat,
     pub default_graph: Option<Arc<Graph>>,
     pub graphs: HashMap<String, Arc<Graph>>,
+    /// The decisions queue and its replies, when configured.
+    pub decisions: Option<crate::queue::QueueNames>,
 }
 
 impl LoadedQueue {
@@ -333,6 +351,10 @@ pub fn load_queues(cfg: &Config, registry: &Registry) -> Result<Vec<LoadedQueue>
             payload: q.payload,
             default_graph,
             graphs,
+            decisions: q.decisions.as_ref().map(|d| crate::queue::QueueNames {
+                jobs: d.clone(),
+                results: format!("{d}:replies"),
+            }),
         });
     }
     if errors.is_empty() {

@@ -91,6 +91,15 @@ pub enum Driven {
     StoreFailed(String),
 }
 
+/// When a drive stops early.
+#[derive(Debug, Clone, Default)]
+pub struct Stops {
+    /// Stop before the next step (shutdown with checkpoints: the job resumes elsewhere).
+    pub at_boundary: tokio_util::sync::CancellationToken,
+    /// Stop now, even mid-step (the drain deadline passed).
+    pub abort: tokio_util::sync::CancellationToken,
+}
+
 /// Makes each step durable before the run moves on (the daemon's checkpoint + journal).
 #[async_trait::async_trait]
 pub trait StepSink: Send + Sync {
@@ -120,12 +129,13 @@ pub async fn drive(
     mut log: RunLog,
     registry: &Registry,
     audit: &AuditSettings,
-    cancel: &tokio_util::sync::CancellationToken,
+    stops: &Stops,
     sink: Option<&dyn StepSink>,
 ) -> std::io::Result<Driven> {
     let env = StepEnv { registry };
+    let cancel = &stops.abort;
     loop {
-        if cancel.is_cancelled() {
+        if cancel.is_cancelled() || stops.at_boundary.is_cancelled() {
             return Ok(Driven::Interrupted);
         }
         let step = tokio::select! {

@@ -19,6 +19,7 @@ pub mod graph;
 pub mod ids;
 pub mod job;
 pub mod json;
+pub mod ops;
 pub mod queue;
 pub mod telemetry;
 pub mod tools;

@@ -80,11 +80,22 @@ pub fn run(a: RunArgs) -> u8 {
     };
     rt.block_on(async move {
         let worker_id = crate::telemetry::worker_identity();
-        let backend = match crate::queue::connect(&loaded.config, worker_id.clone()).await {
-            Ok(b) => b,
-            Err(e) => {
-                error!(error = %e, "cannot open the queue backend");
-                return exit::ERROR;
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        // The broker may come up after us: keep trying (not READY meanwhile) until SIGTERM.
+        let mut attempt = 0;
+        let backend = loop {
+            match crate::queue::connect(&loaded.config, worker_id.clone()).await {
+                Ok(b) => break b,
+                Err(e) => {
+                    attempt += 1;
+                    let pause = crate::backoff::Backoff::reconnect().delay(attempt);
+                    error!(error = %e, retry_in_ms = pause.as_millis() as u64, "queue backend unreachable: not ready");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return exit::OK,
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
             }
         };
         let audit = AuditSettings {
@@ -103,11 +114,21 @@ pub fn run(a: RunArgs) -> u8 {
             error!(dir = %audit.log_dir.display(), error = %e, "the audit directory is not writable");
             return exit::ERROR;
         }
-        let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone());
         info!(worker = %worker_id, backend = backend.kind(), queues = loaded.queues.len(),
               concurrency = loaded.config.worker.concurrency, "worker started");
         let worker = Worker::new(backend, loaded.queues, loaded.registry, audit, loaded.config.worker.clone());
+        if let Some(addr) = &loaded.config.admin.listen {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    info!(%addr, "admin port: /live /ready /metrics");
+                    tokio::spawn(crate::ops::admin::serve(listener, worker.clone(), shutdown.clone()));
+                }
+                Err(e) => {
+                    error!(%addr, error = %e, "cannot bind the admin port");
+                    return exit::ERROR;
+                }
+            }
+        }
         worker.run(shutdown, RunOptions { exit_when_idle: a.exit_when_idle }).await;
         exit::OK
     })

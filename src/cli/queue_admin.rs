@@ -49,6 +49,18 @@ pub enum DeadLetterCommand {
         #[arg(long, default_value_t = 100)]
         max: usize,
     },
+    /// Show one dead letter in full.
+    Show {
+        #[command(flatten)]
+        q: QueueArgs,
+        job_id: String,
+    },
+    /// Put a dead letter's payload back on its queue, byte for byte, after review.
+    Redrive {
+        #[command(flatten)]
+        q: QueueArgs,
+        job_id: String,
+    },
 }
 
 fn pick<'a>(queues: &'a [LoadedQueue], name: Option<&str>) -> Result<&'a LoadedQueue, String> {
@@ -144,6 +156,52 @@ pub fn results(a: ResultsArgs) -> u8 {
 
 pub fn dead_letters(cmd: DeadLetterCommand) -> u8 {
     match cmd {
+        DeadLetterCommand::Show { q, job_id } => with_backend(&q, |backend, q| async move {
+            match backend.dead_letters(&q.names, usize::MAX / 2).await {
+                Ok(items) => match items
+                    .iter()
+                    .find(|d| d.get("job_id").and_then(Value::as_str) == Some(&job_id))
+                {
+                    Some(d) => {
+                        println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+                        exit::OK
+                    }
+                    None => {
+                        eprintln!(
+                            "error: no dead letter with job id {job_id} on '{}'",
+                            q.names.jobs
+                        );
+                        exit::USAGE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::ERROR
+                }
+            }
+        }),
+        DeadLetterCommand::Redrive { q, job_id } => with_backend(&q, |backend, q| async move {
+            match backend.redrive_dead_letter(&q.names, &job_id).await {
+                Ok(true) => {
+                    println!(
+                        "dead letter {job_id} is back on '{}' with its original payload",
+                        q.names.jobs
+                    );
+                    exit::OK
+                }
+                Ok(false) => {
+                    eprintln!(
+                        "error: no dead letter with job id {job_id} on '{}'",
+                        q.names.jobs
+                    );
+                    exit::USAGE
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::ERROR
+                }
+            }
+        }),
         DeadLetterCommand::List { q, max } => with_backend(&q, |backend, q| async move {
             match backend.dead_letters(&q.names, max).await {
                 Ok(items) => {
@@ -281,66 +339,56 @@ pub fn decide(a: DecideArgs) -> u8 {
         Err(c) => return c,
     };
     rt.block_on(async move {
-        let backend = match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
+        let backend = match crate::queue::connect(
+            &loaded.config,
+            crate::telemetry::worker_identity(),
+        )
+        .await
+        {
             Ok(b) => b,
             Err(e) => {
                 eprintln!("error: cannot open the backend: {e}");
                 return exit::ERROR;
             }
         };
+        use crate::durable::decide::{pending_of, submit_for, Refusal};
+        let decision = crate::exec::Decision {
+            choice: a.choice.clone(),
+            rationale: a.rationale.clone(),
+            decided_by: a.by.clone(),
+            role: a.role.clone(),
+        };
         for q in &loaded.queues {
             if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
-            let raw = match backend.get_pending(&q.names, &a.job_id).await {
-                Ok(Some(r)) => r,
+            let result = match pending_of(backend.as_ref(), &q.names, &a.job_id).await {
                 Ok(None) => continue,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return exit::ERROR;
-                }
+                Ok(Some(p)) => submit_for(backend.as_ref(), &q.names, &p, &decision).await,
+                Err(e) => Err(e),
             };
-            let pending: crate::durable::Pending = match serde_json::from_slice(&raw) {
-                Ok(p) => p,
-                Err(e) => {
-                    eprintln!("error: the pending record of job {} is unreadable: {e}", a.job_id);
-                    return exit::ERROR;
-                }
-            };
-            if !pending.request.choices.contains(&a.choice) {
-                eprintln!(
-                    "error: '{}' is not an allowed choice for job {} (allowed: {}); the job stays pending",
-                    a.choice,
-                    a.job_id,
-                    pending.request.choices.join(", ")
-                );
-                return exit::USAGE;
-            }
-            let decision = crate::exec::Decision {
-                choice: a.choice.clone(),
-                rationale: a.rationale.clone(),
-                decided_by: a.by.clone(),
-                role: a.role.clone(),
-            };
-            return match backend
-                .submit_decision(&q.names, &a.job_id, pending.payload.as_bytes(), &decision)
-                .await
-            {
-                Ok(true) => {
-                    println!("decision '{}' recorded for job {}: it resumes at the next free worker", a.choice, a.job_id);
+            return match result {
+                Ok(()) => {
+                    println!(
+                        "decision '{}' recorded for job {}: it resumes at the next free worker",
+                        a.choice, a.job_id
+                    );
                     exit::OK
                 }
-                Ok(false) => {
-                    eprintln!("error: job {} was decided meanwhile", a.job_id);
-                    exit::USAGE
-                }
-                Err(e) => {
+                Err(Refusal::Store(e)) => {
                     eprintln!("error: {e}");
                     exit::ERROR
                 }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    exit::USAGE
+                }
             };
         }
-        eprintln!("error: no pending decision for job {}: unknown job, or already decided", a.job_id);
+        eprintln!(
+            "error: no pending decision for job {}: unknown job, or already decided",
+            a.job_id
+        );
         exit::USAGE
     })
 }

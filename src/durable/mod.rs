@@ -4,6 +4,7 @@
 //! blocked thread.
 
 pub mod checkpoint;
+pub mod decide;
 pub mod pending;
 
 pub use checkpoint::{Checkpoint, CheckpointError};

@@ -15,6 +15,26 @@ pub struct Pending {
     pub awaiting_since: String,
     /// The producer's message, kept so the resumed job parses exactly as the original.
     pub payload: String,
+    /// When the default path runs (ms since the epoch), if the node has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<i64>,
+}
+
+impl Pending {
+    /// The system's decision once the pending job expired, if it has a default path.
+    pub fn expiry_decision(&self, now_ms: i64) -> Option<crate::exec::Decision> {
+        let at = self.expires_at_ms?;
+        let choice = self.request.on_expiry.clone()?;
+        (now_ms >= at).then(|| crate::exec::Decision {
+            choice,
+            rationale: format!(
+                "no decision within {} ms: the configured default path runs",
+                self.request.expires_after_ms.unwrap_or(0)
+            ),
+            decided_by: "system:expiry".to_string(),
+            role: Some("system".to_string()),
+        })
+    }
 }
 
 /// What the human sees.
@@ -24,6 +44,11 @@ pub struct DecisionRequest {
     pub choices: Vec<String>,
     pub context: Map<String, Value>,
     pub output: String,
+    /// The node's default path when nobody decides in time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_after_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_expiry: Option<String>,
 }
 
 impl DecisionRequest {

@@ -525,6 +525,7 @@ impl Run {
                 choices,
                 output,
                 context,
+                expiry,
             } => {
                 let mut ctx = Map::new();
                 for k in context {
@@ -538,6 +539,10 @@ impl Run {
                 );
                 halt.insert("output".into(), Value::String(output.clone()));
                 halt.insert("context".into(), Value::Object(ctx));
+                if let Some(e) = expiry {
+                    halt.insert("expires_after_ms".into(), Value::from(e.after_ms));
+                    halt.insert("on_expiry".into(), Value::String(e.choice.clone()));
+                }
                 NodeOutcome {
                     halt: Some(Value::Object(halt)),
                     ..NodeOutcome::go(Some(idx))

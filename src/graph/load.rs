@@ -447,6 +447,22 @@ fn parse_node(
                 .opt_str("output")
                 .unwrap_or_else(|| "jury_decision".to_string());
             let context = r.str_list("context").unwrap_or_default();
+            let expiry = match (r.opt_u64("expires_after_ms"), r.opt_str("on_expiry")) {
+                (Some(after_ms), Some(choice)) => {
+                    if !choices.as_ref().is_some_and(|c| c.contains(&choice)) {
+                        r.error(
+                            Some("on_expiry"),
+                            format!("'{choice}' is not one of the node's choices"),
+                        );
+                    }
+                    Some(JuryExpiry { after_ms, choice })
+                }
+                (None, None) => None,
+                _ => {
+                    r.error(Some("expires_after_ms"), "give both 'expires_after_ms' and 'on_expiry' (the default choice), or neither");
+                    None
+                }
+            };
             prompt
                 .zip(choices)
                 .map(|(prompt, choices)| NodeKind::HumanJury {
@@ -454,6 +470,7 @@ fn parse_node(
                     choices,
                     output,
                     context,
+                    expiry,
                 })
         }
         Some(other) => {

@@ -78,10 +78,12 @@ pub fn manifest(graph: &Graph) -> Value {
                 choices,
                 output,
                 context,
+                expiry,
             } => {
                 approvals.push(json!({
                     "node": node.id, "prompt": prompt, "choices": choices,
                     "output": output, "context": context,
+                    "expiry": expiry.as_ref().map(|e| json!({"after_ms": e.after_ms, "default_choice": e.choice})),
                 }));
             }
             NodeKind::Router {

@@ -10,4 +10,4 @@ mod reader;
 
 pub use error::{GraphError, GraphErrors};
 pub use load::{load_graph_file, parse_graph};
-pub use model::{Graph, Node, NodeKind, RouteSelector, ToolBinding, ToolSpec};
+pub use model::{Graph, JuryExpiry, Node, NodeKind, RouteSelector, ToolBinding, ToolSpec};

@@ -70,7 +70,16 @@ pub enum NodeKind {
         choices: Vec<String>,
         output: String,
         context: Vec<String>,
+        /// After this long without a decision, `on_expiry` is decided by the system.
+        expiry: Option<JuryExpiry>,
     },
+}
+
+/// A jury's default path when nobody decides in time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JuryExpiry {
+    pub after_ms: u64,
+    pub choice: String,
 }
 
 impl NodeKind {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 /// How long a statement waits for another process's write lock before failing with `BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 /// The first pause of `claim` when no job is ready; it doubles up to [`MAX_POLL`].
 const FIRST_POLL: Duration = Duration::from_millis(10);
 /// The longest pause between two polls of an empty queue.
@@ -53,7 +53,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner        TEXT,
     lease_until  INTEGER,
     history      TEXT    NOT NULL DEFAULT '[]',
-    enqueued_at  INTEGER NOT NULL
+    enqueued_at  INTEGER NOT NULL,
+    decision     TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (queue, state, available_at);
 CREATE TABLE IF NOT EXISTS results (
@@ -72,7 +73,31 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters (queue, seq);
+CREATE TABLE IF NOT EXISTS runs (
+    queue      TEXT    NOT NULL,
+    job_id     TEXT    NOT NULL,
+    checkpoint BLOB    NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
+CREATE TABLE IF NOT EXISTS run_steps (
+    queue  TEXT    NOT NULL,
+    job_id TEXT    NOT NULL,
+    idx    INTEGER NOT NULL,
+    record BLOB    NOT NULL,
+    PRIMARY KEY (queue, job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    queue      TEXT    NOT NULL,
+    job_id     TEXT    NOT NULL,
+    record     BLOB    NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
 ";
+
+/// Version 2 added durable runs: a decision travelling with a resumed job, plus the `runs`,
+/// `run_steps` and `pending` tables (created by [`SCHEMA`]).
+const MIGRATE_TO_2: &str = "ALTER TABLE jobs ADD COLUMN decision TEXT;";
 
 /// A durable queue in one SQLite file.
 pub struct EmbeddedBackend {
@@ -138,6 +163,17 @@ impl EmbeddedBackend {
                 "{}: queue schema version {version} is newer than this lar-worker understands ({SCHEMA_VERSION})",
                 path.display()
             )));
+        }
+        let had_jobs: bool = tx
+            .query_row(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'jobs'",
+                [],
+                |_| Ok(true),
+            )
+            .optional()?
+            .unwrap_or(false);
+        if had_jobs && version < 2 {
+            tx.execute_batch(MIGRATE_TO_2)?;
         }
         tx.execute_batch(SCHEMA)?;
         if version < SCHEMA_VERSION {
@@ -243,7 +279,7 @@ fn claim_once(
     let lease_until = now.saturating_add(millis(lease));
     let rows = {
         let mut select = tx.prepare_cached(
-            "SELECT seq, job_id, payload, attempt, epoch, history FROM jobs
+            "SELECT seq, job_id, payload, attempt, epoch, history, decision FROM jobs
              WHERE queue = ?1 AND state = 'ready' AND available_at <= ?2
              ORDER BY available_at, seq LIMIT ?3",
         )?;
@@ -255,6 +291,7 @@ fn claim_once(
                 row.get::<_, i64>(3)?,
                 row.get::<_, i64>(4)?,
                 row.get::<_, String>(5)?,
+                row.get::<_, Option<String>>(6)?,
             ))
         })?;
         rows.collect::<Result<Vec<_>, _>>()?
@@ -264,7 +301,7 @@ fn claim_once(
         let mut update = tx.prepare_cached(
             "UPDATE jobs SET state = 'claimed', owner = ?2, lease_until = ?3, epoch = ?4 WHERE seq = ?1",
         )?;
-        for (seq, job_id, payload, attempt, epoch, history) in rows {
+        for (seq, job_id, payload, attempt, epoch, history, decision) in rows {
             let epoch = epoch.saturating_add(1);
             update.execute(params![seq, worker, lease_until, epoch])?;
             let attempt = u32::try_from(attempt.saturating_add(1)).map_err(|_| {
@@ -278,13 +315,14 @@ fn claim_once(
                 ))
             })?;
             let history = parse_history(&job_id, &history);
+            let decision = decision.and_then(|d| serde_json::from_str(&d).ok());
             claims.push(Claim {
                 job_id,
                 payload,
                 attempt,
                 epoch,
                 history,
-                decision: None,
+                decision,
                 handle: ClaimHandle::Sqlite { seq },
             });
         }
@@ -336,7 +374,26 @@ fn finish_once(
         return Ok(Fenced::Lost);
     };
     let now = now_ms();
+    let ends_run = !matches!(how, Finish::Release | Finish::Pause { .. });
+    if ends_run {
+        tx.prepare_cached("DELETE FROM runs WHERE queue = ?1 AND job_id = ?2")?
+            .execute(params![q.jobs, job_id])?;
+        tx.prepare_cached("DELETE FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
+            .execute(params![q.jobs, job_id])?;
+    }
     match how {
+        Finish::Pause { result, pending } => {
+            tx.prepare_cached("DELETE FROM jobs WHERE seq = ?1")?
+                .execute(params![seq])?;
+            tx.prepare_cached(
+                "INSERT INTO results (queue, job_id, body, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![q.results, job_id, result, now])?;
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO pending (queue, job_id, record, created_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![q.jobs, job_id, pending, now])?;
+        }
         Finish::Publish {
             result,
             dead_letter,
@@ -384,22 +441,193 @@ fn finish_once(
             )?
             .execute(params![seq])?;
         }
-        Finish::Pause { .. } => {
-            // Never asked: the worker pauses only on backends that store checkpoints.
-            // Dropping the transaction rolls it back.
-            return Err(QueueError::Other(
-                "the embedded backend cannot pause jobs".into(),
-            ));
-        }
     }
     tx.commit()?;
     Ok(Fenced::Done)
+}
+
+/// `save_step` in one write transaction, fenced like `finish`.
+fn save_step_once(
+    conn: &mut Connection,
+    worker: &str,
+    queue: &str,
+    job_id: &str,
+    epoch: u64,
+    record: &[u8],
+    checkpoint: &[u8],
+) -> Result<Fenced, QueueError> {
+    let Ok(epoch) = i64::try_from(epoch) else {
+        return Ok(Fenced::Lost);
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let held: Option<i64> = tx
+        .prepare_cached(
+            "SELECT seq FROM jobs WHERE job_id = ?1 AND epoch = ?2 AND state = 'claimed' AND owner = ?3 AND queue = ?4",
+        )?
+        .query_row(params![job_id, epoch, worker, queue], |row| row.get(0))
+        .optional()?;
+    if held.is_none() {
+        return Ok(Fenced::Lost);
+    }
+    let idx: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
+        .query_row(params![queue, job_id], |row| row.get(0))?;
+    tx.prepare_cached(
+        "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![queue, job_id, idx, record])?;
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![queue, job_id, checkpoint])?;
+    tx.commit()?;
+    Ok(Fenced::Done)
+}
+
+/// Inserts a ready job with a given id (resumes and redrives keep the job's id).
+fn insert_job(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+    payload: &[u8],
+    decision: Option<&str>,
+    now: i64,
+) -> Result<(), QueueError> {
+    tx.prepare_cached(
+        "INSERT INTO jobs (queue, job_id, payload, state, available_at, enqueued_at, decision)
+         VALUES (?1, ?2, ?3, 'ready', ?4, ?4, ?5)",
+    )?
+    .execute(params![queue, job_id, payload, now, decision])?;
+    Ok(())
 }
 
 #[async_trait]
 impl Backend for EmbeddedBackend {
     fn kind(&self) -> &'static str {
         "embedded"
+    }
+
+    fn supports_checkpoints(&self) -> bool {
+        true
+    }
+
+    async fn load_run(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<super::StoredRun>, QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn, _| {
+            let checkpoint: Option<Vec<u8>> = conn
+                .prepare_cached("SELECT checkpoint FROM runs WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |row| row.get(0))
+                .optional()?;
+            let Some(checkpoint) = checkpoint else {
+                return Ok(None);
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT record FROM run_steps WHERE queue = ?1 AND job_id = ?2 ORDER BY idx",
+            )?;
+            let journal = stmt
+                .query_map(params![queue, job_id], |row| row.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(super::StoredRun {
+                checkpoint,
+                journal,
+            }))
+        })
+        .await
+    }
+
+    async fn save_step(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        record: &[u8],
+        checkpoint: &[u8],
+    ) -> Result<Fenced, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        let (record, checkpoint) = (record.to_vec(), checkpoint.to_vec());
+        self.with_conn(move |conn, worker| {
+            save_step_once(conn, worker, &queue, &job_id, epoch, &record, &checkpoint)
+        })
+        .await
+    }
+
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        let queue = q.jobs.clone();
+        self.with_conn(move |conn, _| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT record FROM pending WHERE queue = ?1 ORDER BY created_at",
+            )?;
+            let rows = stmt
+                .query_map(params![queue], |row| row.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn, _| {
+            Ok(conn
+                .prepare_cached("SELECT record FROM pending WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |row| row.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn submit_decision(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        payload: &[u8],
+        decision: &crate::exec::Decision,
+    ) -> Result<bool, QueueError> {
+        let (queue, job_id, payload) = (q.jobs.clone(), job_id.to_string(), payload.to_vec());
+        let decision = to_json_text(decision)?;
+        self.with_conn(move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let removed = tx
+                .prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
+                .execute(params![queue, job_id])?;
+            if removed == 0 {
+                return Ok(false);
+            }
+            insert_job(&tx, &queue, &job_id, &payload, Some(&decision), now_ms())?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn, _| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let found: Option<(i64, String)> = tx
+                .prepare_cached("SELECT seq, entry FROM dead_letters WHERE queue = ?1 AND job_id = ?2 ORDER BY seq LIMIT 1")?
+                .query_row(params![queue, job_id], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            let Some((seq, entry)) = found else {
+                return Ok(false);
+            };
+            let entry: serde_json::Value = serde_json::from_str(&entry)
+                .map_err(|e| QueueError::Other(format!("dead letter {job_id} is unreadable: {e}")))?;
+            let payload = super::dead_letter_payload(&entry)
+                .ok_or_else(|| QueueError::Other(format!("dead letter {job_id} keeps no payload")))?;
+            tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute(params![seq])?;
+            insert_job(&tx, &queue, &job_id, &payload, None, now_ms())?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn claim(
@@ -618,11 +846,6 @@ impl Backend for EmbeddedBackend {
     }
 }
 
-/// Opens the embedded backend a config names (see [`super::connect`]).
-pub fn open_backend(path: &Path, worker_id: String) -> Result<Arc<dyn Backend>, QueueError> {
-    Ok(Arc::new(EmbeddedBackend::open(path, worker_id)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -678,4 +901,9 @@ mod tests {
             .unwrap();
         assert_eq!(sync, 2, "FULL");
     }
+}
+
+/// Opens the embedded backend as the daemon's `dyn Backend`.
+pub fn open_backend(path: &Path, worker_id: String) -> Result<Arc<dyn Backend>, QueueError> {
+    Ok(Arc::new(EmbeddedBackend::open(path, worker_id)?))
 }

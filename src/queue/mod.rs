@@ -192,6 +192,10 @@ pub trait Backend: Send + Sync + 'static {
         max: usize,
     ) -> Result<Vec<serde_json::Value>, QueueError>;
 
+    /// Puts a dead letter's payload back on the queue, exactly as it was sent, and removes the
+    /// entry, atomically. `false` when no dead letter has that job id.
+    async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError>;
+
     /// Called periodically by the worker: heartbeats, registrations. Default: nothing.
     async fn heartbeat(&self, _q: &QueueNames, _ttl: Duration) -> Result<(), QueueError> {
         Ok(())
@@ -282,6 +286,17 @@ pub fn dead_letter_entry(queue: &str, dl: &DeadLetter, payload: &[u8]) -> serde_
         Err(_) => entry["payload_hex"] = serde_json::Value::String(hex::encode(payload)),
     }
     entry
+}
+
+/// The producer's exact bytes kept in a dead-letter entry (`payload` text or `payload_hex`).
+pub fn dead_letter_payload(entry: &serde_json::Value) -> Option<Vec<u8>> {
+    if let Some(text) = entry.get("payload").and_then(|v| v.as_str()) {
+        return Some(text.as_bytes().to_vec());
+    }
+    entry
+        .get("payload_hex")
+        .and_then(|v| v.as_str())
+        .and_then(|h| hex::decode(h).ok())
 }
 
 /// Opens the backend a config names.

@@ -171,6 +171,13 @@ redis.call('SET', KEYS[3], ARGV[4])
 return 1
 "#;
 
+/// KEYS: dead, queue. ARGV: entry, payload.
+const REDRIVE: &str = r#"
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[2], ARGV[2])
+return 1
+"#;
+
 /// KEYS: pending, queue. ARGV: id, message.
 const SUBMIT_DECISION: &str = r#"
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
@@ -196,6 +203,7 @@ struct Scripts {
     recover: Script,
     save_step: Script,
     submit_decision: Script,
+    redrive: Script,
 }
 
 fn keys(q: &QueueNames, worker: &str) -> Keys {
@@ -270,6 +278,7 @@ impl RedisBackend {
                 recover: Script::new(RECOVER),
                 save_step: Script::new(SAVE_STEP),
                 submit_decision: Script::new(SUBMIT_DECISION),
+                redrive: Script::new(REDRIVE),
             },
         })
     }
@@ -614,6 +623,30 @@ impl Backend for RedisBackend {
 
     fn supports_checkpoints(&self) -> bool {
         true
+    }
+
+    async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        let entries: Vec<Vec<u8>> = conn.lrange(&k.dead, 0, -1).await?;
+        for raw in entries {
+            let Ok(entry) = serde_json::from_slice::<serde_json::Value>(&raw) else {
+                continue;
+            };
+            if entry.get("job_id").and_then(|v| v.as_str()) != Some(job_id) {
+                continue;
+            }
+            let Some(payload) = dead_letter_payload(&entry) else {
+                return Err(QueueError::Other(format!(
+                    "dead letter {job_id} keeps no payload"
+                )));
+            };
+            let mut inv = self.scripts.redrive.prepare_invoke();
+            inv.key(&k.dead).key(&k.queue).arg(raw).arg(payload);
+            let done: i64 = inv.invoke_async(&mut conn).await?;
+            return Ok(done == 1);
+        }
+        Ok(false)
     }
 
     async fn load_run(

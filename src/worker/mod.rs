@@ -2,6 +2,7 @@
 //! on its own [`crate::exec::Run`]), finishes each claim exactly once, renews leases, reaps
 //! expired claims, and drains on shutdown within a deadline.
 
+mod decisions;
 pub mod payload;
 mod process;
 pub mod stats;
@@ -9,22 +10,28 @@ pub mod stats;
 use crate::backoff::Backoff;
 use crate::config::{LoadedQueue, WorkerSection};
 use crate::job::AuditSettings;
+use crate::ops::health::Readiness;
+use crate::ops::metrics::{QueueSample, StepMetrics};
+use crate::ops::notify::Notifier;
 use crate::queue::{Backend, Claim, Fenced, Finish};
 use crate::tools::Registry;
 use process::Verdict;
 use stats::Stats;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn, Instrument};
 
 /// How long one claim call waits on an empty queue before the loop looks at shutdown again.
-const CLAIM_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const CLAIM_WAIT: Duration = Duration::from_secs(1);
 /// How often expired claims are reaped and due retries promoted.
 const REAP_EVERY: Duration = Duration::from_millis(500);
+/// How often pending decisions are checked for expiry.
+const EXPIRE_EVERY: Duration = Duration::from_secs(1);
 /// The most jobs claimed in one round trip.
 const MAX_BATCH: usize = 64;
 
@@ -35,7 +42,16 @@ pub struct Worker {
     pub(crate) audit: AuditSettings,
     pub(crate) cfg: WorkerSection,
     pub(crate) backoff: Backoff,
-    pub stats: Arc<Stats>,
+    /// Counters per queue (same order as `queues`).
+    pub stats: Vec<Stats>,
+    pub(crate) in_flight_count: AtomicU64,
+    /// Step durations and LLM tokens, for /metrics.
+    pub(crate) steps: StepMetrics,
+    /// When the consumer last made progress (ms since start): a claim call answered, a step or
+    /// a job finished. The watchdog pings only while this moves.
+    progress_ms: AtomicU64,
+    started: Instant,
+    notifier: Notifier,
     /// (queue index, job id) → epoch, for lease renewal.
     in_flight: Mutex<HashMap<(usize, String), u64>>,
 }
@@ -56,6 +72,7 @@ impl Worker {
         cfg: WorkerSection,
     ) -> Arc<Self> {
         let backoff = Backoff::from(&cfg.retry);
+        let stats = queues.iter().map(|_| Stats::default()).collect();
         Arc::new(Worker {
             backend,
             queues,
@@ -63,9 +80,88 @@ impl Worker {
             audit,
             cfg,
             backoff,
-            stats: Arc::new(Stats::default()),
+            stats,
+            in_flight_count: AtomicU64::new(0),
+            steps: StepMetrics::default(),
+            progress_ms: AtomicU64::new(0),
+            started: Instant::now(),
+            notifier: Notifier::from_env(),
             in_flight: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Marks consumer progress (see `progress_ms`).
+    pub(crate) fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.progress_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn since_progress(&self) -> Duration {
+        let now = self.started.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.progress_ms.load(Ordering::Relaxed)))
+    }
+
+    /// Alive = the consumer made progress within the watchdog window (or 60 s without one).
+    pub fn alive(&self) -> bool {
+        let window = Notifier::watchdog_interval()
+            .map(|w| w / 2)
+            .unwrap_or(Duration::from_secs(60));
+        self.since_progress() < window
+    }
+
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight_count.load(Ordering::Relaxed)
+    }
+
+    /// The READY/`/ready` checks.
+    pub async fn readiness(&self) -> Readiness {
+        crate::ops::health::readiness(
+            self.backend.as_ref(),
+            &self.queues,
+            &self.audit.log_dir,
+            self.audit.secret.is_some(),
+        )
+        .await
+    }
+
+    /// The `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        let mut samples = Vec::with_capacity(self.queues.len());
+        for (qi, q) in self.queues.iter().enumerate() {
+            let depth = self.backend.depth(&q.names).await.ok();
+            let pending = if self.backend.supports_checkpoints() {
+                self.backend
+                    .list_pending(&q.names)
+                    .await
+                    .ok()
+                    .map(|p| p.len() as u64)
+            } else {
+                None
+            };
+            samples.push(QueueSample {
+                queue: q.names.jobs.clone(),
+                counters: self.stats[qi].counters(),
+                ready: depth.as_ref().map(|d| d.ready),
+                claimed: depth.as_ref().map(|d| d.claimed),
+                delayed: depth.as_ref().map(|d| d.delayed),
+                dead: depth.as_ref().map(|d| d.dead),
+                pending,
+            });
+        }
+        crate::ops::metrics::render(&samples, self.in_flight(), &self.steps)
+    }
+
+    fn status_line(&self) -> String {
+        let total =
+            |f: fn(&Stats) -> &AtomicU64| self.stats.iter().map(|s| Stats::get(f(s))).sum::<u64>();
+        format!(
+            "STATUS=in flight {}, completed {}, failed {}, halted (pending decisions) {}, dead-lettered {}",
+            self.in_flight(),
+            total(|s| &s.completed),
+            total(|s| &s.failed),
+            total(|s| &s.halted),
+            total(|s| &s.dead_lettered),
+        )
     }
 
     fn in_flight_of(&self, qi: usize) -> Vec<(String, u64)> {
@@ -99,6 +195,32 @@ impl Worker {
     /// Runs until `shutdown` fires (or the queues are idle with `exit_when_idle`), then drains.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken, opts: RunOptions) {
         let hard_stop = CancellationToken::new();
+        // READY only once every check passes; until then, say why and keep trying.
+        let mut attempt = 0;
+        loop {
+            let r = self.readiness().await;
+            if r.ready {
+                break;
+            }
+            attempt += 1;
+            let failing: Vec<String> = r
+                .checks
+                .iter()
+                .filter(|c| !c.ok)
+                .map(|c| format!("{}: {}", c.name, c.detail))
+                .collect();
+            warn!(failing = %failing.join("; "), "not ready");
+            self.notifier
+                .notify(&format!("STATUS=not ready: {}", failing.join("; ")));
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Backoff::reconnect().delay(attempt)) => {}
+            }
+        }
+        self.touch();
+        self.notifier
+            .notify(&format!("READY=1\n{}", self.status_line()));
+        info!("ready");
         for q in &self.queues {
             if let Err(e) = self.backend.heartbeat(&q.names, self.cfg.lease()).await {
                 warn!(queue = %q.names.jobs, error = %e, "heartbeat failed");
@@ -112,6 +234,7 @@ impl Worker {
             }
         }
         let maintenance = tokio::spawn(Arc::clone(&self).maintain(shutdown.clone()));
+        let watchdog = tokio::spawn(Arc::clone(&self).watchdog());
         let idle_watch = opts
             .exit_when_idle
             .then(|| tokio::spawn(Arc::clone(&self).watch_idle(shutdown.clone())));
@@ -119,6 +242,12 @@ impl Worker {
         let permits = Arc::new(Semaphore::new(self.cfg.concurrency));
         let mut jobs: JoinSet<()> = JoinSet::new();
         let mut claimers = JoinSet::new();
+        let mut decision_loops = JoinSet::new();
+        for qi in 0..self.queues.len() {
+            if self.queues[qi].decisions.is_some() && self.durable() {
+                decision_loops.spawn(Arc::clone(&self).decision_loop(qi, shutdown.clone()));
+            }
+        }
         for qi in 0..self.queues.len() {
             let w = Arc::clone(&self);
             let (sd, hs, p) = (shutdown.clone(), hard_stop.clone(), Arc::clone(&permits));
@@ -133,7 +262,13 @@ impl Worker {
                 Err(e) => error!(error = %e, "a claim loop ended abnormally"),
             }
         }
-        info!(in_flight = Stats::get(&self.stats.in_flight), "draining");
+        let extend = self.cfg.drain_timeout() + Duration::from_secs(10);
+        self.notifier.notify(&format!(
+            "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=draining {} jobs",
+            extend.as_micros(),
+            self.in_flight()
+        ));
+        info!(in_flight = self.in_flight(), "draining");
         let drained = tokio::time::timeout(self.cfg.drain_timeout(), async {
             while jobs.join_next().await.is_some() {}
         })
@@ -146,18 +281,20 @@ impl Worker {
             })
             .await;
         }
+        while decision_loops.join_next().await.is_some() {}
         maintenance.abort();
+        watchdog.abort();
         if let Some(h) = idle_watch {
             h.abort();
         }
-        if Stats::get(&self.stats.in_flight) == 0 {
+        if self.in_flight() == 0 {
             for q in &self.queues {
                 if let Err(e) = self.backend.deregister(&q.names).await {
                     warn!(queue = %q.names.jobs, error = %e, "deregistration failed");
                 }
             }
         }
-        info!(stats = %self.stats.summary(), "worker stopped");
+        info!(stats = %stats::summary(&self.stats, self.in_flight()), "worker stopped");
     }
 
     async fn claim_loop(
@@ -170,6 +307,7 @@ impl Worker {
         let mut tasks = JoinSet::new();
         let names = self.queues[qi].names.clone();
         let mut failures = 0u32;
+        let mut wedged = false;
         let batch_max = self.cfg.concurrency.min(MAX_BATCH);
         loop {
             while tasks.try_join_next().is_some() {}
@@ -187,6 +325,12 @@ impl Worker {
             if shutdown.is_cancelled() {
                 break;
             }
+            if wedged {
+                // Test hook (LAR_WORKER_TEST_WEDGE=1): the consumer stops claiming, as a wedged
+                // one would, but still honours the stop so the test can end it.
+                shutdown.cancelled().await;
+                break;
+            }
             let claims = match self
                 .backend
                 .claim(&names, held.len(), self.cfg.lease(), CLAIM_WAIT)
@@ -194,6 +338,8 @@ impl Worker {
             {
                 Ok(c) => {
                     failures = 0;
+                    wedged = wedge_for_tests();
+                    self.touch();
                     c
                 }
                 Err(e) => {
@@ -206,7 +352,7 @@ impl Worker {
                     }
                 }
             };
-            Stats::add(&self.stats.claimed, claims.len() as u64);
+            Stats::add(&self.stats[qi].claimed, claims.len() as u64);
             for claim in claims {
                 let Some(permit) = held.pop() else {
                     // More claims than permits cannot happen; keep the job rather than drop it.
@@ -216,12 +362,13 @@ impl Worker {
                 };
                 let w = Arc::clone(&self);
                 let hs = hard_stop.clone();
+                let sd = shutdown.clone();
                 self.track(qi, &claim, true);
-                Stats::add(&self.stats.in_flight, 1);
+                self.in_flight_count.fetch_add(1, Ordering::Relaxed);
                 let span = tracing::info_span!("job", job_id = %claim.job_id, attempt = claim.attempt, queue = %names.jobs);
                 tasks.spawn(
                     async move {
-                        w.handle(qi, claim, hs).await;
+                        w.handle(qi, claim, sd, hs).await;
                         drop(permit);
                     }
                     .instrument(span),
@@ -232,8 +379,14 @@ impl Worker {
     }
 
     /// Processes one claim and finishes it, retrying the finish through broker hiccups.
-    async fn handle(self: Arc<Self>, qi: usize, claim: Claim, hard_stop: CancellationToken) {
-        let (finish, verdict) = self.process(qi, &claim, &hard_stop).await;
+    async fn handle(
+        self: Arc<Self>,
+        qi: usize,
+        claim: Claim,
+        shutdown: CancellationToken,
+        hard_stop: CancellationToken,
+    ) {
+        let (finish, verdict) = self.process(qi, &claim, &shutdown, &hard_stop).await;
         let names = &self.queues[qi].names;
         let mut tries = 0u32;
         let outcome = loop {
@@ -254,7 +407,7 @@ impl Worker {
         };
         match outcome {
             Some(Fenced::Done) => {
-                let s = &self.stats;
+                let s = &self.stats[qi];
                 match verdict {
                     Verdict::Completed => Stats::add(&s.completed, 1),
                     Verdict::Failed => {
@@ -276,15 +429,37 @@ impl Worker {
                 }
             }
             Some(Fenced::Lost) => {
-                Stats::add(&self.stats.fenced, 1);
+                Stats::add(&self.stats[qi].fenced, 1);
                 warn!(job_id = %claim.job_id, epoch = claim.epoch, "claim lost to another worker: nothing published");
             }
             None => {}
         }
         self.track(qi, &claim, false);
-        self.stats
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        self.in_flight_count.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    /// Pings systemd's watchdog while the consumer makes progress; STATUS= along the way.
+    async fn watchdog(self: Arc<Self>) {
+        let interval = Notifier::watchdog_interval();
+        let tick = interval.map(|w| w / 3).unwrap_or(Duration::from_secs(5));
+        loop {
+            tokio::time::sleep(tick).await;
+            let status = self.status_line();
+            match interval {
+                Some(w) if self.since_progress() < w / 2 => {
+                    self.notifier.notify(&format!("WATCHDOG=1\n{status}"))
+                }
+                Some(_) => {
+                    warn!(
+                        since_progress_ms = self.since_progress().as_millis() as u64,
+                        "consumer made no progress: withholding the watchdog ping"
+                    );
+                    self.notifier.notify(&status);
+                }
+                None => self.notifier.notify(&status),
+            }
+        }
     }
 
     /// Lease renewal, heartbeats and reaping, until shutdown.
@@ -292,6 +467,8 @@ impl Worker {
         let renew_every = (self.cfg.lease() / 3).max(Duration::from_millis(300));
         let mut renew = tokio::time::interval(renew_every);
         let mut reap = tokio::time::interval(REAP_EVERY);
+        let mut expire = tokio::time::interval(EXPIRE_EVERY);
+        expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -302,6 +479,7 @@ impl Worker {
                     self.renew_all().await;
                 }
                 _ = renew.tick() => self.renew_all().await,
+                _ = expire.tick() => self.expire_pending().await,
                 _ = reap.tick() => {
                     for q in &self.queues {
                         match self.backend.recover(&q.names).await {
@@ -344,7 +522,7 @@ impl Worker {
         let mut idle_rounds = 0;
         loop {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            if Stats::get(&self.stats.in_flight) > 0 {
+            if self.in_flight() > 0 {
                 idle_rounds = 0;
                 continue;
             }
@@ -363,4 +541,10 @@ impl Worker {
             }
         }
     }
+}
+
+/// `LAR_WORKER_TEST_WEDGE=1` makes each claim loop hang after its first claim: a test hook for
+/// the watchdog. Never set it in production.
+fn wedge_for_tests() -> bool {
+    std::env::var("LAR_WORKER_TEST_WEDGE").is_ok_and(|v| v == "1")
 }

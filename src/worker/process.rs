@@ -7,7 +7,7 @@ use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
 use crate::audit::RunLog;
 use crate::durable::{Checkpoint, DecisionRequest, Pending};
 use crate::exec::{Decision, Run, RunStatus};
-use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink};
+use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink, Stops};
 use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +37,11 @@ impl StepSink for CheckpointSink<'_> {
         let Some(last) = log.steps().last() else {
             return Ok(());
         };
+        self.worker.steps.observe(last);
+        self.worker.touch();
+        if !self.worker.durable() {
+            return Ok(());
+        }
         let record = serde_json::to_vec(last).map_err(|e| PersistError::Failed(e.to_string()))?;
         let checkpoint = Checkpoint {
             job_id: self.claim.job_id.clone(),
@@ -74,7 +79,7 @@ impl StepSink for CheckpointSink<'_> {
 }
 
 impl Worker {
-    fn durable(&self) -> bool {
+    pub(super) fn durable(&self) -> bool {
         self.cfg.checkpoints && self.backend.supports_checkpoints()
     }
 
@@ -83,7 +88,8 @@ impl Worker {
         &self,
         qi: usize,
         claim: &Claim,
-        cancel: &CancellationToken,
+        shutdown: &CancellationToken,
+        hard_stop: &CancellationToken,
     ) -> (Finish, Verdict) {
         let queue = &self.queues[qi];
         let job = match parse(queue, &claim.payload, self.cfg.max_message_bytes) {
@@ -141,7 +147,17 @@ impl Worker {
             }
         }
 
-        let report = match drive(run, log, &self.registry, &self.audit, cancel, sink_ref).await {
+        // With checkpoints, a shutdown hands the job back at the next step boundary (it resumes
+        // elsewhere); without, the run gets the drain deadline to finish.
+        let stops = Stops {
+            at_boundary: if self.durable() {
+                shutdown.clone()
+            } else {
+                CancellationToken::new()
+            },
+            abort: hard_stop.clone(),
+        };
+        let report = match drive(run, log, &self.registry, &self.audit, &stops, sink_ref).await {
             Ok(Driven::Ended(r)) => r,
             Ok(Driven::Interrupted) | Ok(Driven::Fenced) => {
                 return (Finish::Release, Verdict::Release)
@@ -249,6 +265,7 @@ impl Worker {
             request,
             awaiting_since: crate::exec::run::now_utc(),
             payload: String::from_utf8_lossy(&claim.payload).into_owned(),
+            expires_at_ms: request_expiry(&report.last_step),
         })
     }
 
@@ -386,6 +403,16 @@ impl Worker {
             attempts,
         }
     }
+}
+
+/// When a halted run's default path is due, from its halt marker.
+fn request_expiry(last_step: &Option<Map<String, Value>>) -> Option<i64> {
+    let after = last_step
+        .as_ref()?
+        .get("halt")?
+        .get("expires_after_ms")?
+        .as_u64()?;
+    Some(crate::queue::now_ms().saturating_add(i64::try_from(after).unwrap_or(i64::MAX)))
 }
 
 /// Why a run could not be started or resumed.

@@ -1,4 +1,4 @@
-//! Counters the worker keeps: for its log lines, systemd STATUS= and /metrics.
+//! Counters the worker keeps per queue: for its log lines, systemd STATUS= and /metrics.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -13,7 +13,6 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Finishes refused because the lease had moved to another worker.
     pub fenced: AtomicU64,
-    pub in_flight: AtomicU64,
 }
 
 impl Stats {
@@ -23,18 +22,33 @@ impl Stats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
-    pub fn summary(&self) -> String {
-        format!(
-            "claimed={} completed={} failed={} halted={} dead_lettered={} retried={} released={} fenced={} in_flight={}",
-            Self::get(&self.claimed),
-            Self::get(&self.completed),
-            Self::get(&self.failed),
-            Self::get(&self.halted),
-            Self::get(&self.dead_lettered),
-            Self::get(&self.retried),
-            Self::get(&self.released),
-            Self::get(&self.fenced),
-            Self::get(&self.in_flight),
-        )
+    /// (outcome, count) pairs, in a fixed order.
+    pub fn counters(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("claimed", Self::get(&self.claimed)),
+            ("completed", Self::get(&self.completed)),
+            ("failed", Self::get(&self.failed)),
+            ("halted", Self::get(&self.halted)),
+            ("dead_lettered", Self::get(&self.dead_lettered)),
+            ("retried", Self::get(&self.retried)),
+            ("released", Self::get(&self.released)),
+            ("fenced", Self::get(&self.fenced)),
+        ]
     }
+}
+
+/// Totals over queues, as `name=value` pairs for a log line.
+pub fn summary(all: &[Stats], in_flight: u64) -> String {
+    let mut totals: Vec<(&'static str, u64)> = Vec::new();
+    for s in all {
+        for (i, (k, v)) in s.counters().into_iter().enumerate() {
+            match totals.get_mut(i) {
+                Some(t) => t.1 += v,
+                None => totals.push((k, v)),
+            }
+        }
+    }
+    let mut out: Vec<String> = totals.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    out.push(format!("in_flight={in_flight}"));
+    out.join(" ")
 }

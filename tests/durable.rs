@@ -1,5 +1,6 @@
-//! Durable runs on the real Redis: the human pause across worker restarts, refused decisions
-//! and checkpoints, crash resume without replaying completed steps, and zombie fencing.
+//! Durable runs on every backend that stores checkpoints (the real Redis and the embedded
+//! SQLite file): the human pause across worker restarts, refused decisions and checkpoints,
+//! crash resume without replaying completed steps, and zombie fencing.
 
 use redis::Commands;
 use serde_json::Value;
@@ -10,16 +11,31 @@ use std::time::{Duration, Instant};
 const SECRET: &str = "durable-test-secret";
 const BIN: &str = env!("CARGO_BIN_EXE_lar-worker");
 
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Redis,
+    Embedded,
+}
+
 struct Env {
+    kind: Kind,
     dir: tempfile::TempDir,
     queue: String,
-    results: String,
     config: PathBuf,
     redis: redis::Connection,
+    rt: tokio::runtime::Runtime,
+    backend: std::sync::Arc<dyn lar_worker::queue::Backend>,
+    names: lar_worker::queue::QueueNames,
 }
 
 impl Env {
-    fn new(graph_toml: &str, payload: &str, lease_ms: u64, tools: &[(&str, &str)]) -> Env {
+    fn new(
+        kind: Kind,
+        graph_toml: &str,
+        payload: &str,
+        lease_ms: u64,
+        tools: &[(&str, &str)],
+    ) -> Env {
         let dir = tempfile::tempdir().unwrap();
         let tag = uuid::Uuid::new_v4().simple().to_string();
         let queue = format!("dur-{tag}:jobs");
@@ -33,14 +49,17 @@ impl Env {
             graph_toml.replace("$DIR", &dir.path().display().to_string()),
         )
         .unwrap();
+        let backend_toml = match kind {
+            Kind::Redis => "[backend]\nkind = \"redis\"\n",
+            Kind::Embedded => "[backend]\nkind = \"embedded\"\npath = \"queue.db\"\n",
+        };
         let config = dir.path().join("workers.toml");
         std::fs::write(
             &config,
             format!(
                 "[worker]\nconcurrency = 4\nlog_dir = \"audit\"\nlease_ms = {lease_ms}\ndrain_timeout_ms = 3000\n\
-                 [worker.retry]\nattempts = 2\ninitial_backoff_ms = 100\n\
-                 [backend]\nkind = \"redis\"\n\
-                 [[queues]]\nname = \"{queue}\"\nresults = \"{results}\"\npayload = \"{payload}\"\ngraph = \"g.toml\"\n"
+                 [worker.retry]\nattempts = 2\ninitial_backoff_ms = 100\n{backend_toml}\
+                 [[queues]]\nname = \"{queue}\"\nresults = \"{results}\"\npayload = \"{payload}\"\ngraph = \"g.toml\"\ndecisions = \"{queue}:decisions\"\n"
             ),
         )
         .unwrap();
@@ -48,12 +67,27 @@ impl Env {
             .unwrap()
             .get_connection()
             .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = lar_worker::config::Config::load(&config).unwrap();
+        let backend = rt
+            .block_on(lar_worker::queue::connect(&cfg, "test-producer".into()))
+            .unwrap();
+        let names = lar_worker::queue::QueueNames {
+            jobs: queue.clone(),
+            results,
+        };
         Env {
+            kind,
             dir,
             queue,
-            results,
             config,
             redis,
+            rt,
+            backend,
+            names,
         }
     }
 
@@ -85,18 +119,65 @@ impl Env {
     }
 
     fn push(&mut self, msg: &str) {
-        let _: () = self.redis.rpush(&self.queue, msg).unwrap();
+        self.rt
+            .block_on(self.backend.enqueue(&self.names, msg.as_bytes()))
+            .unwrap();
+    }
+
+    fn results_now(&self) -> Vec<Value> {
+        let items = self
+            .rt
+            .block_on(self.backend.results(&self.names, 1000, false))
+            .unwrap();
+        items
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    fn decisions(&self) -> lar_worker::queue::QueueNames {
+        let d = format!("{}:decisions", self.queue);
+        lar_worker::queue::QueueNames {
+            jobs: d.clone(),
+            results: format!("{d}:replies"),
+        }
+    }
+
+    fn wait_replies(&self, n: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let items = self
+                .rt
+                .block_on(self.backend.results(&self.decisions(), 100, false))
+                .unwrap();
+            if items.len() >= n || start.elapsed() > Duration::from_secs(20) {
+                return items
+                    .iter()
+                    .map(|b| serde_json::from_slice(b).unwrap())
+                    .collect();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn clear_results(&self) {
+        self.rt
+            .block_on(self.backend.results(&self.names, 1000, true))
+            .unwrap();
+    }
+
+    fn dead(&self) -> Vec<Value> {
+        self.rt
+            .block_on(self.backend.dead_letters(&self.names, 1000))
+            .unwrap()
     }
 
     fn wait_results(&mut self, n: usize, within: Duration) -> Vec<Value> {
         let start = Instant::now();
         loop {
-            let items: Vec<String> = self.redis.lrange(&self.results, 0, -1).unwrap();
+            let items = self.results_now();
             if items.len() >= n || start.elapsed() > within {
-                return items
-                    .iter()
-                    .map(|s| serde_json::from_str(s).unwrap())
-                    .collect();
+                return items;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -105,17 +186,75 @@ impl Env {
     fn audit(&self) -> PathBuf {
         self.dir.path().join("audit")
     }
+
+    fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open(self.dir.path().join("queue.db")).unwrap()
+    }
+
+    /// Changes `from` to `to` inside the stored checkpoint of `job`.
+    fn tamper_checkpoint(&mut self, job: &str, from: &str, to: &str) {
+        let stored: String = match self.kind {
+            Kind::Redis => self
+                .redis
+                .get(format!("{}:ckpt:{job}", self.queue))
+                .unwrap(),
+            Kind::Embedded => {
+                let b: Vec<u8> = self
+                    .db()
+                    .query_row(
+                        "SELECT checkpoint FROM runs WHERE job_id = ?1",
+                        [job],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                String::from_utf8(b).unwrap()
+            }
+        };
+        let changed = stored.replacen(from, to, 1);
+        assert_ne!(stored, changed);
+        match self.kind {
+            Kind::Redis => {
+                let _: () = self
+                    .redis
+                    .set(format!("{}:ckpt:{job}", self.queue), changed)
+                    .unwrap();
+            }
+            Kind::Embedded => {
+                self.db()
+                    .execute(
+                        "UPDATE runs SET checkpoint = ?1 WHERE job_id = ?2",
+                        rusqlite::params![changed.into_bytes(), job],
+                    )
+                    .unwrap();
+            }
+        }
+    }
+
+    fn checkpoints_left(&mut self) -> usize {
+        match self.kind {
+            Kind::Redis => {
+                let keys: Vec<String> = self.redis.keys(format!("{}:ckpt:*", self.queue)).unwrap();
+                keys.len()
+            }
+            Kind::Embedded => self
+                .db()
+                .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get::<_, i64>(0))
+                .unwrap() as usize,
+        }
+    }
 }
 
 impl Drop for Env {
     fn drop(&mut self) {
-        let keys: Vec<String> = self
+        if self.kind != Kind::Redis {
+            return;
+        }
+        let mut keys: Vec<String> = self
             .redis
             .keys(format!("{}*", self.queue))
             .unwrap_or_default();
-        let mut all = keys;
-        all.push(self.results.clone());
-        let _: Result<(), _> = self.redis.del(all);
+        keys.push(self.names.results.clone());
+        let _: Result<(), _> = self.redis.del(keys);
     }
 }
 
@@ -191,35 +330,36 @@ fn pending_job_id(env: &mut Env) -> String {
         serde_json::json!(["approve", "reject"])
     );
     assert_eq!(r["decision_request"]["context"]["amount"], 5000);
-    let _: () = env.redis.del(&env.results).unwrap();
+    env.clear_results();
     r["decision_request"]["job_id"]
         .as_str()
         .unwrap()
         .to_string()
 }
 
-#[test]
-fn halt_stop_every_worker_decide_resume_elsewhere() {
-    let mut env = Env::new(LOAN, "envelope", 5000, &[]);
+fn halt_stop_every_worker_decide_resume_elsewhere(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
     env.push(r#"{"id":"loan-7","input":{"amount":5000},"user_id":"officer-1"}"#);
     let w1 = env.worker();
     let job = pending_job_id(&mut env);
-    assert_eq!(job, "loan-7");
+    if kind == Kind::Redis {
+        assert_eq!(job, "loan-7", "on redis an envelope's id is the job id");
+    }
     stop(w1);
 
     // Nothing runs while the human thinks: the message is acked, the job is a pending record.
-    let len: u64 = env.redis.llen(&env.queue).unwrap();
-    assert_eq!(len, 0);
+    let depth = env.rt.block_on(env.backend.depth(&env.names)).unwrap();
+    assert_eq!((depth.ready, depth.claimed), (0, 0));
     let (code, out, _) = env.cli(&["pending"]);
     assert_eq!(code, 0);
     assert!(
-        out.contains("\"job_id\":\"loan-7\"") && out.contains("Approve payout?"),
+        out.contains(&format!("\"job_id\":\"{job}\"")) && out.contains("Approve payout?"),
         "{out}"
     );
 
     let (code, _, err) = env.cli(&[
         "decide",
-        "loan-7",
+        &job,
         "--choice",
         "maybe",
         "--by",
@@ -235,7 +375,7 @@ fn halt_stop_every_worker_decide_resume_elsewhere() {
     assert!(err.contains("no pending decision"), "{err}");
     let (code, out, err) = env.cli(&[
         "decide",
-        "loan-7",
+        &job,
         "--choice",
         "approve",
         "--rationale",
@@ -246,7 +386,7 @@ fn halt_stop_every_worker_decide_resume_elsewhere() {
         "CFO",
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, _, err) = env.cli(&["decide", "loan-7", "--choice", "reject", "--by", "x"]);
+    let (code, _, err) = env.cli(&["decide", &job, "--choice", "reject", "--by", "x"]);
     assert_eq!(code, 2, "already decided is refused");
     assert!(err.contains("no pending decision"), "{err}");
 
@@ -293,31 +433,23 @@ fn halt_stop_every_worker_decide_resume_elsewhere() {
     let ledger: Value = serde_json::from_str(&std::fs::read_to_string(&ledger).unwrap()).unwrap();
     let rec = &ledger["records"][0];
     assert_eq!(rec["run_id"], log["run_id"]);
-    assert_eq!(rec["job_id"], "loan-7");
+    assert_eq!(rec["job_id"], job.as_str());
     assert_eq!(rec["decision"], "approve");
     assert_eq!(rec["stakeholder_role"], "CFO");
     assert_eq!(rec["risk_score_at_decision"], 0.82);
 }
 
-#[test]
-fn tampered_checkpoint_is_refused() {
-    let mut env = Env::new(LOAN, "envelope", 5000, &[]);
+fn tampered_checkpoint_is_refused(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
     env.push(r#"{"id":"loan-t","input":{"amount":5000}}"#);
     let w1 = env.worker();
     let job = pending_job_id(&mut env);
-    let key = format!("{}:ckpt:{job}", env.queue);
-    let ckpt: String = env.redis.get(&key).unwrap();
-    let tampered = ckpt.replacen("5000", "9000", 1);
-    assert_ne!(ckpt, tampered);
-    let _: () = env.redis.set(&key, tampered).unwrap();
+    env.tamper_checkpoint(&job, "5000", "9000");
     let (code, _, _) = env.cli(&["decide", &job, "--choice", "approve", "--by", "x"]);
     assert_eq!(code, 0);
     let start = Instant::now();
-    let dead: Vec<String> = loop {
-        let d: Vec<String> = env
-            .redis
-            .lrange(format!("{}:dead", env.queue), 0, -1)
-            .unwrap();
+    let dead = loop {
+        let d = env.dead();
         if !d.is_empty() || start.elapsed() > Duration::from_secs(20) {
             break d;
         }
@@ -325,14 +457,13 @@ fn tampered_checkpoint_is_refused() {
     };
     stop(w1);
     assert_eq!(dead.len(), 1, "the job is dead-lettered, not resumed");
+    let reason = dead[0]["reason"].as_str().unwrap_or("");
     assert!(
-        dead[0].contains("checkpoint refused") && dead[0].contains("signature mismatch"),
-        "{}",
-        dead[0]
+        reason.contains("checkpoint refused") && reason.contains("signature mismatch"),
+        "{reason}"
     );
-    let results: Vec<String> = env.redis.lrange(&env.results, 0, -1).unwrap();
     assert!(
-        results.is_empty(),
+        env.results_now().is_empty(),
         "nothing published from a tampered checkpoint"
     );
 }
@@ -362,9 +493,9 @@ fn twenty_step_graph() -> String {
     g
 }
 
-#[test]
-fn kill_9_mid_run_resumes_without_replaying_completed_steps() {
+fn kill_9_mid_run_resumes_without_replaying_completed_steps(kind: Kind) {
     let mut env = Env::new(
+        kind,
         &twenty_step_graph(),
         "state",
         2000,
@@ -413,9 +544,9 @@ fn kill_9_mid_run_resumes_without_replaying_completed_steps() {
     assert!(verify_with_python(&log_path));
 }
 
-#[test]
-fn a_frozen_worker_past_its_lease_cannot_publish_or_rewind() {
+fn a_frozen_worker_past_its_lease_cannot_publish_or_rewind(kind: Kind) {
     let mut env = Env::new(
+        kind,
         &twenty_step_graph(),
         "state",
         1500,
@@ -455,15 +586,169 @@ fn a_frozen_worker_past_its_lease_cannot_publish_or_rewind() {
     std::thread::sleep(Duration::from_secs(3));
     stop(w1);
     stop(w2);
-    let results: Vec<String> = env.redis.lrange(&env.results, 0, -1).unwrap();
+    let results = env.results_now();
     assert_eq!(results.len(), 1, "the zombie published nothing");
-    let keys: Vec<String> = env.redis.keys(format!("{}:ckpt:*", env.queue)).unwrap();
-    assert!(
-        keys.is_empty(),
-        "the zombie did not write a checkpoint after completion: {keys:?}"
+    assert_eq!(
+        env.checkpoints_left(),
+        0,
+        "the zombie did not write a checkpoint after completion"
     );
-    let r: Value = serde_json::from_str(&results[0]).unwrap();
+    let r = &results[0];
     let log_path = PathBuf::from(r["__lar_worker"]["audit_log"].as_str().unwrap());
     let log: Value = serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
     assert_eq!(log["steps"].as_array().unwrap().len(), 20);
 }
+
+fn decisions_arrive_as_messages(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-m","input":{"amount":5000}}"#);
+    let w1 = env.worker();
+    let job = pending_job_id(&mut env);
+    let dq = env.decisions();
+    let send = |env: &Env, msg: String| {
+        env.rt
+            .block_on(env.backend.enqueue(&dq, msg.as_bytes()))
+            .unwrap()
+    };
+    send(&env, "this is not json".to_string());
+    send(
+        &env,
+        format!(r#"{{"job_id":"{job}","choice":"maybe","by":"cfo@example.com"}}"#),
+    );
+    let replies = env.wait_replies(1);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["status"], "rejected");
+    assert!(replies[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("not an allowed choice"));
+    send(
+        &env,
+        format!(
+            r#"{{"job_id":"{job}","choice":"reject","rationale":"too risky","by":"cfo@example.com","role":"CFO"}}"#
+        ),
+    );
+    let results = env.wait_results(1, Duration::from_secs(20));
+    let replies = env.wait_replies(2);
+    stop(w1);
+    assert_eq!(replies[1]["status"], "accepted", "{replies:?}");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "completed");
+    assert_eq!(results[0]["state"]["paid"], false);
+    let dead = env.rt.block_on(env.backend.dead_letters(&dq, 10)).unwrap();
+    assert_eq!(dead.len(), 1, "the malformed decision is a dead letter");
+    assert!(dead[0]["reason"]
+        .as_str()
+        .unwrap()
+        .starts_with("invalid JSON"));
+}
+
+fn an_expired_pending_job_takes_the_default_path(kind: Kind) {
+    let graph = LOAN.replace(
+        "next = \"route\"",
+        "next = \"route\"\nexpires_after_ms = 300\non_expiry = \"reject\"",
+    );
+    let mut env = Env::new(kind, &graph, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-x","input":{"amount":5000}}"#);
+    let w1 = env.worker();
+    let _job = pending_job_id(&mut env);
+    let results = env.wait_results(1, Duration::from_secs(20));
+    stop(w1);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "completed");
+    assert_eq!(results[0]["state"]["paid"], false);
+    let log_path = PathBuf::from(results[0]["audit_log"].as_str().unwrap());
+    let log: Value = serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
+    let decision = log["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("decision"))
+        .unwrap()
+        .clone();
+    assert_eq!(decision["decided_by"], "system:expiry");
+    assert_eq!(decision["choice"], "reject");
+}
+
+macro_rules! on_backends {
+    ($($scenario:ident),* $(,)?) => {
+        mod redis_backend {
+            $( #[test] fn $scenario() { super::$scenario(super::Kind::Redis) } )*
+        }
+        mod embedded_backend {
+            $( #[test] fn $scenario() { super::$scenario(super::Kind::Embedded) } )*
+        }
+    };
+}
+
+fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
+    let mut env = Env::new(
+        kind,
+        &twenty_step_graph(),
+        "state",
+        5000,
+        &[("effect.py", SIDE_EFFECT_TOOL)],
+    );
+    env.push(r#"{"job":"long"}"#);
+    let side = env.dir.path().join("side.txt");
+    let w1 = env.worker();
+    let start = Instant::now();
+    while std::fs::read_to_string(&side)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 5
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the run did not progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stopped = Instant::now();
+    let mut w1 = w1;
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(w1.id().to_string())
+        .status();
+    let status = w1.wait().unwrap();
+    assert!(status.success(), "clean exit");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(2),
+        "stopped at the next boundary, not after the whole graph: {:?}",
+        stopped.elapsed()
+    );
+    let done_before = std::fs::read_to_string(&side).unwrap().lines().count();
+    assert!(
+        done_before < 20,
+        "handed back unfinished ({done_before} steps ran)"
+    );
+    assert!(env.results_now().is_empty());
+    let w2 = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(40));
+    stop(w2);
+    assert_eq!(results.len(), 1);
+    let lines: Vec<String> = std::fs::read_to_string(&side)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut distinct = lines.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 20);
+    assert_eq!(
+        lines.len(),
+        20,
+        "no step ran twice: the stop waited for the step to end"
+    );
+}
+
+on_backends!(
+    halt_stop_every_worker_decide_resume_elsewhere,
+    tampered_checkpoint_is_refused,
+    kill_9_mid_run_resumes_without_replaying_completed_steps,
+    a_frozen_worker_past_its_lease_cannot_publish_or_rewind,
+    sigterm_hands_a_long_run_back_at_a_step_boundary,
+    decisions_arrive_as_messages,
+    an_expired_pending_job_takes_the_default_path,
+);

@@ -1,0 +1,84 @@
+//! The admin HTTP port (off by default; bind it to 127.0.0.1): `/live`, `/ready`, `/metrics`.
+//! A deliberately small HTTP/1.1 responder: GET only, one request per connection.
+
+use crate::worker::Worker;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: CancellationToken) {
+    loop {
+        let (mut stream, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "admin accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let w = Arc::clone(&worker);
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
+            {
+                Ok(Ok(n)) => n,
+                _ => return,
+            };
+            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut parts = head.split_whitespace();
+            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            let (status, ctype, body) = if method != "GET" {
+                (
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    "GET only\n".to_string(),
+                )
+            } else {
+                match path {
+                    "/live" => {
+                        if w.alive() {
+                            ("200 OK", "text/plain", "ok\n".to_string())
+                        } else {
+                            (
+                                "503 Service Unavailable",
+                                "text/plain",
+                                "wedged: no progress\n".to_string(),
+                            )
+                        }
+                    }
+                    "/ready" => {
+                        let r = w.readiness().await;
+                        let body = serde_json::to_string(&r).unwrap_or_default() + "\n";
+                        if r.ready {
+                            ("200 OK", "application/json", body)
+                        } else {
+                            ("503 Service Unavailable", "application/json", body)
+                        }
+                    }
+                    "/metrics" => (
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        w.metrics_text().await,
+                    ),
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /live, /ready or /metrics\n".to_string(),
+                    ),
+                }
+            };
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(resp.as_bytes()).await;
+            let _ = stream.shutdown().await;
+        });
+    }
+}

@@ -1,0 +1,137 @@
+//! Human decisions that arrive as data: messages on a queue's decisions queue, and the system's
+//! default decision when a pending job expires. Both go through [`crate::durable::decide`].
+
+use super::Worker;
+use crate::durable::decide::{submit, submit_for, Refusal};
+use crate::durable::Pending;
+use crate::exec::Decision;
+use crate::queue::{Claim, DeadLetter, Finish};
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+impl Worker {
+    /// Consumes the decisions queue of queue `qi` until shutdown.
+    pub(super) async fn decision_loop(self: Arc<Self>, qi: usize, shutdown: CancellationToken) {
+        let Some(dq) = self.queues[qi].decisions.clone() else {
+            return;
+        };
+        let mut failures = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let claims = match self
+                .backend
+                .claim(&dq, 16, self.cfg.lease(), super::CLAIM_WAIT)
+                .await
+            {
+                Ok(c) => {
+                    failures = 0;
+                    c
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(queue = %dq.jobs, error = %e, "claiming decisions failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(crate::backoff::Backoff::reconnect().delay(failures)) => continue,
+                    }
+                }
+            };
+            for claim in claims {
+                let finish = self.decide_from_message(qi, &claim).await;
+                if let Err(e) = self.backend.finish(&dq, &claim, finish).await {
+                    warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; it will be redelivered");
+                }
+            }
+        }
+    }
+
+    /// One decision message: submitted, or rejected with a reply saying why.
+    async fn decide_from_message(&self, qi: usize, claim: &Claim) -> Finish {
+        let names = &self.queues[qi].names;
+        let parsed: Result<(String, Decision), String> =
+            serde_json::from_slice::<Value>(&claim.payload)
+                .map_err(|e| format!("invalid JSON: {e}"))
+                .and_then(|v| {
+                    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+                    let job_id = s("job_id").ok_or("a decision needs 'job_id'")?;
+                    let choice = s("choice").ok_or("a decision needs 'choice'")?;
+                    let by = s("by")
+                        .or_else(|| s("decided_by"))
+                        .ok_or("a decision needs 'by' (who decides)")?;
+                    Ok((
+                        job_id,
+                        Decision {
+                            choice,
+                            rationale: s("rationale").unwrap_or_default(),
+                            decided_by: by,
+                            role: s("role"),
+                        },
+                    ))
+                });
+        let (job_id, decision) = match parsed {
+            Ok(p) => p,
+            Err(reason) => {
+                return Finish::DeadLetter(DeadLetter {
+                    job_id: claim.job_id.clone(),
+                    reason,
+                    attempts: claim.history.clone(),
+                })
+            }
+        };
+        let reply = match submit(self.backend.as_ref(), names, &job_id, &decision).await {
+            Ok(()) => {
+                info!(%job_id, choice = %decision.choice, "decision accepted from the decisions queue");
+                json!({"job_id": job_id, "status": "accepted", "choice": decision.choice})
+            }
+            Err(Refusal::Store(e)) => {
+                return Finish::Retry {
+                    delay: self.backoff.delay(claim.attempt),
+                    error: e.to_string(),
+                }
+            }
+            Err(e) => {
+                warn!(%job_id, reason = %e, "decision rejected");
+                json!({"job_id": job_id, "status": "rejected", "reason": e.to_string()})
+            }
+        };
+        Finish::Publish {
+            result: reply.to_string().into_bytes(),
+            dead_letter: None,
+        }
+    }
+
+    /// Runs the default path of every pending job whose expiry has passed.
+    pub(super) async fn expire_pending(&self) {
+        if !self.durable() {
+            return;
+        }
+        let now = crate::queue::now_ms();
+        for q in &self.queues {
+            let Ok(items) = self.backend.list_pending(&q.names).await else {
+                continue;
+            };
+            for raw in items {
+                let Ok(p) = serde_json::from_slice::<Pending>(&raw) else {
+                    continue;
+                };
+                let Some(decision) = p.expiry_decision(now) else {
+                    continue;
+                };
+                match submit_for(self.backend.as_ref(), &q.names, &p, &decision).await {
+                    Ok(()) => {
+                        info!(job_id = %p.job_id, choice = %decision.choice, "no decision in time: the default path runs")
+                    }
+                    // Another replica got there first, or a human just decided.
+                    Err(Refusal::NotPending(_)) => {}
+                    Err(e) => {
+                        warn!(job_id = %p.job_id, error = %e, "cannot apply the expiry decision")
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,493 @@
+//! Operations: systemd units verify, sd_notify readiness/watchdog/stopping, /metrics counts
+//! parsed by a real Prometheus parser, /ready following Redis away and back.
+
+use redis::Commands;
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_lar-worker");
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn graph() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("graphs/bench.toml")
+}
+
+fn write_config(dir: &Path, redis_url: &str, queue: &str, admin: Option<u16>) -> PathBuf {
+    let mut text = format!(
+        "[worker]\nconcurrency = 4\nlog_dir = \"audit\"\nlease_ms = 5000\ndrain_timeout_ms = 3000\n\
+         [backend]\nkind = \"redis\"\nurl = \"{redis_url}\"\n\
+         [[queues]]\nname = \"{queue}\"\nresults = \"{queue}:out\"\ngraph = \"{}\"\n",
+        graph().display()
+    );
+    if let Some(p) = admin {
+        text.push_str(&format!("[admin]\nlisten = \"127.0.0.1:{p}\"\n"));
+    }
+    let path = dir.join("workers.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn spawn(config: &Path, extra: &[(&str, &str)]) -> Child {
+    let mut c = Command::new(BIN);
+    c.args(["run", "--config"])
+        .arg(config)
+        .env("HMAC_SECRET", "ops-secret")
+        .env("RUST_LOG", "info");
+    for (k, v) in extra {
+        c.env(k, v);
+    }
+    c.stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn term(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    child.wait().unwrap()
+}
+
+fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    let code = buf.split_whitespace().nth(1)?.parse().ok()?;
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+struct Notify {
+    sock: UnixDatagram,
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+}
+
+impl Notify {
+    fn new() -> Notify {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("notify.sock");
+        let sock = UnixDatagram::bind(&path).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Notify {
+            sock,
+            _dir: dir,
+            path,
+        }
+    }
+    /// Messages received within `d`, each with its arrival time.
+    fn collect(&self, d: Duration) -> Vec<(Instant, String)> {
+        let start = Instant::now();
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        while start.elapsed() < d {
+            if let Ok(n) = self.sock.recv(&mut buf) {
+                out.push((
+                    Instant::now(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ));
+            }
+        }
+        out
+    }
+}
+
+#[test]
+fn systemd_units_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let units = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/systemd");
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&units).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".service") || name.ends_with(".timer") {
+            let text = std::fs::read_to_string(e.path())
+                .unwrap()
+                .replace("/usr/local/bin/lar-worker", BIN);
+            std::fs::write(dir.path().join(&name), text).unwrap();
+            names.push(name);
+        }
+    }
+    assert!(
+        names.iter().any(|n| n == "lar-worker@.service"),
+        "{names:?}"
+    );
+    for n in &names {
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(dir.path().join(n))
+            .env("SYSTEMD_LOG_LEVEL", "warning")
+            .output()
+            .expect("systemd-analyze (package systemd) is installed");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && err.trim().is_empty(), "{n}: {err}");
+    }
+    let unit = std::fs::read_to_string(units.join("lar-worker@.service")).unwrap();
+    for needle in [
+        "Type=notify",
+        "LoadCredential=hmac_secret",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "WatchdogSec=",
+        "TimeoutStopSec=30",
+    ] {
+        assert!(unit.contains(needle), "{needle}");
+    }
+}
+
+#[test]
+fn no_ready_while_the_broker_is_down() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir.path(),
+        &format!("redis://127.0.0.1:{}/0", free_port()),
+        "ops-down:jobs",
+        None,
+    );
+    let n = Notify::new();
+    let mut child = spawn(&config, &[("NOTIFY_SOCKET", n.path.to_str().unwrap())]);
+    let msgs = n.collect(Duration::from_secs(3));
+    let status = term(&mut child);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(msgs.iter().all(|(_, m)| !m.contains("READY=1")), "{msgs:?}");
+    assert!(
+        status.success(),
+        "a stop while waiting for the broker is clean"
+    );
+    assert!(
+        err.contains("queue backend unreachable: not ready"),
+        "{err}"
+    );
+}
+
+#[test]
+fn ready_watchdog_wedge_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
+    let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, None);
+
+    // Healthy: READY after the checks, watchdog pings keep coming, STOPPING on SIGTERM.
+    let n = Notify::new();
+    let mut child = spawn(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", n.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "600000"),
+        ],
+    );
+    let msgs = n.collect(Duration::from_secs(3));
+    let ready = msgs
+        .iter()
+        .position(|(_, m)| m.contains("READY=1"))
+        .expect("READY=1");
+    assert!(msgs[ready].1.contains("STATUS="), "{msgs:?}");
+    let pings = msgs
+        .iter()
+        .filter(|(_, m)| m.contains("WATCHDOG=1"))
+        .count();
+    assert!(
+        pings >= 4,
+        "watchdog pings while idle-waiting on the broker: {msgs:?}"
+    );
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let msgs = n.collect(Duration::from_secs(2));
+    assert!(child.wait().unwrap().success());
+    assert!(
+        msgs.iter()
+            .any(|(_, m)| m.contains("STOPPING=1") && m.contains("EXTEND_TIMEOUT_USEC=")),
+        "{msgs:?}"
+    );
+
+    // Wedged: the pings stop, and the log says why.
+    let n = Notify::new();
+    let mut child = spawn(
+        &config,
+        &[
+            ("NOTIFY_SOCKET", n.path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "600000"),
+            ("LAR_WORKER_TEST_WEDGE", "1"),
+        ],
+    );
+    let msgs = n.collect(Duration::from_secs(5));
+    let end = Instant::now();
+    term(&mut child);
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(msgs.iter().any(|(_, m)| m.contains("READY=1")));
+    let last_ping = msgs
+        .iter()
+        .filter(|(_, m)| m.contains("WATCHDOG=1"))
+        .map(|(t, _)| *t)
+        .last();
+    if let Some(t) = last_ping {
+        assert!(
+            end.duration_since(t) > Duration::from_millis(2000),
+            "pings continued while wedged: {msgs:?}"
+        );
+    }
+    assert!(err.contains("withholding the watchdog ping"), "{err}");
+    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).unwrap();
+    }
+}
+
+fn ensure_prometheus_parser() {
+    let ok = Command::new("python3")
+        .args(["-c", "import prometheus_client"])
+        .status()
+        .unwrap()
+        .success();
+    if !ok {
+        let _ = Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet", "prometheus_client"])
+            .status();
+    }
+}
+
+#[test]
+fn metrics_count_exactly_the_jobs_run() {
+    ensure_prometheus_parser();
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
+    let port = free_port();
+    let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, Some(port));
+    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    for i in 0..5 {
+        let _: () = r
+            .rpush(&queue, format!("{{\"kind\":\"sum\",\"numbers\":[{i},1]}}"))
+            .unwrap();
+    }
+    let _: () = r.rpush(&queue, "not json").unwrap();
+    let _: () = r.rpush(&queue, "[1,2]").unwrap();
+    let mut child = spawn(&config, &[]);
+    let results = format!("{queue}:out");
+    let done = wait_for(Duration::from_secs(20), || {
+        let n: u64 = r.llen(&results).ok()?;
+        let d: u64 = r.llen(format!("{queue}:dead")).ok()?;
+        (n == 5 && d == 2).then_some(())
+    });
+    assert!(done.is_some(), "jobs processed");
+    let (code, body) =
+        wait_for(Duration::from_secs(5), || http_get(port, "/metrics")).expect("/metrics answers");
+    term(&mut child);
+    assert_eq!(code, 200);
+    let script = r#"
+import json, sys
+from prometheus_client.parser import text_string_to_metric_families
+out = {}
+for fam in text_string_to_metric_families(sys.stdin.read()):
+    for s in fam.samples:
+        out[s.name + json.dumps(s.labels, sort_keys=True)] = s.value
+print(json.dumps(out))
+"#;
+    let mut py = Command::new("python3")
+        .args(["-c", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    py.stdin.take().unwrap().write_all(body.as_bytes()).unwrap();
+    let out = py.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "the Prometheus parser accepts the page:\n{body}"
+    );
+    let m: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let get = |name: &str, labels: &str| m[format!("{name}{labels}")].as_f64().unwrap_or(-1.0);
+    let q = |outcome: &str| format!("{{\"outcome\": \"{outcome}\", \"queue\": \"{queue}\"}}");
+    assert_eq!(get("lar_worker_jobs_total", &q("claimed")), 7.0, "{m}");
+    assert_eq!(get("lar_worker_jobs_total", &q("completed")), 5.0);
+    assert_eq!(get("lar_worker_jobs_total", &q("dead_lettered")), 2.0);
+    assert_eq!(get("lar_worker_jobs_total", &q("failed")), 0.0);
+    assert_eq!(
+        get(
+            "lar_worker_step_duration_seconds_count",
+            "{\"kind\": \"set\"}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        get(
+            "lar_worker_step_duration_seconds_count",
+            "{\"kind\": \"tool\"}"
+        ),
+        10.0
+    );
+    assert_eq!(
+        get(
+            "lar_worker_dead_letters",
+            &format!("{{\"queue\": \"{queue}\"}}")
+        ),
+        2.0
+    );
+    assert_eq!(get("lar_worker_in_flight", "{}"), 0.0);
+    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).unwrap();
+    }
+}
+
+#[test]
+fn ready_follows_redis_away_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let rport = free_port();
+    let start_redis = || {
+        Command::new("redis-server")
+            .args([
+                "--port",
+                &rport.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut redis_proc = start_redis();
+    let url = format!("redis://127.0.0.1:{rport}/0");
+    wait_for(Duration::from_secs(5), || {
+        redis::Client::open(url.as_str())
+            .ok()?
+            .get_connection()
+            .ok()
+    })
+    .expect("redis up");
+    let port = free_port();
+    let config = write_config(dir.path(), &url, "ops-ready:jobs", Some(port));
+    let mut child = spawn(&config, &[]);
+    let up = wait_for(Duration::from_secs(10), || {
+        http_get(port, "/ready").filter(|(c, _)| *c == 200)
+    });
+    assert!(up.is_some(), "ready with redis up");
+    let _ = redis_proc.kill();
+    let _ = redis_proc.wait();
+    let down = wait_for(Duration::from_secs(15), || {
+        http_get(port, "/ready").filter(|(c, _)| *c == 503)
+    });
+    let (_, body) = down.expect("/ready flips to 503 when redis goes away");
+    assert!(body.contains("\"ready\":false"), "{body}");
+    let mut redis_proc = start_redis();
+    let back = wait_for(Duration::from_secs(20), || {
+        http_get(port, "/ready").filter(|(c, _)| *c == 200)
+    });
+    assert!(back.is_some(), "/ready comes back with redis");
+    assert_eq!(http_get(port, "/live").map(|(c, _)| c), Some(200));
+    term(&mut child);
+    let _ = redis_proc.kill();
+    let _ = redis_proc.wait();
+}
+
+#[test]
+fn dead_letters_show_and_redrive_keep_the_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
+    let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, None);
+    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let bad = "{\"kind\": \"sum\", truncated";
+    let _: () = r.rpush(&queue, bad).unwrap();
+    let mut child = spawn(&config, &[]);
+    let dead = wait_for(Duration::from_secs(20), || {
+        let d: Vec<String> = r.lrange(format!("{queue}:dead"), 0, -1).ok()?;
+        (d.len() == 1).then(|| d[0].clone())
+    })
+    .expect("dead-lettered");
+    term(&mut child);
+    let entry: Value = serde_json::from_str(&dead).unwrap();
+    let job_id = entry["job_id"].as_str().unwrap().to_string();
+    assert!(
+        entry["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON"),
+        "{entry}"
+    );
+    let cli = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let (code, out) = cli(&["dead-letters", "show", &job_id]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("invalid JSON"), "{out}");
+    let (code, _) = cli(&["dead-letters", "redrive", &job_id]);
+    assert_eq!(code, Some(0));
+    let back: Vec<String> = r.lrange(&queue, 0, -1).unwrap();
+    assert_eq!(
+        back,
+        vec![bad.to_string()],
+        "the payload is back, byte for byte"
+    );
+    let d: u64 = r.llen(format!("{queue}:dead")).unwrap();
+    assert_eq!(d, 0);
+    let (code, _) = cli(&["dead-letters", "redrive", &job_id]);
+    assert_eq!(code, Some(2), "a second redrive finds nothing");
+    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).unwrap();
+    }
+}
