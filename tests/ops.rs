@@ -261,7 +261,7 @@ fn ready_watchdog_wedge_and_stopping() {
         .iter()
         .filter(|(_, m)| m.contains("WATCHDOG=1"))
         .map(|(t, _)| *t)
-        .last();
+        .next_back();
     if let Some(t) = last_ping {
         assert!(
             end.duration_since(t) > Duration::from_millis(2000),

@@ -98,7 +98,8 @@ pub fn render(queues: &[QueueSample], in_flight: u64, steps: &StepMetrics) -> St
     );
     let _ = writeln!(out, "# TYPE lar_worker_in_flight gauge");
     let _ = writeln!(out, "lar_worker_in_flight {in_flight}");
-    let gauges: [(&str, &str, fn(&QueueSample) -> Option<u64>); 5] = [
+    type Gauge = (&'static str, &'static str, fn(&QueueSample) -> Option<u64>);
+    let gauges: [Gauge; 5] = [
         (
             "lar_worker_queue_ready",
             "Jobs waiting to be claimed.",

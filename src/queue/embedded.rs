@@ -846,6 +846,11 @@ impl Backend for EmbeddedBackend {
     }
 }
 
+/// Opens the embedded backend as the daemon's `dyn Backend`.
+pub fn open_backend(path: &Path, worker_id: String) -> Result<Arc<dyn Backend>, QueueError> {
+    Ok(Arc::new(EmbeddedBackend::open(path, worker_id)?))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -901,9 +906,4 @@ mod tests {
             .unwrap();
         assert_eq!(sync, 2, "FULL");
     }
-}
-
-/// Opens the embedded backend as the daemon's `dyn Backend`.
-pub fn open_backend(path: &Path, worker_id: String) -> Result<Arc<dyn Backend>, QueueError> {
-    Ok(Arc::new(EmbeddedBackend::open(path, worker_id)?))
 }
