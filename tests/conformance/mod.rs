@@ -451,8 +451,16 @@ impl Fixture {
                     "per-job state left after every job finished: {left:?}"
                 );
             }
-            // Its per-job state is rows of tables that the depth counts cover.
-            Kind::Embedded => {}
+            Kind::Embedded => {
+                let db = self.dir.path().join("queue.db");
+                let left = tokio::task::spawn_blocking(move || embedded_rows_left(&db))
+                    .await
+                    .unwrap();
+                assert!(
+                    left.is_empty(),
+                    "per-job state left after every job finished (table, rows): {left:?}"
+                );
+            }
         }
     }
 
@@ -670,6 +678,32 @@ fn redis_keys(
         }
         cursor = next;
     }
+}
+
+/// Rows in every table of an embedded database except results and dead letters (each test
+/// has its own database file, so every row is this test's).
+fn embedded_rows_left(db: &Path) -> Vec<(String, i64)> {
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .unwrap_or_else(|e| panic!("open {}: {e}", db.display()));
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let tables: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+        .unwrap_or_else(|e| panic!("list tables of {}: {e}", db.display()));
+    let mut left = Vec::new();
+    for t in tables {
+        if ["results", "dead_letters"].contains(&t.as_str()) || t.starts_with("sqlite_") {
+            continue;
+        }
+        let n: i64 = conn
+            .query_row(&format!("SELECT COUNT(*) FROM \"{t}\""), [], |r| r.get(0))
+            .unwrap_or_else(|e| panic!("count {t}: {e}"));
+        if n > 0 {
+            left.push((t, n));
+        }
+    }
+    left
 }
 
 // ---- assertions shared by scenarios -----------------------------------------------------
