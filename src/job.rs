@@ -77,11 +77,9 @@ pub fn write_run_log(
 }
 
 /// How a drive ended.
-// Built once per run and matched at once: boxing the report would buy nothing.
-#[allow(clippy::large_enum_variant)]
 pub enum Driven {
     /// The run reached an end (completed, failed or halted) and its log is written.
-    Ended(JobReport),
+    Ended(Box<JobReport>),
     /// Cancelled between or during steps (shutdown): hand the job back; it resumes from its
     /// last checkpoint.
     Interrupted,
@@ -173,7 +171,7 @@ pub async fn drive(
                 .map_err(|e| std::io::Error::other(format!("log writer task failed: {e}")))??
         }
     };
-    Ok(Driven::Ended(JobReport {
+    Ok(Driven::Ended(Box::new(JobReport {
         job_id: run.job_id().to_string(),
         run_id: run.run_id().to_string(),
         status: run.status().clone(),
@@ -182,7 +180,7 @@ pub async fn drive(
         state: run.into_state(),
         log_path,
         signature,
-    }))
+    })))
 }
 
 /// Runs a whole job in memory (the `run-once` pattern): every step, then the signed log.

@@ -259,9 +259,9 @@ fn ready_watchdog_wedge_and_stopping() {
     assert!(msgs.iter().any(|(_, m)| m.contains("READY=1")));
     let last_ping = msgs
         .iter()
-        .filter(|(_, m)| m.contains("WATCHDOG=1"))
-        .map(|(t, _)| *t)
-        .next_back();
+        .rev()
+        .find(|(_, m)| m.contains("WATCHDOG=1"))
+        .map(|(t, _)| *t);
     if let Some(t) = last_ping {
         assert!(
             end.duration_since(t) > Duration::from_millis(2000),

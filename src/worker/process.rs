@@ -158,7 +158,7 @@ impl Worker {
             abort: hard_stop.clone(),
         };
         let report = match drive(run, log, &self.registry, &self.audit, &stops, sink_ref).await {
-            Ok(Driven::Ended(r)) => r,
+            Ok(Driven::Ended(r)) => *r,
             Ok(Driven::Interrupted) | Ok(Driven::Fenced) => {
                 return (Finish::Release, Verdict::Release)
             }
