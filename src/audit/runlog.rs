@@ -129,9 +129,17 @@ impl RunLog {
             prompt += p;
             completion += c;
             total += t;
-            if let Some(model) = meta.get("model").and_then(Value::as_str) {
+            let mut add = |model: &str, n: u64| {
                 let prev = by_model.get(model).and_then(Value::as_u64).unwrap_or(0);
-                by_model.insert(model.to_string(), Value::from(prev + t));
+                by_model.insert(model.to_string(), Value::from(prev + n));
+            };
+            // A batch step sums several calls, possibly of several models.
+            if let Some(Value::Object(models)) = meta.get("tokens_by_model") {
+                for (model, n) in models {
+                    add(model, n.as_u64().unwrap_or(0));
+                }
+            } else if let Some(model) = meta.get("model").and_then(Value::as_str) {
+                add(model, t);
             }
         }
         let mut m = Map::new();
