@@ -9,7 +9,7 @@ use crate::net::{HeaderSpec, RetrySpec, SecretRef};
 use crate::tools::Registry;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -158,6 +158,10 @@ fn build(
             }
         }
     }
+    // Declared, valid or not: a node naming a broken provider gets no second error.
+    let declared_providers: BTreeSet<String> = providers_table
+        .map(|t| t.keys().cloned().collect())
+        .unwrap_or_default();
 
     // Pass 1: ids.
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -182,7 +186,7 @@ fn build(
     // Pass 2: each node's fields.
     let mut nodes = Vec::with_capacity(nodes_raw.len());
     for (raw, id) in nodes_raw.iter().zip(&ids) {
-        match parse_node(file, id, raw, &index, &tools, &providers, registry) {
+        match parse_node(file, id, raw, &index, &tools, &declared_providers, registry) {
             Ok(node) => nodes.push(node),
             Err(mut e) => errors.append(&mut e),
         }
@@ -536,13 +540,13 @@ fn read_template(r: &mut FieldReader, field: &'static str, required: bool) -> Op
 /// (only reductions have one).
 fn read_llm_spec(
     r: &mut FieldReader,
-    providers: &BTreeMap<String, ProviderSpec>,
+    providers: &BTreeSet<String>,
     default_prompt: Option<String>,
 ) -> Option<LlmSpec> {
     let provider = r.req_str("provider");
     if let Some(p) = &provider {
-        if !providers.contains_key(p) {
-            let declared: Vec<&str> = providers.keys().map(String::as_str).collect();
+        if !providers.contains(p) {
+            let declared: Vec<&str> = providers.iter().map(String::as_str).collect();
             r.error(
                 Some("provider"),
                 format!(
@@ -608,7 +612,7 @@ fn parse_node(
     raw: &Value,
     index: &HashMap<String, usize>,
     tools: &BTreeMap<String, ToolSpec>,
-    providers: &BTreeMap<String, ProviderSpec>,
+    providers: &BTreeSet<String>,
     registry: &Registry,
 ) -> Result<Node, Vec<GraphError>> {
     let Value::Object(map) = raw else {
