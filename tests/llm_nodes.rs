@@ -477,3 +477,193 @@ output = "o"
         );
     }
 }
+
+/// The shipped example, pointed at the stub server instead of Ollama.
+fn shipped_triage(env: &Env, server: &Server) -> std::sync::Arc<lar_worker::graph::Graph> {
+    let text = std::fs::read_to_string("graphs/support_triage_llm.toml").unwrap();
+    let text = text
+        .replace(
+            "base_url     = \"http://localhost:11434/v1\"",
+            &format!("base_url = \"{}/v1\"", server.url()),
+        )
+        .replace(
+            "api_key_env  = \"LLM_API_KEY\"",
+            &format!("api_key_file = \"{}\"", env.key_file().display()),
+        );
+    assert!(text.contains(&server.url()) && text.contains("api_key_file"));
+    env.graph(&text)
+}
+
+#[tokio::test]
+async fn the_shipped_triage_graph_runs() {
+    let server = Server::start(|req, _| {
+        if req.json().get("response_format").is_some() {
+            if req.user_prompt().contains("login") {
+                chat("{\"priority\": 1}", "llama3.2", 50, 10) // no category: the router's default
+            } else {
+                chat(
+                    "{\"category\": \"billing\", \"priority\": 3, \"summary\": \"double charge\"}",
+                    "llama3.2",
+                    60,
+                    20,
+                )
+            }
+        } else {
+            chat("Hello, sorry about that - we are on it.", "llama3.2", 80, 15)
+        }
+    })
+    .await;
+    let env = Env::new();
+    let graph = shipped_triage(&env, &server);
+    let (report, log) = env
+        .run(
+            graph.clone(),
+            json!({"ticket_id": "T-1", "customer": "c-42",
+                   "text": "I was charged twice this month", "token_budget": 4000}),
+        )
+        .await;
+    assert_eq!(report.status_name(), "completed", "{:?}", report.status);
+    assert_eq!(report.state["queue"], "billing");
+    assert_eq!(report.state["triage"]["priority"], 3);
+    assert_eq!(report.state["account"]["plan"], "pro");
+    assert_eq!(
+        report.state["draft_reply"],
+        "Hello, sorry about that - we are on it."
+    );
+    assert_eq!(report.state["token_budget"], 4000 - 80 - 95);
+    assert_eq!(log["summary"]["tokens_by_model"], json!({"llama3.2": 175}));
+    let draft = server.requests()[1].user_prompt();
+    assert!(draft.contains("Queue: billing"), "{draft}");
+
+    let (report, _) = env
+        .run(
+            graph,
+            json!({"ticket_id": "T-2", "customer": "c-7", "text": "error at login"}),
+        )
+        .await;
+    assert_eq!(report.status_name(), "completed", "{:?}", report.status);
+    assert_eq!(report.state["queue"], "general");
+}
+
+#[test]
+fn the_manifest_lists_models_hosts_endpoints_and_risks() {
+    let env = Env::new();
+    let graph = env.graph(
+        r#"
+entry = "classify"
+
+[[nodes]]
+id = "classify"
+type = "llm"
+provider = "cloud"
+model = "gpt-4o-mini"
+fallbacks = ["gpt-4o"]
+prompt = "{text}"
+output = "category"
+next = "fan"
+
+[[nodes]]
+id = "fan"
+type = "batch"
+branches = [["notify"], ["summarise"]]
+next = "review"
+error = "review"
+
+[[nodes]]
+id = "notify"
+type = "tool"
+tool = "webhook"
+inputs = ["category"]
+
+[[nodes]]
+id = "summarise"
+type = "reduce"
+provider = "cloud"
+model = "gpt-4o-mini"
+keys = ["text"]
+output = "summary"
+
+[[nodes]]
+id = "review"
+type = "human_jury"
+prompt = "Close the ticket?"
+choices = ["yes", "no"]
+next = "close"
+
+[[nodes]]
+id = "close"
+type = "tool"
+tool = "closer"
+inputs = ["summary"]
+error = "review"
+
+[providers.cloud]
+base_url = "http://llm.example.com/v1"
+api_key_env = "CLOUD_KEY"
+
+[tools.webhook]
+http = { url = "https://hooks.example.com/notify", headers = { Authorization = "env:HOOK_TOKEN" } }
+timeout_ms = 2000
+
+[tools.closer]
+http = { url = "https://crm.example.com/close", method = "PUT" }
+"#,
+    );
+    let m = lar_worker::graph::manifest::manifest(&graph);
+    assert_eq!(m["models"][0]["model"], "gpt-4o-mini");
+    assert_eq!(m["models"][0]["fallbacks"], json!(["gpt-4o"]));
+    assert_eq!(m["models"][0]["host"], "llm.example.com");
+    assert_eq!(m["models"][1]["type"], "reduce");
+    assert_eq!(m["models"][1]["removes"], json!(["text"]));
+    assert_eq!(m["providers"][0]["api_key"], "env:CLOUD_KEY");
+    let endpoints = m["http_endpoints"].as_array().unwrap();
+    let hosts: Vec<&str> = endpoints.iter().map(|e| e["host"].as_str().unwrap()).collect();
+    assert_eq!(hosts, ["crm.example.com", "hooks.example.com"]);
+    assert_eq!(endpoints[0]["idempotent"], true); // PUT
+    assert_eq!(endpoints[1]["idempotent"], false); // POST
+    assert_eq!(endpoints[1]["headers"], json!(["Authorization: <env:HOOK_TOKEN>"]));
+    let fan = m["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == "fan")
+        .unwrap();
+    assert_eq!(fan["branches"], json!([["notify"], ["summarise"]]));
+
+    let risks: Vec<(String, String)> = m["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["node"].as_str().unwrap().to_string(),
+                r["risk"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let has = |node: &str, risk: &str| risks.iter().any(|(n, r)| n == node && r == risk);
+    // The classification reaches the webhook inside the batch without review ...
+    assert!(has(
+        "classify",
+        "llm_output_reaches_external_action_without_human_review"
+    ));
+    let detail = m["risks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["node"] == "classify" && r["risk"] == "llm_output_reaches_external_action_without_human_review")
+        .unwrap()["detail"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(detail.contains("tool 'webhook'"), "{detail}");
+    // ... but 'closer' sits behind the human_jury.
+    assert!(!detail.contains("closer"), "{detail}");
+    assert!(has("classify", "llm_failure_ends_run"));
+    assert!(has("providers.cloud", "secret_over_cleartext_http"));
+    assert!(has("providers.cloud", "llm_without_timeout"));
+    assert!(has("closer", "tool_without_timeout") || has("close", "tool_without_timeout"));
+    // Branch nodes' failures go to the batch's error path: not flagged on their own.
+    assert!(!has("notify", "tool_failure_ends_run"));
+    assert!(!has("fan", "batch_failure_ends_run"));
+}
