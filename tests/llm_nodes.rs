@@ -509,7 +509,12 @@ async fn the_shipped_triage_graph_runs() {
                 )
             }
         } else {
-            chat("Hello, sorry about that - we are on it.", "llama3.2", 80, 15)
+            chat(
+                "Hello, sorry about that - we are on it.",
+                "llama3.2",
+                80,
+                15,
+            )
         }
     })
     .await;
@@ -617,11 +622,17 @@ http = { url = "https://crm.example.com/close", method = "PUT" }
     assert_eq!(m["models"][1]["removes"], json!(["text"]));
     assert_eq!(m["providers"][0]["api_key"], "env:CLOUD_KEY");
     let endpoints = m["http_endpoints"].as_array().unwrap();
-    let hosts: Vec<&str> = endpoints.iter().map(|e| e["host"].as_str().unwrap()).collect();
+    let hosts: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e["host"].as_str().unwrap())
+        .collect();
     assert_eq!(hosts, ["crm.example.com", "hooks.example.com"]);
     assert_eq!(endpoints[0]["idempotent"], true); // PUT
     assert_eq!(endpoints[1]["idempotent"], false); // POST
-    assert_eq!(endpoints[1]["headers"], json!(["Authorization: <env:HOOK_TOKEN>"]));
+    assert_eq!(
+        endpoints[1]["headers"],
+        json!(["Authorization: <env:HOOK_TOKEN>"])
+    );
     let fan = m["nodes"]
         .as_array()
         .unwrap()
@@ -651,7 +662,10 @@ http = { url = "https://crm.example.com/close", method = "PUT" }
         .as_array()
         .unwrap()
         .iter()
-        .find(|r| r["node"] == "classify" && r["risk"] == "llm_output_reaches_external_action_without_human_review")
+        .find(|r| {
+            r["node"] == "classify"
+                && r["risk"] == "llm_output_reaches_external_action_without_human_review"
+        })
         .unwrap()["detail"]
         .as_str()
         .unwrap()

@@ -9,7 +9,9 @@
 
 use super::diff::state_diff;
 use super::llm::{spend_budget, TOKEN_BUDGET};
-use super::node::{bump_visit, exec_leaf, Ctx, NodeOutcome, LAST_ERROR, NODE_COUNTS};
+use super::node::{
+    bump_visit, elapsed_us, exec_leaf, insert_outcome, Ctx, NodeOutcome, LAST_ERROR, NODE_COUNTS,
+};
 use super::run::now_utc;
 use crate::graph::Node;
 use serde_json::{Map, Value};
@@ -36,7 +38,7 @@ pub(super) async fn run_batch(
     state: &mut Map<String, Value>,
 ) -> NodeOutcome {
     let base = state.clone();
-    let runs = futures::future::join_all(
+    let mut runs = futures::future::join_all(
         branches
             .iter()
             .enumerate()
@@ -107,8 +109,8 @@ pub(super) async fn run_batch(
     if tokens.any {
         spend_budget(state, tokens.total);
     }
-    for run in runs.iter() {
-        records.extend(run.records.iter().cloned());
+    for run in &mut runs {
+        records.append(&mut run.records);
     }
 
     let mut meta = tokens.into_metadata();
@@ -209,22 +211,9 @@ async fn run_branch(
         );
         rec.insert("state_diff".into(), diff);
         rec.insert("run_metadata".into(), Value::Object(out.metadata));
-        rec.insert(
-            "outcome".into(),
-            Value::String(if error.is_some() { "error" } else { "success" }.into()),
-        );
-        if let Some(e) = &error {
-            rec.insert("error".into(), Value::String(e.clone()));
-        }
-        if let Some(p) = out.texts.prompt {
-            rec.insert("prompt".into(), Value::String(p));
-        }
-        if let Some(s) = out.texts.system_instruction {
-            rec.insert("system_instruction".into(), Value::String(s));
-        }
+        insert_outcome(&mut rec, error, out.texts);
         rec.insert("started_at".into(), Value::String(started_at));
-        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
-        rec.insert("duration_us".into(), Value::from(micros));
+        rec.insert("duration_us".into(), Value::from(elapsed_us(clock)));
         run.records.push(Value::Object(rec));
         run.ran.push(idx);
 

@@ -32,6 +32,31 @@ pub(super) struct PromptTexts {
     pub system_instruction: Option<String>,
 }
 
+/// Writes Lár's `outcome`, then `error`, `prompt` and `system_instruction` when present: the
+/// part of a step record between `run_metadata` and `state_after`.
+pub(super) fn insert_outcome(
+    rec: &mut Map<String, Value>,
+    error: Option<String>,
+    texts: PromptTexts,
+) {
+    let outcome = if error.is_some() { "error" } else { "success" };
+    rec.insert("outcome".into(), Value::String(outcome.into()));
+    if let Some(e) = error {
+        rec.insert("error".into(), Value::String(e));
+    }
+    if let Some(p) = texts.prompt {
+        rec.insert("prompt".into(), Value::String(p));
+    }
+    if let Some(s) = texts.system_instruction {
+        rec.insert("system_instruction".into(), Value::String(s));
+    }
+}
+
+/// Microseconds since `clock`, for `duration_us`.
+pub(super) fn elapsed_us(clock: std::time::Instant) -> u64 {
+    u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
 /// What executing one node produced.
 #[derive(Default)]
 pub(super) struct NodeOutcome {

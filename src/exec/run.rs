@@ -3,7 +3,9 @@
 //! process (after a crash or a human decision) can continue exactly where it stopped.
 
 use super::diff::state_diff;
-use super::node::{bump_visit, exec_node, Ctx, NodeOutcome, PromptTexts, LAST_ERROR};
+use super::node::{
+    bump_visit, elapsed_us, exec_node, insert_outcome, Ctx, NodeOutcome, PromptTexts, LAST_ERROR,
+};
 use super::step::StepRecord;
 use crate::graph::{Graph, NodeKind};
 use crate::json::truthy;
@@ -382,18 +384,7 @@ impl Run {
         rec.insert("state_before".into(), Value::Object(before));
         rec.insert("state_diff".into(), diff);
         rec.insert("run_metadata".into(), Value::Object(metadata));
-        let outcome = if error.is_some() { "error" } else { "success" };
-        rec.insert("outcome".into(), Value::String(outcome.into()));
-        if let Some(e) = error {
-            rec.insert("error".into(), Value::String(e));
-        }
-        // Lár's order: error, prompt, system_instruction, state_after.
-        if let Some(p) = texts.prompt {
-            rec.insert("prompt".into(), Value::String(p));
-        }
-        if let Some(s) = texts.system_instruction {
-            rec.insert("system_instruction".into(), Value::String(s));
-        }
+        insert_outcome(&mut rec, error, texts);
         rec.insert("state_after".into(), Value::Object(after));
         rec.insert("node_id".into(), Value::String(node.id.clone()));
         rec.insert(
@@ -401,8 +392,7 @@ impl Run {
             Value::String(node.kind.type_name().into()),
         );
         rec.insert("started_at".into(), Value::String(started_at.to_string()));
-        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
-        rec.insert("duration_us".into(), Value::from(micros));
+        rec.insert("duration_us".into(), Value::from(elapsed_us(clock)));
         rec
     }
 
