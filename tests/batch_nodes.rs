@@ -81,7 +81,7 @@ value = true
 #[tokio::test]
 async fn three_branches_merge_first_writer_wins_and_every_step_is_logged() {
     let server = Server::start(|req, _| {
-        let d = Duration::from_millis(300);
+        let d = Duration::from_millis(500);
         match req.model().as_str() {
             "model-a" => chat("negative", "model-a", 10, 2).after(d),
             _ => chat("en", "model-c", 7, 1).after(d),
