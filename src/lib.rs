@@ -4,7 +4,8 @@
 //! - [`json`]: Python-compatible canonical JSON (the bytes Lár signs).
 //! - [`audit`]: the HMAC secret, run logs, the authority ledger, verification.
 //! - [`graph`]: the graph file format, loaded into a validated typed graph.
-//! - [`tools`]: external-program tools and registered Rust tools.
+//! - [`net`]: outbound HTTP (LLM providers, `http` tools): retries, timeouts, secrets.
+//! - [`tools`]: external-program, HTTP and registered Rust tools.
 //! - [`exec`]: the step-by-step executor.
 //! - [`job`]: one job from input to signed log.
 //! - [`cli`]: the `lar-worker` command.
@@ -19,6 +20,8 @@ pub mod graph;
 pub mod ids;
 pub mod job;
 pub mod json;
+pub mod llm;
+pub mod net;
 pub mod ops;
 pub mod queue;
 pub mod telemetry;

@@ -77,17 +77,23 @@ impl RunLog {
         write_object(&mut bytes, &rec, true);
         if let Some(secret) = secret {
             let link = chain_link(secret, &self.chain_head, &bytes);
-            // "chain" sorts before every other step key, so the signed form is a prefix away.
-            let mut signed = Vec::with_capacity(bytes.len() + 80);
-            signed.extend_from_slice(b"{\"chain\":\"");
-            signed.extend_from_slice(link.as_bytes());
-            signed.extend_from_slice(b"\"");
-            if bytes.len() > 2 {
-                signed.push(b',');
-            }
-            signed.extend_from_slice(&bytes[1..]);
-            bytes = signed;
             rec.insert("chain".into(), Value::String(link.clone()));
+            if rec.keys().all(|k| k.as_str() >= "chain") {
+                // "chain" sorts first, so the signed form is a prefix away.
+                let mut signed = Vec::with_capacity(bytes.len() + 80);
+                signed.extend_from_slice(b"{\"chain\":\"");
+                signed.extend_from_slice(link.as_bytes());
+                signed.extend_from_slice(b"\"");
+                if bytes.len() > 2 {
+                    signed.push(b',');
+                }
+                signed.extend_from_slice(&bytes[1..]);
+                bytes = signed;
+            } else {
+                // A key that sorts before "chain" (a batch's "batch_steps"): serialize again.
+                bytes.clear();
+                write_object(&mut bytes, &rec, true);
+            }
             self.chain_head = link;
         }
         self.canonical.push(bytes);
@@ -129,9 +135,17 @@ impl RunLog {
             prompt += p;
             completion += c;
             total += t;
-            if let Some(model) = meta.get("model").and_then(Value::as_str) {
+            let mut add = |model: &str, n: u64| {
                 let prev = by_model.get(model).and_then(Value::as_u64).unwrap_or(0);
-                by_model.insert(model.to_string(), Value::from(prev + t));
+                by_model.insert(model.to_string(), Value::from(prev + n));
+            };
+            // A batch step sums several calls, possibly of several models.
+            if let Some(Value::Object(models)) = meta.get("tokens_by_model") {
+                for (model, n) in models {
+                    add(model, n.as_u64().unwrap_or(0));
+                }
+            } else if let Some(model) = meta.get("model").and_then(Value::as_str) {
+                add(model, t);
             }
         }
         let mut m = Map::new();
@@ -252,4 +266,36 @@ impl RunLog {
 /// `chain_k = HMAC(secret, chain_{k-1} || "\n" || canonical(step_k without chain))`.
 pub fn chain_link(secret: &Secret, prev: &str, canonical_step: &[u8]) -> String {
     hex::encode(secret.mac_parts(&[prev.as_bytes(), b"\n", canonical_step]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::verify::verify_value;
+
+    #[test]
+    fn keys_sorting_before_chain_still_sign_and_verify() {
+        let secret = Secret::new("s").unwrap();
+        let mut log = RunLog::new(RunLogHeader {
+            run_id: "00000000-0000-4000-8000-000000000000".into(),
+            user_id: None,
+            timestamp: "t".into(),
+            job_id: "j".into(),
+            graph_name: "g".into(),
+            graph_digest: "d".into(),
+        });
+        for (i, extra) in ["batch_steps", "zzz"].iter().enumerate() {
+            let mut rec = Map::new();
+            rec.insert("step".into(), Value::from(i as u64));
+            rec.insert((*extra).into(), Value::Array(vec![Value::from(1)]));
+            log.append(StepRecord(rec), Some(&secret));
+        }
+        let outcome = RunOutcome {
+            status: "completed".into(),
+            reason: None,
+        };
+        let signed = log.sign(&outcome, Some(&secret));
+        let doc: Value = serde_json::from_slice(&signed.file_bytes).unwrap();
+        assert!(verify_value(&doc, &secret).is_valid());
+    }
 }

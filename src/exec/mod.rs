@@ -2,7 +2,10 @@
 //! (Lár's `run_step_by_step`). A [`Run`] owns its state; its [`RunPosition`] is everything a
 //! checkpoint needs to resume it after a crash or a human pause.
 
+mod batch;
 pub mod diff;
+mod llm;
+mod node;
 pub mod run;
 pub mod step;
 

@@ -3,11 +3,13 @@
 //! process (after a crash or a human decision) can continue exactly where it stopped.
 
 use super::diff::state_diff;
+use super::node::{
+    bump_visit, elapsed_us, exec_node, insert_outcome, Ctx, NodeOutcome, PromptTexts, LAST_ERROR,
+};
 use super::step::StepRecord;
-use crate::graph::{Graph, NodeKind, RouteSelector, ToolSpec};
+use crate::graph::{Graph, NodeKind};
 use crate::json::truthy;
-use crate::tools::command::{run_command, CommandCall};
-use crate::tools::{Registry, ToolContext, ToolFailure};
+use crate::tools::Registry;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::sync::Arc;
@@ -84,29 +86,6 @@ pub struct Run {
     step: u64,
     status: RunStatus,
 }
-
-/// What executing one node produced.
-struct NodeOutcome {
-    next: Option<usize>,
-    fatal: Option<String>,
-    halt: Option<Value>,
-    metadata: Map<String, Value>,
-}
-
-impl NodeOutcome {
-    fn go(next: Option<usize>) -> Self {
-        NodeOutcome {
-            next,
-            fatal: None,
-            halt: None,
-            metadata: Map::new(),
-        }
-    }
-}
-
-const NODE_COUNTS: &str = "__node_counts";
-const LAST_ERROR: &str = "last_error";
-const ROUTER_DECISION: &str = "_router_decision";
 
 impl Run {
     /// A new run at the graph's entry with `input` as its initial state.
@@ -244,10 +223,12 @@ impl Run {
             diff,
             outcome.metadata,
             error,
+            outcome.texts,
             after,
             &started_at,
             clock,
         );
+        rec.extend(outcome.extra);
         self.step += 1;
         if let Some(halt) = outcome.halt {
             rec.insert("halt".into(), halt);
@@ -306,6 +287,7 @@ impl Run {
             diff,
             Map::new(),
             None,
+            PromptTexts::default(),
             after,
             &started_at,
             clock,
@@ -352,19 +334,7 @@ impl Run {
     }
 
     fn count_visit(&mut self, node_id: &str) -> u64 {
-        let counts = self
-            .state
-            .entry(NODE_COUNTS)
-            .or_insert_with(|| Value::Object(Map::new()));
-        if !counts.is_object() {
-            *counts = Value::Object(Map::new());
-        }
-        let Value::Object(counts) = counts else {
-            return 1;
-        };
-        let n = counts.get(node_id).and_then(Value::as_u64).unwrap_or(0) + 1;
-        counts.insert(node_id.to_string(), Value::from(n));
-        n
+        bump_visit(&mut self.state, node_id)
     }
 
     fn fatal_step(
@@ -383,6 +353,7 @@ impl Run {
             diff,
             Map::new(),
             Some(msg.clone()),
+            PromptTexts::default(),
             after,
             started_at,
             clock,
@@ -401,6 +372,7 @@ impl Run {
         diff: Value,
         metadata: Map<String, Value>,
         error: Option<String>,
+        texts: PromptTexts,
         after: Map<String, Value>,
         started_at: &str,
         clock: Instant,
@@ -412,11 +384,7 @@ impl Run {
         rec.insert("state_before".into(), Value::Object(before));
         rec.insert("state_diff".into(), diff);
         rec.insert("run_metadata".into(), Value::Object(metadata));
-        let outcome = if error.is_some() { "error" } else { "success" };
-        rec.insert("outcome".into(), Value::String(outcome.into()));
-        if let Some(e) = error {
-            rec.insert("error".into(), Value::String(e));
-        }
+        insert_outcome(&mut rec, error, texts);
         rec.insert("state_after".into(), Value::Object(after));
         rec.insert("node_id".into(), Value::String(node.id.clone()));
         rec.insert(
@@ -424,169 +392,21 @@ impl Run {
             Value::String(node.kind.type_name().into()),
         );
         rec.insert("started_at".into(), Value::String(started_at.to_string()));
-        let micros = u64::try_from(clock.elapsed().as_micros()).unwrap_or(u64::MAX);
-        rec.insert("duration_us".into(), Value::from(micros));
+        rec.insert("duration_us".into(), Value::from(elapsed_us(clock)));
         rec
     }
 
     async fn execute(&mut self, idx: usize, env: &StepEnv<'_>) -> NodeOutcome {
         let graph = Arc::clone(&self.graph);
-        let node = graph.node(idx);
-        match &node.kind {
-            NodeKind::Set { key, value } => {
-                let v = match value {
-                    Value::String(s) if s.len() > 2 && s.starts_with('{') && s.ends_with('}') => {
-                        self.state
-                            .get(&s[1..s.len() - 1])
-                            .cloned()
-                            .unwrap_or(Value::Null)
-                    }
-                    other => other.clone(),
-                };
-                self.state.insert(key.clone(), v);
-                NodeOutcome::go(node.next)
-            }
-            NodeKind::Router {
-                selector,
-                routes,
-                default,
-            } => {
-                let key = match selector {
-                    RouteSelector::Key(k) => Ok(match self.state.get(k) {
-                        Some(Value::String(s)) => s.clone(),
-                        Some(Value::Null) | None => "null".to_string(),
-                        Some(other) => other.to_string(),
-                    }),
-                    RouteSelector::Expr(e) => e.route_key(&self.state),
-                };
-                let key = match key {
-                    Ok(k) => k,
-                    Err(msg) => {
-                        return NodeOutcome {
-                            fatal: Some(msg),
-                            ..NodeOutcome::go(None)
-                        }
-                    }
-                };
-                let target = routes
-                    .iter()
-                    .find(|(route, _)| *route == key)
-                    .map(|(_, i)| *i)
-                    .or(*default);
-                self.state
-                    .insert(ROUTER_DECISION.into(), Value::String(key.clone()));
-                let mut out = NodeOutcome::go(target);
-                if target.is_none() {
-                    out.metadata.insert(
-                        "note".into(),
-                        Value::String(format!("no route for '{key}' and no default: the run ends")),
-                    );
-                }
-                out
-            }
-            NodeKind::Tool {
-                tool,
-                inputs,
-                output,
-                error,
-            } => {
-                let mut args = Map::with_capacity(inputs.len());
-                for k in inputs {
-                    args.insert(k.clone(), self.state.get(k).cloned().unwrap_or(Value::Null));
-                }
-                let ctx = ToolContext {
-                    job_id: self.job_id.clone(),
-                    run_id: self.run_id.clone(),
-                    step: self.step,
-                };
-                match call_tool(&graph, env.registry, tool, &args, &ctx).await {
-                    Ok(result) => {
-                        match (output, result) {
-                            (Some(key), v) => {
-                                self.state.insert(key.clone(), v);
-                            }
-                            (None, Value::Object(obj)) => self.state.extend(obj),
-                            (None, _) => {}
-                        }
-                        NodeOutcome::go(node.next)
-                    }
-                    Err(ToolFailure(reason)) => {
-                        self.state.insert(LAST_ERROR.into(), Value::String(reason));
-                        NodeOutcome::go(*error)
-                    }
-                }
-            }
-            NodeKind::ClearError => {
-                self.state.insert(LAST_ERROR.into(), Value::Null);
-                NodeOutcome::go(node.next)
-            }
-            NodeKind::HumanJury {
-                prompt,
-                choices,
-                output,
-                context,
-                expiry,
-            } => {
-                let mut ctx = Map::new();
-                for k in context {
-                    ctx.insert(k.clone(), self.state.get(k).cloned().unwrap_or(Value::Null));
-                }
-                let mut halt = Map::new();
-                halt.insert("prompt".into(), Value::String(prompt.clone()));
-                halt.insert(
-                    "choices".into(),
-                    Value::Array(choices.iter().cloned().map(Value::String).collect()),
-                );
-                halt.insert("output".into(), Value::String(output.clone()));
-                halt.insert("context".into(), Value::Object(ctx));
-                if let Some(e) = expiry {
-                    halt.insert("expires_after_ms".into(), Value::from(e.after_ms));
-                    halt.insert("on_expiry".into(), Value::String(e.choice.clone()));
-                }
-                NodeOutcome {
-                    halt: Some(Value::Object(halt)),
-                    ..NodeOutcome::go(Some(idx))
-                }
-            }
-        }
-    }
-}
-
-async fn call_tool(
-    graph: &Graph,
-    registry: &Registry,
-    name: &str,
-    args: &Map<String, Value>,
-    ctx: &ToolContext,
-) -> Result<Value, ToolFailure> {
-    let registered = |n: &str| {
-        registry
-            .get(n)
-            .ok_or_else(|| ToolFailure(format!("tool '{n}' is not registered in this worker")))
-    };
-    match graph.tools.get(name) {
-        Some(ToolSpec::Command {
-            argv,
-            timeout,
-            env,
-            cwd,
-            ..
-        }) => {
-            run_command(
-                CommandCall {
-                    tool: name,
-                    argv,
-                    timeout: *timeout,
-                    env,
-                    cwd: cwd.as_ref(),
-                },
-                args,
-                ctx,
-            )
-            .await
-        }
-        Some(ToolSpec::Registered { name: builtin }) => registered(builtin)?.call(args),
-        None => registered(name)?.call(args),
+        let ctx = Ctx {
+            graph: &graph,
+            registry: env.registry,
+            job_id: &self.job_id,
+            run_id: &self.run_id,
+            step: self.step,
+            scope: None,
+        };
+        exec_node(&ctx, idx, &mut self.state).await
     }
 }
 

@@ -7,7 +7,12 @@ pub mod load;
 pub mod manifest;
 pub mod model;
 mod reader;
+pub mod template;
 
 pub use error::{GraphError, GraphErrors};
 pub use load::{load_graph_file, parse_graph};
-pub use model::{Graph, JuryExpiry, Node, NodeKind, RouteSelector, ToolBinding, ToolSpec};
+pub use model::{
+    BranchPos, Graph, HttpToolSpec, JuryExpiry, LlmSpec, Node, NodeKind, ProviderSpec, RouteSelector,
+    ToolBinding, ToolSpec,
+};
+pub use template::Template;

@@ -2,6 +2,8 @@
 //! node: everything that could be wrong was rejected at load time.
 
 use super::expr::Expr;
+use super::template::Template;
+use crate::net::{HeaderSpec, RetrySpec, SecretRef};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -12,6 +14,13 @@ pub const DEFAULT_MAX_STEPS: u64 = 100;
 pub const DEFAULT_MAX_NODE_FATIGUE: u64 = 20;
 /// A tool without `timeout_ms` still gets one (and the manifest flags it).
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
+/// An LLM call without `timeout_ms` (per attempt).
+pub const DEFAULT_LLM_TIMEOUT: Duration = Duration::from_secs(60);
+/// Attempts of an LLM call (and of an idempotent HTTP tool) without `max_attempts`.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// The first retry waits this long, doubling up to the max (both overridable per provider/tool).
+pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 500;
+pub const DEFAULT_RETRY_BACKOFF_MAX_MS: u64 = 20_000;
 
 #[derive(Debug)]
 pub struct Graph {
@@ -23,6 +32,10 @@ pub struct Graph {
     pub nodes: Vec<Node>,
     pub index: HashMap<String, usize>,
     pub tools: BTreeMap<String, ToolSpec>,
+    /// LLM endpoints, `[providers.NAME]`.
+    pub providers: BTreeMap<String, ProviderSpec>,
+    /// Nodes that run inside a batch branch (and only there), by node index.
+    pub branch_of: HashMap<usize, BranchPos>,
     pub max_steps: u64,
     pub max_node_fatigue: u64,
 }
@@ -73,6 +86,25 @@ pub enum NodeKind {
         /// After this long without a decision, `on_expiry` is decided by the system.
         expiry: Option<JuryExpiry>,
     },
+    /// Lár's LLMNode: renders the prompt, calls the model, stores the answer in `output`.
+    Llm {
+        llm: LlmSpec,
+        output: String,
+        error: Option<usize>,
+    },
+    /// Lár's BatchNode: runs each branch (a chain of nodes) on its own copy of the state, all
+    /// branches at once, then merges (first writer wins, conflicts in `_batch_conflicts`).
+    Batch {
+        branches: Vec<Vec<usize>>,
+        error: Option<usize>,
+    },
+    /// Lár's ReduceNode: an LLM summary of `keys` into `output`, then the keys are removed.
+    Reduce {
+        llm: LlmSpec,
+        keys: Vec<String>,
+        output: String,
+        error: Option<usize>,
+    },
 }
 
 /// A jury's default path when nobody decides in time.
@@ -91,6 +123,9 @@ impl NodeKind {
             NodeKind::Tool { .. } => "tool",
             NodeKind::ClearError => "clear_error",
             NodeKind::HumanJury { .. } => "human_jury",
+            NodeKind::Llm { .. } => "llm",
+            NodeKind::Batch { .. } => "batch",
+            NodeKind::Reduce { .. } => "reduce",
         }
     }
 
@@ -102,6 +137,20 @@ impl NodeKind {
             NodeKind::Tool { .. } => "ToolNode",
             NodeKind::ClearError => "ClearErrorNode",
             NodeKind::HumanJury { .. } => "HumanJuryNode",
+            NodeKind::Llm { .. } => "LLMNode",
+            NodeKind::Batch { .. } => "BatchNode",
+            NodeKind::Reduce { .. } => "ReduceNode",
+        }
+    }
+
+    /// Where a failure of this node goes (tools, LLM calls, batches, reductions).
+    pub fn error_target(&self) -> Option<usize> {
+        match self {
+            NodeKind::Tool { error, .. }
+            | NodeKind::Llm { error, .. }
+            | NodeKind::Batch { error, .. }
+            | NodeKind::Reduce { error, .. } => *error,
+            _ => None,
         }
     }
 }
@@ -127,6 +176,62 @@ pub enum ToolSpec {
     },
     /// A Rust function registered by the program that embeds the crate.
     Registered { name: String },
+    /// An HTTP endpoint: the inputs as a JSON body, the JSON answer as the result.
+    Http(HttpToolSpec),
+}
+
+/// `[tools.NAME] http = { url, method, headers }`.
+#[derive(Debug, Clone)]
+pub struct HttpToolSpec {
+    pub url: String,
+    /// Upper-case method name (GET sends the inputs as query parameters, others as JSON).
+    pub method: String,
+    pub headers: Vec<HeaderSpec>,
+    pub timeout: Duration,
+    pub timeout_explicit: bool,
+    /// Whether repeating the call is harmless; only idempotent calls are retried.
+    pub idempotent: bool,
+    pub retry: RetrySpec,
+}
+
+/// `[providers.NAME]`: an OpenAI-compatible endpoint (`{base_url}/chat/completions`).
+#[derive(Debug, Clone)]
+pub struct ProviderSpec {
+    pub base_url: String,
+    /// An environment variable that, when set, replaces `base_url` at call time.
+    pub base_url_env: Option<String>,
+    /// An environment variable that, when set, replaces the primary model of this provider's
+    /// nodes at call time (fallbacks stay as written).
+    pub model_env: Option<String>,
+    /// Sent as `Authorization: Bearer <key>`; absent = no Authorization header (local servers).
+    pub api_key: Option<SecretRef>,
+    pub headers: Vec<HeaderSpec>,
+    pub timeout: Duration,
+    pub timeout_explicit: bool,
+    pub retry: RetrySpec,
+}
+
+/// One model call, shared by `llm` and `reduce` nodes.
+#[derive(Debug, Clone)]
+pub struct LlmSpec {
+    pub provider: String,
+    pub model: String,
+    /// Tried in order, each with the provider's attempts, after the primary model fails.
+    pub fallbacks: Vec<String>,
+    pub prompt: Template,
+    pub system: Option<Template>,
+    pub temperature: Option<f64>,
+    pub max_tokens: Option<u64>,
+    /// `response_format = "json"`: the answer is parsed as JSON into the state.
+    pub json: bool,
+}
+
+/// Where a node runs inside a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BranchPos {
+    pub batch: usize,
+    pub branch: usize,
+    pub position: usize,
 }
 
 /// A node's tool, resolved at load time.

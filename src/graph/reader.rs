@@ -37,6 +37,12 @@ impl<'a> FieldReader<'a> {
         self.map.get(field)
     }
 
+    /// Whether the table has the field (which counts as known).
+    pub fn has(&mut self, field: &'static str) -> bool {
+        self.used.push(field);
+        self.map.contains_key(field)
+    }
+
     pub fn opt_str(&mut self, field: &'static str) -> Option<String> {
         match self.value(field) {
             None => None,
@@ -101,6 +107,51 @@ impl<'a> FieldReader<'a> {
                 None
             }
         }
+    }
+
+    pub fn opt_bool(&mut self, field: &'static str) -> Option<bool> {
+        match self.value(field) {
+            None => None,
+            Some(Value::Bool(b)) => Some(*b),
+            Some(other) => {
+                self.error(
+                    Some(field),
+                    format!("must be true or false, found {}", kind(other)),
+                );
+                None
+            }
+        }
+    }
+
+    pub fn opt_f64(&mut self, field: &'static str) -> Option<f64> {
+        match self.value(field) {
+            None => None,
+            Some(Value::Number(n)) if n.as_f64().is_some_and(f64::is_finite) => n.as_f64(),
+            Some(other) => {
+                self.error(
+                    Some(field),
+                    format!("must be a number, found {}", kind(other)),
+                );
+                None
+            }
+        }
+    }
+
+    /// A table whose values must all be strings (headers, env).
+    pub fn opt_str_table(&mut self, field: &'static str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        if let Some(table) = self.opt_table(field) {
+            for (k, v) in table {
+                match v {
+                    Value::String(s) => out.push((k.clone(), s.clone())),
+                    other => self.error(
+                        Some(field),
+                        format!("'{k}' must be a string, found {}", kind(other)),
+                    ),
+                }
+            }
+        }
+        out
     }
 
     pub fn opt_table(&mut self, field: &'static str) -> Option<&'a Map<String, Value>> {

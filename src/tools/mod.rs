@@ -3,6 +3,7 @@
 
 pub mod builtin;
 pub mod command;
+pub mod http;
 pub mod registry;
 
 pub use registry::{FnTool, NativeTool, Registry};
@@ -13,12 +14,18 @@ pub struct ToolContext {
     pub job_id: String,
     pub run_id: String,
     pub step: u64,
+    /// Inside a batch: `b<branch>.<position>` (0-based), so each branch node has its own key.
+    pub scope: Option<String>,
 }
 
 impl ToolContext {
-    /// Stable across a crash and resume of the same step: job id + step index.
+    /// Stable across a crash and resume of the same step: job id + step index (+ the position
+    /// inside a batch).
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}", self.job_id, self.step)
+        match &self.scope {
+            Some(scope) => format!("{}:{}:{scope}", self.job_id, self.step),
+            None => format!("{}:{}", self.job_id, self.step),
+        }
     }
 }
 

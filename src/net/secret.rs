@@ -1,0 +1,262 @@
+//! Secrets for outbound calls (API keys, header values): named in the graph file as an
+//! environment variable or a file, read only when a call is made, sent as "sensitive" header
+//! values, and scrubbed from every answer and error text we keep.
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use std::path::PathBuf;
+
+/// Where a secret comes from. Its value is never stored in the graph.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretRef {
+    Env(String),
+    File(PathBuf),
+}
+
+/// Why a secret could not be read. Names the variable or file, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretRefError {
+    #[error("environment variable {0} is not set (or not UTF-8)")]
+    EnvUnset(String),
+    #[error("environment variable {0} is empty")]
+    EnvEmpty(String),
+    #[error("cannot read secret file {path}: {reason}")]
+    File { path: String, reason: String },
+    #[error("secret file {0} is empty")]
+    FileEmpty(String),
+    #[error("the value of {0} cannot be sent as an HTTP header (control characters?)")]
+    BadHeaderValue(String),
+}
+
+impl SecretRef {
+    /// `env:VAR` or `file:/path`, as written in graph files; `None` for a plain value.
+    pub fn parse_prefixed(text: &str) -> Option<SecretRef> {
+        if let Some(var) = text.strip_prefix("env:") {
+            Some(SecretRef::Env(var.to_string()))
+        } else {
+            text.strip_prefix("file:")
+                .map(|p| SecretRef::File(PathBuf::from(p)))
+        }
+    }
+
+    /// What the manifest and errors show: the source, never the value.
+    pub fn describe(&self) -> String {
+        match self {
+            SecretRef::Env(v) => format!("env:{v}"),
+            SecretRef::File(p) => format!("file:{}", p.display()),
+        }
+    }
+
+    /// Reads the secret now. A file's trailing newline is dropped.
+    pub fn resolve(&self) -> Result<String, SecretRefError> {
+        match self {
+            SecretRef::Env(var) => match std::env::var(var) {
+                Ok(v) if v.is_empty() => Err(SecretRefError::EnvEmpty(var.clone())),
+                Ok(v) => Ok(v),
+                Err(_) => Err(SecretRefError::EnvUnset(var.clone())),
+            },
+            SecretRef::File(path) => {
+                let shown = path.display().to_string();
+                let text = std::fs::read_to_string(path).map_err(|e| SecretRefError::File {
+                    path: shown.clone(),
+                    reason: e.kind().to_string(),
+                })?;
+                let text = text.trim_end_matches(['\n', '\r']).to_string();
+                if text.is_empty() {
+                    return Err(SecretRefError::FileEmpty(shown));
+                }
+                Ok(text)
+            }
+        }
+    }
+}
+
+/// A header value in a graph file: plain text, or a secret reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeaderValueSpec {
+    Plain(String),
+    Secret(SecretRef),
+}
+
+/// One configured header. The name and a plain value were checked at load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeaderSpec {
+    pub name: String,
+    pub value: HeaderValueSpec,
+}
+
+impl HeaderSpec {
+    /// Parses `name = "value" | "env:VAR" | "file:/path"`; relative files are taken from `base`.
+    pub fn parse(name: &str, value: &str, base: &std::path::Path) -> Result<HeaderSpec, String> {
+        HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("'{name}' is not a valid HTTP header name"))?;
+        let value = match SecretRef::parse_prefixed(value) {
+            Some(SecretRef::Env(var)) if var.is_empty() => {
+                return Err(format!("header '{name}': 'env:' needs a variable name"))
+            }
+            Some(SecretRef::File(p)) if p.as_os_str().is_empty() => {
+                return Err(format!("header '{name}': 'file:' needs a path"))
+            }
+            Some(SecretRef::File(p)) => HeaderValueSpec::Secret(SecretRef::File(base.join(p))),
+            Some(s) => HeaderValueSpec::Secret(s),
+            None => {
+                HeaderValue::from_str(value).map_err(|_| {
+                    format!("header '{name}': the value has characters HTTP does not allow")
+                })?;
+                HeaderValueSpec::Plain(value.to_string())
+            }
+        };
+        Ok(HeaderSpec {
+            name: name.to_string(),
+            value,
+        })
+    }
+
+    /// `name: value` for the manifest, secrets shown by their source only.
+    pub fn describe(&self) -> String {
+        match &self.value {
+            HeaderValueSpec::Plain(v) => format!("{}: {v}", self.name),
+            HeaderValueSpec::Secret(s) => format!("{}: <{}>", self.name, s.describe()),
+        }
+    }
+}
+
+/// Resolves `specs` into `headers`, marking secret values sensitive and remembering them in
+/// `redactor`.
+pub fn add_headers(
+    headers: &mut HeaderMap,
+    specs: &[HeaderSpec],
+    redactor: &mut Redactor,
+) -> Result<(), SecretRefError> {
+    for spec in specs {
+        // Names were validated at load.
+        let Ok(name) = HeaderName::from_bytes(spec.name.as_bytes()) else {
+            continue;
+        };
+        let value = match &spec.value {
+            HeaderValueSpec::Plain(v) => match HeaderValue::from_str(v) {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+            HeaderValueSpec::Secret(s) => {
+                let text = s.resolve()?;
+                redactor.add(&text);
+                secret_header_value(&text, &s.describe())?
+            }
+        };
+        headers.insert(name, value);
+    }
+    Ok(())
+}
+
+/// A header value that holds a secret: flagged sensitive so it never shows in debug output.
+pub fn secret_header_value(text: &str, source: &str) -> Result<HeaderValue, SecretRefError> {
+    let mut v = HeaderValue::from_str(text)
+        .map_err(|_| SecretRefError::BadHeaderValue(source.to_string()))?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// Replaces known secret values with `[redacted]` in text we keep (answers, error excerpts).
+#[derive(Default)]
+pub struct Redactor {
+    secrets: Vec<String>,
+}
+
+/// Values shorter than this are not searched for: they would match ordinary text.
+const MIN_REDACT_LEN: usize = 6;
+const REDACTED: &str = "[redacted]";
+
+impl std::fmt::Debug for Redactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Redactor({} secrets)", self.secrets.len())
+    }
+}
+
+impl Redactor {
+    pub fn add(&mut self, secret: &str) {
+        if secret.len() >= MIN_REDACT_LEN && !self.secrets.iter().any(|s| s == secret) {
+            self.secrets.push(secret.to_string());
+            // Longest first, so a secret containing another is replaced whole.
+            self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
+    }
+
+    pub fn redact_str(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for s in &self.secrets {
+            if out.contains(s.as_str()) {
+                out = out.replace(s.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    pub fn redact_bytes(&self, body: &mut Vec<u8>) {
+        for s in &self.secrets {
+            let needle = s.as_bytes();
+            if !body.windows(needle.len()).any(|w| w == needle) {
+                continue;
+            }
+            let mut out = Vec::with_capacity(body.len());
+            let mut i = 0;
+            while i < body.len() {
+                if body[i..].starts_with(needle) {
+                    out.extend_from_slice(REDACTED.as_bytes());
+                    i += needle.len();
+                } else {
+                    out.push(body[i]);
+                    i += 1;
+                }
+            }
+            *body = out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_every_occurrence() {
+        let mut r = Redactor::default();
+        r.add("sk-secret-123");
+        r.add("abc"); // too short to search for
+        assert_eq!(
+            r.redact_str("key sk-secret-123 and sk-secret-123; abc"),
+            "key [redacted] and [redacted]; abc"
+        );
+        let mut body = b"{\"k\":\"sk-secret-123\"}".to_vec();
+        r.redact_bytes(&mut body);
+        assert_eq!(body, b"{\"k\":\"[redacted]\"}");
+    }
+
+    #[test]
+    fn header_specs() {
+        let base = std::path::Path::new("/etc/graphs");
+        let h = HeaderSpec::parse("X-Api-Key", "env:MY_KEY", base).unwrap();
+        assert_eq!(
+            h.value,
+            HeaderValueSpec::Secret(SecretRef::Env("MY_KEY".into()))
+        );
+        let h = HeaderSpec::parse("X-Token", "file:token.txt", base).unwrap();
+        assert_eq!(
+            h.value,
+            HeaderValueSpec::Secret(SecretRef::File("/etc/graphs/token.txt".into()))
+        );
+        assert!(HeaderSpec::parse("bad name", "x", base).is_err());
+        assert!(HeaderSpec::parse("X-A", "line\nbreak", base).is_err());
+        assert!(HeaderSpec::parse("X-A", "env:", base).is_err());
+    }
+
+    #[test]
+    fn missing_env_names_the_variable_only() {
+        let e = SecretRef::Env("LAR_TEST_SURELY_UNSET_VAR".into())
+            .resolve()
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "environment variable LAR_TEST_SURELY_UNSET_VAR is not set (or not UTF-8)"
+        );
+    }
+}
