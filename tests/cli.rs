@@ -358,6 +358,7 @@ fn manifest_of_loan_review() {
             "choices": ["approve", "reject"],
             "output": "jury_decision",
             "context": ["applicant", "amount", "risk"],
+            "expiry": null,
         }])
     );
     let risks: Vec<(String, String)> = m["risks"]

@@ -236,7 +236,7 @@ next = "end"
         ),
         Some("a"),
         Some("type"),
-        "unknown node type 'llm_magic' (known: set, router, tool, clear_error, human_jury)",
+        "unknown node type 'llm_magic' (known: set, router, tool, clear_error, human_jury, llm, batch, reduce)",
     );
     // Only the type is reported: which other fields belong is unknown.
     only_one(&e);
@@ -477,7 +477,7 @@ fn tool_without_command_or_builtin() {
         &with_tool("[tools.x]\ntimeout_ms = 100"),
         Some("tools.x"),
         None,
-        "needs 'command' (an external program) or 'builtin'",
+        "needs 'command' (an external program), 'http' (an endpoint) or 'builtin'",
     );
 }
 
@@ -488,7 +488,7 @@ fn tool_with_command_and_builtin() {
         &with_tool("[tools.x]\ncommand = [\"python3\", \"x.py\"]\nbuiltin = \"digest\""),
         Some("tools.x"),
         None,
-        "not both",
+        "give exactly one of 'command', 'http' and 'builtin'",
     );
 }
 

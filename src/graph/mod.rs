@@ -12,7 +12,7 @@ pub mod template;
 pub use error::{GraphError, GraphErrors};
 pub use load::{load_graph_file, parse_graph};
 pub use model::{
-    BranchPos, Graph, HttpToolSpec, JuryExpiry, LlmSpec, Node, NodeKind, ProviderSpec, RouteSelector,
-    ToolBinding, ToolSpec,
+    BranchPos, Graph, HttpToolSpec, JuryExpiry, LlmSpec, Node, NodeKind, ProviderSpec,
+    RouteSelector, ToolBinding, ToolSpec,
 };
 pub use template::Template;
