@@ -13,6 +13,9 @@
 //! time spent waiting for the disk, so read `fsync_on` from the wall-clock group.
 //! `cargo bench --bench executor -- --quick executor/` runs the wall-clock group only.
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::measurement::{Measurement, ValueFormatter, WallTime};
 use criterion::{
     black_box, criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput,
