@@ -95,9 +95,9 @@ pub fn manifest(graph: &Graph) -> Value {
                     ));
                 }
                 if let RouteSelector::Expr(e) = selector {
-                    nodes
-                        .last_mut()
-                        .map(|n| n["expression"] = json!(e.source()));
+                    if let Some(n) = nodes.last_mut() {
+                        n["expression"] = json!(e.source());
+                    }
                 }
             }
             _ => {}
