@@ -18,7 +18,7 @@ fn env_or<T: std::str::FromStr>(k: &str, d: T) -> T {
 }
 
 fn job(i: u64) -> String {
-    let kind = if i % 2 == 0 { "sum" } else { "text" };
+    let kind = if i.is_multiple_of(2) { "sum" } else { "text" };
     let start = i % 7;
     let numbers: Vec<u64> = (start..start + 10).collect();
     serde_json::json!({"job_id": i, "kind": kind, "numbers": numbers, "text": format!("hello agent job {i}")}).to_string()

@@ -122,6 +122,40 @@ pub enum BackendSection {
         #[serde(default = "default_redis_url")]
         url: String,
     },
+    /// RabbitMQ (AMQP 0-9-1): manual acks after the result is confirmed, a TTL delay queue for
+    /// retries, a dead-letter exchange and queue. See `src/queue/amqp.rs`.
+    Amqp {
+        /// `amqp://` or `amqps://` (TLS with rustls and the system's root certificates).
+        /// Query parameters such as `?heartbeat=10` are passed to the client.
+        #[serde(default = "default_amqp_url")]
+        url: String,
+        /// Unacknowledged deliveries per queue consumer (default: `worker.concurrency`).
+        #[serde(default)]
+        prefetch: Option<u16>,
+        #[serde(default)]
+        queue_type: AmqpQueueType,
+        /// Quorum queues only: `x-delivery-limit` (a message returned more often than this
+        /// is dead-lettered by the broker).
+        #[serde(default)]
+        delivery_limit: Option<u32>,
+        /// Declare the topology (idempotently); `false` only checks it exists (passive
+        /// declares): operators own the queues and exchanges.
+        #[serde(default = "default_true")]
+        declare: bool,
+        /// A Redis for the one-result-per-job marker (`SET <queue>:done:<job_id> 1 EX 86400
+        /// NX`); without it the marker lives in this process only.
+        #[serde(default)]
+        dedupe_redis_url: Option<String>,
+    },
+}
+
+/// The kind of the queues the AMQP backend declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpQueueType {
+    #[default]
+    Classic,
+    Quorum,
 }
 
 fn default_db_path() -> PathBuf {
@@ -129,6 +163,12 @@ fn default_db_path() -> PathBuf {
 }
 fn default_redis_url() -> String {
     "redis://127.0.0.1:6379/0".to_string()
+}
+fn default_amqp_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
+}
+fn default_true() -> bool {
+    true
 }
 
 /// How messages on a queue are shaped.
@@ -179,13 +219,14 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Deployment overrides: `LAR_BACKEND_URL` (redis url), `LAR_DB_PATH`, `LAR_LOG_DIR`,
+    /// Deployment overrides: `LAR_BACKEND_URL` (redis or amqp url), `LAR_DB_PATH`, `LAR_LOG_DIR`,
     /// `LAR_SECRET_FILE`, `LAR_CONCURRENCY`. Takes a lookup so tests need not touch the
     /// process environment.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(url) = get("LAR_BACKEND_URL") {
-            if let BackendSection::Redis { url: u } = &mut self.backend {
-                *u = url;
+            match &mut self.backend {
+                BackendSection::Redis { url: u } | BackendSection::Amqp { url: u, .. } => *u = url,
+                BackendSection::Embedded { .. } => {}
             }
         }
         if let Some(p) = get("LAR_DB_PATH") {
@@ -248,6 +289,33 @@ impl Config {
         }
         if w.retry.multiplier < 1.0 {
             return Err("worker.retry.multiplier: must be at least 1".into());
+        }
+        if let BackendSection::Amqp {
+            url,
+            prefetch,
+            queue_type,
+            delivery_limit,
+            ..
+        } = &self.backend
+        {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err("backend.url: an amqp backend needs an amqp:// or amqps:// url".into());
+            }
+            if *prefetch == Some(0) {
+                return Err("backend.prefetch: must be at least 1 (0 would mean unlimited)".into());
+            }
+            match (queue_type, delivery_limit) {
+                (AmqpQueueType::Classic, Some(_)) => {
+                    return Err(
+                        "backend.delivery_limit: only quorum queues have a delivery limit (set queue_type = \"quorum\")"
+                            .into(),
+                    )
+                }
+                (_, Some(0)) => {
+                    return Err("backend.delivery_limit: must be at least 1".into());
+                }
+                _ => {}
+            }
         }
         if self.queues.is_empty() {
             return Err("queues: at least one [[queues]] entry is required".into());

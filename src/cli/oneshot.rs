@@ -124,7 +124,7 @@ pub fn run_once(a: RunOnceArgs) -> u8 {
         durable: !a.no_fsync,
         writer: None,
     };
-    let job_id = a.job_id.unwrap_or_else(|| crate::ids::new_id());
+    let job_id = a.job_id.unwrap_or_else(crate::ids::new_id);
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
