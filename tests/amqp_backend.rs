@@ -20,6 +20,10 @@ use std::time::{Duration, Instant};
 
 const SECRET: &str = "amqp-backend-test-secret";
 
+/// The broker-restart test holds it exclusively; every other test shares it, so none of them
+/// runs while the broker is down.
+static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 fn amqp_url() -> String {
     std::env::var("LAR_TEST_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
@@ -225,7 +229,7 @@ fn start_daemon(
         .env_remove("LAR_BACKEND_URL")
         .env_remove("LAR_CONCURRENCY")
         .env("HMAC_SECRET", SECRET)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn,lar_worker::queue=info")
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(err))
@@ -269,6 +273,7 @@ fn header_text(p: &BasicProperties, key: &str) -> Option<String> {
 }
 
 async fn daemon_happy_path(queue_type: &str, qt: AmqpQueueType) {
+    let _shared = BROKER.read().await;
     let names = Names::new(&format!("happy-{queue_type}"));
     let q = &names.q;
     let b = backend(opts(qt), "producer").await;
@@ -352,6 +357,7 @@ async fn daemon_happy_path_quorum() {
 /// A job with `reply_to` and `correlation_id`: the result reaches the caller's own queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reply_to_and_correlation_id_reach_the_caller() {
+    let _shared = BROKER.read().await;
     let names = Names::new("rpc");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "observer").await;
@@ -435,6 +441,7 @@ async fn reply_to_and_correlation_id_reach_the_caller() {
 /// letter with the whole history and the body untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_then_dead_letter_with_attempt_history() {
+    let _shared = BROKER.read().await;
     let names = Names::new("retry");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "retry").await;
@@ -540,6 +547,7 @@ async fn retry_then_dead_letter_with_attempt_history() {
 /// than the limit is dead-lettered by the broker, reason and all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_delivery_limit_dead_letters_a_poison_message() {
+    let _shared = BROKER.read().await;
     let names = Names::new("poison");
     let q = &names.q;
     let o = AmqpOptions {
@@ -590,6 +598,7 @@ async fn quorum_delivery_limit_dead_letters_a_poison_message() {
 /// backend reconnects by itself, the broker redelivers, and the redelivery completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_loss_fences_the_claim_and_the_job_is_redelivered() {
+    let _shared = BROKER.read().await;
     let names = Names::new("fence");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "fence").await;
@@ -653,6 +662,7 @@ async fn connection_loss_fences_the_claim_and_the_job_is_redelivered() {
 /// result, in the same process (memo) and in another one (Redis marker).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn done_marker_acks_a_redelivered_job_without_a_second_result() {
+    let _shared = BROKER.read().await;
     let names = Names::new("dedupe");
     let q = &names.q;
     let o = AmqpOptions {
@@ -712,6 +722,7 @@ async fn done_marker_acks_a_redelivered_job_without_a_second_result() {
 /// error; an existing one is used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn declare_false_only_checks_the_topology() {
+    let _shared = BROKER.read().await;
     let names = Names::new("passive");
     let q = &names.q;
     let passive = AmqpOptions {
@@ -738,6 +749,7 @@ async fn declare_false_only_checks_the_topology() {
 /// connection closes cleanly), and a second worker finishes the rest: none lost, none twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_hands_everything_back() {
+    let _shared = BROKER.read().await;
     let names = Names::new("sigterm");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "observer").await;
@@ -783,21 +795,43 @@ async fn sigterm_hands_everything_back() {
 }
 
 /// `rabbitmqctl stop_app` / `start_app` in the middle of 2,000 jobs: the worker reconnects by
-/// itself, no job is lost, and each has exactly one result.
+/// itself, no job is lost, and every job has one result, except a job whose result confirm
+/// the dying connection swallowed: the broker may have stored that result or not and cannot
+/// be asked, so the redelivery publishes it again. The worker names each such job in its log
+/// ("possible duplicate result"); the test allows a second result only for those, and prints
+/// how many there were.
 ///
-/// It stops the shared broker for a few seconds (other users of the broker see it too), so it
-/// runs only when asked: `cargo test --test amqp_backend -- --ignored broker_restart`.
+/// It stops the local broker for ~3 s, so the other tests of this file wait for it (the
+/// `BROKER` lock). Skipped when `rabbitmqctl` is not available (a remote broker) or when
+/// `LAR_TEST_SKIP_BROKER_RESTART` is set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "restarts the shared RabbitMQ (rabbitmqctl stop_app/start_app); run it on purpose"]
 async fn broker_restart_mid_run_loses_nothing() {
+    if std::env::var_os("LAR_TEST_SKIP_BROKER_RESTART").is_some()
+        || Command::new("rabbitmqctl")
+            .arg("-q")
+            .arg("status")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+    {
+        eprintln!("SKIPPED broker_restart_mid_run_loses_nothing: no local rabbitmqctl (or LAR_TEST_SKIP_BROKER_RESTART)");
+        return;
+    }
+    let _exclusive = BROKER.write().await;
     let names = Names::new("restart");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "observer").await;
     let n = 2000;
+    let mut seq_of_job = BTreeMap::new();
     for i in 0..n {
-        b.enqueue(q, bench_job(i).to_string().as_bytes())
+        let id = b
+            .enqueue(q, bench_job(i).to_string().as_bytes())
             .await
-            .expect("enqueue");
+            .expect("enqueue")
+            .expect("id");
+        seq_of_job.insert(id, i as u64);
     }
     let extra = format!("dedupe_redis_url = {}", toml_str(&redis_url()));
     let d = start_daemon(q, &extra, 16, false);
@@ -817,7 +851,7 @@ async fn broker_restart_mid_run_loses_nothing() {
     ctl("start_app");
     let depth = eventually("2000 results", Duration::from_secs(300), || async {
         let d = b.depth(q).await.ok()?;
-        (d.results >= n as u64 && d.ready == 0).then_some(d)
+        (d.results >= n as u64 && d.ready == 0 && d.delayed == 0).then_some(d)
     })
     .await;
     // Give a late duplicate the chance to show up.
@@ -826,20 +860,36 @@ async fn broker_restart_mid_run_loses_nothing() {
     let mut count: BTreeMap<u64, usize> = BTreeMap::new();
     for r in &results {
         let v: Value = serde_json::from_slice(r).expect("JSON");
+        assert_eq!(v["__lar_worker"]["status"], "completed", "{v}");
         *count.entry(v["seq"].as_u64().expect("seq")).or_default() += 1;
     }
+    let log = d.log();
     let missing: Vec<u64> = (0..n as u64).filter(|s| !count.contains_key(s)).collect();
+    assert!(missing.is_empty(), "lost: {missing:?}\n{log}");
+    assert!(log.contains("amqp reconnected"), "{log}");
+    // Jobs the worker reported as published-but-unconfirmed when the connection died.
+    let uncertain: HashSet<u64> = log
+        .lines()
+        .filter(|l| l.contains("possible duplicate result"))
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter_map(|v| seq_of_job.get(v["job_id"].as_str()?).copied())
+        .collect();
     let twice: Vec<(u64, usize)> = count
         .iter()
         .filter(|(_, c)| **c > 1)
         .map(|(s, c)| (*s, *c))
         .collect();
-    assert!(missing.is_empty(), "lost: {missing:?}\n{}", d.log());
-    assert!(
-        twice.is_empty(),
-        "more than one result: {twice:?} ({depth:?})\n{}",
-        d.log()
+    for (seq, c) in &twice {
+        assert!(
+            *c == 2 && uncertain.contains(seq),
+            "job {seq} has {c} results and was not one the worker reported unconfirmed \
+             ({uncertain:?}); {depth:?}\n{log}"
+        );
+    }
+    assert_eq!(results.len(), n + twice.len());
+    eprintln!(
+        "broker restart: {n} jobs, none lost; {} results unconfirmed at the cut, {} of them published twice",
+        uncertain.len(),
+        twice.len()
     );
-    assert_eq!(results.len(), n);
-    assert!(d.log().contains("amqp reconnected"), "{}", d.log());
 }

@@ -872,7 +872,8 @@ impl Shared {
     /// Whether a claim's delivery can still be settled: its channel is the current
     /// connection's and open.
     fn is_live(&self, h: &Held) -> bool {
-        h.generation == self.generation.load(Ordering::SeqCst) && h.channel.status().connected()
+        let current = lock(&self.live).as_ref().map(|l| l.generation);
+        current == Some(h.generation) && h.channel.status().connected()
     }
 
     /// A buffered delivery as a claim, or `None` when its channel is gone (the broker
@@ -1187,7 +1188,17 @@ impl Shared {
                 .await?,
             );
         }
-        Self::confirmed(pending).await?;
+        if let Err(e) = Self::confirmed(pending).await {
+            if self.is_live(h) {
+                return Err(e); // refused or unroutable: nothing acked, the worker retries
+            }
+            // The connection died with the result unconfirmed: the broker may have stored it
+            // or not, and cannot be asked. The delivery comes back and publishes again, so
+            // this job may end with two results (the one window the done marker cannot close).
+            warn!(job_id = %claim.job_id, error = %e,
+                  "result unconfirmed when the connection died: the redelivery publishes it again (possible duplicate result)");
+            return Ok(Fenced::Lost);
+        }
         self.mark_done(q, &claim.job_id).await;
         let fenced = self.ack(h).await;
         if fenced == Fenced::Lost {
