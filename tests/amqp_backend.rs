@@ -198,6 +198,29 @@ fn toml_str(s: &str) -> String {
     Value::String(s.to_string()).to_string()
 }
 
+/// A worker process's settings beyond the defaults.
+struct Run<'a> {
+    graph: PathBuf,
+    backend_extra: &'a str,
+    worker_extra: &'a str,
+    url: String,
+    concurrency: usize,
+    exit_when_idle: bool,
+}
+
+impl Run<'_> {
+    fn bench(concurrency: usize, exit_when_idle: bool) -> Self {
+        Run {
+            graph: bench_graph(),
+            backend_extra: "",
+            worker_extra: "drain_timeout_ms = 5000",
+            url: amqp_url(),
+            concurrency,
+            exit_when_idle,
+        }
+    }
+}
+
 /// Starts `lar-worker run` on `q` with the bench graph.
 fn start_daemon(
     q: &QueueNames,
@@ -205,24 +228,38 @@ fn start_daemon(
     concurrency: usize,
     exit_when_idle: bool,
 ) -> Daemon {
+    start(
+        q,
+        Run {
+            backend_extra,
+            ..Run::bench(concurrency, exit_when_idle)
+        },
+    )
+}
+
+/// Starts `lar-worker run` on `q`, in a temporary directory of its own.
+fn start(q: &QueueNames, run: Run<'_>) -> Daemon {
     let dir = tempfile::tempdir().expect("a temp dir");
     let cfg = dir.path().join("workers.toml");
     let toml = format!(
-        "[worker]\nconcurrency = {concurrency}\nlog_dir = {log}\ndrain_timeout_ms = 5000\n\n\
+        "[worker]\nconcurrency = {concurrency}\nlog_dir = {log}\n{worker_extra}\n\n\
          [backend]\nkind = \"amqp\"\nurl = {url}\n{backend_extra}\n\n\
          [[queues]]\nname = {jobs}\nresults = {results}\ngraph = {graph}\n",
+        concurrency = run.concurrency,
+        worker_extra = run.worker_extra,
+        backend_extra = run.backend_extra,
         log = toml_str(&dir.path().join("audit").display().to_string()),
-        url = toml_str(&amqp_url()),
+        url = toml_str(&run.url),
         jobs = toml_str(&q.jobs),
         results = toml_str(&q.results),
-        graph = toml_str(&bench_graph().display().to_string()),
+        graph = toml_str(&run.graph.display().to_string()),
     );
     std::fs::write(&cfg, toml).expect("write workers.toml");
     let log = std::fs::File::create(dir.path().join("worker.log")).expect("a log file");
     let err = log.try_clone().expect("clone the log handle");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lar-worker"));
     cmd.arg("run").arg("--config").arg(&cfg);
-    if exit_when_idle {
+    if run.exit_when_idle {
         cmd.arg("--exit-when-idle");
     }
     let child = cmd
@@ -892,4 +929,205 @@ async fn broker_restart_mid_run_loses_nothing() {
         uncertain.len(),
         twice.len()
     );
+}
+
+// ---- crash, freeze and drain deadline: the AMQP forms of the conformance scenarios that
+// ---- watch `claimed` (here: `ready`, which the broker does report) -----------------------
+
+/// A graph with a slow python3 tool (sleeps `<files>/sleep_seconds`, default 2 s).
+fn slow_graph(files: &Path) -> PathBuf {
+    let tool = files.join("slow_tool.py");
+    std::fs::write(
+        &tool,
+        format!(
+            "import json, sys, time\njob = json.load(sys.stdin)\ntry:\n    secs = float(open({p:?}).read())\n\
+             except OSError:\n    secs = 2.0\ntime.sleep(secs)\njson.dump({{\"seq\": job.get(\"seq\"), \"slept\": secs}}, sys.stdout)\n",
+            p = files.join("sleep_seconds").display().to_string()
+        ),
+    )
+    .expect("write the tool");
+    let graph = files.join("slow.toml");
+    std::fs::write(
+        &graph,
+        format!(
+            "name = \"slow\"\nentry = \"start\"\n\n[[nodes]]\nid = \"start\"\ntype = \"set\"\nkey = \"status\"\n\
+             value = \"started\"\nnext = \"work\"\n\n[[nodes]]\nid = \"work\"\ntype = \"tool\"\ntool = \"slow_tool\"\n\
+             inputs = [\"seq\"]\noutput = \"work\"\nnext = \"done\"\n\n[[nodes]]\nid = \"done\"\ntype = \"set\"\n\
+             key = \"status\"\nvalue = \"done\"\n\n[tools.slow_tool]\ncommand = [\"python3\", {tool}]\ntimeout_ms = 60000\n",
+            tool = toml_str(&tool.display().to_string())
+        ),
+    )
+    .expect("write the graph");
+    graph
+}
+
+/// Each of `0..n` exactly once among `results`, all completed; returns the metadata.
+fn assert_exactly_once(results: &[Vec<u8>], n: usize) -> Vec<Value> {
+    let mut seen = BTreeMap::new();
+    for r in results {
+        let v: Value = serde_json::from_slice(r).expect("JSON");
+        assert_eq!(v["__lar_worker"]["status"], "completed", "{v}");
+        let seq = v["seq"].as_u64().expect("seq");
+        assert!(seen.insert(seq, v).is_none(), "job {seq} has two results");
+    }
+    assert_eq!(
+        seen.keys().copied().collect::<Vec<_>>(),
+        (0..n as u64).collect::<Vec<_>>()
+    );
+    seen.into_values().collect()
+}
+
+/// SIGKILL of a worker holding 4 jobs: the broker returns them when the connection drops, and a
+/// second worker finishes all 8, one result each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_holder_returns_its_jobs() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("kill9");
+    let q = &names.q;
+    let files = tempfile::tempdir().expect("a temp dir");
+    let graph = slow_graph(files.path());
+    let b = backend(opts(AmqpQueueType::Classic), "observer").await;
+    let n = 8;
+    for i in 0..n {
+        b.enqueue(q, json!({"seq": i}).to_string().as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    let run = |exit_when_idle| Run {
+        graph: graph.clone(),
+        ..Run::bench(4, exit_when_idle)
+    };
+    let mut a = start(q, run(false));
+    eventually(
+        "worker A to hold 4 jobs",
+        Duration::from_secs(60),
+        || async { (b.depth(q).await.ok()?.ready <= 4).then_some(()) },
+    )
+    .await;
+    a.child.kill().expect("SIGKILL");
+    a.child.wait().expect("reap");
+    assert_eq!(b.depth(q).await.expect("depth").results, 0);
+    let mut second = start(q, run(true));
+    let status = second.wait_exit(Duration::from_secs(120));
+    assert!(status.success(), "{}", second.log());
+    let results = b.results(q, 100, false).await.expect("results");
+    for v in assert_exactly_once(&results, n) {
+        assert_eq!(
+            v["__lar_worker"]["attempt"], 1,
+            "a crash is not a failed attempt"
+        );
+    }
+}
+
+/// SIGSTOP freezes a worker holding 4 jobs: the broker's heartbeat timeout ends its connection
+/// and returns them, a second worker completes everything; the zombie, woken, finishes its runs
+/// but publishes nothing (its deliveries' channel is gone).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_worker_is_fenced_by_the_heartbeat_timeout() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("zombie");
+    let q = &names.q;
+    let files = tempfile::tempdir().expect("a temp dir");
+    let graph = slow_graph(files.path());
+    let b = backend(opts(AmqpQueueType::Classic), "observer").await;
+    let n = 8;
+    for i in 0..n {
+        b.enqueue(q, json!({"seq": i}).to_string().as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    let sep = if amqp_url().contains('?') { '&' } else { '?' };
+    let run = || Run {
+        graph: graph.clone(),
+        url: format!("{}{sep}heartbeat=3", amqp_url()),
+        ..Run::bench(4, false)
+    };
+    let mut a = start(q, run());
+    eventually(
+        "worker A to hold 4 jobs",
+        Duration::from_secs(60),
+        || async { (b.depth(q).await.ok()?.ready <= 4).then_some(()) },
+    )
+    .await;
+    let pid = a.child.id() as i32;
+    // SAFETY: kill(2) on a child we started and have not reaped.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let _second = start(q, run());
+    eventually("8 results", Duration::from_secs(120), || async {
+        (b.depth(q).await.ok()?.results >= n as u64).then_some(())
+    })
+    .await;
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    a.sigterm();
+    assert!(
+        a.wait_exit(Duration::from_secs(30)).success(),
+        "{}",
+        a.log()
+    );
+    let runs_a = std::fs::read_dir(a.audit_dir())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(
+        runs_a,
+        4,
+        "the zombie finished its 4 runs (evidence) …\n{}",
+        a.log()
+    );
+    let results = b.results(q, 100, false).await.expect("results");
+    assert_exactly_once(&results, n);
+}
+
+/// SIGTERM with jobs that outlast the drain deadline: exit 0 soon after it, every job handed
+/// back at once (not as a failed attempt), and a second worker finishes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_past_the_drain_deadline_hands_jobs_back() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("deadline");
+    let q = &names.q;
+    let files = tempfile::tempdir().expect("a temp dir");
+    let graph = slow_graph(files.path());
+    std::fs::write(files.path().join("sleep_seconds"), "30").expect("write");
+    let b = backend(opts(AmqpQueueType::Classic), "observer").await;
+    let n = 6;
+    for i in 0..n {
+        b.enqueue(q, json!({"seq": i}).to_string().as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    let run = |exit_when_idle| Run {
+        graph: graph.clone(),
+        worker_extra: "drain_timeout_ms = 1000",
+        ..Run::bench(4, exit_when_idle)
+    };
+    let mut a = start(q, run(false));
+    eventually(
+        "worker A to hold 4 jobs",
+        Duration::from_secs(60),
+        || async { (b.depth(q).await.ok()?.ready <= 2).then_some(()) },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await; // the runs are in their tool
+    let t = Instant::now();
+    a.sigterm();
+    let status = a.wait_exit(Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{}", a.log());
+    assert!(
+        t.elapsed() <= Duration::from_secs(9),
+        "took {:?}",
+        t.elapsed()
+    );
+    let d = b.depth(q).await.expect("depth");
+    assert_eq!((d.ready, d.results, d.dead), (n as u64, 0, 0), "{d:?}");
+    std::fs::write(files.path().join("sleep_seconds"), "0.1").expect("write");
+    let mut second = start(q, run(true));
+    assert!(second.wait_exit(Duration::from_secs(120)).success());
+    let results = b.results(q, 100, false).await.expect("results");
+    for v in assert_exactly_once(&results, n) {
+        assert_eq!(
+            v["__lar_worker"]["attempt"], 1,
+            "a hand-back is not a failed attempt"
+        );
+    }
 }
