@@ -409,3 +409,81 @@ pub fn load_queues(cfg: &Config, registry: &Registry) -> Result<Vec<LoadedQueue>
         Err(ConfigError::Graph(errors.join("\n")))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(backend: &str) -> Result<Config, String> {
+        let text =
+            format!("{backend}\n[[queues]]\nname = \"q\"\nresults = \"r\"\ngraph = \"g.toml\"\n");
+        let cfg: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn amqp_section_with_defaults() {
+        let cfg = parse("[backend]\nkind = \"amqp\"\n").unwrap();
+        match cfg.backend {
+            BackendSection::Amqp {
+                url,
+                prefetch,
+                queue_type,
+                delivery_limit,
+                declare,
+                dedupe_redis_url,
+            } => {
+                assert_eq!(url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+                assert_eq!(prefetch, None);
+                assert_eq!(queue_type, AmqpQueueType::Classic);
+                assert_eq!(delivery_limit, None);
+                assert!(declare);
+                assert_eq!(dedupe_redis_url, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn amqp_section_in_full_and_env_override() {
+        let mut cfg = parse(
+            "[backend]\nkind = \"amqp\"\nurl = \"amqps://u:p@h:5671/v\"\nprefetch = 8\n\
+             queue_type = \"quorum\"\ndelivery_limit = 3\ndeclare = false\n\
+             dedupe_redis_url = \"redis://r/0\"\n",
+        )
+        .unwrap();
+        cfg.apply_env(|k| (k == "LAR_BACKEND_URL").then(|| "amqp://other/%2f".to_string()));
+        match cfg.backend {
+            BackendSection::Amqp {
+                url,
+                prefetch,
+                queue_type,
+                delivery_limit,
+                declare,
+                ..
+            } => {
+                assert_eq!(url, "amqp://other/%2f");
+                assert_eq!(prefetch, Some(8));
+                assert_eq!(queue_type, AmqpQueueType::Quorum);
+                assert_eq!(delivery_limit, Some(3));
+                assert!(!declare);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn amqp_section_is_checked() {
+        let err = |b: &str| parse(b).unwrap_err();
+        assert!(err("[backend]\nkind = \"amqp\"\nurl = \"redis://x\"\n").contains("amqp://"));
+        assert!(err("[backend]\nkind = \"amqp\"\nprefetch = 0\n").contains("prefetch"));
+        assert!(err("[backend]\nkind = \"amqp\"\ndelivery_limit = 2\n").contains("quorum"));
+        assert!(
+            err("[backend]\nkind = \"amqp\"\nqueue_type = \"quorum\"\ndelivery_limit = 0\n")
+                .contains("at least 1")
+        );
+        assert!(err("[backend]\nkind = \"amqp\"\nqueue_type = \"stream\"\n").contains("stream"));
+        assert!(err("[backend]\nkind = \"amqp\"\nprefetch_count = 3\n").contains("unknown field"));
+    }
+}

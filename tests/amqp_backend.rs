@@ -237,10 +237,9 @@ fn start_daemon(
     )
 }
 
-/// Starts `lar-worker run` on `q`, in a temporary directory of its own.
-fn start(q: &QueueNames, run: Run<'_>) -> Daemon {
-    let dir = tempfile::tempdir().expect("a temp dir");
-    let cfg = dir.path().join("workers.toml");
+/// Writes `dir/workers.toml` for `q`.
+fn write_config(dir: &Path, q: &QueueNames, run: &Run<'_>) -> PathBuf {
+    let cfg = dir.join("workers.toml");
     let toml = format!(
         "[worker]\nconcurrency = {concurrency}\nlog_dir = {log}\n{worker_extra}\n\n\
          [backend]\nkind = \"amqp\"\nurl = {url}\n{backend_extra}\n\n\
@@ -248,13 +247,20 @@ fn start(q: &QueueNames, run: Run<'_>) -> Daemon {
         concurrency = run.concurrency,
         worker_extra = run.worker_extra,
         backend_extra = run.backend_extra,
-        log = toml_str(&dir.path().join("audit").display().to_string()),
+        log = toml_str(&dir.join("audit").display().to_string()),
         url = toml_str(&run.url),
         jobs = toml_str(&q.jobs),
         results = toml_str(&q.results),
         graph = toml_str(&run.graph.display().to_string()),
     );
     std::fs::write(&cfg, toml).expect("write workers.toml");
+    cfg
+}
+
+/// Starts `lar-worker run` on `q`, in a temporary directory of its own.
+fn start(q: &QueueNames, run: Run<'_>) -> Daemon {
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let cfg = write_config(dir.path(), q, &run);
     let log = std::fs::File::create(dir.path().join("worker.log")).expect("a log file");
     let err = log.try_clone().expect("clone the log handle");
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_lar-worker"));
@@ -774,6 +780,13 @@ async fn declare_false_only_checks_the_topology() {
         !text.contains("guest:guest"),
         "no credentials in errors: {text}"
     );
+    // A channel-level error (the 404 closed the declaring channel) is not a lost connection.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        p.connection_generation(),
+        1,
+        "no reconnect after a channel error"
+    );
     let owner = backend(opts(AmqpQueueType::Classic), "owner").await;
     owner.ensure_topology(q).await.expect("declared");
     let p = backend(passive, "passive-2").await;
@@ -1130,4 +1143,51 @@ async fn sigterm_past_the_drain_deadline_hands_jobs_back() {
             "a hand-back is not a failed attempt"
         );
     }
+}
+
+/// The operator commands on an amqp config: enqueue, inspect, results --take, dead-letters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_commands_work_on_amqp() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("cli");
+    let q = &names.q;
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let cfg = write_config(dir.path(), q, &Run::bench(2, true));
+    let cli = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_lar-worker"))
+            .args(args)
+            .arg("--config")
+            .arg(&cfg)
+            .env_remove("LAR_BACKEND_URL")
+            .env("HMAC_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run lar-worker");
+        assert!(out.status.success(), "lar-worker {args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let job = bench_job(2).to_string();
+    let id = cli(&["enqueue", &job]);
+    assert_eq!(id.trim().len(), 36, "prints the job id: {id}");
+    let inspect = cli(&["inspect"]);
+    assert!(inspect.contains(&q.jobs), "{inspect}");
+    let mut d = start_daemon(q, "", 2, true);
+    assert!(
+        d.wait_exit(Duration::from_secs(60)).success(),
+        "{}",
+        d.log()
+    );
+    let results = cli(&["results", "--take"]);
+    let v: Value = serde_json::from_str(results.trim()).expect("one JSON result");
+    assert_eq!(v["__lar_worker"]["job_id"], id.trim());
+    assert_eq!(b_depth(q).await.results, 0, "--take consumed it");
+    assert_eq!(cli(&["dead-letters", "list"]).trim(), "");
+}
+
+async fn b_depth(q: &QueueNames) -> lar_worker::queue::QueueDepth {
+    backend(opts(AmqpQueueType::Classic), "depth")
+        .await
+        .depth(q)
+        .await
+        .expect("depth")
 }

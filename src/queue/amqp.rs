@@ -522,6 +522,7 @@ async fn supervise(shared: Weak<Shared>, mut reports: mpsc::UnboundedReceiver<u6
 /// publishing (a resource alarm: confirms, and so finishes, stall until it clears).
 async fn watch_events(
     events: impl futures::Stream<Item = lapin::Event> + Send + 'static,
+    status: lapin::ConnectionStatus,
     generation: u64,
     broken: mpsc::UnboundedSender<u64>,
     stop: CancellationToken,
@@ -534,6 +535,11 @@ async fn watch_events(
         };
         match event {
             None => return,
+            // Channel-level closes (a 404 from a passive declare, say) come here too; only a
+            // connection that is no longer connected is worth a reconnect.
+            Some(lapin::Event::Error(e)) if status.connected() => {
+                debug!(generation, error = %e, "amqp channel error");
+            }
             Some(lapin::Event::Error(e)) => {
                 debug!(generation, error = %e, "amqp connection error");
                 let _ = broken.send(generation);
@@ -627,6 +633,7 @@ impl Shared {
         let stop = CancellationToken::new();
         tokio::spawn(watch_events(
             conn.events_listener(),
+            conn.status().clone(),
             generation,
             self.broken.clone(),
             stop.clone(),
