@@ -47,6 +47,17 @@
 //! redelivered job publishes again. Producers that need strict once-only consumption dedupe
 //! results on `message_id`.
 //!
+//! Known limits, by design of AMQP 0-9-1 and RabbitMQ:
+//! * `depth().claimed` counts what *this process* holds (handed out or buffered): the protocol
+//!   gives clients no unacknowledged count of a queue (the management plugin does).
+//! * The broker expires per-message TTLs only at the head of the delay queue, so a retry
+//!   with a long delay holds back shorter ones queued behind it: a retry never comes back
+//!   early, but may come back late.
+//! * On quorum queues every return counts toward `delivery_limit`, a shutdown's `Release` and
+//!   a crash included.
+//! * No checkpoints: `supports_checkpoints()` is false, so a redelivered job runs from its
+//!   first step and a `human_jury` halt is a final result, not a pause.
+//!
 //! Connection loss. A supervisor task reconnects with [`Backoff::reconnect`], declares again
 //! and re-consumes every queue that was being consumed. Deliveries buffered from the dead
 //! channel are dropped (the broker redelivers them), and claims already handed out finish as
