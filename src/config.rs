@@ -132,6 +132,40 @@ pub enum BackendSection {
         #[serde(default = "default_redis_url")]
         url: String,
     },
+    /// RabbitMQ (AMQP 0-9-1): manual acks after the result is confirmed, a TTL delay queue for
+    /// retries, a dead-letter exchange and queue. See `src/queue/amqp.rs`.
+    Amqp {
+        /// `amqp://` or `amqps://` (TLS with rustls and the system's root certificates).
+        /// Query parameters such as `?heartbeat=10` are passed to the client.
+        #[serde(default = "default_amqp_url")]
+        url: String,
+        /// Unacknowledged deliveries per queue consumer (default: `worker.concurrency`).
+        #[serde(default)]
+        prefetch: Option<u16>,
+        #[serde(default)]
+        queue_type: AmqpQueueType,
+        /// Quorum queues only: `x-delivery-limit` (a message returned more often than this
+        /// is dead-lettered by the broker).
+        #[serde(default)]
+        delivery_limit: Option<u32>,
+        /// Declare the topology (idempotently); `false` only checks it exists (passive
+        /// declares): operators own the queues and exchanges.
+        #[serde(default = "default_true")]
+        declare: bool,
+        /// A Redis for the one-result-per-job marker (`SET <queue>:done:<job_id> 1 EX 86400
+        /// NX`); without it the marker lives in this process only.
+        #[serde(default)]
+        dedupe_redis_url: Option<String>,
+    },
+}
+
+/// The kind of the queues the AMQP backend declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpQueueType {
+    #[default]
+    Classic,
+    Quorum,
 }
 
 fn default_db_path() -> PathBuf {
@@ -139,6 +173,12 @@ fn default_db_path() -> PathBuf {
 }
 fn default_redis_url() -> String {
     "redis://127.0.0.1:6379/0".to_string()
+}
+fn default_amqp_url() -> String {
+    "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
+}
+fn default_true() -> bool {
+    true
 }
 
 /// How messages on a queue are shaped.
@@ -192,13 +232,14 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Deployment overrides: `LAR_BACKEND_URL` (redis url), `LAR_DB_PATH`, `LAR_LOG_DIR`,
+    /// Deployment overrides: `LAR_BACKEND_URL` (redis or amqp url), `LAR_DB_PATH`, `LAR_LOG_DIR`,
     /// `LAR_SECRET_FILE`, `LAR_CONCURRENCY`. Takes a lookup so tests need not touch the
     /// process environment.
     pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
         if let Some(url) = get("LAR_BACKEND_URL") {
-            if let BackendSection::Redis { url: u } = &mut self.backend {
-                *u = url;
+            match &mut self.backend {
+                BackendSection::Redis { url: u } | BackendSection::Amqp { url: u, .. } => *u = url,
+                BackendSection::Embedded { .. } => {}
             }
         }
         if let Some(p) = get("LAR_DB_PATH") {
@@ -264,6 +305,33 @@ impl Config {
         }
         if w.retry.multiplier < 1.0 {
             return Err("worker.retry.multiplier: must be at least 1".into());
+        }
+        if let BackendSection::Amqp {
+            url,
+            prefetch,
+            queue_type,
+            delivery_limit,
+            ..
+        } = &self.backend
+        {
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err("backend.url: an amqp backend needs an amqp:// or amqps:// url".into());
+            }
+            if *prefetch == Some(0) {
+                return Err("backend.prefetch: must be at least 1 (0 would mean unlimited)".into());
+            }
+            match (queue_type, delivery_limit) {
+                (AmqpQueueType::Classic, Some(_)) => {
+                    return Err(
+                        "backend.delivery_limit: only quorum queues have a delivery limit (set queue_type = \"quorum\")"
+                            .into(),
+                    )
+                }
+                (_, Some(0)) => {
+                    return Err("backend.delivery_limit: must be at least 1".into());
+                }
+                _ => {}
+            }
         }
         if self.queues.is_empty() {
             return Err("queues: at least one [[queues]] entry is required".into());
@@ -361,5 +429,83 @@ pub fn load_queues(cfg: &Config, registry: &Registry) -> Result<Vec<LoadedQueue>
         Ok(out)
     } else {
         Err(ConfigError::Graph(errors.join("\n")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(backend: &str) -> Result<Config, String> {
+        let text =
+            format!("{backend}\n[[queues]]\nname = \"q\"\nresults = \"r\"\ngraph = \"g.toml\"\n");
+        let cfg: Config = toml::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    #[test]
+    fn amqp_section_with_defaults() {
+        let cfg = parse("[backend]\nkind = \"amqp\"\n").unwrap();
+        match cfg.backend {
+            BackendSection::Amqp {
+                url,
+                prefetch,
+                queue_type,
+                delivery_limit,
+                declare,
+                dedupe_redis_url,
+            } => {
+                assert_eq!(url, "amqp://guest:guest@127.0.0.1:5672/%2f");
+                assert_eq!(prefetch, None);
+                assert_eq!(queue_type, AmqpQueueType::Classic);
+                assert_eq!(delivery_limit, None);
+                assert!(declare);
+                assert_eq!(dedupe_redis_url, None);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn amqp_section_in_full_and_env_override() {
+        let mut cfg = parse(
+            "[backend]\nkind = \"amqp\"\nurl = \"amqps://u:p@h:5671/v\"\nprefetch = 8\n\
+             queue_type = \"quorum\"\ndelivery_limit = 3\ndeclare = false\n\
+             dedupe_redis_url = \"redis://r/0\"\n",
+        )
+        .unwrap();
+        cfg.apply_env(|k| (k == "LAR_BACKEND_URL").then(|| "amqp://other/%2f".to_string()));
+        match cfg.backend {
+            BackendSection::Amqp {
+                url,
+                prefetch,
+                queue_type,
+                delivery_limit,
+                declare,
+                ..
+            } => {
+                assert_eq!(url, "amqp://other/%2f");
+                assert_eq!(prefetch, Some(8));
+                assert_eq!(queue_type, AmqpQueueType::Quorum);
+                assert_eq!(delivery_limit, Some(3));
+                assert!(!declare);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn amqp_section_is_checked() {
+        let err = |b: &str| parse(b).unwrap_err();
+        assert!(err("[backend]\nkind = \"amqp\"\nurl = \"redis://x\"\n").contains("amqp://"));
+        assert!(err("[backend]\nkind = \"amqp\"\nprefetch = 0\n").contains("prefetch"));
+        assert!(err("[backend]\nkind = \"amqp\"\ndelivery_limit = 2\n").contains("quorum"));
+        assert!(
+            err("[backend]\nkind = \"amqp\"\nqueue_type = \"quorum\"\ndelivery_limit = 0\n")
+                .contains("at least 1")
+        );
+        assert!(err("[backend]\nkind = \"amqp\"\nqueue_type = \"stream\"\n").contains("stream"));
+        assert!(err("[backend]\nkind = \"amqp\"\nprefetch_count = 3\n").contains("unknown field"));
     }
 }

@@ -77,8 +77,6 @@ pub fn write_run_log(
 }
 
 /// How a drive ended.
-// One value per job, moved once: boxing the report would buy nothing.
-#[allow(clippy::large_enum_variant)]
 pub enum Driven {
     /// The run reached an end (completed, failed or halted) and its log is written.
     Ended(Box<JobReport>),

@@ -11,7 +11,9 @@
 //! | delayed retry         | available_at column      | sorted set, promoted by reaper | TTL delay queue → DLX      |
 //! | dead letters          | table                    | list `<queue>:dead`            | dead-letter queue          |
 //! | wake-up when empty    | polling (≤ 200 ms)       | blocking BLMOVE                | push (consumer)            |
+//! | one result per job    | the fenced transaction   | the fenced Lua script          | confirm, done marker, ack  |
 
+pub mod amqp;
 pub mod embedded;
 pub mod redis;
 pub mod wrapper;
@@ -318,5 +320,40 @@ pub async fn connect(
             ))
         }
         BackendSection::Embedded { path } => embedded::open_backend(path, worker_id),
+        BackendSection::Amqp {
+            url,
+            prefetch,
+            queue_type,
+            delivery_limit,
+            declare,
+            dedupe_redis_url,
+        } => {
+            let opts = amqp::AmqpOptions {
+                url: url.clone(),
+                prefetch: prefetch
+                    .unwrap_or_else(|| cfg.worker.concurrency.min(u16::MAX as usize) as u16),
+                queue_type: *queue_type,
+                delivery_limit: *delivery_limit,
+                declare: *declare,
+                dedupe_redis_url: dedupe_redis_url.clone(),
+                envelope_queues: cfg
+                    .queues
+                    .iter()
+                    .filter(|q| q.payload == PayloadFormat::Envelope)
+                    .map(|q| q.name.clone())
+                    .collect(),
+            };
+            let backend = amqp::AmqpBackend::connect(opts, worker_id).await?;
+            // Declare (or check) every configured queue now: a wrong topology fails the start.
+            for q in &cfg.queues {
+                backend
+                    .ensure_topology(&QueueNames {
+                        jobs: q.name.clone(),
+                        results: q.results.clone(),
+                    })
+                    .await?;
+            }
+            Ok(std::sync::Arc::new(backend))
+        }
     }
 }

@@ -73,6 +73,7 @@ pub fn bench_graph() -> PathBuf {
 pub enum Kind {
     Redis,
     Embedded,
+    Amqp,
 }
 
 impl Kind {
@@ -80,6 +81,7 @@ impl Kind {
         match self {
             Kind::Redis => "redis",
             Kind::Embedded => "embedded",
+            Kind::Amqp => "amqp",
         }
     }
 
@@ -94,8 +96,20 @@ impl Kind {
                 "[backend]\nkind = \"embedded\"\npath = {}\n",
                 toml_str(&dir.join("queue.db").display().to_string())
             ),
+            // The done markers go to the suite's Redis (keys under the test's prefix).
+            Kind::Amqp => format!(
+                "[backend]\nkind = \"amqp\"\nurl = {}\ndedupe_redis_url = {}\n",
+                toml_str(&amqp_url()),
+                toml_str(&redis_url())
+            ),
         }
     }
+}
+
+/// The RabbitMQ the suite runs against (`LAR_TEST_AMQP_URL`, default the local broker).
+pub fn amqp_url() -> String {
+    std::env::var("LAR_TEST_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
 }
 
 /// The Redis the suite runs against (`LAR_TEST_REDIS_URL`, default the local server).
@@ -630,6 +644,17 @@ impl Fixture {
             }
             // Its database lives in the temporary directory, removed with it.
             Kind::Embedded => {}
+            Kind::Amqp => {
+                if let Err(e) = delete_amqp_topology(&self.names) {
+                    eprintln!(
+                        "conformance: could not delete the queues of {}: {e}",
+                        self.prefix
+                    );
+                }
+                if let Err(e) = delete_redis_keys(&self.prefix) {
+                    eprintln!("conformance: could not delete keys {}*: {e}", self.prefix);
+                }
+            }
         }
     }
 }
@@ -641,6 +666,25 @@ impl Drop for Fixture {
         }
         self.cleanup();
     }
+}
+
+/// Deletes a queue's AMQP topology (its own thread and runtime: this runs in `Drop`, inside the
+/// test's runtime).
+pub fn delete_amqp_topology(names: &QueueNames) -> Result<(), String> {
+    let names = names.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        rt.block_on(lar_worker::queue::amqp::delete_topology(
+            &amqp_url(),
+            &names,
+        ))
+        .map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "the cleanup thread panicked".to_string())?
 }
 
 /// Deletes every key starting with `prefix` (a blocking connection: this runs in `Drop`).
