@@ -24,6 +24,22 @@ fn job(i: u64) -> String {
     serde_json::json!({"job_id": i, "kind": kind, "numbers": numbers, "text": format!("hello agent job {i}")}).to_string()
 }
 
+/// Current RSS (kB) and open file descriptors of a live process, for the soak report.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (rss, fds)
+}
+
 /// utime+stime in ms and VmHWM in kB of a live process.
 fn proc_usage(pid: u32) -> (f64, u64) {
     let tick = 100.0; // USER_HZ on Linux
@@ -100,10 +116,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let pid = child.id();
     let mut first = None;
     let mut peak_rss = 0;
+    let mut soak_start = None;
     loop {
         let len: u64 = r.llen(&results)?;
         if len > 0 && first.is_none() {
             first = Some(Instant::now());
+        }
+        // Soak samples: once 5 % of the jobs are done (warm), and at the end.
+        if soak_start.is_none() && len >= n / 20 {
+            soak_start = Some(rss_and_fds(pid));
         }
         if len >= n {
             break;
@@ -115,6 +136,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::thread::sleep(Duration::from_millis(2));
     }
     let done = Instant::now();
+    let soak_end = rss_and_fds(pid);
     let (cpu_ms, hwm) = proc_usage(pid);
     peak_rss = peak_rss.max(hwm);
     let first = first.unwrap_or(done);
@@ -140,6 +162,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     send_sigterm(pid);
     let status = child.wait()?;
+    if let Some((rss0, fd0)) = soak_start {
+        println!(
+            "soak: RSS {:.1} MB at 5 % of the jobs -> {:.1} MB at the end; open fds {fd0} -> {}",
+            rss0 as f64 / 1024.0,
+            soak_end.0 as f64 / 1024.0,
+            soak_end.1
+        );
+    }
     let _: () = redis::cmd("DEL")
         .arg(&jobs)
         .arg(&results)

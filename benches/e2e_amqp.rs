@@ -251,6 +251,11 @@ async fn main() -> Res<()> {
         println!("e2e_amqp: benchmark");
         return Ok(());
     }
+    // `cargo test --all-targets` runs bench binaries without --bench: build-check only.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("e2e_amqp: skipped outside `cargo bench --bench e2e_amqp`");
+        return Ok(());
+    }
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let types = std::env::var("BENCH_QUEUE_TYPES").unwrap_or_else(|_| "classic,quorum".into());
