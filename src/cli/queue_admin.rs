@@ -220,32 +220,9 @@ pub fn dead_letters(cmd: DeadLetterCommand) -> u8 {
 }
 
 pub fn inspect(a: QueueArgs) -> u8 {
-    let loaded = match load(&a.config) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(c) => return c,
-    };
-    rt.block_on(async move {
-        let backend = match crate::queue::connect(
-            &loaded.config,
-            crate::telemetry::worker_identity(),
-        )
-        .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("error: cannot open the backend: {e}");
-                return exit::ERROR;
-            }
-        };
+    with_all(&a.config, |backend, queues| async move {
         let mut out = serde_json::Map::new();
-        for q in &loaded.queues {
+        for q in &queues {
             if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
@@ -275,15 +252,26 @@ where
     F: FnOnce(std::sync::Arc<dyn crate::queue::Backend>, LoadedQueue) -> Fut,
     Fut: std::future::Future<Output = u8>,
 {
-    let loaded = match load(&a.config) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
+    let name = a.queue.clone();
+    with_all(&a.config, |backend, queues| async move {
+        match pick(&queues, name.as_deref()) {
+            Ok(q) => f(backend, q.clone()).await,
+            Err(e) => {
+                eprintln!("error: {e}");
+                exit::USAGE
+            }
         }
-    };
-    let q = match pick(&loaded.queues, a.queue.as_deref()) {
-        Ok(q) => q.clone(),
+    })
+}
+
+/// The frame of every admin command: load and check the config, open its backend, run `f`.
+fn with_all<F, Fut>(config: &std::path::Path, f: F) -> u8
+where
+    F: FnOnce(std::sync::Arc<dyn crate::queue::Backend>, Vec<LoadedQueue>) -> Fut,
+    Fut: std::future::Future<Output = u8>,
+{
+    let loaded = match load(config) {
+        Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
             return exit::USAGE;
@@ -295,7 +283,7 @@ where
     };
     rt.block_on(async move {
         match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
-            Ok(b) => f(b, q).await,
+            Ok(b) => f(b, loaded.queues).await,
             Err(e) => {
                 eprintln!("error: cannot open the backend: {e}");
                 exit::ERROR
@@ -327,30 +315,7 @@ pub struct DecideArgs {
 /// Records a human decision: checks the job waits and the choice is allowed, then queues the
 /// job to resume (any replica picks it up), atomically with removing the pending record.
 pub fn decide(a: DecideArgs) -> u8 {
-    let loaded = match load(&a.q.config) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(c) => return c,
-    };
-    rt.block_on(async move {
-        let backend = match crate::queue::connect(
-            &loaded.config,
-            crate::telemetry::worker_identity(),
-        )
-        .await
-        {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("error: cannot open the backend: {e}");
-                return exit::ERROR;
-            }
-        };
+    with_all(&a.q.config, |backend, queues| async move {
         use crate::durable::decide::{pending_of, submit_for, Refusal};
         let decision = crate::exec::Decision {
             choice: a.choice.clone(),
@@ -358,7 +323,7 @@ pub fn decide(a: DecideArgs) -> u8 {
             decided_by: a.by.clone(),
             role: a.role.clone(),
         };
-        for q in &loaded.queues {
+        for q in &queues {
             if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
@@ -395,26 +360,8 @@ pub fn decide(a: DecideArgs) -> u8 {
 
 /// Lists what waits for a human, one JSON object per line.
 pub fn pending(a: QueueArgs) -> u8 {
-    let loaded = match load(&a.config) {
-        Ok(l) => l,
-        Err(e) => {
-            eprintln!("error: {e}");
-            return exit::USAGE;
-        }
-    };
-    let rt = match runtime() {
-        Ok(rt) => rt,
-        Err(c) => return c,
-    };
-    rt.block_on(async move {
-        let backend = match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
-            Ok(b) => b,
-            Err(e) => {
-                eprintln!("error: cannot open the backend: {e}");
-                return exit::ERROR;
-            }
-        };
-        for q in &loaded.queues {
+    with_all(&a.config, |backend, queues| async move {
+        for q in &queues {
             if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
