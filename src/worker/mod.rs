@@ -288,7 +288,10 @@ impl Worker {
             .await;
         }
         while decision_loops.join_next().await.is_some() {}
+        // Wait for the aborted maintenance task, so a heartbeat in flight cannot re-register
+        // this worker after `deregister` below.
         maintenance.abort();
+        let _ = maintenance.await;
         watchdog.abort();
         if let Some(h) = idle_watch {
             h.abort();
