@@ -493,6 +493,22 @@ fn twenty_step_graph() -> String {
     g
 }
 
+/// Waits until the side-effect tool has appended `n` lines (the run is that far).
+fn wait_for_side_effects(side: &Path, n: usize) {
+    let start = Instant::now();
+    while std::fs::read_to_string(side)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < n
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the run did not progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn kill_9_mid_run_resumes_without_replaying_completed_steps(kind: Kind) {
     let mut env = Env::new(
         kind,
@@ -504,18 +520,7 @@ fn kill_9_mid_run_resumes_without_replaying_completed_steps(kind: Kind) {
     env.push(r#"{"job":"twenty"}"#);
     let side = env.dir.path().join("side.txt");
     let w1 = env.worker();
-    let start = Instant::now();
-    while std::fs::read_to_string(&side)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 8
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the run did not progress"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_side_effects(&side, 8);
     kill9(w1);
     let w2 = env.worker();
     let results = env.wait_results(1, Duration::from_secs(40));
@@ -555,18 +560,7 @@ fn a_frozen_worker_past_its_lease_cannot_publish_or_rewind(kind: Kind) {
     env.push(r#"{"job":"zombie"}"#);
     let side = env.dir.path().join("side.txt");
     let w1 = env.worker();
-    let start = Instant::now();
-    while std::fs::read_to_string(&side)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 4
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the run did not progress"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_side_effects(&side, 4);
     let pid = w1.id().to_string();
     assert!(Command::new("kill")
         .args(["-STOP", &pid])
@@ -692,18 +686,7 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
     env.push(r#"{"job":"long"}"#);
     let side = env.dir.path().join("side.txt");
     let w1 = env.worker();
-    let start = Instant::now();
-    while std::fs::read_to_string(&side)
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
-        < 5
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the run did not progress"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_side_effects(&side, 5);
     let stopped = Instant::now();
     let mut w1 = w1;
     let _ = Command::new("kill")

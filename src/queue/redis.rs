@@ -334,6 +334,27 @@ impl RedisBackend {
         }
     }
 
+    /// The keys and leading arguments CLAIM and ADOPT share (see the scripts' KEYS/ARGV).
+    fn claim_invocation(
+        &self,
+        inv: &mut ::redis::ScriptInvocation<'_>,
+        q: &QueueNames,
+        k: &Keys,
+        lease: Duration,
+        n: usize,
+    ) {
+        inv.key(&k.queue)
+            .key(&k.processing)
+            .key(&k.leases)
+            .key(&k.claims)
+            .key(&k.owners)
+            .key(&k.epochs);
+        inv.arg(&self.worker_id)
+            .arg(now_ms() + lease.as_millis() as i64)
+            .arg(n)
+            .arg(self.envelope_flag(q));
+    }
+
     /// The stored message again, with a changed attempt count and history.
     fn rewrap(claim: &Claim, attempt: u32, history: Vec<AttemptRecord>) -> Vec<u8> {
         Wrapped {
@@ -362,18 +383,8 @@ impl Backend for RedisBackend {
         wait: Duration,
     ) -> Result<Vec<Claim>, QueueError> {
         let k = keys(q, &self.worker_id);
-        let deadline = now_ms() + lease.as_millis() as i64;
         let mut inv = self.scripts.claim.prepare_invoke();
-        inv.key(&k.queue)
-            .key(&k.processing)
-            .key(&k.leases)
-            .key(&k.claims)
-            .key(&k.owners)
-            .key(&k.epochs);
-        inv.arg(&self.worker_id)
-            .arg(deadline)
-            .arg(max)
-            .arg(self.envelope_flag(q));
+        self.claim_invocation(&mut inv, q, &k, lease, max);
         for _ in 0..max {
             inv.arg(crate::ids::new_id());
         }
@@ -397,20 +408,9 @@ impl Backend for RedisBackend {
         let Some(raw) = raw else {
             return Ok(Vec::new());
         };
-        let deadline = now_ms() + lease.as_millis() as i64;
         let mut inv = self.scripts.adopt.prepare_invoke();
-        inv.key(&k.queue)
-            .key(&k.processing)
-            .key(&k.leases)
-            .key(&k.claims)
-            .key(&k.owners)
-            .key(&k.epochs);
-        inv.arg(&self.worker_id)
-            .arg(deadline)
-            .arg(1)
-            .arg(self.envelope_flag(q))
-            .arg(crate::ids::new_id())
-            .arg(raw);
+        self.claim_invocation(&mut inv, q, &k, lease, 1);
+        inv.arg(crate::ids::new_id()).arg(raw);
         let items: Vec<::redis::Value> = inv.invoke_async(&mut conn).await?;
         Ok(self.decode_claims(items))
     }
