@@ -57,6 +57,11 @@ impl RunLog {
         &self.chain_head
     }
 
+    /// The last record's canonical bytes as signed (its `chain` included).
+    pub fn last_canonical(&self) -> Option<&[u8]> {
+        self.canonical.last().map(Vec::as_slice)
+    }
+
     pub fn steps(&self) -> &[Map<String, Value>] {
         &self.steps
     }

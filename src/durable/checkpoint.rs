@@ -3,10 +3,14 @@
 
 use crate::audit::runlog::RunLogHeader;
 use crate::audit::Secret;
+use crate::exec::run::PositionRef;
 use crate::exec::RunPosition;
-use crate::json::to_canonical_vec;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+const SIGNED_PREFIX: &[u8] = b"{\"signature\":\"";
+const SIGNED_MIDDLE: &[u8] = b"\",\"checkpoint\":";
+const UNSIGNED_PREFIX: &[u8] = b"{\"checkpoint\":";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Checkpoint {
@@ -22,6 +26,29 @@ pub struct Checkpoint {
     /// The chain value of the last journaled record (the run id before the first).
     pub chain_head: String,
     pub position: RunPosition,
+}
+
+/// A checkpoint as written after a step: [`Checkpoint`]'s fields borrowed from the live run, so
+/// each step costs one serialization and no copy of the state.
+#[derive(Debug, Serialize)]
+pub struct CheckpointRef<'a> {
+    pub job_id: &'a str,
+    pub run_id: &'a str,
+    pub graph_name: &'a str,
+    pub graph_digest: &'a str,
+    pub user_id: Option<&'a str>,
+    pub started_at: &'a str,
+    pub attempt: u32,
+    pub epoch: u64,
+    pub chain_head: &'a str,
+    pub position: PositionRef<'a>,
+}
+
+impl CheckpointRef<'_> {
+    /// The stored form, as [`Checkpoint::encode`].
+    pub fn encode(&self, secret: Option<&Secret>) -> Vec<u8> {
+        seal(serde_json::to_vec(self).unwrap_or_default(), secret)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -57,34 +84,38 @@ impl Checkpoint {
         }
     }
 
-    /// The stored form: the checkpoint's JSON with a `signature` over its canonical bytes.
+    /// The stored form: `{"signature":"<hex>","checkpoint":<body>}`, the signature an HMAC over
+    /// the body's exact bytes. Signing the bytes as stored (instead of a canonical re-encoding)
+    /// costs one serialization per step; any changed byte still fails verification.
     pub fn encode(&self, secret: Option<&Secret>) -> Vec<u8> {
-        let mut v = serde_json::to_value(self).unwrap_or(Value::Null);
-        if let (Some(secret), Value::Object(m)) = (secret, &mut v) {
-            let sig = secret.sign(&to_canonical_vec(&Value::Object(m.clone())));
-            m.insert("signature".into(), Value::String(sig));
-        }
-        serde_json::to_vec(&v).unwrap_or_default()
+        seal(serde_json::to_vec(self).unwrap_or_default(), secret)
     }
 
     /// Parses and verifies a stored checkpoint.
     pub fn decode(bytes: &[u8], secret: Option<&Secret>) -> Result<Checkpoint, CheckpointError> {
-        let v: Value = serde_json::from_slice(bytes)
-            .map_err(|e| CheckpointError::Unreadable(e.to_string()))?;
-        let Value::Object(mut m) = v else {
-            return Err(CheckpointError::Unreadable("not an object".into()));
+        let unreadable = || CheckpointError::Unreadable("not a stored checkpoint".into());
+        let inner = bytes.strip_suffix(b"}").ok_or_else(unreadable)?;
+        let (signature, body) = if let Some(rest) = inner.strip_prefix(SIGNED_PREFIX) {
+            if rest.len() < 64 {
+                return Err(unreadable());
+            }
+            let (sig, rest) = rest.split_at(64);
+            let body = rest.strip_prefix(SIGNED_MIDDLE).ok_or_else(unreadable)?;
+            (Some(sig), body)
+        } else {
+            (
+                None,
+                inner.strip_prefix(UNSIGNED_PREFIX).ok_or_else(unreadable)?,
+            )
         };
-        let sig = m.shift_remove("signature");
         if let Some(secret) = secret {
-            let Some(Value::String(sig)) = sig else {
-                return Err(CheckpointError::Unsigned);
-            };
-            if !secret.verify_hex(&to_canonical_vec(&Value::Object(m.clone())), &sig) {
+            let sig = signature.ok_or(CheckpointError::Unsigned)?;
+            let sig = std::str::from_utf8(sig).map_err(|_| CheckpointError::BadSignature)?;
+            if !secret.verify_hex(body, sig) {
                 return Err(CheckpointError::BadSignature);
             }
         }
-        serde_json::from_value(Value::Object(m))
-            .map_err(|e| CheckpointError::Unreadable(e.to_string()))
+        serde_json::from_slice(body).map_err(|e| CheckpointError::Unreadable(e.to_string()))
     }
 
     /// Checks the journal read back beside the checkpoint.
@@ -108,6 +139,134 @@ impl Checkpoint {
             // Unsigned runs carry no chain: nothing to compare.
             None => Ok(()),
             Some(_) => Err(CheckpointError::ChainMismatch),
+        }
+    }
+}
+
+/// `{"signature":"<hex>","checkpoint":<body>}`, the signature an HMAC over the body's bytes.
+fn seal(body: Vec<u8>, secret: Option<&Secret>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(body.len() + 100);
+    match secret {
+        Some(secret) => {
+            out.extend_from_slice(SIGNED_PREFIX);
+            out.extend_from_slice(secret.sign(&body).as_bytes());
+            out.extend_from_slice(SIGNED_MIDDLE);
+        }
+        None => out.extend_from_slice(UNSIGNED_PREFIX),
+    }
+    out.extend_from_slice(&body);
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exec::{RunPosition, RunStatus};
+
+    fn checkpoint() -> Checkpoint {
+        let mut state = serde_json::Map::new();
+        state.insert("amount".into(), Value::from(5000));
+        Checkpoint {
+            job_id: "job-1".into(),
+            run_id: "run-1".into(),
+            graph_name: "g".into(),
+            graph_digest: "d".into(),
+            user_id: None,
+            started_at: "2026-01-01T00:00:00.000000Z".into(),
+            attempt: 1,
+            epoch: 3,
+            chain_head: "c".into(),
+            position: RunPosition {
+                run_id: "run-1".into(),
+                job_id: "job-1".into(),
+                next: Some("n".into()),
+                step: 2,
+                state,
+                status: RunStatus::Running,
+            },
+        }
+    }
+
+    #[test]
+    fn signed_round_trip_and_tampering() {
+        let secret = Secret::new("s").unwrap();
+        let stored = checkpoint().encode(Some(&secret));
+        assert!(
+            serde_json::from_slice::<Value>(&stored).is_ok(),
+            "stored form is JSON"
+        );
+        assert_eq!(Checkpoint::decode(&stored, Some(&secret)), Ok(checkpoint()));
+        let text = String::from_utf8(stored.clone()).unwrap();
+        let tampered = text.replacen("5000", "9000", 1);
+        assert_eq!(
+            Checkpoint::decode(tampered.as_bytes(), Some(&secret)),
+            Err(CheckpointError::BadSignature)
+        );
+        let other = Secret::new("other").unwrap();
+        assert_eq!(
+            Checkpoint::decode(&stored, Some(&other)),
+            Err(CheckpointError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn the_borrowed_form_decodes_to_the_owned_one() {
+        let c = checkpoint();
+        let p = &c.position;
+        let borrowed = CheckpointRef {
+            job_id: &c.job_id,
+            run_id: &c.run_id,
+            graph_name: &c.graph_name,
+            graph_digest: &c.graph_digest,
+            user_id: c.user_id.as_deref(),
+            started_at: &c.started_at,
+            attempt: c.attempt,
+            epoch: c.epoch,
+            chain_head: &c.chain_head,
+            position: PositionRef {
+                run_id: &p.run_id,
+                job_id: &p.job_id,
+                next: p.next.as_deref(),
+                step: p.step,
+                state: &p.state,
+                status: &p.status,
+            },
+        };
+        let secret = Secret::new("s").unwrap();
+        assert_eq!(borrowed.encode(Some(&secret)), c.encode(Some(&secret)));
+        let halted = RunStatus::Failed {
+            reason: "boom".into(),
+        };
+        let failed = CheckpointRef {
+            position: PositionRef {
+                status: &halted,
+                ..borrowed.position
+            },
+            ..borrowed
+        };
+        let back = Checkpoint::decode(&failed.encode(Some(&secret)), Some(&secret)).unwrap();
+        assert_eq!(back.position.status, halted);
+    }
+
+    #[test]
+    fn unsigned_is_refused_when_a_secret_is_configured() {
+        let stored = checkpoint().encode(None);
+        assert_eq!(Checkpoint::decode(&stored, None), Ok(checkpoint()));
+        let secret = Secret::new("s").unwrap();
+        assert_eq!(
+            Checkpoint::decode(&stored, Some(&secret)),
+            Err(CheckpointError::Unsigned)
+        );
+    }
+
+    #[test]
+    fn garbage_is_unreadable() {
+        for bad in [&b""[..], b"{}", b"{\"signature\":\"ab\"}", b"not json"] {
+            assert!(matches!(
+                Checkpoint::decode(bad, None),
+                Err(CheckpointError::Unreadable(_))
+            ));
         }
     }
 }

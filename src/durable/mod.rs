@@ -7,5 +7,5 @@ pub mod checkpoint;
 pub mod decide;
 pub mod pending;
 
-pub use checkpoint::{Checkpoint, CheckpointError};
+pub use checkpoint::{Checkpoint, CheckpointError, CheckpointRef};
 pub use pending::{DecisionRequest, Pending};

@@ -53,6 +53,19 @@ pub struct RunPosition {
     pub status: RunStatus,
 }
 
+/// [`RunPosition`] borrowed from a live run: what a checkpoint serializes after every step,
+/// without copying the state first. Serializes to the same JSON as `RunPosition`.
+#[derive(Debug, Serialize)]
+pub struct PositionRef<'a> {
+    pub run_id: &'a str,
+    pub job_id: &'a str,
+    pub next: Option<&'a str>,
+    pub step: u64,
+    pub state: &'a Map<String, Value>,
+    #[serde(flatten)]
+    pub status: &'a RunStatus,
+}
+
 /// What a step needs from its surroundings.
 pub struct StepEnv<'a> {
     pub registry: &'a Registry,
@@ -137,6 +150,17 @@ impl Run {
             step: self.step,
             state: self.state.clone(),
             status: self.status.clone(),
+        }
+    }
+
+    pub fn position_ref(&self) -> PositionRef<'_> {
+        PositionRef {
+            run_id: &self.run_id,
+            job_id: &self.job_id,
+            next: self.next.map(|i| self.graph.node(i).id.as_str()),
+            step: self.step,
+            state: &self.state,
+            status: &self.status,
         }
     }
 

@@ -23,7 +23,7 @@
 
 use super::{
     dead_letter_entry, now_ms, AttemptRecord, Backend, Claim, ClaimHandle, DeadLetter, Fenced,
-    Finish, QueueDepth, QueueError, QueueNames,
+    Finish, QueueDepth, QueueError, QueueNames, StepWrite,
 };
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
@@ -450,11 +450,8 @@ fn finish_once(
 fn save_step_once(
     conn: &mut Connection,
     worker: &str,
-    queue: &str,
-    job_id: &str,
-    epoch: u64,
-    record: &[u8],
-    checkpoint: &[u8],
+    (queue, job_id, epoch): (&str, &str, u64),
+    step: StepWrite<'_>,
 ) -> Result<Fenced, QueueError> {
     let Ok(epoch) = i64::try_from(epoch) else {
         return Ok(Fenced::Lost);
@@ -469,17 +466,24 @@ fn save_step_once(
     if held.is_none() {
         return Ok(Fenced::Lost);
     }
-    let idx: i64 = tx
+    let held_steps: i64 = tx
         .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
         .query_row(params![queue, job_id], |row| row.get(0))?;
-    tx.prepare_cached(
-        "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
-    )?
-    .execute(params![queue, job_id, idx, record])?;
+    let index = i64::try_from(step.index).unwrap_or(i64::MAX);
+    if held_steps == index {
+        tx.prepare_cached(
+            "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![queue, job_id, index, step.record])?;
+    } else if held_steps != index.saturating_add(1) {
+        return Err(QueueError::Other(format!(
+            "journal of job {job_id} holds {held_steps} steps, this step is number {index}"
+        )));
+    }
     tx.prepare_cached(
         "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
     )?
-    .execute(params![queue, job_id, checkpoint])?;
+    .execute(params![queue, job_id, step.checkpoint])?;
     tx.commit()?;
     Ok(Fenced::Done)
 }
@@ -543,13 +547,18 @@ impl Backend for EmbeddedBackend {
         &self,
         q: &QueueNames,
         claim: &Claim,
-        record: &[u8],
-        checkpoint: &[u8],
+        step: StepWrite<'_>,
     ) -> Result<Fenced, QueueError> {
         let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
-        let (record, checkpoint) = (record.to_vec(), checkpoint.to_vec());
+        let (index, record, checkpoint) =
+            (step.index, step.record.to_vec(), step.checkpoint.to_vec());
         self.with_conn(move |conn, worker| {
-            save_step_once(conn, worker, &queue, &job_id, epoch, &record, &checkpoint)
+            let step = StepWrite {
+                index,
+                record: &record,
+                checkpoint: &checkpoint,
+            };
+            save_step_once(conn, worker, (&queue, &job_id, epoch), step)
         })
         .await
     }

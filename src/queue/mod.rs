@@ -16,6 +16,7 @@
 pub mod amqp;
 pub mod embedded;
 pub mod redis;
+mod redis_batch;
 pub mod wrapper;
 
 use async_trait::async_trait;
@@ -41,6 +42,15 @@ pub struct AttemptRecord {
     pub attempt: u32,
     pub at: String,
     pub error: String,
+}
+
+/// One step to make durable: its journal record and the checkpoint after it.
+#[derive(Debug, Clone, Copy)]
+pub struct StepWrite<'a> {
+    /// The record's index: how many records the journal holds before it.
+    pub index: u64,
+    pub record: &'a [u8],
+    pub checkpoint: &'a [u8],
 }
 
 /// A job claimed by this worker.
@@ -220,12 +230,13 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Appends a step record to the job's journal and replaces its checkpoint, in one atomic
     /// write, only while `claim` still holds the job (its epoch is current).
+    /// Idempotent: saving the step the journal already ends with only rewrites the checkpoint,
+    /// so a write retried after a lost reply never journals a step twice.
     async fn save_step(
         &self,
         _q: &QueueNames,
         _claim: &Claim,
-        _record: &[u8],
-        _checkpoint: &[u8],
+        _step: StepWrite<'_>,
     ) -> Result<Fenced, QueueError> {
         Err(QueueError::Other(format!(
             "the {} backend does not store checkpoints",

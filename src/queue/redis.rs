@@ -11,6 +11,7 @@
 //! The reaper touches other workers' processing lists by name, so this backend needs a
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
+use super::redis_batch::BatchedScript;
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -82,39 +83,54 @@ end
 return out
 "#;
 
-/// KEYS: processing, leases, claims, owners, epochs, results, dead, queue, delayed, checkpoint,
-/// journal, pending. ARGV: id, epoch, mode, a, b. Modes: publish (a = result or '', b = dead
+/// Run per job in batches (`redis_batch`). K: processing, leases, claims, owners, epochs,
+/// results, dead, queue, delayed, checkpoint, journal, pending. A: id, epoch, mode, a, b. Modes: publish (a = result or '', b = dead
 /// entry or ''), retry (a = new stored message, b = due ms), dead (a = entry), release (a =
 /// stored message), pause (a = awaiting_decision result, b = pending record). Every mode but
 /// release and pause ends the run: its checkpoint and journal go.
 const FINISH: &str = r#"
-if redis.call('HGET', KEYS[5], ARGV[1]) ~= ARGV[2] then return 0 end
-local stored = redis.call('HGET', KEYS[3], ARGV[1])
+if redis.call('HGET', K[5], A[1]) ~= A[2] then return 0 end
+local stored = redis.call('HGET', K[3], A[1])
 if not stored then return 0 end
-redis.call('LREM', KEYS[1], 1, stored)
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HDEL', KEYS[3], ARGV[1])
-redis.call('HDEL', KEYS[4], ARGV[1])
-local mode = ARGV[3]
+redis.call('LREM', K[1], 1, stored)
+redis.call('ZREM', K[2], A[1])
+redis.call('HDEL', K[3], A[1])
+redis.call('HDEL', K[4], A[1])
+local mode = A[3]
 if mode == 'publish' then
-  if ARGV[4] ~= '' then redis.call('RPUSH', KEYS[6], ARGV[4]) end
-  if ARGV[5] ~= '' then redis.call('RPUSH', KEYS[7], ARGV[5]) end
-  redis.call('HDEL', KEYS[5], ARGV[1])
-  redis.call('DEL', KEYS[10], KEYS[11])
+  if A[4] ~= '' then redis.call('RPUSH', K[6], A[4]) end
+  if A[5] ~= '' then redis.call('RPUSH', K[7], A[5]) end
+  redis.call('HDEL', K[5], A[1])
+  redis.call('DEL', K[10], K[11])
 elseif mode == 'retry' then
-  redis.call('ZADD', KEYS[9], ARGV[5], ARGV[4])
-  redis.call('DEL', KEYS[10], KEYS[11])
+  redis.call('ZADD', K[9], A[5], A[4])
+  redis.call('DEL', K[10], K[11])
 elseif mode == 'dead' then
-  redis.call('RPUSH', KEYS[7], ARGV[4])
-  redis.call('HDEL', KEYS[5], ARGV[1])
-  redis.call('DEL', KEYS[10], KEYS[11])
+  redis.call('RPUSH', K[7], A[4])
+  redis.call('HDEL', K[5], A[1])
+  redis.call('DEL', K[10], K[11])
 elseif mode == 'release' then
-  redis.call('LPUSH', KEYS[8], ARGV[4])
+  redis.call('LPUSH', K[8], A[4])
 elseif mode == 'pause' then
-  redis.call('RPUSH', KEYS[6], ARGV[4])
-  redis.call('HSET', KEYS[12], ARGV[1], ARGV[5])
-  redis.call('HDEL', KEYS[5], ARGV[1])
+  redis.call('RPUSH', K[6], A[4])
+  redis.call('HSET', K[12], A[1], A[5])
+  redis.call('HDEL', K[5], A[1])
 end
+return 1
+"#;
+
+/// K: epochs, journal, checkpoint. A: id, epoch, records before this one, record, checkpoint.
+/// 1 saved, 0 fenced off, 2 the journal is out of step. Idempotent: a step the journal already
+/// ends with (a retry after a lost reply) only rewrites the checkpoint.
+const SAVE_STEP: &str = r#"
+if redis.call('HGET', K[1], A[1]) ~= A[2] then return 0 end
+local len, before = redis.call('LLEN', K[2]), tonumber(A[3])
+if len == before then
+  redis.call('RPUSH', K[2], A[4])
+elseif len ~= before + 1 then
+  return 2
+end
+redis.call('SET', K[3], A[5])
 return 1
 "#;
 
@@ -163,14 +179,6 @@ end
 return moved
 "#;
 
-/// KEYS: epochs, journal, checkpoint. ARGV: id, epoch, record, checkpoint.
-const SAVE_STEP: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[3])
-redis.call('SET', KEYS[3], ARGV[4])
-return 1
-"#;
-
 /// KEYS: dead, queue. ARGV: entry, payload.
 const REDRIVE: &str = r#"
 if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
@@ -199,9 +207,10 @@ struct Scripts {
     claim: Script,
     adopt: Script,
     extend: Script,
-    finish: Script,
+    /// Per job, batched across jobs (see `redis_batch`).
+    finish: BatchedScript,
+    save_step: BatchedScript,
     recover: Script,
-    save_step: Script,
     submit_decision: Script,
     redrive: Script,
 }
@@ -267,16 +276,16 @@ impl RedisBackend {
         let blocking = ConnectionManager::new_with_config(client, cfg).await?;
         Ok(RedisBackend {
             worker_id,
-            conn,
+            conn: conn.clone(),
             blocking: Mutex::new(blocking),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
             scripts: Scripts {
                 claim: Script::new(&format!("{WRAP_FN}{CLAIM}")),
                 adopt: Script::new(&format!("{WRAP_FN}{ADOPT}")),
                 extend: Script::new(EXTEND),
-                finish: Script::new(FINISH),
+                finish: BatchedScript::start("finish", FINISH, 12, 5, conn.clone()),
+                save_step: BatchedScript::start("step", SAVE_STEP, 3, 5, conn.clone()),
                 recover: Script::new(RECOVER),
-                save_step: Script::new(SAVE_STEP),
                 submit_decision: Script::new(SUBMIT_DECISION),
                 redrive: Script::new(REDRIVE),
             },
@@ -490,26 +499,28 @@ impl Backend for RedisBackend {
             ),
             Finish::Pause { result, pending } => ("pause", result, pending),
         };
-        let mut inv = self.scripts.finish.prepare_invoke();
-        inv.key(&k.processing)
-            .key(&k.leases)
-            .key(&k.claims)
-            .key(&k.owners)
-            .key(&k.epochs)
-            .key(&k.results)
-            .key(&k.dead)
-            .key(&k.queue)
-            .key(&k.delayed)
-            .key(checkpoint_key(q, &claim.job_id))
-            .key(journal_key(q, &claim.job_id))
-            .key(&k.pending);
-        inv.arg(&claim.job_id)
-            .arg(claim.epoch.to_string())
-            .arg(mode)
-            .arg(a)
-            .arg(b);
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
+        let keys = vec![
+            k.processing,
+            k.leases,
+            k.claims,
+            k.owners,
+            k.epochs,
+            k.results,
+            k.dead,
+            k.queue,
+            k.delayed,
+            checkpoint_key(q, &claim.job_id),
+            journal_key(q, &claim.job_id),
+            k.pending,
+        ];
+        let args = vec![
+            claim.job_id.clone().into_bytes(),
+            claim.epoch.to_string().into_bytes(),
+            mode.as_bytes().to_vec(),
+            a,
+            b,
+        ];
+        let done = self.scripts.finish.call(keys, args).await?;
         Ok(if done == 1 {
             Fenced::Done
         } else {
@@ -670,25 +681,28 @@ impl Backend for RedisBackend {
         &self,
         q: &QueueNames,
         claim: &Claim,
-        record: &[u8],
-        checkpoint: &[u8],
+        step: StepWrite<'_>,
     ) -> Result<Fenced, QueueError> {
-        let k = keys(q, &self.worker_id);
-        let mut inv = self.scripts.save_step.prepare_invoke();
-        inv.key(&k.epochs)
-            .key(journal_key(q, &claim.job_id))
-            .key(checkpoint_key(q, &claim.job_id));
-        inv.arg(&claim.job_id)
-            .arg(claim.epoch.to_string())
-            .arg(record)
-            .arg(checkpoint);
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(if done == 1 {
-            Fenced::Done
-        } else {
-            Fenced::Lost
-        })
+        let keys = vec![
+            format!("{}:epochs", q.jobs),
+            journal_key(q, &claim.job_id),
+            checkpoint_key(q, &claim.job_id),
+        ];
+        let args = vec![
+            claim.job_id.clone().into_bytes(),
+            claim.epoch.to_string().into_bytes(),
+            step.index.to_string().into_bytes(),
+            step.record.to_vec(),
+            step.checkpoint.to_vec(),
+        ];
+        match self.scripts.save_step.call(keys, args).await? {
+            1 => Ok(Fenced::Done),
+            0 => Ok(Fenced::Lost),
+            _ => Err(QueueError::Other(format!(
+                "the journal of job {} does not hold the {} steps before this one",
+                claim.job_id, step.index
+            ))),
+        }
     }
 
     async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {

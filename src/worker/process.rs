@@ -5,10 +5,10 @@ use super::payload::{awaiting_message, parse, result_message, ParsedJob};
 use super::Worker;
 use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
 use crate::audit::RunLog;
-use crate::durable::{Checkpoint, DecisionRequest, Pending};
+use crate::durable::{Checkpoint, CheckpointRef, DecisionRequest, Pending};
 use crate::exec::{Decision, Run, RunStatus};
 use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink, Stops};
-use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish};
+use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish, StepWrite};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -42,18 +42,20 @@ impl StepSink for CheckpointSink<'_> {
         if !self.worker.durable() {
             return Ok(());
         }
-        let record = serde_json::to_vec(last).map_err(|e| PersistError::Failed(e.to_string()))?;
-        let checkpoint = Checkpoint {
-            job_id: self.claim.job_id.clone(),
-            run_id: run.run_id().to_string(),
-            graph_name: log.header.graph_name.clone(),
-            graph_digest: log.header.graph_digest.clone(),
-            user_id: log.header.user_id.clone(),
-            started_at: log.header.timestamp.clone(),
+        // The journal keeps the record's canonical bytes, chain included, as signed.
+        let record = log.last_canonical().unwrap_or_default();
+        let h = &log.header;
+        let checkpoint = CheckpointRef {
+            job_id: &self.claim.job_id,
+            run_id: run.run_id(),
+            graph_name: &h.graph_name,
+            graph_digest: &h.graph_digest,
+            user_id: h.user_id.as_deref(),
+            started_at: &h.timestamp,
             attempt: self.claim.attempt,
             epoch: self.claim.epoch,
-            chain_head: log.chain_head().to_string(),
-            position: run.position(),
+            chain_head: log.chain_head(),
+            position: run.position_ref(),
         }
         .encode(self.worker.audit.secret.as_ref());
         let names = &self.worker.queues[self.qi].names;
@@ -62,7 +64,15 @@ impl StepSink for CheckpointSink<'_> {
             match self
                 .worker
                 .backend
-                .save_step(names, self.claim, &record, &checkpoint)
+                .save_step(
+                    names,
+                    self.claim,
+                    StepWrite {
+                        index: log.len() as u64 - 1,
+                        record,
+                        checkpoint: &checkpoint,
+                    },
+                )
                 .await
             {
                 Ok(Fenced::Done) => return Ok(()),

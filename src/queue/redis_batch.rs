@@ -1,0 +1,142 @@
+//! Per-job scripts on Redis, batched across jobs. Every in-flight job hands its call (a step
+//! save, a finish) to one task per script, which runs whatever has gathered as a single Lua
+//! call and answers each job on its own. A job still waits one round trip, but 64 jobs share
+//! it: Redis runs one script instead of 64, and the worker makes one write and one read.
+//!
+//! The script body is written for one job, against `K` (its keys) and `A` (its arguments), and
+//! returns an integer; each job's part is checked (fenced) on its own, exactly as if it ran
+//! alone. Atomicity is per job, which is all the per-job scripts promised.
+
+use super::QueueError;
+use ::redis::aio::ConnectionManager;
+use ::redis::Script;
+use tokio::sync::{mpsc, oneshot};
+
+/// The most calls run as one script, and the most argument bytes.
+const MAX_BATCH: usize = 128;
+const MAX_BATCH_BYTES: usize = 8 << 20;
+
+/// One job's call: its keys and arguments, in the order the body reads them.
+struct Call {
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+    done: oneshot::Sender<Result<i64, QueueError>>,
+}
+
+impl Call {
+    fn size(&self) -> usize {
+        self.args.iter().map(Vec::len).sum::<usize>() + 64 * self.keys.len()
+    }
+}
+
+/// A per-job Lua body run in batches; the task ends when the handle is dropped.
+pub(super) struct BatchedScript {
+    tx: mpsc::UnboundedSender<Call>,
+    name: &'static str,
+}
+
+impl BatchedScript {
+    /// `keys` and `args`: how many of each one job's call has (checked on every call).
+    pub fn start(
+        name: &'static str,
+        body: &str,
+        keys: usize,
+        args: usize,
+        conn: ConnectionManager,
+    ) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let script = Script::new(&wrap(body));
+        tokio::spawn(run(script, (keys, args), conn, rx));
+        BatchedScript { tx, name }
+    }
+
+    /// Runs the body for one job; resolves with its return value.
+    pub async fn call(&self, keys: Vec<String>, args: Vec<Vec<u8>>) -> Result<i64, QueueError> {
+        let (done, wait) = oneshot::channel();
+        let stopped = || QueueError::Other(format!("the Redis {} writer has stopped", self.name));
+        self.tx
+            .send(Call { keys, args, done })
+            .map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
+    }
+}
+
+/// The batch script: the body as a function, called once per job in the batch.
+fn wrap(body: &str) -> String {
+    format!(
+        "local function one(K, A)\n{body}\nend
+local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
+local out = {{}}
+for i = 0, #KEYS / nk - 1 do
+  local K, A = {{}}, {{}}
+  for j = 1, nk do K[j] = KEYS[i * nk + j] end
+  for j = 1, na do A[j] = ARGV[2 + i * na + j] end
+  out[i + 1] = one(K, A)
+end
+return out
+"
+    )
+}
+
+async fn run(
+    script: Script,
+    (nk, na): (usize, usize),
+    mut conn: ConnectionManager,
+    mut rx: mpsc::UnboundedReceiver<Call>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(c) => {
+                    bytes += c.size();
+                    batch.push(c);
+                }
+                Err(_) => break,
+            }
+        }
+        let (good, bad): (Vec<Call>, Vec<Call>) = batch
+            .into_iter()
+            .partition(|c| c.keys.len() == nk && c.args.len() == na);
+        for c in bad {
+            let _ = c.done.send(Err(QueueError::Other(format!(
+                "script call with {} keys and {} arguments, expected {nk} and {na}",
+                c.keys.len(),
+                c.args.len()
+            ))));
+        }
+        if good.is_empty() {
+            continue;
+        }
+        let mut inv = script.prepare_invoke();
+        inv.arg(nk).arg(na);
+        for c in &good {
+            for k in &c.keys {
+                inv.key(k);
+            }
+            for a in &c.args {
+                inv.arg(a);
+            }
+        }
+        match inv.invoke_async::<Vec<i64>>(&mut conn).await {
+            Ok(codes) if codes.len() == good.len() => {
+                for (c, code) in good.into_iter().zip(codes) {
+                    let _ = c.done.send(Ok(code));
+                }
+            }
+            Ok(codes) => {
+                let msg = format!("a batch of {} got {} answers", good.len(), codes.len());
+                for c in good {
+                    let _ = c.done.send(Err(QueueError::Other(msg.clone())));
+                }
+            }
+            Err(e) => {
+                let msg = format!("redis: {e}");
+                for c in good {
+                    let _ = c.done.send(Err(QueueError::Other(msg.clone())));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,214 @@
+//! `Backend::save_step` on the backends that store checkpoints (the real Redis on 127.0.0.1:6379
+//! and a SQLite file): fenced on the claim's epoch, idempotent for a step the journal already
+//! ends with, refused when the journal is out of step, and (on Redis, where saves from many jobs
+//! are batched into one script call) every job answered on its own.
+
+use lar_worker::queue::embedded::EmbeddedBackend;
+use lar_worker::queue::redis::RedisBackend;
+use lar_worker::queue::{Backend, Claim, Fenced, Finish, QueueNames, StepWrite};
+use std::sync::Arc;
+use std::time::Duration;
+
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+const LEASE: Duration = Duration::from_secs(30);
+
+fn names() -> QueueNames {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    QueueNames {
+        jobs: format!("test:steps:{id}"),
+        results: format!("test:steps:{id}:results"),
+    }
+}
+
+fn step<'a>(index: u64, record: &'a [u8], checkpoint: &'a [u8]) -> StepWrite<'a> {
+    StepWrite {
+        index,
+        record,
+        checkpoint,
+    }
+}
+
+async fn claim_all(b: &dyn Backend, q: &QueueNames, n: usize) -> Vec<Claim> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let got = b
+            .claim(q, n - out.len(), LEASE, Duration::ZERO)
+            .await
+            .unwrap();
+        assert!(!got.is_empty(), "claimed {} of {n}", out.len());
+        out.extend(got);
+    }
+    out
+}
+
+async fn journal(b: &dyn Backend, q: &QueueNames, job: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let run = b.load_run(q, job).await.unwrap().expect("a stored run");
+    (run.journal, run.checkpoint)
+}
+
+/// One job: saves are idempotent per index, gaps are refused, a finished claim is fenced off.
+async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
+    b.enqueue(q, br#"{"x":1}"#).await.unwrap();
+    let c = claim_all(b, q, 1).await.remove(0);
+
+    assert_eq!(
+        b.save_step(q, &c, step(0, b"r0", b"c0")).await.unwrap(),
+        Fenced::Done
+    );
+    // The same step again (a retry after a lost reply): the journal keeps one copy.
+    assert_eq!(
+        b.save_step(q, &c, step(0, b"r0", b"c0'")).await.unwrap(),
+        Fenced::Done
+    );
+    assert_eq!(
+        b.save_step(q, &c, step(1, b"r1", b"c1")).await.unwrap(),
+        Fenced::Done
+    );
+    let (records, checkpoint) = journal(b, q, &c.job_id).await;
+    assert_eq!(records, vec![b"r0".to_vec(), b"r1".to_vec()]);
+    assert_eq!(checkpoint, b"c1");
+
+    // A step that skips one is refused, and changes nothing.
+    let err = b
+        .save_step(q, &c, step(3, b"r3", b"c3"))
+        .await
+        .expect_err("a gap in the journal");
+    assert!(err.to_string().contains("journal"), "{err}");
+    let (records, checkpoint) = journal(b, q, &c.job_id).await;
+    assert_eq!(records.len(), 2);
+    assert_eq!(checkpoint, b"c1");
+
+    // Handed back, claimed again (a new epoch): the old claim can no longer save.
+    assert_eq!(
+        b.finish(q, &c, Finish::Release).await.unwrap(),
+        Fenced::Done
+    );
+    let again = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(again.job_id, c.job_id);
+    assert!(again.epoch > c.epoch);
+    assert_eq!(
+        b.save_step(q, &c, step(2, b"stale", b"stale"))
+            .await
+            .unwrap(),
+        Fenced::Lost
+    );
+    assert_eq!(
+        b.save_step(q, &again, step(2, b"r2", b"c2")).await.unwrap(),
+        Fenced::Done
+    );
+    let (records, checkpoint) = journal(b, q, &c.job_id).await;
+    assert_eq!(records.len(), 3);
+    assert_eq!(checkpoint, b"c2");
+
+    let done = Finish::Publish {
+        result: b"done".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &again, done).await.unwrap(), Fenced::Done);
+    assert!(
+        b.load_run(q, &c.job_id).await.unwrap().is_none(),
+        "a published job leaves no checkpoint"
+    );
+}
+
+/// Many jobs saving at once (one Redis script call carries many): each gets its own answer.
+async fn concurrent_saves(b: Arc<dyn Backend>, q: &QueueNames) {
+    const JOBS: usize = 200;
+    for i in 0..JOBS {
+        b.enqueue(q, format!(r#"{{"i":{i}}}"#).as_bytes())
+            .await
+            .unwrap();
+    }
+    let claims = claim_all(b.as_ref(), q, JOBS).await;
+    let mut tasks = Vec::new();
+    for (i, c) in claims.iter().cloned().enumerate() {
+        let (b, q) = (Arc::clone(&b), q.clone());
+        tasks.push(tokio::spawn(async move {
+            for s in 0..3u64 {
+                let rec = format!("job{i}-step{s}");
+                // Every seventh job writes each step twice, as a retry would.
+                let times = if i % 7 == 0 { 2 } else { 1 };
+                for _ in 0..times {
+                    let got = b
+                        .save_step(&q, &c, step(s, rec.as_bytes(), rec.as_bytes()))
+                        .await
+                        .unwrap();
+                    assert_eq!(got, Fenced::Done);
+                }
+            }
+            c
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let c = t.await.unwrap();
+        let (records, checkpoint) = journal(b.as_ref(), q, &c.job_id).await;
+        let want: Vec<Vec<u8>> = (0..3)
+            .map(|s| format!("job{i}-step{s}").into_bytes())
+            .collect();
+        assert_eq!(records, want, "job {i}");
+        assert_eq!(checkpoint, want[2]);
+        let done = Finish::Publish {
+            result: format!("r{i}").into_bytes(),
+            dead_letter: None,
+        };
+        assert_eq!(b.finish(q, &c, done).await.unwrap(), Fenced::Done);
+    }
+    assert_eq!(b.results(q, 10_000, true).await.unwrap().len(), JOBS);
+}
+
+async fn redis() -> RedisBackend {
+    let worker = format!("test-{}", uuid::Uuid::new_v4().simple());
+    RedisBackend::connect(REDIS, worker, Vec::new())
+        .await
+        .expect("Redis on 127.0.0.1:6379")
+}
+
+async fn cleanup_redis(q: &QueueNames) {
+    let client = redis::Client::open(REDIS).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", q.jobs))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
+async fn redis_save_step_contract() {
+    let q = names();
+    let b = redis().await;
+    save_step_contract(&b, &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_concurrent_saves_are_answered_one_by_one() {
+    let q = names();
+    let b: Arc<dyn Backend> = Arc::new(redis().await);
+    concurrent_saves(Arc::clone(&b), &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test]
+async fn embedded_save_step_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
+    save_step_contract(&b, &names()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_concurrent_saves_are_answered_one_by_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let b: Arc<dyn Backend> =
+        Arc::new(EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap());
+    concurrent_saves(b, &names()).await;
+}
