@@ -275,6 +275,10 @@ fn verify_with_python(path: &Path) -> bool {
     let script = r#"
 import hmac, hashlib, json, sys
 d = json.load(open(sys.argv[1])); sig = d.pop("signature")
+# Every step, resumed ones included, has Lár's key order (COMPAT.md).
+for s in d["steps"]:
+    assert list(s)[:6] == ["step", "node", "state_before", "state_diff", "run_metadata", "outcome"], list(s)
+    assert list(s).index("state_after") > list(s).index("outcome"), list(s)
 msg = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
 sys.exit(0 if hmac.compare_digest(hmac.new(sys.argv[2].encode(), msg, hashlib.sha256).hexdigest(), sig) else 1)
 "#;

@@ -3,7 +3,7 @@
 
 use super::secret::Secret;
 use crate::exec::StepRecord;
-use crate::json::canonical::{write_json, write_object, write_str};
+use crate::json::canonical::{write_json, write_str};
 use serde_json::{Map, Value};
 
 /// How the run ended, recorded at the top of the log.
@@ -26,13 +26,59 @@ pub struct RunLogHeader {
 }
 
 /// Step records accumulated for one run (in memory; the daemon also journals each one).
+///
+/// Each record is kept as its canonical bytes only (what the chain and the signature cover,
+/// and what the file holds), plus the last record itself and running token totals: a run's
+/// log costs one serialization per step and no copies of old states.
 #[derive(Debug, Clone)]
 pub struct RunLog {
     pub header: RunLogHeader,
-    steps: Vec<Map<String, Value>>,
     /// Canonical bytes of each step as signed (chain included), reused for the final signature.
     canonical: Vec<Vec<u8>>,
+    /// The same records laid out for the file, Lár's step keys first in Lár's order.
+    file: Vec<Vec<u8>>,
+    last: Option<Map<String, Value>>,
+    /// The newest `halt` marker (what a decision answers).
+    last_halt: Option<Value>,
+    tokens: TokenTotals,
     chain_head: String,
+}
+
+/// Lár's summary counters, summed from each step's `run_metadata` as steps are added.
+#[derive(Debug, Clone, Default)]
+struct TokenTotals {
+    prompt: u64,
+    completion: u64,
+    total: u64,
+    by_model: Map<String, Value>,
+}
+
+impl TokenTotals {
+    fn add(&mut self, rec: &Map<String, Value>) {
+        let Some(Value::Object(meta)) = rec.get("run_metadata") else {
+            return;
+        };
+        let count = |k: &str| meta.get(k).and_then(Value::as_u64);
+        let p = count("prompt_tokens").unwrap_or(0);
+        let c = count("output_tokens").unwrap_or(0);
+        let t = count("total_tokens").unwrap_or(p + c);
+        self.prompt += p;
+        self.completion += c;
+        self.total += t;
+        let by_model = &mut self.by_model;
+        let mut add = |model: &str, n: u64| {
+            let prev = by_model.get(model).and_then(Value::as_u64).unwrap_or(0);
+            by_model.insert(model.to_string(), Value::from(prev + n));
+        };
+        // A batch step sums several calls, possibly of several models.
+        if let Some(Value::Object(models)) = meta.get("tokens_by_model") {
+            for (model, n) in models {
+                add(model, n.as_u64().unwrap_or(0));
+            }
+        } else if let Some(model) = meta.get("model").and_then(Value::as_str) {
+            add(model, t);
+        }
+    }
 }
 
 /// A finished log: the bytes to write and the signature they carry.
@@ -46,8 +92,11 @@ impl RunLog {
         let chain_head = header.run_id.clone();
         RunLog {
             header,
-            steps: Vec::new(),
             canonical: Vec::new(),
+            file: Vec::new(),
+            last: None,
+            last_halt: None,
+            tokens: TokenTotals::default(),
             chain_head,
         }
     }
@@ -62,49 +111,53 @@ impl RunLog {
         self.canonical.last().map(Vec::as_slice)
     }
 
-    pub fn steps(&self) -> &[Map<String, Value>] {
-        &self.steps
+    /// The newest record.
+    pub fn last_step(&self) -> Option<&Map<String, Value>> {
+        self.last.as_ref()
+    }
+
+    /// The newest `halt` marker, from the jury step a decision answers.
+    pub fn last_halt(&self) -> Option<&Value> {
+        self.last_halt.as_ref()
     }
 
     pub fn len(&self) -> usize {
-        self.steps.len()
+        self.canonical.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.steps.is_empty()
+        self.canonical.is_empty()
     }
 
     /// Adds a step; with a secret, links it into the chain first. Returns the stored record.
     pub fn append(&mut self, step: StepRecord, secret: Option<&Secret>) -> &Map<String, Value> {
         let mut rec = step.0;
         rec.shift_remove("chain");
-        let mut bytes = Vec::with_capacity(1024);
-        write_object(&mut bytes, &rec, true);
-        if let Some(secret) = secret {
-            let link = chain_link(secret, &self.chain_head, &bytes);
-            rec.insert("chain".into(), Value::String(link.clone()));
-            if rec.keys().all(|k| k.as_str() >= "chain") {
-                // "chain" sorts first, so the signed form is a prefix away.
-                let mut signed = Vec::with_capacity(bytes.len() + 80);
-                signed.extend_from_slice(b"{\"chain\":\"");
-                signed.extend_from_slice(link.as_bytes());
-                signed.extend_from_slice(b"\"");
-                if bytes.len() > 2 {
-                    signed.push(b',');
-                }
-                signed.extend_from_slice(&bytes[1..]);
-                bytes = signed;
-            } else {
-                // A key that sorts before "chain" (a batch's "batch_steps"): serialize again.
-                bytes.clear();
-                write_object(&mut bytes, &rec, true);
+        let mut link = None;
+        let (canonical, file) = {
+            let mut seg = Segments::of(&rec);
+            if let Some(secret) = secret {
+                let l = chain_link(secret, &self.chain_head, &seg.canonical());
+                seg.push_str("chain", &l);
+                link = Some(l);
             }
+            (seg.canonical(), seg.lar_layout())
+        };
+        if let Some(link) = link {
+            rec.insert("chain".into(), Value::String(link.clone()));
             self.chain_head = link;
         }
-        self.canonical.push(bytes);
-        self.steps.push(rec);
-        let last = self.steps.len() - 1;
-        &self.steps[last]
+        self.canonical.push(canonical);
+        self.file.push(file);
+        self.keep_last(rec)
+    }
+
+    fn keep_last(&mut self, rec: Map<String, Value>) -> &Map<String, Value> {
+        self.tokens.add(&rec);
+        if let Some(halt) = rec.get("halt") {
+            self.last_halt = Some(halt.clone());
+        }
+        self.last.insert(rec)
     }
 
     /// Re-adds records read back from a journal (already chained) without recomputing links.
@@ -112,53 +165,21 @@ impl RunLog {
         if let Some(Value::String(link)) = rec.get("chain") {
             self.chain_head = link.clone();
         }
-        let bytes = crate::json::to_canonical_vec(&Value::Object(rec.clone()));
-        self.canonical.push(bytes);
-        self.steps.push(rec);
+        let seg = Segments::of(&rec);
+        self.canonical.push(seg.canonical());
+        self.file.push(seg.lar_layout());
+        self.keep_last(rec);
     }
 
     /// Lár's summary: step count and token totals from each step's `run_metadata`.
     pub fn summary(&self) -> Map<String, Value> {
-        let (mut prompt, mut completion, mut total) = (0u64, 0u64, 0u64);
-        let mut by_model: Map<String, Value> = Map::new();
-        for s in &self.steps {
-            let Some(Value::Object(meta)) = s.get("run_metadata") else {
-                continue;
-            };
-            let p = meta
-                .get("prompt_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            let c = meta
-                .get("output_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(0);
-            let t = meta
-                .get("total_tokens")
-                .and_then(Value::as_u64)
-                .unwrap_or(p + c);
-            prompt += p;
-            completion += c;
-            total += t;
-            let mut add = |model: &str, n: u64| {
-                let prev = by_model.get(model).and_then(Value::as_u64).unwrap_or(0);
-                by_model.insert(model.to_string(), Value::from(prev + n));
-            };
-            // A batch step sums several calls, possibly of several models.
-            if let Some(Value::Object(models)) = meta.get("tokens_by_model") {
-                for (model, n) in models {
-                    add(model, n.as_u64().unwrap_or(0));
-                }
-            } else if let Some(model) = meta.get("model").and_then(Value::as_str) {
-                add(model, t);
-            }
-        }
+        let t = &self.tokens;
         let mut m = Map::new();
-        m.insert("total_steps".into(), Value::from(self.steps.len() as u64));
-        m.insert("total_prompt_tokens".into(), Value::from(prompt));
-        m.insert("total_completion_tokens".into(), Value::from(completion));
-        m.insert("total_tokens".into(), Value::from(total));
-        m.insert("tokens_by_model".into(), Value::Object(by_model));
+        m.insert("total_steps".into(), Value::from(self.len() as u64));
+        m.insert("total_prompt_tokens".into(), Value::from(t.prompt));
+        m.insert("total_completion_tokens".into(), Value::from(t.completion));
+        m.insert("total_tokens".into(), Value::from(t.total));
+        m.insert("tokens_by_model".into(), Value::Object(t.by_model.clone()));
         m
     }
 
@@ -244,11 +265,11 @@ impl RunLog {
             }
             if *k == "summary" {
                 out.extend_from_slice(b"\"steps\":[");
-                for (j, s) in self.steps.iter().enumerate() {
+                for (j, s) in self.file.iter().enumerate() {
                     if j > 0 {
                         out.push(b',');
                     }
-                    write_object(&mut out, s, false);
+                    out.extend_from_slice(s);
                 }
                 out.extend_from_slice(b"],");
             }
@@ -265,6 +286,79 @@ impl RunLog {
             file_bytes: out,
             signature,
         }
+    }
+}
+
+/// Lár's step keys, in the order its files have them (COMPAT.md); other keys follow.
+const LAR_STEP_ORDER: [&str; 10] = [
+    "step",
+    "node",
+    "state_before",
+    "state_diff",
+    "run_metadata",
+    "outcome",
+    "error",
+    "prompt",
+    "system_instruction",
+    "state_after",
+];
+
+/// A record serialized once: each top-level value's canonical bytes, then laid out by key
+/// order, sorted for the signatures and in Lár's order for the file, by copying bytes.
+struct Segments<'a> {
+    buf: Vec<u8>,
+    spans: Vec<(&'a str, std::ops::Range<usize>)>,
+}
+
+impl<'a> Segments<'a> {
+    fn of(rec: &'a Map<String, Value>) -> Self {
+        let mut buf = Vec::with_capacity(1024);
+        let mut spans = Vec::with_capacity(rec.len() + 1);
+        for (k, v) in rec {
+            let start = buf.len();
+            write_json(&mut buf, v, true);
+            spans.push((k.as_str(), start..buf.len()));
+        }
+        Segments { buf, spans }
+    }
+
+    fn push_str(&mut self, key: &'a str, value: &str) {
+        let start = self.buf.len();
+        write_str(&mut self.buf, value);
+        self.spans.push((key, start..self.buf.len()));
+    }
+
+    fn layout(&self, order: &[usize]) -> Vec<u8> {
+        let len: usize = self.buf.len() + self.spans.iter().map(|(k, _)| k.len() + 4).sum::<usize>();
+        let mut out = Vec::with_capacity(len + 2);
+        out.push(b'{');
+        for (n, &i) in order.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            let (k, range) = &self.spans[i];
+            write_str(&mut out, k);
+            out.push(b':');
+            out.extend_from_slice(&self.buf[range.clone()]);
+        }
+        out.push(b'}');
+        out
+    }
+
+    /// Keys sorted by code point: Python's `sort_keys=True`.
+    fn canonical(&self) -> Vec<u8> {
+        let mut order: Vec<usize> = (0..self.spans.len()).collect();
+        order.sort_unstable_by(|&a, &b| self.spans[a].0.cmp(self.spans[b].0));
+        self.layout(&order)
+    }
+
+    /// Lár's keys in Lár's order, then the others as the record has them.
+    fn lar_layout(&self) -> Vec<u8> {
+        let rank = |k: &str| LAR_STEP_ORDER.iter().position(|l| *l == k);
+        let mut order: Vec<usize> = (0..self.spans.len()).collect();
+        // Stable: keys Lár does not know keep their order, after Lár's.
+        order.sort_by_key(|&i| rank(self.spans[i].0).unwrap_or(LAR_STEP_ORDER.len()));
+        self.layout(&order)
     }
 }
 

@@ -11,7 +11,7 @@ use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink, S
 use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish, StepWrite};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What became of the job, for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -34,7 +34,7 @@ struct CheckpointSink<'a> {
 #[async_trait::async_trait]
 impl StepSink for CheckpointSink<'_> {
     async fn persist(&self, run: &Run, log: &RunLog) -> Result<(), PersistError> {
-        let Some(last) = log.steps().last() else {
+        let Some(last) = log.last_step() else {
             return Ok(());
         };
         self.worker.steps.observe(last);
@@ -183,8 +183,16 @@ impl Worker {
                 return self.retry_or_dead(claim, error);
             }
         };
-        info!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
-              steps = report.steps, attempt = claim.attempt, "run ended");
+        // A completed run is counted in the metrics and evidenced by its signed log; a line per
+        // job at info cost 5 % of the worker's CPU at 3,000 jobs/s (perf). Failed and halted
+        // runs are what an operator looks for, so they stay at info.
+        if matches!(report.status, RunStatus::Completed) {
+            debug!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
+                   steps = report.steps, attempt = claim.attempt, "run ended");
+        } else {
+            info!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
+                  steps = report.steps, attempt = claim.attempt, "run ended");
+        }
         self.finish_for(qi, claim, &job, &report)
     }
 
@@ -339,15 +347,10 @@ impl Worker {
 
     /// Writes the authority ledger record for a decision (Lár's fields plus job, run, step).
     async fn record_authority(&self, run: &Run, log: &RunLog, decision: &Decision) {
-        let Some(step) = log.steps().last() else {
+        let Some(step) = log.last_step() else {
             return;
         };
-        let request = log
-            .steps()
-            .iter()
-            .rev()
-            .find_map(|s| s.get("halt"))
-            .and_then(DecisionRequest::from_halt);
+        let request = log.last_halt().and_then(DecisionRequest::from_halt);
         let (prompt, context_keys, risk) = match &request {
             Some(r) => (
                 r.prompt.clone(),
