@@ -196,7 +196,7 @@ impl Env {
         let stored: String = match self.kind {
             Kind::Redis => self
                 .redis
-                .get(format!("{}:ckpt:{job}", self.queue))
+                .hget(format!("{}:run:{job}", self.queue), "ckpt")
                 .unwrap(),
             Kind::Embedded => {
                 let b: Vec<u8> = self
@@ -216,7 +216,7 @@ impl Env {
             Kind::Redis => {
                 let _: () = self
                     .redis
-                    .set(format!("{}:ckpt:{job}", self.queue), changed)
+                    .hset(format!("{}:run:{job}", self.queue), "ckpt", changed)
                     .unwrap();
             }
             Kind::Embedded => {
@@ -233,7 +233,7 @@ impl Env {
     fn checkpoints_left(&mut self) -> usize {
         match self.kind {
             Kind::Redis => {
-                let keys: Vec<String> = self.redis.keys(format!("{}:ckpt:*", self.queue)).unwrap();
+                let keys: Vec<String> = self.redis.keys(format!("{}:run:*", self.queue)).unwrap();
                 keys.len()
             }
             Kind::Embedded => self

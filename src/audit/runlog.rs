@@ -329,7 +329,8 @@ impl<'a> Segments<'a> {
     }
 
     fn layout(&self, order: &[usize]) -> Vec<u8> {
-        let len: usize = self.buf.len() + self.spans.iter().map(|(k, _)| k.len() + 4).sum::<usize>();
+        let len: usize =
+            self.buf.len() + self.spans.iter().map(|(k, _)| k.len() + 4).sum::<usize>();
         let mut out = Vec::with_capacity(len + 2);
         out.push(b'{');
         for (n, &i) in order.iter().enumerate() {

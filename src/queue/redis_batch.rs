@@ -61,17 +61,17 @@ impl BatchedScript {
     }
 }
 
-/// The batch script: the body as a function, called once per job in the batch.
+/// The batch script: the body as a function of its offsets into KEYS and ARGV, called once
+/// per job in the batch. `K[n]` and `A[n]` become `KEYS[k + n]` and `ARGV[a + n]`: no table is
+/// built per job.
 fn wrap(body: &str) -> String {
+    let body = body.replace("K[", "KEYS[k + ").replace("A[", "ARGV[a + ");
     format!(
-        "local function one(K, A)\n{body}\nend
+        "local function one(k, a)\n{body}\nend
 local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
 local out = {{}}
 for i = 0, #KEYS / nk - 1 do
-  local K, A = {{}}, {{}}
-  for j = 1, nk do K[j] = KEYS[i * nk + j] end
-  for j = 1, na do A[j] = ARGV[2 + i * na + j] end
-  out[i + 1] = one(K, A)
+  out[i + 1] = one(i * nk, 2 + i * na)
 end
 return out
 "
