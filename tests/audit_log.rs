@@ -273,6 +273,21 @@ fn chain_detects_a_removed_step() {
 }
 
 #[test]
+fn a_dropped_last_step_is_caught_by_the_summary_count() {
+    // The chain links backwards, so a log cut short is still a valid chain: the count says no.
+    let (_dir, log) = signed_log();
+    let mut doc = read(&log).as_object().unwrap().clone();
+    steps_mut(&mut doc).pop();
+    write_resigned(&log, doc);
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("the summary counts 6 steps, the log has 5"),
+        "{out}"
+    );
+}
+
+#[test]
 fn chain_detects_a_removed_step_even_when_the_rest_is_renumbered() {
     let (_dir, log) = signed_log();
     let mut doc = read(&log).as_object().unwrap().clone();

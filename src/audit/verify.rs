@@ -93,7 +93,7 @@ pub fn verify_value(doc: &Value, secret: &Secret) -> Verdict {
         .and_then(Value::as_array)
         .and_then(|steps| {
             let run_id = map.get("run_id").and_then(Value::as_str).unwrap_or("");
-            check_chain(steps, run_id, secret)
+            check_chain(steps, run_id, secret).or_else(|| check_count(map, steps.len()))
         });
     let mut unsigned = map.clone();
     unsigned.shift_remove("signature");
@@ -133,6 +133,14 @@ fn describe(map: &Map<String, Value>) -> String {
             if chained { ", chain intact" } else { "" }
         )
     }
+}
+
+/// Lár's summary counts the steps it wrote; a log whose count disagrees lost or gained steps
+/// after the summary was made (a chain only links backwards, so it cannot see the last steps go).
+fn check_count(map: &Map<String, Value>, steps: usize) -> Option<String> {
+    let counted = map.get("summary")?.get("total_steps")?.as_u64()?;
+    (counted != steps as u64)
+        .then(|| format!("the summary counts {counted} steps, the log has {steps}"))
 }
 
 /// Checks step numbering and, for chained logs, every link; names the first bad step.
