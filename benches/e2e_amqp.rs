@@ -76,7 +76,10 @@ async fn count(conn: &Connection, queue: &str) -> Res<u64> {
     Ok(u64::from(q.message_count()))
 }
 
-async fn bench_one(url: &str, queue_type: &str) -> Res<()> {
+/// Returns the run's temporary directory: it is deleted only after every queue type ran, since
+/// on ext4 without a journal, creating files right after deleting thousands slows every create
+/// (`recently_deleted`) and would bill the next run for this one's clean-up.
+async fn bench_one(url: &str, queue_type: &str) -> Res<tempfile::TempDir> {
     let n: u64 = env_or("BENCH_N", 10_000);
     let conc: usize = env_or("BENCH_CONCURRENCY", 64);
     let fsync: u8 = env_or("BENCH_FSYNC", 1);
@@ -242,7 +245,7 @@ async fn bench_one(url: &str, queue_type: &str) -> Res<()> {
         pct(0.5),
         pct(0.99),
     );
-    Ok(())
+    Ok(dir)
 }
 
 #[tokio::main]
@@ -259,8 +262,10 @@ async fn main() -> Res<()> {
     let url = std::env::var("AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let types = std::env::var("BENCH_QUEUE_TYPES").unwrap_or_else(|_| "classic,quorum".into());
+    let mut dirs = Vec::new();
     for t in types.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-        bench_one(&url, t).await?;
+        dirs.push(bench_one(&url, t).await?);
     }
+    drop(dirs);
     Ok(())
 }
