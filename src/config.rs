@@ -156,6 +156,11 @@ pub enum BackendSection {
         /// NX`); without it the marker lives in this process only.
         #[serde(default)]
         dedupe_redis_url: Option<String>,
+        /// A Redis that keeps each run's checkpoint and journal, so a redelivered job resumes
+        /// after its last finished step (`redis://…`). Without it a redelivered job runs from
+        /// its first step. Human pauses are not available on AMQP yet.
+        #[serde(default)]
+        checkpoint_store: Option<String>,
     },
 }
 
@@ -455,7 +460,9 @@ mod tests {
                 delivery_limit,
                 declare,
                 dedupe_redis_url,
+                checkpoint_store,
             } => {
+                assert_eq!(checkpoint_store, None);
                 assert_eq!(url, "amqp://guest:guest@127.0.0.1:5672/%2f");
                 assert_eq!(prefetch, None);
                 assert_eq!(queue_type, AmqpQueueType::Classic);
@@ -472,7 +479,7 @@ mod tests {
         let mut cfg = parse(
             "[backend]\nkind = \"amqp\"\nurl = \"amqps://u:p@h:5671/v\"\nprefetch = 8\n\
              queue_type = \"quorum\"\ndelivery_limit = 3\ndeclare = false\n\
-             dedupe_redis_url = \"redis://r/0\"\n",
+             dedupe_redis_url = \"redis://r/0\"\ncheckpoint_store = \"redis://s/1\"\n",
         )
         .unwrap();
         cfg.apply_env(|k| (k == "LAR_BACKEND_URL").then(|| "amqp://other/%2f".to_string()));
@@ -483,8 +490,10 @@ mod tests {
                 queue_type,
                 delivery_limit,
                 declare,
+                checkpoint_store,
                 ..
             } => {
+                assert_eq!(checkpoint_store.as_deref(), Some("redis://s/1"));
                 assert_eq!(url, "amqp://other/%2f");
                 assert_eq!(prefetch, Some(8));
                 assert_eq!(queue_type, AmqpQueueType::Quorum);

@@ -1,6 +1,8 @@
 //! Durable runs on every backend that stores checkpoints (the real Redis and the embedded
 //! SQLite file): the human pause across worker restarts, refused decisions and checkpoints,
-//! crash resume without replaying completed steps, and zombie fencing.
+//! crash resume without replaying completed steps, and zombie fencing. The AMQP backend with a
+//! Redis checkpoint store (the real RabbitMQ and Redis) runs the crash-resume and SIGTERM
+//! scenarios; it has no human pause yet.
 
 use redis::Commands;
 use serde_json::Value;
@@ -15,7 +17,11 @@ const BIN: &str = env!("CARGO_BIN_EXE_lar-worker");
 enum Kind {
     Redis,
     Embedded,
+    /// RabbitMQ, checkpoints in Redis.
+    Amqp,
 }
+
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
 struct Env {
     kind: Kind,
@@ -52,6 +58,9 @@ impl Env {
         let backend_toml = match kind {
             Kind::Redis => "[backend]\nkind = \"redis\"\n",
             Kind::Embedded => "[backend]\nkind = \"embedded\"\npath = \"queue.db\"\n",
+            Kind::Amqp => &format!(
+                "[backend]\nkind = \"amqp\"\nurl = \"{AMQP_URL}\"\ncheckpoint_store = \"redis://127.0.0.1:6379/0\"\n"
+            ),
         };
         let config = dir.path().join("workers.toml");
         std::fs::write(
@@ -194,7 +203,7 @@ impl Env {
     /// Changes `from` to `to` inside the stored checkpoint of `job`.
     fn tamper_checkpoint(&mut self, job: &str, from: &str, to: &str) {
         let stored: String = match self.kind {
-            Kind::Redis => self
+            Kind::Redis | Kind::Amqp => self
                 .redis
                 .hget(format!("{}:run:{job}", self.queue), "ckpt")
                 .unwrap(),
@@ -213,7 +222,7 @@ impl Env {
         let changed = stored.replacen(from, to, 1);
         assert_ne!(stored, changed);
         match self.kind {
-            Kind::Redis => {
+            Kind::Redis | Kind::Amqp => {
                 let _: () = self
                     .redis
                     .hset(format!("{}:run:{job}", self.queue), "ckpt", changed)
@@ -232,7 +241,7 @@ impl Env {
 
     fn checkpoints_left(&mut self) -> usize {
         match self.kind {
-            Kind::Redis => {
+            Kind::Redis | Kind::Amqp => {
                 let keys: Vec<String> = self.redis.keys(format!("{}:run:*", self.queue)).unwrap();
                 keys.len()
             }
@@ -246,8 +255,14 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if self.kind != Kind::Redis {
+        if self.kind == Kind::Embedded {
             return;
+        }
+        if self.kind == Kind::Amqp {
+            let _ = self.rt.block_on(lar_worker::queue::amqp::delete_topology(
+                AMQP_URL,
+                &self.names,
+            ));
         }
         let mut keys: Vec<String> = self
             .redis
@@ -677,6 +692,43 @@ macro_rules! on_backends {
             $( #[test] fn $scenario() { super::$scenario(super::Kind::Embedded) } )*
         }
     };
+}
+
+/// A run that completes is forgotten by the checkpoint store: no checkpoint or journal stays.
+fn a_finished_run_leaves_no_checkpoint(kind: Kind) {
+    let graph = "name = \"three\"\nentry = \"a\"\n\
+        [[nodes]]\nid = \"a\"\ntype = \"set\"\nkey = \"x\"\nvalue = 1\nnext = \"b\"\n\
+        [[nodes]]\nid = \"b\"\ntype = \"set\"\nkey = \"y\"\nvalue = 2\nnext = \"c\"\n\
+        [[nodes]]\nid = \"c\"\ntype = \"set\"\nkey = \"z\"\nvalue = 3\n";
+    let mut env = Env::new(kind, graph, "state", 5000, &[]);
+    for i in 0..5 {
+        env.push(&format!(r#"{{"n":{i}}}"#));
+    }
+    let w = env.worker();
+    let results = env.wait_results(5, Duration::from_secs(30));
+    stop(w);
+    assert_eq!(results.len(), 5);
+    for r in &results {
+        assert_eq!(r["__lar_worker"]["status"], "completed", "{r}");
+        assert_eq!(r["z"], 3, "{r}");
+    }
+    assert_eq!(env.checkpoints_left(), 0, "finished runs are forgotten");
+}
+
+/// The scenarios that need no human pause, on RabbitMQ with the Redis checkpoint store.
+mod amqp_backend {
+    #[test]
+    fn kill_9_mid_run_resumes_without_replaying_completed_steps() {
+        super::kill_9_mid_run_resumes_without_replaying_completed_steps(super::Kind::Amqp)
+    }
+    #[test]
+    fn sigterm_hands_a_long_run_back_at_a_step_boundary() {
+        super::sigterm_hands_a_long_run_back_at_a_step_boundary(super::Kind::Amqp)
+    }
+    #[test]
+    fn a_finished_run_leaves_no_checkpoint() {
+        super::a_finished_run_leaves_no_checkpoint(super::Kind::Amqp)
+    }
 }
 
 fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {

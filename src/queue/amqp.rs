@@ -55,14 +55,20 @@
 //!   early, but may come back late.
 //! * On quorum queues every return counts toward `delivery_limit`, a shutdown's `Release` and
 //!   a crash included.
-//! * No checkpoints: `supports_checkpoints()` is false, so a redelivered job runs from its
-//!   first step and a `human_jury` halt is a final result, not a pause.
+//! * Checkpoints only with `checkpoint_store` (a Redis URL): each run's checkpoint and journal
+//!   live there (`Q:run:<job>`), and every delivery bumps the job's epoch there (`Q:epochs`),
+//!   so a redelivered job resumes after its last finished step and a worker cut off from the
+//!   broker cannot write over the newer attempt. A finished run is forgotten after its ack (a
+//!   crash in between leaves an orphan hash, never a lost job). Without a store a redelivered
+//!   job runs from its first step.
+//! * No human pause yet (`supports_pause()` is false): a `human_jury` halt is a final result.
 //!
 //! Connection loss. A supervisor task reconnects with [`Backoff::reconnect`], declares again
 //! and re-consumes every queue that was being consumed. Deliveries buffered from the dead
 //! channel are dropped (the broker redelivers them), and claims already handed out finish as
 //! `Lost`.
 
+use super::redis_runs::RunStore;
 use super::*;
 use crate::backoff::Backoff;
 use crate::config::AmqpQueueType;
@@ -101,6 +107,9 @@ pub struct AmqpOptions {
     pub delivery_limit: Option<u32>,
     pub declare: bool,
     pub dedupe_redis_url: Option<String>,
+    /// A Redis that keeps checkpoints and journals (crash resume); `None`: jobs rerun from
+    /// their first step on redelivery.
+    pub checkpoint_store: Option<String>,
     /// Queues whose messages are envelopes (their `id` is the job id when no `message_id`).
     pub envelope_queues: Vec<String>,
 }
@@ -115,6 +124,7 @@ impl AmqpOptions {
             delivery_limit: None,
             declare: true,
             dedupe_redis_url: None,
+            checkpoint_store: None,
             envelope_queues: Vec::new(),
         }
     }
@@ -140,6 +150,17 @@ impl Topology {
             dlx: format!("{}.dlx", q.jobs),
         }
     }
+}
+
+/// A multiplexed, reconnecting Redis connection (the dedupe marker, the checkpoint store).
+async fn redis_connection(url: &str) -> Result<::redis::aio::ConnectionManager, QueueError> {
+    let client = ::redis::Client::open(url)?;
+    let cfg = ::redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    Ok(::redis::aio::ConnectionManager::new_with_config(client, cfg).await?)
 }
 
 /// The url with its password masked, for logs and errors.
@@ -382,9 +403,12 @@ struct Shared {
     /// Queues to consume (re-consumed after a reconnect).
     wanted: StdMutex<HashMap<String, QueueNames>>,
     buffers: StdMutex<HashMap<String, Arc<Buffer>>>,
-    held: StdMutex<HashMap<u64, Held>>,
+    /// Deliveries handed out, by (job id, epoch).
+    held: StdMutex<HashMap<(String, u64), Held>>,
     epoch: AtomicU64,
     dedupe: Option<::redis::aio::ConnectionManager>,
+    /// Checkpoints and journals, with each job's epoch, when a store is configured.
+    runs: Option<RunStore>,
     memo: StdMutex<Memo>,
     closing: AtomicBool,
     /// Reports of a failed connection (its generation) to the supervisor.
@@ -403,15 +427,11 @@ impl AmqpBackend {
     /// the reconnect supervisor. Consuming starts at the first `claim` of a queue.
     pub async fn connect(opts: AmqpOptions, worker_id: String) -> Result<Self, QueueError> {
         let dedupe = match &opts.dedupe_redis_url {
-            Some(url) => {
-                let client = ::redis::Client::open(url.as_str())?;
-                let cfg = ::redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(Duration::from_secs(2)))
-                    .set_response_timeout(Some(Duration::from_secs(10)))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_secs(2));
-                Some(::redis::aio::ConnectionManager::new_with_config(client, cfg).await?)
-            }
+            Some(url) => Some(redis_connection(url).await?),
+            None => None,
+        };
+        let runs = match &opts.checkpoint_store {
+            Some(url) => Some(RunStore::new(redis_connection(url).await?)),
             None => None,
         };
         let (broken, reports) = mpsc::unbounded_channel();
@@ -427,6 +447,7 @@ impl AmqpBackend {
             held: StdMutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             dedupe,
+            runs,
             memo: StdMutex::new(Memo::default()),
             closing: AtomicBool::new(false),
             broken,
@@ -925,7 +946,7 @@ impl Shared {
             .unwrap_or_default();
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         lock(&self.held).insert(
-            epoch,
+            (job_id.clone(), epoch),
             Held {
                 generation: p.generation,
                 channel: p.channel,
@@ -946,6 +967,29 @@ impl Shared {
                 channel: p.generation,
             },
         })
+    }
+
+    /// Gives a delivered claim the job's next epoch from the checkpoint store, so checkpoint
+    /// writes of any earlier holder of the job (a worker cut off from the broker) are refused.
+    async fn fence(&self, q: &QueueNames, mut c: Claim) -> Result<Claim, QueueError> {
+        let Some(runs) = &self.runs else {
+            return Ok(c);
+        };
+        let epoch = runs.next_epoch(q, &c.job_id).await?;
+        let mut held = lock(&self.held);
+        if let Some(h) = held.remove(&(c.job_id.clone(), c.epoch)) {
+            held.insert((c.job_id.clone(), epoch), h);
+        }
+        c.epoch = epoch;
+        Ok(c)
+    }
+
+    /// Returns a claim's delivery to the queue (a claim that cannot be fenced).
+    async fn give_back(&self, c: &Claim) {
+        let h = lock(&self.held).remove(&(c.job_id.clone(), c.epoch));
+        if let Some(h) = h {
+            self.requeue(&h).await;
+        }
     }
 
     fn memo_key(q: &QueueNames, job_id: &str) -> String {
@@ -1422,7 +1466,26 @@ impl Backend for AmqpBackend {
                 out.push(c);
             }
         }
-        Ok(out)
+        drop(rx);
+        if s.runs.is_none() {
+            return Ok(out);
+        }
+        // With a checkpoint store every claim gets the job's next epoch there; a store that
+        // cannot be reached hands the deliveries back.
+        let mut fenced = Vec::with_capacity(out.len());
+        let mut rest = out.into_iter();
+        while let Some(c) = rest.next() {
+            match s.fence(q, c.clone()).await {
+                Ok(c) => fenced.push(c),
+                Err(e) => {
+                    for c in std::iter::once(c).chain(rest).chain(fenced) {
+                        s.give_back(&c).await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(fenced)
     }
 
     async fn extend(
@@ -1434,7 +1497,10 @@ impl Backend for AmqpBackend {
         let held = lock(&self.shared.held);
         Ok(claims
             .iter()
-            .map(|(_, epoch)| held.get(epoch).is_some_and(|h| self.shared.is_live(h)))
+            .map(|(id, epoch)| {
+                held.get(&(id.clone(), *epoch))
+                    .is_some_and(|h| self.shared.is_live(h))
+            })
             .collect())
     }
 
@@ -1445,9 +1511,11 @@ impl Backend for AmqpBackend {
         how: Finish,
     ) -> Result<Fenced, QueueError> {
         let s = &self.shared;
-        let Some(h) = lock(&s.held).get(&claim.epoch).cloned() else {
+        let key = (claim.job_id.clone(), claim.epoch);
+        let Some(h) = lock(&s.held).get(&key).cloned() else {
             return Ok(Fenced::Lost);
         };
+        let ends_run = !matches!(how, Finish::Release | Finish::Pause { .. });
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
@@ -1468,9 +1536,55 @@ impl Backend for AmqpBackend {
             }
         };
         if out.is_ok() {
-            lock(&s.held).remove(&claim.epoch);
+            lock(&s.held).remove(&key);
+        }
+        if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, ends_run) {
+            // After the ack: a crash in between leaves an orphan run hash, never a lost job.
+            if let Err(e) = runs.end_run(q, claim).await {
+                warn!(job_id = %claim.job_id, error = %e, "cannot remove the finished run's checkpoint");
+            }
         }
         out
+    }
+
+    fn supports_checkpoints(&self) -> bool {
+        self.shared.runs.is_some()
+    }
+
+    fn supports_pause(&self) -> bool {
+        false
+    }
+
+    async fn load_run(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<StoredRun>, QueueError> {
+        match &self.shared.runs {
+            Some(runs) => runs.load_run(q, job_id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn save_step(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        step: StepWrite<'_>,
+    ) -> Result<Fenced, QueueError> {
+        // The delivery's channel is the broker's fence; the store's epoch is the run's.
+        if !self
+            .extend(q, &[(claim.job_id.clone(), claim.epoch)], Duration::ZERO)
+            .await?[0]
+        {
+            return Ok(Fenced::Lost);
+        }
+        match &self.shared.runs {
+            Some(runs) => runs.save_step(q, claim, step).await,
+            None => Err(QueueError::Other(
+                "the amqp backend stores checkpoints only with `checkpoint_store` set".into(),
+            )),
+        }
     }
 
     async fn recover(&self, _q: &QueueNames) -> Result<u64, QueueError> {

@@ -17,6 +17,7 @@ pub mod amqp;
 pub mod embedded;
 pub mod redis;
 mod redis_batch;
+mod redis_runs;
 pub mod wrapper;
 
 use async_trait::async_trait;
@@ -219,6 +220,12 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// Whether a halted run can wait for a human as a checkpoint plus a pending record (the
+    /// pending methods below). Without it a `human_jury` halt is the job's final result.
+    fn supports_pause(&self) -> bool {
+        self.supports_checkpoints()
+    }
+
     /// The stored checkpoint and journal of a job, if it has run before.
     async fn load_run(
         &self,
@@ -338,6 +345,7 @@ pub async fn connect(
             delivery_limit,
             declare,
             dedupe_redis_url,
+            checkpoint_store,
         } => {
             let opts = amqp::AmqpOptions {
                 url: url.clone(),
@@ -347,6 +355,7 @@ pub async fn connect(
                 delivery_limit: *delivery_limit,
                 declare: *declare,
                 dedupe_redis_url: dedupe_redis_url.clone(),
+                checkpoint_store: checkpoint_store.clone(),
                 envelope_queues: cfg
                     .queues
                     .iter()

@@ -14,6 +14,7 @@
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
 use super::redis_batch::BatchedScript;
+use super::redis_runs::{run_key, RunStore};
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -122,18 +123,6 @@ end
 return 1
 "#;
 
-/// K: epochs, run. A: id, epoch, step index, record, checkpoint, previous index ('' for the
-/// first). The run hash holds the journal (field = step index) and the checkpoint (`ckpt`).
-/// 1 saved, 0 fenced off, 2 the journal lacks the step before. Idempotent: saving a step again
-/// (a retry after a lost reply) rewrites the same fields. Each `redis.call` costs a few µs in
-/// Redis (measured): a step costs three.
-const SAVE_STEP: &str = r#"
-if redis.call('HGET', K[1], A[1]) ~= A[2] then return 0 end
-if A[6] ~= '' and redis.call('HEXISTS', K[2], A[6]) == 0 then return 2 end
-redis.call('HSET', K[2], A[3], A[4], 'ckpt', A[5])
-return 1
-"#;
-
 /// KEYS: queue, leases, claims, owners, delayed, workers, epochs.
 /// ARGV: now, processing-list prefix, heartbeat prefix.
 const RECOVER: &str = r#"
@@ -201,6 +190,8 @@ pub struct RedisBackend {
     blocking: Mutex<ConnectionManager>,
     envelope_queues: Arc<std::collections::HashSet<String>>,
     scripts: Scripts,
+    /// Checkpoints and journals (`Q:run:<job>`), fenced on `Q:epochs`.
+    runs: RunStore,
 }
 
 struct Scripts {
@@ -209,7 +200,7 @@ struct Scripts {
     extend: Script,
     /// Per job, batched across jobs (see `redis_batch`).
     finish: BatchedScript,
-    save_step: BatchedScript,
+
     recover: Script,
     submit_decision: Script,
     redrive: Script,
@@ -233,14 +224,6 @@ fn keys(q: &QueueNames, worker: &str) -> Keys {
         results: q.results.clone(),
     }
 }
-
-/// A run's checkpoint (field `ckpt`) and journal (fields `0`, `1`, … by step index).
-fn run_key(q: &QueueNames, job_id: &str) -> String {
-    format!("{}:run:{job_id}", q.jobs)
-}
-
-/// The field the checkpoint is stored under in the run hash.
-const CHECKPOINT_FIELD: &str = "ckpt";
 
 struct Keys {
     queue: String,
@@ -276,6 +259,7 @@ impl RedisBackend {
         let blocking = ConnectionManager::new_with_config(client, cfg).await?;
         Ok(RedisBackend {
             worker_id,
+            runs: RunStore::new(conn.clone()),
             conn: conn.clone(),
             blocking: Mutex::new(blocking),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
@@ -284,7 +268,6 @@ impl RedisBackend {
                 adopt: Script::new(&format!("{WRAP_FN}{ADOPT}")),
                 extend: Script::new(EXTEND),
                 finish: BatchedScript::start("finish", FINISH, 11, 5, conn.clone()),
-                save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
                 recover: Script::new(RECOVER),
                 submit_decision: Script::new(SUBMIT_DECISION),
                 redrive: Script::new(REDRIVE),
@@ -664,33 +647,7 @@ impl Backend for RedisBackend {
         q: &QueueNames,
         job_id: &str,
     ) -> Result<Option<StoredRun>, QueueError> {
-        let mut conn = self.conn.clone();
-        let fields: Vec<(Vec<u8>, Vec<u8>)> = conn.hgetall(run_key(q, job_id)).await?;
-        let mut checkpoint = None;
-        let mut steps: Vec<(u64, Vec<u8>)> = Vec::with_capacity(fields.len());
-        for (field, value) in fields {
-            if field == CHECKPOINT_FIELD.as_bytes() {
-                checkpoint = Some(value);
-            } else if let Some(i) = std::str::from_utf8(&field)
-                .ok()
-                .and_then(|f| f.parse().ok())
-            {
-                steps.push((i, value));
-            }
-        }
-        steps.sort_unstable_by_key(|(i, _)| *i);
-        // The journal is the steps from 0 without a gap; a gap shortens it, which the resume's
-        // length and chain checks then refuse.
-        let journal = steps
-            .into_iter()
-            .enumerate()
-            .take_while(|(n, (i, _))| *n as u64 == *i)
-            .map(|(_, (_, record))| record)
-            .collect();
-        Ok(checkpoint.map(|checkpoint| StoredRun {
-            checkpoint,
-            journal,
-        }))
+        self.runs.load_run(q, job_id).await
     }
 
     async fn save_step(
@@ -699,27 +656,7 @@ impl Backend for RedisBackend {
         claim: &Claim,
         step: StepWrite<'_>,
     ) -> Result<Fenced, QueueError> {
-        let keys = vec![format!("{}:epochs", q.jobs), run_key(q, &claim.job_id)];
-        let previous = match step.index {
-            0 => Vec::new(),
-            i => (i - 1).to_string().into_bytes(),
-        };
-        let args = vec![
-            claim.job_id.clone().into_bytes(),
-            claim.epoch.to_string().into_bytes(),
-            step.index.to_string().into_bytes(),
-            step.record.to_vec(),
-            step.checkpoint.to_vec(),
-            previous,
-        ];
-        match self.scripts.save_step.call(keys, args).await? {
-            1 => Ok(Fenced::Done),
-            0 => Ok(Fenced::Lost),
-            _ => Err(QueueError::Other(format!(
-                "the journal of job {} does not hold the {} steps before this one",
-                claim.job_id, step.index
-            ))),
-        }
+        self.runs.save_step(q, claim, step).await
     }
 
     async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {

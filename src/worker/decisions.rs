@@ -106,7 +106,7 @@ impl Worker {
 
     /// Runs the default path of every pending job whose expiry has passed.
     pub(super) async fn expire_pending(&self) {
-        if !self.durable() {
+        if !self.pauses() {
             return;
         }
         let now = crate::queue::now_ms();

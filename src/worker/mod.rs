@@ -135,7 +135,7 @@ impl Worker {
         let mut samples = Vec::with_capacity(self.queues.len());
         for (qi, q) in self.queues.iter().enumerate() {
             let depth = self.backend.depth(&q.names).await.ok();
-            let pending = if self.backend.supports_checkpoints() {
+            let pending = if self.backend.supports_pause() {
                 self.backend
                     .list_pending(&q.names)
                     .await
@@ -250,7 +250,7 @@ impl Worker {
         let mut claimers = JoinSet::new();
         let mut decision_loops = JoinSet::new();
         for qi in 0..self.queues.len() {
-            if self.queues[qi].decisions.is_some() && self.durable() {
+            if self.queues[qi].decisions.is_some() && self.pauses() {
                 decision_loops.spawn(Arc::clone(&self).decision_loop(qi, shutdown.clone()));
             }
         }

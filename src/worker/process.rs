@@ -93,6 +93,11 @@ impl Worker {
         self.cfg.checkpoints && self.backend.supports_checkpoints()
     }
 
+    /// Whether a halted run waits for a human (else its halt is the final result).
+    pub(super) fn pauses(&self) -> bool {
+        self.durable() && self.backend.supports_pause()
+    }
+
     /// Decides how `claim` ends. Never fails: every problem becomes a retry or a dead letter.
     pub(super) async fn process(
         &self,
@@ -216,7 +221,7 @@ impl Worker {
                     Verdict::Completed,
                 )
             }
-            RunStatus::Halted if self.durable() => match self.pending_for(qi, claim, report) {
+            RunStatus::Halted if self.pauses() => match self.pending_for(qi, claim, report) {
                 Some(pending) => {
                     let result = awaiting_message(queue.payload, job, report, &pending);
                     let pending = serde_json::to_vec(&pending).unwrap_or_default();
