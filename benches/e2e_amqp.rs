@@ -5,7 +5,8 @@
 //! in flight (a `reply_to` round trip). Once per queue type: classic, then quorum.
 //!
 //! `cargo bench --bench e2e_amqp` (env: BENCH_N=10000, BENCH_CONCURRENCY=64, BENCH_FSYNC=1,
-//! BENCH_LAT_M=200, BENCH_QUEUE_TYPES=classic,quorum, AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f).
+//! BENCH_LAT_M=200, BENCH_QUEUE_TYPES=classic,quorum, AMQP_URL=amqp://guest:guest@127.0.0.1:5672/%2f,
+//! BENCH_CHECKPOINT_STORE=redis://127.0.0.1:6379/0 to checkpoint every step there).
 //! Uses unique queue names; deletes them at the end.
 
 use futures::StreamExt;
@@ -84,6 +85,9 @@ async fn bench_one(url: &str, queue_type: &str) -> Res<tempfile::TempDir> {
     let conc: usize = env_or("BENCH_CONCURRENCY", 64);
     let fsync: u8 = env_or("BENCH_FSYNC", 1);
     let lat_m: usize = env_or("BENCH_LAT_M", 200);
+    let store = std::env::var("BENCH_CHECKPOINT_STORE")
+        .map(|u| format!("checkpoint_store = {u:?}\n"))
+        .unwrap_or_default();
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let names = QueueNames {
         jobs: format!("bench-{tag}:jobs"),
@@ -97,7 +101,7 @@ async fn bench_one(url: &str, queue_type: &str) -> Res<tempfile::TempDir> {
         &cfg,
         format!(
             "[worker]\nconcurrency = {conc}\nlog_dir = {log:?}\nfsync = {fs}\n\n[backend]\nkind = \"amqp\"\nurl = {url:?}\n\
-             queue_type = {queue_type:?}\n\n[[queues]]\nname = {jobs:?}\nresults = {results:?}\ngraph = {graph:?}\n",
+             queue_type = {queue_type:?}\n{store}\n[[queues]]\nname = {jobs:?}\nresults = {results:?}\ngraph = {graph:?}\n",
             log = log_dir.display().to_string(),
             fs = fsync == 1,
             jobs = names.jobs,
@@ -234,8 +238,9 @@ async fn bench_one(url: &str, queue_type: &str) -> Res<tempfile::TempDir> {
     let _ = conn.close(200, "bench done").await;
     delete_topology(url, &names).await?;
     println!(
-        "e2e amqp {queue_type}: N={n} concurrency={conc} fsync={} | {:.0} jobs/s | preload {:.0} msg/s | start-up {:.0} ms | \
+        "e2e amqp {queue_type}{}: N={n} concurrency={conc} fsync={} | {:.0} jobs/s | preload {:.0} msg/s | start-up {:.0} ms | \
          CPU {:.3} ms/job | peak RSS {:.1} MB | latency p50 {:.2} ms p99 {:.2} ms | {logs} audit logs | worker exit {status}",
+        if store.is_empty() { "" } else { " + checkpoints" },
         fsync == 1,
         n as f64 / secs,
         n as f64 / publish_secs,
