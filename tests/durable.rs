@@ -715,6 +715,25 @@ fn a_finished_run_leaves_no_checkpoint(kind: Kind) {
     assert_eq!(env.checkpoints_left(), 0, "finished runs are forgotten");
 }
 
+/// Without a human pause (AMQP today) a jury halt is the job's final, `halted` result, and the
+/// run is forgotten like any finished one.
+fn a_halt_without_pause_is_a_final_result(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-final","input":{"amount":5000}}"#);
+    let w = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(30));
+    stop(w);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "halted", "{}", results[0]);
+    assert_eq!(env.checkpoints_left(), 0);
+    let (code, out, _) = env.cli(&["pending"]);
+    assert_eq!(code, 0);
+    assert!(
+        !out.contains("loan-final"),
+        "nothing waits for a human: {out}"
+    );
+}
+
 /// The scenarios that need no human pause, on RabbitMQ with the Redis checkpoint store.
 mod amqp_backend {
     #[test]
@@ -724,6 +743,10 @@ mod amqp_backend {
     #[test]
     fn sigterm_hands_a_long_run_back_at_a_step_boundary() {
         super::sigterm_hands_a_long_run_back_at_a_step_boundary(super::Kind::Amqp)
+    }
+    #[test]
+    fn a_halt_without_pause_is_a_final_result() {
+        super::a_halt_without_pause_is_a_final_result(super::Kind::Amqp)
     }
     #[test]
     fn a_finished_run_leaves_no_checkpoint() {
