@@ -152,17 +152,6 @@ impl Topology {
     }
 }
 
-/// A multiplexed, reconnecting Redis connection (the dedupe marker, the checkpoint store).
-async fn redis_connection(url: &str) -> Result<::redis::aio::ConnectionManager, QueueError> {
-    let client = ::redis::Client::open(url)?;
-    let cfg = ::redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_number_of_retries(2)
-        .set_max_delay(Duration::from_secs(2));
-    Ok(::redis::aio::ConnectionManager::new_with_config(client, cfg).await?)
-}
-
 /// The url with its password masked, for logs and errors.
 pub fn redact(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
@@ -427,11 +416,11 @@ impl AmqpBackend {
     /// the reconnect supervisor. Consuming starts at the first `claim` of a queue.
     pub async fn connect(opts: AmqpOptions, worker_id: String) -> Result<Self, QueueError> {
         let dedupe = match &opts.dedupe_redis_url {
-            Some(url) => Some(redis_connection(url).await?),
+            Some(url) => Some(super::redis::connection(url).await?),
             None => None,
         };
         let runs = match &opts.checkpoint_store {
-            Some(url) => Some(RunStore::new(redis_connection(url).await?)),
+            Some(url) => Some(RunStore::new(super::redis::connection(url).await?)),
             None => None,
         };
         let (broken, reports) = mpsc::unbounded_channel();
@@ -971,9 +960,9 @@ impl Shared {
 
     /// Gives a delivered claim the job's next epoch from the checkpoint store, so checkpoint
     /// writes of any earlier holder of the job (a worker cut off from the broker) are refused.
-    async fn fence(&self, q: &QueueNames, mut c: Claim) -> Result<Claim, QueueError> {
+    async fn fence(&self, q: &QueueNames, c: &mut Claim) -> Result<(), QueueError> {
         let Some(runs) = &self.runs else {
-            return Ok(c);
+            return Ok(());
         };
         let epoch = runs.next_epoch(q, &c.job_id).await?;
         let mut held = lock(&self.held);
@@ -981,7 +970,14 @@ impl Shared {
             held.insert((c.job_id.clone(), epoch), h);
         }
         c.epoch = epoch;
-        Ok(c)
+        Ok(())
+    }
+
+    /// Whether this process still holds the claim's delivery on a live channel.
+    fn holds(&self, c: &Claim) -> bool {
+        lock(&self.held)
+            .get(&(c.job_id.clone(), c.epoch))
+            .is_some_and(|h| self.is_live(h))
     }
 
     /// Returns a claim's delivery to the queue (a claim that cannot be fenced).
@@ -1467,25 +1463,17 @@ impl Backend for AmqpBackend {
             }
         }
         drop(rx);
-        if s.runs.is_none() {
-            return Ok(out);
-        }
         // With a checkpoint store every claim gets the job's next epoch there; a store that
-        // cannot be reached hands the deliveries back.
-        let mut fenced = Vec::with_capacity(out.len());
-        let mut rest = out.into_iter();
-        while let Some(c) = rest.next() {
-            match s.fence(q, c.clone()).await {
-                Ok(c) => fenced.push(c),
-                Err(e) => {
-                    for c in std::iter::once(c).chain(rest).chain(fenced) {
-                        s.give_back(&c).await;
-                    }
-                    return Err(e);
+        // cannot be reached hands every delivery back (fenced or not: none is handed out).
+        for i in 0..out.len() {
+            if let Err(e) = s.fence(q, &mut out[i]).await {
+                for c in &out {
+                    s.give_back(c).await;
                 }
+                return Err(e);
             }
         }
-        Ok(fenced)
+        Ok(out)
     }
 
     async fn extend(
@@ -1497,10 +1485,7 @@ impl Backend for AmqpBackend {
         let held = lock(&self.shared.held);
         Ok(claims
             .iter()
-            .map(|(id, epoch)| {
-                held.get(&(id.clone(), *epoch))
-                    .is_some_and(|h| self.shared.is_live(h))
-            })
+            .map(|key| held.get(key).is_some_and(|h| self.shared.is_live(h)))
             .collect())
     }
 
@@ -1573,10 +1558,7 @@ impl Backend for AmqpBackend {
         step: StepWrite<'_>,
     ) -> Result<Fenced, QueueError> {
         // The delivery's channel is the broker's fence; the store's epoch is the run's.
-        if !self
-            .extend(q, &[(claim.job_id.clone(), claim.epoch)], Duration::ZERO)
-            .await?[0]
-        {
+        if !self.shared.holds(claim) {
             return Ok(Fenced::Lost);
         }
         match &self.shared.runs {

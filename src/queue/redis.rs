@@ -14,7 +14,7 @@
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
 use super::redis_batch::BatchedScript;
-use super::redis_runs::{run_key, RunStore};
+use super::redis_runs::{epochs_key, run_key, RunStore};
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -200,7 +200,6 @@ struct Scripts {
     extend: Script,
     /// Per job, batched across jobs (see `redis_batch`).
     finish: BatchedScript,
-
     recover: Script,
     submit_decision: Script,
     redrive: Script,
@@ -215,7 +214,7 @@ fn keys(q: &QueueNames, worker: &str) -> Keys {
         leases: format!("{p}:leases"),
         claims: format!("{p}:claims"),
         owners: format!("{p}:owners"),
-        epochs: format!("{p}:epochs"),
+        epochs: epochs_key(q),
         delayed: format!("{p}:delayed"),
         dead: format!("{p}:dead"),
         workers: format!("{p}:workers"),
@@ -241,6 +240,18 @@ struct Keys {
     results: String,
 }
 
+/// A multiplexed, reconnecting Redis connection that fails fast at start (so readiness can say
+/// why), retries briefly and waits at most 10 s for a reply. Every Redis connection of the
+/// crate uses it: this backend's, and the AMQP backend's done markers and checkpoint store.
+pub(super) async fn connection(url: &str) -> Result<ConnectionManager, QueueError> {
+    let cfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_secs(2));
+    Ok(ConnectionManager::new_with_config(Client::open(url)?, cfg).await?)
+}
+
 impl RedisBackend {
     /// Connects (failing fast when Redis is unreachable, so readiness can say why).
     /// `envelope_queues` are the queues whose messages carry their own `id`.
@@ -249,14 +260,8 @@ impl RedisBackend {
         worker_id: String,
         envelope_queues: Vec<String>,
     ) -> Result<Self, QueueError> {
-        let client = Client::open(url)?;
-        let cfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_with_config(client.clone(), cfg.clone()).await?;
-        let blocking = ConnectionManager::new_with_config(client, cfg).await?;
+        let conn = connection(url).await?;
+        let blocking = connection(url).await?;
         Ok(RedisBackend {
             worker_id,
             runs: RunStore::new(conn.clone()),

@@ -36,7 +36,8 @@ pub(super) fn run_key(q: &QueueNames, job_id: &str) -> String {
     format!("{}:run:{job_id}", q.jobs)
 }
 
-fn epochs_key(q: &QueueNames) -> String {
+/// Each job's current epoch (the claim that may write its run).
+pub(super) fn epochs_key(q: &QueueNames) -> String {
     format!("{}:epochs", q.jobs)
 }
 
