@@ -19,6 +19,8 @@ enum Kind {
     Embedded,
     /// RabbitMQ, checkpoints in Redis.
     Amqp,
+    /// RabbitMQ alone: no checkpoints, no pause.
+    AmqpWithoutStore,
 }
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -61,6 +63,7 @@ impl Env {
             Kind::Amqp => &format!(
                 "[backend]\nkind = \"amqp\"\nurl = \"{AMQP_URL}\"\ncheckpoint_store = \"redis://127.0.0.1:6379/0\"\n"
             ),
+            Kind::AmqpWithoutStore => &format!("[backend]\nkind = \"amqp\"\nurl = \"{AMQP_URL}\"\n"),
         };
         let config = dir.path().join("workers.toml");
         std::fs::write(
@@ -203,7 +206,7 @@ impl Env {
     /// Changes `from` to `to` inside the stored checkpoint of `job`.
     fn tamper_checkpoint(&mut self, job: &str, from: &str, to: &str) {
         let stored: String = match self.kind {
-            Kind::Redis | Kind::Amqp => self
+            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => self
                 .redis
                 .hget(format!("{}:run:{job}", self.queue), "ckpt")
                 .unwrap(),
@@ -222,7 +225,7 @@ impl Env {
         let changed = stored.replacen(from, to, 1);
         assert_ne!(stored, changed);
         match self.kind {
-            Kind::Redis | Kind::Amqp => {
+            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
                 let _: () = self
                     .redis
                     .hset(format!("{}:run:{job}", self.queue), "ckpt", changed)
@@ -241,7 +244,7 @@ impl Env {
 
     fn checkpoints_left(&mut self) -> usize {
         match self.kind {
-            Kind::Redis | Kind::Amqp => {
+            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
                 let keys: Vec<String> = self.redis.keys(format!("{}:run:*", self.queue)).unwrap();
                 keys.len()
             }
@@ -258,11 +261,12 @@ impl Drop for Env {
         if self.kind == Kind::Embedded {
             return;
         }
-        if self.kind == Kind::Amqp {
-            let _ = self.rt.block_on(lar_worker::queue::amqp::delete_topology(
-                AMQP_URL,
-                &self.names,
-            ));
+        if matches!(self.kind, Kind::Amqp | Kind::AmqpWithoutStore) {
+            for names in [self.names.clone(), self.decisions()] {
+                let _ = self
+                    .rt
+                    .block_on(lar_worker::queue::amqp::delete_topology(AMQP_URL, &names));
+            }
         }
         let mut keys: Vec<String> = self
             .redis
@@ -361,8 +365,8 @@ fn halt_stop_every_worker_decide_resume_elsewhere(kind: Kind) {
     env.push(r#"{"id":"loan-7","input":{"amount":5000},"user_id":"officer-1"}"#);
     let w1 = env.worker();
     let job = pending_job_id(&mut env);
-    if kind == Kind::Redis {
-        assert_eq!(job, "loan-7", "on redis an envelope's id is the job id");
+    if kind != Kind::Embedded {
+        assert_eq!(job, "loan-7", "an envelope's id is the job id");
     }
     stop(w1);
 
@@ -715,7 +719,7 @@ fn a_finished_run_leaves_no_checkpoint(kind: Kind) {
     assert_eq!(env.checkpoints_left(), 0, "finished runs are forgotten");
 }
 
-/// Without a human pause (AMQP today) a jury halt is the job's final, `halted` result, and the
+/// Without a human pause (AMQP without a checkpoint store) a jury halt is the job's final, `halted` result, and the
 /// run is forgotten like any finished one.
 fn a_halt_without_pause_is_a_final_result(kind: Kind) {
     let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
@@ -734,8 +738,26 @@ fn a_halt_without_pause_is_a_final_result(kind: Kind) {
     );
 }
 
-/// The scenarios that need no human pause, on RabbitMQ with the Redis checkpoint store.
+/// Every scenario but the frozen worker (AMQP has no lease to expire: a frozen consumer keeps
+/// its deliveries until the broker's heartbeat timeout, `tests/amqp_backend.rs`), on RabbitMQ
+/// with the Redis checkpoint store.
 mod amqp_backend {
+    #[test]
+    fn halt_stop_every_worker_decide_resume_elsewhere() {
+        super::halt_stop_every_worker_decide_resume_elsewhere(super::Kind::Amqp)
+    }
+    #[test]
+    fn tampered_checkpoint_is_refused() {
+        super::tampered_checkpoint_is_refused(super::Kind::Amqp)
+    }
+    #[test]
+    fn decisions_arrive_as_messages() {
+        super::decisions_arrive_as_messages(super::Kind::Amqp)
+    }
+    #[test]
+    fn an_expired_pending_job_takes_the_default_path() {
+        super::an_expired_pending_job_takes_the_default_path(super::Kind::Amqp)
+    }
     #[test]
     fn kill_9_mid_run_resumes_without_replaying_completed_steps() {
         super::kill_9_mid_run_resumes_without_replaying_completed_steps(super::Kind::Amqp)
@@ -746,12 +768,50 @@ mod amqp_backend {
     }
     #[test]
     fn a_halt_without_pause_is_a_final_result() {
-        super::a_halt_without_pause_is_a_final_result(super::Kind::Amqp)
+        super::a_halt_without_pause_is_a_final_result(super::Kind::AmqpWithoutStore)
+    }
+    #[test]
+    fn a_decision_the_broker_never_got_is_published_again() {
+        super::a_decision_the_broker_never_got_is_published_again()
     }
     #[test]
     fn a_finished_run_leaves_no_checkpoint() {
         super::a_finished_run_leaves_no_checkpoint(super::Kind::Amqp)
     }
+}
+
+/// AMQP: a crash between taking a decision (pending → deciding in the store) and the broker's
+/// confirm of the resume message leaves the decision in `deciding`; a worker publishes it again.
+fn a_decision_the_broker_never_got_is_published_again() {
+    let mut env = Env::new(Kind::Amqp, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-lost","input":{"amount":5000}}"#);
+    let w1 = env.worker();
+    let job = pending_job_id(&mut env);
+    stop(w1);
+    let pending_key = format!("{}:pending", env.queue);
+    let deciding_key = format!("{}:deciding", env.queue);
+    let pending: String = env.redis.hget(&pending_key, &job).unwrap();
+    let _: () = env.redis.hdel(&pending_key, &job).unwrap();
+    let decision = r#"{"choice":"approve","rationale":"ok","decided_by":"cfo@example.com"}"#;
+    let at = chrono::Utc::now().timestamp_millis() - 120_000;
+    let entry =
+        serde_json::json!({"at": at, "decision": decision, "pending": pending, "props": "{}"});
+    let _: () = env
+        .redis
+        .hset(&deciding_key, &job, entry.to_string())
+        .unwrap();
+    let (code, out, _) = env.cli(&["pending"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains(&job), "decided, so not pending: {out}");
+
+    let w2 = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(20));
+    stop(w2);
+    assert_eq!(results.len(), 1, "the decision resumed the run");
+    assert_eq!(results[0]["status"], "completed", "{}", results[0]);
+    assert_eq!(results[0]["state"]["paid"], true);
+    let left: usize = env.redis.hlen(&deciding_key).unwrap();
+    assert_eq!(left, 0, "the delivered decision is forgotten");
 }
 
 fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {

@@ -40,6 +40,8 @@ pub struct RunLog {
     last: Option<Map<String, Value>>,
     /// The newest `halt` marker (what a decision answers).
     last_halt: Option<Value>,
+    /// The newest `decision` marker (what a human answered).
+    last_decision: Option<Value>,
     tokens: TokenTotals,
     chain_head: String,
 }
@@ -96,6 +98,7 @@ impl RunLog {
             file: Vec::new(),
             last: None,
             last_halt: None,
+            last_decision: None,
             tokens: TokenTotals::default(),
             chain_head,
         }
@@ -119,6 +122,11 @@ impl RunLog {
     /// The newest `halt` marker, from the jury step a decision answers.
     pub fn last_halt(&self) -> Option<&Value> {
         self.last_halt.as_ref()
+    }
+
+    /// The newest `decision` marker, from the step that applied a human decision.
+    pub fn last_decision(&self) -> Option<&Value> {
+        self.last_decision.as_ref()
     }
 
     pub fn len(&self) -> usize {
@@ -156,6 +164,9 @@ impl RunLog {
         self.tokens.add(&rec);
         if let Some(halt) = rec.get("halt") {
             self.last_halt = Some(halt.clone());
+        }
+        if let Some(decision) = rec.get("decision") {
+            self.last_decision = Some(decision.clone());
         }
         self.last.insert(rec)
     }

@@ -61,14 +61,22 @@
 //!   broker cannot write over the newer attempt. A finished run is forgotten after its ack (a
 //!   crash in between leaves an orphan hash, never a lost job). Without a store a redelivered
 //!   job runs from its first step.
-//! * No human pause yet (`supports_pause()` is false): a `human_jury` halt is a final result.
+//! * The human pause needs `checkpoint_store` too (without one a `human_jury` halt is a final
+//!   result). A pause stores the pending record there (fenced on the epoch), publishes the
+//!   `awaiting_decision` result with a confirm, then acks: no delivery waits on a human. A
+//!   decision moves the record to `Q:deciding` in the store, publishes the job's message
+//!   again with the decision in the `x-lar-decision` header (and the original `reply_to` and
+//!   `correlation_id`), and drops the entry after the confirm; `recover` publishes entries a
+//!   crash left behind again. Anyone allowed to publish to the work queue can attach a
+//!   decision header, exactly as anyone allowed to write the redis backend's list can: the
+//!   worker still applies a decision only to a run halted at a jury, with an allowed choice.
 //!
 //! Connection loss. A supervisor task reconnects with [`Backoff::reconnect`], declares again
 //! and re-consumes every queue that was being consumed. Deliveries buffered from the dead
 //! channel are dropped (the broker redelivers them), and claims already handed out finish as
 //! `Lost`.
 
-use super::redis_runs::RunStore;
+use super::redis_runs::{Deciding, Paused, RunStore};
 use super::*;
 use crate::backoff::Backoff;
 use crate::config::AmqpQueueType;
@@ -96,6 +104,10 @@ const MARKER_TTL_SECS: u64 = 86_400;
 /// Done markers remembered in this process.
 const MEMO_CAP: usize = 200_000;
 const PERSISTENT: u8 = 2;
+/// The header that carries a human decision on a resumed job's message.
+const DECISION_HEADER: &str = "x-lar-decision";
+/// A decision still in the store's `deciding` hash after this long is published again.
+const DECISION_REDELIVER_AFTER: Duration = Duration::from_secs(60);
 
 /// Everything the backend needs from workers.toml.
 #[derive(Debug, Clone)]
@@ -933,6 +945,13 @@ impl Shared {
         let history: Vec<AttemptRecord> = header_text(&headers, "x-lar-history")
             .and_then(|s| serde_json::from_str(&s).ok())
             .unwrap_or_default();
+        // A decision that does not parse is dropped here; the run then stays halted and the
+        // worker pauses it again, so the job waits for a well-formed one.
+        let decision = header_text(&headers, DECISION_HEADER).and_then(|s| {
+            serde_json::from_str(&s)
+                .map_err(|e| warn!(%job_id, error = %e, "unreadable decision header ignored"))
+                .ok()
+        });
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         lock(&self.held).insert(
             (job_id.clone(), epoch),
@@ -950,7 +969,7 @@ impl Shared {
             attempt: done_before + 1,
             epoch,
             history,
-            decision: None,
+            decision,
             handle: ClaimHandle::Amqp {
                 delivery_tag: d.delivery_tag,
                 channel: p.generation,
@@ -1175,7 +1194,51 @@ impl Shared {
             return Ok(self.ack(h).await);
         }
         let ch = self.publisher().await?;
-        let (run_id, status, signature) = result_meta(&result);
+        let mut pending = Self::publish_result(&ch, q, claim, h, &result).await?;
+        if let Some(dl) = &dead_letter {
+            let t = Topology::of(q);
+            pending.push(
+                Self::publish(
+                    &ch,
+                    &t.dlx,
+                    &t.jobs,
+                    true,
+                    &claim.payload,
+                    self.dead_letter_props(q, claim, h, dl),
+                    format!("dead letter (exchange '{}')", t.dlx),
+                )
+                .await?,
+            );
+        }
+        if let Err(e) = Self::confirmed(pending).await {
+            if self.is_live(h) {
+                return Err(e); // refused or unroutable: nothing acked, the worker retries
+            }
+            // The connection died with the result unconfirmed: the broker may have stored it
+            // or not, and cannot be asked. The delivery comes back and publishes again, so
+            // this job may end with two results (the one window the done marker cannot close).
+            warn!(job_id = %claim.job_id, error = %e,
+                  "result unconfirmed when the connection died: the redelivery publishes it again (possible duplicate result)");
+            return Ok(Fenced::Lost);
+        }
+        self.mark_done(q, &claim.job_id).await;
+        let fenced = self.ack(h).await;
+        if fenced == Fenced::Lost {
+            info!(job_id = %claim.job_id, "result published but the ack was lost: the redelivery will be acked by the done marker");
+        }
+        Ok(fenced)
+    }
+
+    /// Publishes a result (final or `awaiting_decision`) to the results queue, and to the
+    /// job's `reply_to` with its `correlation_id` when it has one; returns the confirms.
+    async fn publish_result(
+        ch: &Channel,
+        q: &QueueNames,
+        claim: &Claim,
+        h: &Held,
+        result: &[u8],
+    ) -> Result<Vec<(String, PublisherConfirm)>, QueueError> {
+        let (run_id, status, signature) = result_meta(result);
         let mut headers = FieldTable::default();
         for (k, v) in [
             ("x-run-id", run_id),
@@ -1231,38 +1294,92 @@ impl Shared {
                 .await?,
             );
         }
-        if let Some(dl) = &dead_letter {
-            let t = Topology::of(q);
-            pending.push(
-                Self::publish(
-                    &ch,
-                    &t.dlx,
-                    &t.jobs,
-                    true,
-                    &claim.payload,
-                    self.dead_letter_props(q, claim, h, dl),
-                    format!("dead letter (exchange '{}')", t.dlx),
-                )
-                .await?,
-            );
-        }
-        if let Err(e) = Self::confirmed(pending).await {
-            if self.is_live(h) {
-                return Err(e); // refused or unroutable: nothing acked, the worker retries
+        Ok(pending)
+    }
+
+    /// Pauses a run for a human: the pending record into the store (fenced on the epoch),
+    /// the `awaiting_decision` result out with its confirm, then the ack.
+    async fn finish_pause(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        h: &Held,
+        result: Vec<u8>,
+        pending: Vec<u8>,
+    ) -> Result<Fenced, QueueError> {
+        let Some(runs) = &self.runs else {
+            // Unreachable: the worker pauses only on backends that support it.
+            warn!(job_id = %claim.job_id, "no checkpoint store to pause in: publishing the awaiting_decision result as final");
+            return self.finish_publish(q, claim, h, result, None).await;
+        };
+        let props = serde_json::json!({
+            "reply_to": h.props.reply_to().as_ref().map(|r| r.as_str().to_string()),
+            "correlation_id": h.props.correlation_id().as_ref().map(|c| c.as_str().to_string()),
+        })
+        .to_string();
+        match runs.pause(q, claim, &pending, &props).await? {
+            Paused::Stored => {}
+            Paused::AlreadyDecided => {
+                // This delivery is a copy of a job a human has already answered; the
+                // decision's own message resumes the run.
+                info!(job_id = %claim.job_id, "a decision for this job is already on its way: acking the copy");
+                return Ok(self.ack(h).await);
             }
-            // The connection died with the result unconfirmed: the broker may have stored it
-            // or not, and cannot be asked. The delivery comes back and publishes again, so
-            // this job may end with two results (the one window the done marker cannot close).
-            warn!(job_id = %claim.job_id, error = %e,
-                  "result unconfirmed when the connection died: the redelivery publishes it again (possible duplicate result)");
-            return Ok(Fenced::Lost);
+            Paused::Fenced => {
+                // A newer delivery of the same job id holds the run; this copy is redundant.
+                self.ack(h).await;
+                return Ok(Fenced::Lost);
+            }
         }
-        self.mark_done(q, &claim.job_id).await;
-        let fenced = self.ack(h).await;
-        if fenced == Fenced::Lost {
-            info!(job_id = %claim.job_id, "result published but the ack was lost: the redelivery will be acked by the done marker");
+        let ch = self.publisher().await?;
+        let confirms = Self::publish_result(&ch, q, claim, h, &result).await?;
+        Self::confirmed(confirms).await?;
+        Ok(self.ack(h).await)
+    }
+
+    /// Publishes the message that resumes a decided job (its original payload, the decision
+    /// in a header), and drops the store's `deciding` entry once the broker confirms it.
+    async fn publish_decision(
+        &self,
+        q: &QueueNames,
+        runs: &RunStore,
+        job_id: &str,
+        entry: &Deciding,
+    ) -> Result<(), QueueError> {
+        let pending: crate::durable::Pending =
+            serde_json::from_str(&entry.pending).map_err(|e| {
+                QueueError::Other(format!(
+                    "the pending record of job {job_id} is unreadable: {e}"
+                ))
+            })?;
+        let props: serde_json::Value = serde_json::from_str(&entry.props).unwrap_or_default();
+        let mut headers = FieldTable::default();
+        headers.insert(DECISION_HEADER.into(), text(&entry.decision));
+        let mut p = BasicProperties::default()
+            .with_delivery_mode(PERSISTENT)
+            .with_content_type("application/json".into())
+            .with_message_id(ShortString::from(job_id))
+            .with_app_id("lar-worker".into())
+            .with_headers(headers);
+        if let Some(r) = props.get("reply_to").and_then(|v| v.as_str()) {
+            p = p.with_reply_to(ShortString::from(r));
         }
-        Ok(fenced)
+        if let Some(c) = props.get("correlation_id").and_then(|v| v.as_str()) {
+            p = p.with_correlation_id(ShortString::from(c));
+        }
+        let ch = self.publisher().await?;
+        let confirm = Self::publish(
+            &ch,
+            "",
+            &q.jobs,
+            true,
+            pending.payload.as_bytes(),
+            p,
+            format!("decided job (queue '{}')", q.jobs),
+        )
+        .await?;
+        Self::confirmed(vec![confirm]).await?;
+        runs.decided(q, job_id).await
     }
 
     async fn finish_retry(
@@ -1513,10 +1630,8 @@ impl Backend for AmqpBackend {
                 Finish::Retry { delay, error } => s.finish_retry(q, claim, &h, delay, error).await,
                 Finish::DeadLetter(dl) => s.finish_dead(q, claim, &h, dl).await,
                 Finish::Release => Ok(s.requeue(&h).await),
-                Finish::Pause { result, .. } => {
-                    // Unreachable: the worker pauses only on backends with checkpoints.
-                    warn!(job_id = %claim.job_id, "the amqp backend cannot pause a job: publishing its awaiting_decision result as final");
-                    s.finish_publish(q, claim, &h, result, None).await
+                Finish::Pause { result, pending } => {
+                    s.finish_pause(q, claim, &h, result, pending).await
                 }
             }
         };
@@ -1537,7 +1652,7 @@ impl Backend for AmqpBackend {
     }
 
     fn supports_pause(&self) -> bool {
-        false
+        self.shared.runs.is_some()
     }
 
     async fn load_run(
@@ -1569,9 +1684,64 @@ impl Backend for AmqpBackend {
         }
     }
 
-    async fn recover(&self, _q: &QueueNames) -> Result<u64, QueueError> {
-        // The broker redelivers the deliveries of dead channels and expires the delay queue.
-        Ok(0)
+    /// The broker redelivers the deliveries of dead channels and expires the delay queue;
+    /// what is left is decisions whose resume message a crash may have kept from the broker.
+    async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError> {
+        let s = &self.shared;
+        let Some(runs) = &s.runs else {
+            return Ok(0);
+        };
+        let mut moved = 0;
+        for (job_id, entry) in runs.stale_decisions(q, DECISION_REDELIVER_AFTER).await? {
+            info!(%job_id, "publishing a decision again: its resume message was never confirmed");
+            s.publish_decision(q, runs, &job_id, &entry).await?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        match &self.shared.runs {
+            Some(runs) => runs.list_pending(q).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        match &self.shared.runs {
+            Some(runs) => runs.get_pending(q, job_id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn submit_decision(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        _payload: &[u8],
+        decision: &crate::exec::Decision,
+    ) -> Result<bool, QueueError> {
+        let s = &self.shared;
+        let Some(runs) = &s.runs else {
+            return Err(QueueError::Other(
+                "the amqp backend pauses jobs only with `checkpoint_store` set".into(),
+            ));
+        };
+        let decision = serde_json::to_string(decision)
+            .map_err(|e| QueueError::Other(format!("cannot encode the decision: {e}")))?;
+        let Some(entry) = runs.decide(q, job_id, &decision).await? else {
+            return Ok(false);
+        };
+        // The decision is taken and kept in the store; if the broker does not confirm the
+        // resume message now, `recover` publishes it again.
+        if let Err(e) = s.publish_decision(q, runs, job_id, &entry).await {
+            warn!(%job_id, error = %e, "decision recorded; its resume message will be published again by a worker");
+        }
+        Ok(true)
     }
 
     async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {

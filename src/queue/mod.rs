@@ -12,6 +12,7 @@
 //! | dead letters          | table                    | list `<queue>:dead`            | dead-letter queue          |
 //! | wake-up when empty    | polling (≤ 200 ms)       | blocking BLMOVE                | push (consumer)            |
 //! | one result per job    | the fenced transaction   | the fenced Lua script          | confirm, done marker, ack  |
+//! | checkpoints, pause    | tables in the same file  | `Q:run:<job>`, `Q:pending`     | only with `checkpoint_store` (a Redis): the same keys there |
 
 pub mod amqp;
 pub mod embedded;

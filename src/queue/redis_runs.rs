@@ -3,6 +3,13 @@
 //! `Q:epochs`. The redis backend keeps them beside its queue (its claim script bumps the epoch);
 //! the amqp backend keeps them in a configured Redis (`checkpoint_store`), because a broker has
 //! no place for them, and bumps the epoch here on every delivery.
+//!
+//! For the amqp backend the store also keeps the human pause, which a broker cannot hold
+//! (a delivery must not stay unacked while a human thinks): `Q:pending` (job → pending record)
+//! and `Q:deciding` (job → a decision taken whose resume message is not yet confirmed by the
+//! broker). A decision moves the job from `pending` to `deciding` atomically, so it is always
+//! in exactly one of them until the broker holds its resume message; [`RunStore::stale_decisions`]
+//! hands back entries a crash left in `deciding`, to publish again.
 
 use super::redis_batch::BatchedScript;
 use super::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
@@ -31,6 +38,68 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// K: epochs, pending, deciding, run. A: id, epoch, pending record, delivery properties (JSON).
+/// 1 paused, 0 fenced off (a newer delivery holds the job), 2 a decision is already on its way
+/// (a redelivery of the job raced a human: nothing to pause).
+const PAUSE: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 2 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+redis.call('HSET', KEYS[4], 'amqp', ARGV[4])
+return 1
+"#;
+
+/// K: pending, deciding, run. A: id, decision (JSON), now ms. Moves a pending job to
+/// `deciding` and returns the entry there, or nil when the job is not pending.
+const DECIDE: &str = r#"
+local p = redis.call('HGET', KEYS[1], ARGV[1])
+if not p then return false end
+local entry = cjson.encode({at = tonumber(ARGV[3]), decision = ARGV[2], pending = p,
+  props = redis.call('HGET', KEYS[3], 'amqp') or '{}'})
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], entry)
+return entry
+"#;
+
+/// K: deciding. A: now ms, stale after ms, run key prefix. Entries older than the limit whose
+/// decision step is not journaled yet are stamped anew and returned (`id, entry, …`) to publish
+/// again; entries whose decision was applied (or whose run is gone) are dropped.
+const STALE_DECISIONS: &str = r#"
+local out = {}
+local all = redis.call('HGETALL', KEYS[1])
+local now = tonumber(ARGV[1])
+for i = 1, #all, 2 do
+  local id, raw = all[i], all[i + 1]
+  local ok, e = pcall(cjson.decode, raw)
+  if ok and type(e) == 'table' and tonumber(e.at) and tonumber(e.at) + tonumber(ARGV[2]) < now then
+    local run = ARGV[3] .. id
+    local okp, p = pcall(cjson.decode, e.pending)
+    local step = okp and type(p) == 'table' and tonumber(p.step)
+    if redis.call('EXISTS', run) == 0 or (step and redis.call('HEXISTS', run, string.format('%d', step)) == 1) then
+      redis.call('HDEL', KEYS[1], id)
+    else
+      e.at = now
+      raw = cjson.encode(e)
+      redis.call('HSET', KEYS[1], id, raw)
+      out[#out + 1] = id
+      out[#out + 1] = raw
+    end
+  end
+end
+return out
+"#;
+
+/// A decision taken for a paused job, kept until the broker holds the message that resumes it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub(super) struct Deciding {
+    /// The decision, as JSON.
+    pub decision: String,
+    /// The pending record it answers, as JSON (its `payload` is the job's message).
+    pub pending: String,
+    /// The job delivery's properties to carry onto the resume message (`reply_to`, …), as JSON.
+    pub props: String,
+}
+
 /// A run's hash.
 pub(super) fn run_key(q: &QueueNames, job_id: &str) -> String {
     format!("{}:run:{job_id}", q.jobs)
@@ -41,10 +110,33 @@ pub(super) fn epochs_key(q: &QueueNames) -> String {
     format!("{}:epochs", q.jobs)
 }
 
+/// Jobs waiting for a human (amqp backend).
+pub(super) fn pending_key(q: &QueueNames) -> String {
+    format!("{}:pending", q.jobs)
+}
+
+/// Decisions whose resume message the broker has not confirmed yet (amqp backend).
+fn deciding_key(q: &QueueNames) -> String {
+    format!("{}:deciding", q.jobs)
+}
+
+/// What a pause in the store came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Paused {
+    Stored,
+    /// A newer delivery holds the job.
+    Fenced,
+    /// A decision for the job is already on its way.
+    AlreadyDecided,
+}
+
 pub(super) struct RunStore {
     conn: ConnectionManager,
     save_step: BatchedScript,
     end_run: Script,
+    pause: Script,
+    decide: Script,
+    stale_decisions: Script,
 }
 
 impl RunStore {
@@ -53,6 +145,9 @@ impl RunStore {
         RunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
             end_run: Script::new(END_RUN),
+            pause: Script::new(PAUSE),
+            decide: Script::new(DECIDE),
+            stale_decisions: Script::new(STALE_DECISIONS),
             conn,
         }
     }
@@ -138,4 +233,101 @@ impl RunStore {
         let done: i64 = inv.invoke_async(&mut conn).await?;
         Ok(done == 1)
     }
+
+    /// Stores a paused run's pending record (and the delivery properties its resume message
+    /// carries), while `claim` still holds the job.
+    pub async fn pause(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        pending: &[u8],
+        props: &str,
+    ) -> Result<Paused, QueueError> {
+        let mut inv = self.pause.prepare_invoke();
+        inv.key(epochs_key(q))
+            .key(pending_key(q))
+            .key(deciding_key(q))
+            .key(run_key(q, &claim.job_id))
+            .arg(&claim.job_id)
+            .arg(claim.epoch)
+            .arg(pending)
+            .arg(props);
+        let mut conn = self.conn.clone();
+        let n: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(match n {
+            1 => Paused::Stored,
+            2 => Paused::AlreadyDecided,
+            _ => Paused::Fenced,
+        })
+    }
+
+    pub async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hvals(pending_key(q)).await?)
+    }
+
+    pub async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.hget(pending_key(q), job_id).await?)
+    }
+
+    /// Moves a pending job to `deciding` with `decision`; `None` when it is not pending.
+    pub async fn decide(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        decision: &str,
+    ) -> Result<Option<Deciding>, QueueError> {
+        let mut inv = self.decide.prepare_invoke();
+        inv.key(pending_key(q))
+            .key(deciding_key(q))
+            .key(run_key(q, job_id))
+            .arg(job_id)
+            .arg(decision)
+            .arg(super::now_ms());
+        let mut conn = self.conn.clone();
+        let entry: Option<Vec<u8>> = inv.invoke_async(&mut conn).await?;
+        entry.map(|e| parse_deciding(job_id, &e)).transpose()
+    }
+
+    /// The broker holds the job's resume message: the decision is delivered.
+    pub async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = conn.hdel(deciding_key(q), job_id).await?;
+        Ok(())
+    }
+
+    /// Decisions older than `stale_after` whose resume message may never have reached the
+    /// broker (a crash between the store and the publish), to publish again.
+    pub async fn stale_decisions(
+        &self,
+        q: &QueueNames,
+        stale_after: std::time::Duration,
+    ) -> Result<Vec<(String, Deciding)>, QueueError> {
+        let mut inv = self.stale_decisions.prepare_invoke();
+        inv.key(deciding_key(q))
+            .arg(super::now_ms())
+            .arg(stale_after.as_millis() as u64)
+            .arg(run_key(q, ""));
+        let mut conn = self.conn.clone();
+        let flat: Vec<Vec<u8>> = inv.invoke_async(&mut conn).await?;
+        let mut out = Vec::with_capacity(flat.len() / 2);
+        for pair in flat.chunks_exact(2) {
+            let id = String::from_utf8_lossy(&pair[0]).into_owned();
+            out.push((id.clone(), parse_deciding(&id, &pair[1])?));
+        }
+        Ok(out)
+    }
+}
+
+fn parse_deciding(job_id: &str, raw: &[u8]) -> Result<Deciding, QueueError> {
+    serde_json::from_slice(raw).map_err(|e| {
+        QueueError::Other(format!(
+            "the stored decision for job {job_id} is unreadable: {e}"
+        ))
+    })
 }

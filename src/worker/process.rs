@@ -135,7 +135,11 @@ impl Worker {
         };
         let sink_ref: Option<&dyn StepSink> = if self.durable() { Some(&sink) } else { None };
 
-        if let Some(decision) = &claim.decision {
+        if let Some(decision) = claim
+            .decision
+            .as_ref()
+            .filter(|d| !already_applied(&log, d))
+        {
             match run.decide(decision) {
                 Ok(record) => {
                     log.append(record, self.audit.secret.as_ref());
@@ -421,6 +425,20 @@ impl Worker {
             attempts,
         }
     }
+}
+
+/// Whether the run already applied this decision after its last halt: a second delivery of
+/// the same decided job (a resume message published again) then just resumes the run.
+fn already_applied(log: &RunLog, d: &Decision) -> bool {
+    let Some(last) = log.last_decision() else {
+        return false;
+    };
+    let halted_since = log.last_step().is_some_and(|s| s.get("halt").is_some());
+    let same = |k: &str, v: &str| last.get(k).and_then(Value::as_str) == Some(v);
+    !halted_since
+        && same("choice", &d.choice)
+        && same("decided_by", &d.decided_by)
+        && same("rationale", &d.rationale)
 }
 
 /// When a halted run's default path is due, from its halt marker.
