@@ -1264,11 +1264,11 @@ impl Shared {
         }
         let mut pending = vec![
             Self::publish(
-                &ch,
+                ch,
                 "",
                 &q.results,
                 true,
-                &result,
+                result,
                 props.clone(),
                 format!("result (queue '{}')", q.results),
             )
@@ -1283,11 +1283,11 @@ impl Shared {
             // Not mandatory: an RPC caller that went away must not block the job.
             pending.push(
                 Self::publish(
-                    &ch,
+                    ch,
                     "",
                     reply_to.as_str(),
                     false,
-                    &result,
+                    result,
                     props,
                     format!("reply (reply_to '{}')", reply_to.as_str()),
                 )
