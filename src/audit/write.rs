@@ -33,10 +33,12 @@ pub fn write_atomic(
     result
 }
 
-/// Group commit for the daemon's audit logs: one thread writes every finished log to a
-/// temporary file, makes the whole batch durable with a single `syncfs`, renames each into
-/// place, and fsyncs each directory once. Hundreds of concurrent jobs then share two flushes
-/// instead of paying two each, and directory updates do not contend across threads.
+/// Group commit for the daemon's audit logs: one thread writes every finished log to an
+/// unnamed file (`O_TMPFILE`, or a named temporary file where the filesystem lacks it), makes
+/// the whole batch durable with a single `syncfs`, links (or renames) each into place, and
+/// fsyncs each directory once. Hundreds of concurrent jobs then share two flushes instead of
+/// paying two each, and a log appears under its name only whole. An unnamed file costs one
+/// directory update where a temporary file costs three (create, and rename's remove and add).
 #[derive(Clone, Debug)]
 pub struct LogWriter {
     tx: tokio::sync::mpsc::UnboundedSender<WriteRequest>,
@@ -51,8 +53,8 @@ struct WriteRequest {
     done: tokio::sync::oneshot::Sender<std::io::Result<PathBuf>>,
 }
 
-/// The most logs committed together.
-const MAX_BATCH: usize = 512;
+/// The most logs committed together (each holds a descriptor until it is linked).
+const MAX_BATCH: usize = 256;
 
 impl LogWriter {
     /// Starts the writer thread; it ends when every handle is dropped.
@@ -102,7 +104,7 @@ impl LogWriter {
 fn commit_batch(batch: Vec<WriteRequest>) {
     let durable = batch.iter().any(|r| r.durable);
     let mut dirs: Vec<PathBuf> = Vec::new();
-    let mut staged: Vec<(WriteRequest, std::io::Result<PathBuf>)> = Vec::with_capacity(batch.len());
+    let mut staged: Vec<(WriteRequest, std::io::Result<Staged>)> = Vec::with_capacity(batch.len());
     for r in batch {
         if !dirs.contains(&r.dir) {
             if let Err(e) = std::fs::create_dir_all(&r.dir) {
@@ -111,10 +113,7 @@ fn commit_batch(batch: Vec<WriteRequest>) {
             }
             dirs.push(r.dir.clone());
         }
-        let tmp = r
-            .dir
-            .join(format!(".{}.{}.tmp", r.name, std::process::id()));
-        let res = std::fs::write(&tmp, &r.bytes).map(|_| tmp);
+        let res = Staged::write(&r.dir, &r.name, &r.bytes);
         staged.push((r, res));
     }
     let flushed = if durable {
@@ -125,18 +124,9 @@ fn commit_batch(batch: Vec<WriteRequest>) {
     let mut renamed = Vec::with_capacity(staged.len());
     for (r, res) in staged {
         let res = match (res, &flushed) {
-            (Ok(tmp), Ok(())) => {
-                let dest = r.dir.join(&r.name);
-                match std::fs::rename(&tmp, &dest) {
-                    Ok(()) => Ok(dest),
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        Err(e)
-                    }
-                }
-            }
-            (Ok(tmp), Err(e)) => {
-                let _ = std::fs::remove_file(&tmp);
+            (Ok(staged), Ok(())) => staged.place(&r.dir, &r.name),
+            (Ok(staged), Err(e)) => {
+                staged.discard();
                 Err(std::io::Error::new(e.kind(), e.to_string()))
             }
             (Err(e), _) => Err(e),
@@ -162,6 +152,106 @@ fn commit_batch(batch: Vec<WriteRequest>) {
     }
 }
 
+/// A log written but not yet under its name.
+enum Staged {
+    /// An unnamed inode in the directory (`O_TMPFILE`): nothing to clean up if dropped.
+    Unnamed(std::fs::File),
+    /// A named temporary file, where the filesystem has no `O_TMPFILE`.
+    Named(PathBuf),
+}
+
+impl Staged {
+    fn write(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<Staged> {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .mode(0o644)
+            .custom_flags(libc::O_TMPFILE)
+            .open(dir)
+        {
+            Ok(mut f) => {
+                f.write_all(bytes)?;
+                Ok(Staged::Unnamed(f))
+            }
+            // Filesystems without it answer EOPNOTSUPP (older kernels EISDIR or EINVAL).
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)
+                ) =>
+            {
+                let tmp = temp_path(dir, name);
+                std::fs::write(&tmp, bytes)?;
+                Ok(Staged::Named(tmp))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the written file its name; an existing file of that name is replaced whole.
+    fn place(self, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+        let dest = dir.join(name);
+        let tmp = match self {
+            Staged::Named(tmp) => tmp,
+            Staged::Unnamed(f) => match link_unnamed(&f, &dest) {
+                Ok(()) => return Ok(dest),
+                // A log of this run written before (a run finished twice across a crash):
+                // link under a temporary name and rename over it, atomically.
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let tmp = temp_path(dir, name);
+                    let _ = std::fs::remove_file(&tmp);
+                    link_unnamed(&f, &tmp)?;
+                    tmp
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        match std::fs::rename(&tmp, &dest) {
+            Ok(()) => Ok(dest),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn discard(self) {
+        if let Staged::Named(tmp) = self {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
+}
+
+fn temp_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Links an `O_TMPFILE` file into the directory tree (open(2): `linkat` through
+/// `/proc/self/fd`, which needs no capability, unlike `AT_EMPTY_PATH`).
+fn link_unnamed(f: &std::fs::File, dest: &Path) -> std::io::Result<()> {
+    use std::ffi::CString;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    let from =
+        CString::new(format!("/proc/self/fd/{}", f.as_raw_fd())).map_err(std::io::Error::other)?;
+    let to = CString::new(dest.as_os_str().as_bytes()).map_err(std::io::Error::other)?;
+    // SAFETY: both paths are valid NUL-terminated strings that outlive the call.
+    let rc = unsafe {
+        libc::linkat(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::AT_SYMLINK_FOLLOW,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// One `syncfs(2)` per filesystem the batch touched: every staged file is on disk after it.
 fn sync_filesystem(dirs: &[PathBuf]) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
@@ -174,4 +264,85 @@ fn sync_filesystem(dirs: &[PathBuf]) -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[tokio::test]
+    async fn group_commit_writes_whole_files_and_leaves_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = LogWriter::start().unwrap();
+        let mut handles = Vec::new();
+        for i in 0..20 {
+            let w = w.clone();
+            let d = dir.path().to_path_buf();
+            handles.push(tokio::spawn(async move {
+                w.write(&d, format!("run_{i}.json"), vec![b'x'; 1000 + i], true)
+                    .await
+            }));
+        }
+        for h in handles {
+            h.await.unwrap().unwrap();
+        }
+        let got = names(dir.path());
+        assert_eq!(got.len(), 20, "{got:?}");
+        for i in 0..20 {
+            let b = std::fs::read(dir.path().join(format!("run_{i}.json"))).unwrap();
+            assert_eq!(b.len(), 1000 + i);
+        }
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("run_0.json"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o644 & !umask(), "{mode:o}");
+    }
+
+    #[tokio::test]
+    async fn a_second_write_of_the_same_name_replaces_it_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = LogWriter::start().unwrap();
+        w.write(dir.path(), "run_a.json".into(), b"first".to_vec(), true)
+            .await
+            .unwrap();
+        w.write(dir.path(), "run_a.json".into(), b"second".to_vec(), true)
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read(dir.path().join("run_a.json")).unwrap(),
+            b"second"
+        );
+        assert_eq!(names(dir.path()), ["run_a.json"]);
+    }
+
+    #[test]
+    fn a_named_temporary_file_is_renamed_into_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = temp_path(dir.path(), "run_b.json");
+        std::fs::write(&tmp, b"named").unwrap();
+        let placed = Staged::Named(tmp).place(dir.path(), "run_b.json").unwrap();
+        assert_eq!(std::fs::read(placed).unwrap(), b"named");
+        assert_eq!(names(dir.path()), ["run_b.json"]);
+    }
+
+    fn umask() -> u32 {
+        // SAFETY: umask only swaps the process mask; it is restored at once.
+        unsafe {
+            let m = libc::umask(0o022);
+            libc::umask(m);
+            m as u32
+        }
+    }
 }

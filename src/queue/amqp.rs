@@ -59,7 +59,8 @@
 //!   live there (`Q:run:<job>`), and every delivery bumps the job's epoch there (`Q:epochs`),
 //!   so a redelivered job resumes after its last finished step and a worker cut off from the
 //!   broker cannot write over the newer attempt. A finished run is forgotten after its ack (a
-//!   crash in between leaves an orphan hash, never a lost job). Without a store a redelivered
+//!   crash in between leaves an orphan hash, never a lost job); a retried one before the retry
+//!   is published, since the retry starts from the first step. Without a store a redelivered
 //!   job runs from its first step.
 //! * The human pause needs `checkpoint_store` too (without one a `human_jury` halt is a final
 //!   result). A pause stores the pending record there (fenced on the epoch), publishes the
@@ -1617,7 +1618,13 @@ impl Backend for AmqpBackend {
         let Some(h) = lock(&s.held).get(&key).cloned() else {
             return Ok(Fenced::Lost);
         };
-        let ends_run = !matches!(how, Finish::Release | Finish::Pause { .. });
+        // A retry runs the job from its first step, so its run is forgotten before the retry
+        // is published: a crash in between then only repeats what the retry would have run.
+        // Every other final outcome forgets the run after its ack (below).
+        if let (Finish::Retry { .. }, Some(runs), true) = (&how, &s.runs, s.is_live(&h)) {
+            runs.end_run(q, claim).await?;
+        }
+        let ends_run = matches!(how, Finish::Publish { .. } | Finish::DeadLetter(_));
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
