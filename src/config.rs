@@ -156,9 +156,11 @@ pub enum BackendSection {
         /// NX`); without it the marker lives in this process only.
         #[serde(default)]
         dedupe_redis_url: Option<String>,
-        /// A Redis that keeps each run's checkpoint and journal, so a redelivered job resumes
-        /// after its last finished step (`redis://…`). Without it a redelivered job runs from
-        /// its first step. Human pauses are not available on AMQP yet.
+        /// Where each run's checkpoint and journal live, so a redelivered job resumes after its
+        /// last finished step and a `human_jury` halt waits for a decision: a Redis
+        /// (`redis://…`, replicas on any hosts) or a SQLite file (`sqlite:<path>`, relative to
+        /// this file; the replicas of one host). Without it a redelivered job runs from its
+        /// first step and a halt is the job's final result.
         #[serde(default)]
         checkpoint_store: Option<String>,
     },
@@ -276,8 +278,19 @@ impl Config {
         if let Some(f) = &mut self.worker.secret_file {
             fix(f);
         }
-        if let BackendSection::Embedded { path } = &mut self.backend {
-            fix(path);
+        match &mut self.backend {
+            BackendSection::Embedded { path } => fix(path),
+            BackendSection::Amqp {
+                checkpoint_store: Some(spec),
+                ..
+            } => {
+                if let Some(p) = spec.strip_prefix("sqlite:") {
+                    let mut p = PathBuf::from(p);
+                    fix(&mut p);
+                    *spec = format!("sqlite:{}", p.display());
+                }
+            }
+            _ => {}
         }
         for q in &mut self.queues {
             if let Some(g) = &mut q.graph {
@@ -290,6 +303,19 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), String> {
+        if let BackendSection::Amqp {
+            checkpoint_store: Some(spec),
+            ..
+        } = &self.backend
+        {
+            let known = ["redis://", "rediss://", "sqlite:"];
+            if !known.iter().any(|k| spec.starts_with(k)) {
+                return Err(format!(
+                    "backend.checkpoint_store: must start with redis://, rediss:// or sqlite: (got '{}')",
+                    crate::queue::amqp::redact(spec)
+                ));
+            }
+        }
         let w = &self.worker;
         if w.concurrency == 0 {
             return Err("worker.concurrency: must be at least 1".into());
@@ -516,5 +542,26 @@ mod tests {
         );
         assert!(err("[backend]\nkind = \"amqp\"\nqueue_type = \"stream\"\n").contains("stream"));
         assert!(err("[backend]\nkind = \"amqp\"\nprefetch_count = 3\n").contains("unknown field"));
+        assert!(err(
+            "[backend]\nkind = \"amqp\"\ncheckpoint_store = \"postgres://u:secret@h/db\"\n"
+        )
+        .contains("must start with redis://, rediss:// or sqlite:"));
+    }
+
+    #[test]
+    fn a_sqlite_checkpoint_store_is_relative_to_the_config_file() {
+        let mut cfg =
+            parse("[backend]\nkind = \"amqp\"\ncheckpoint_store = \"sqlite:state/runs.db\"\n")
+                .unwrap();
+        cfg.resolve_paths(Path::new("/etc/lar-worker"));
+        match cfg.backend {
+            BackendSection::Amqp {
+                checkpoint_store, ..
+            } => assert_eq!(
+                checkpoint_store.as_deref(),
+                Some("sqlite:/etc/lar-worker/state/runs.db")
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -21,6 +21,8 @@ enum Kind {
     Amqp,
     /// RabbitMQ alone: no checkpoints, no pause.
     AmqpWithoutStore,
+    /// RabbitMQ, checkpoints in a SQLite file.
+    AmqpSqlite,
 }
 
 const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -64,6 +66,9 @@ impl Env {
                 "[backend]\nkind = \"amqp\"\nurl = \"{AMQP_URL}\"\ncheckpoint_store = \"redis://127.0.0.1:6379/0\"\n"
             ),
             Kind::AmqpWithoutStore => &format!("[backend]\nkind = \"amqp\"\nurl = \"{AMQP_URL}\"\n"),
+            Kind::AmqpSqlite => &format!(
+                "[backend]\nkind = \"amqp\"\nurl = \"{AMQP_URL}\"\ncheckpoint_store = \"sqlite:runs.db\"\n"
+            ),
         };
         let config = dir.path().join("workers.toml");
         std::fs::write(
@@ -199,8 +204,14 @@ impl Env {
         self.dir.path().join("audit")
     }
 
+    /// The SQLite file holding runs: the embedded queue's, or the AMQP checkpoint store.
     fn db(&self) -> rusqlite::Connection {
-        rusqlite::Connection::open(self.dir.path().join("queue.db")).unwrap()
+        let file = if self.kind == Kind::AmqpSqlite {
+            "runs.db"
+        } else {
+            "queue.db"
+        };
+        rusqlite::Connection::open(self.dir.path().join(file)).unwrap()
     }
 
     /// Changes `from` to `to` inside the stored checkpoint of `job`.
@@ -210,7 +221,7 @@ impl Env {
                 .redis
                 .hget(format!("{}:run:{job}", self.queue), "ckpt")
                 .unwrap(),
-            Kind::Embedded => {
+            Kind::Embedded | Kind::AmqpSqlite => {
                 let b: Vec<u8> = self
                     .db()
                     .query_row(
@@ -231,7 +242,7 @@ impl Env {
                     .hset(format!("{}:run:{job}", self.queue), "ckpt", changed)
                     .unwrap();
             }
-            Kind::Embedded => {
+            Kind::Embedded | Kind::AmqpSqlite => {
                 self.db()
                     .execute(
                         "UPDATE runs SET checkpoint = ?1 WHERE job_id = ?2",
@@ -248,7 +259,7 @@ impl Env {
                 let keys: Vec<String> = self.redis.keys(format!("{}:run:*", self.queue)).unwrap();
                 keys.len()
             }
-            Kind::Embedded => self
+            Kind::Embedded | Kind::AmqpSqlite => self
                 .db()
                 .query_row("SELECT COUNT(*) FROM runs", [], |r| r.get::<_, i64>(0))
                 .unwrap() as usize,
@@ -261,7 +272,10 @@ impl Drop for Env {
         if self.kind == Kind::Embedded {
             return;
         }
-        if matches!(self.kind, Kind::Amqp | Kind::AmqpWithoutStore) {
+        if matches!(
+            self.kind,
+            Kind::Amqp | Kind::AmqpWithoutStore | Kind::AmqpSqlite
+        ) {
             for names in [self.names.clone(), self.decisions()] {
                 let _ = self
                     .rt
@@ -736,6 +750,34 @@ fn a_halt_without_pause_is_a_final_result(kind: Kind) {
         !out.contains("loan-final"),
         "nothing waits for a human: {out}"
     );
+}
+
+/// The same scenarios with the checkpoint store in a SQLite file (the replicas of one host).
+mod amqp_sqlite_store {
+    #[test]
+    fn halt_stop_every_worker_decide_resume_elsewhere() {
+        super::halt_stop_every_worker_decide_resume_elsewhere(super::Kind::AmqpSqlite)
+    }
+    #[test]
+    fn tampered_checkpoint_is_refused() {
+        super::tampered_checkpoint_is_refused(super::Kind::AmqpSqlite)
+    }
+    #[test]
+    fn decisions_arrive_as_messages() {
+        super::decisions_arrive_as_messages(super::Kind::AmqpSqlite)
+    }
+    #[test]
+    fn kill_9_mid_run_resumes_without_replaying_completed_steps() {
+        super::kill_9_mid_run_resumes_without_replaying_completed_steps(super::Kind::AmqpSqlite)
+    }
+    #[test]
+    fn sigterm_hands_a_long_run_back_at_a_step_boundary() {
+        super::sigterm_hands_a_long_run_back_at_a_step_boundary(super::Kind::AmqpSqlite)
+    }
+    #[test]
+    fn a_finished_run_leaves_no_checkpoint() {
+        super::a_finished_run_leaves_no_checkpoint(super::Kind::AmqpSqlite)
+    }
 }
 
 /// Every scenario but the frozen worker (AMQP has no lease to expire: a frozen consumer keeps

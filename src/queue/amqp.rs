@@ -55,8 +55,9 @@
 //!   early, but may come back late.
 //! * On quorum queues every return counts toward `delivery_limit`, a shutdown's `Release` and
 //!   a crash included.
-//! * Checkpoints only with `checkpoint_store` (a Redis URL): each run's checkpoint and journal
-//!   live there (`Q:run:<job>`), and every delivery bumps the job's epoch there (`Q:epochs`),
+//! * Checkpoints only with `checkpoint_store` (a Redis URL, or a SQLite file for the replicas
+//!   of one host; `run_store`): each run's checkpoint and journal live there, and every
+//!   delivery bumps the job's epoch there,
 //!   so a redelivered job resumes after its last finished step and a worker cut off from the
 //!   broker cannot write over the newer attempt. A finished run is forgotten after its ack (a
 //!   crash in between leaves an orphan hash, never a lost job); a retried one before the retry
@@ -65,7 +66,7 @@
 //! * The human pause needs `checkpoint_store` too (without one a `human_jury` halt is a final
 //!   result). A pause stores the pending record there (fenced on the epoch), publishes the
 //!   `awaiting_decision` result with a confirm, then acks: no delivery waits on a human. A
-//!   decision moves the record to `Q:deciding` in the store, publishes the job's message
+//!   decision moves the record to `deciding` in the store, publishes the job's message
 //!   again with the decision in the `x-lar-decision` header (and the original `reply_to` and
 //!   `correlation_id`), and drops the entry after the confirm; `recover` publishes entries a
 //!   crash left behind again. Anyone allowed to publish to the work queue can attach a
@@ -77,7 +78,7 @@
 //! channel are dropped (the broker redelivers them), and claims already handed out finish as
 //! `Lost`.
 
-use super::redis_runs::{Deciding, Paused, RunStore};
+use super::run_store::{Deciding, Paused, RunStore};
 use super::*;
 use crate::backoff::Backoff;
 use crate::config::AmqpQueueType;
@@ -410,7 +411,7 @@ struct Shared {
     epoch: AtomicU64,
     dedupe: Option<::redis::aio::ConnectionManager>,
     /// Checkpoints and journals, with each job's epoch, when a store is configured.
-    runs: Option<RunStore>,
+    runs: Option<Box<dyn RunStore>>,
     memo: StdMutex<Memo>,
     closing: AtomicBool,
     /// Reports of a failed connection (its generation) to the supervisor.
@@ -433,7 +434,7 @@ impl AmqpBackend {
             None => None,
         };
         let runs = match &opts.checkpoint_store {
-            Some(url) => Some(RunStore::new(super::redis::connection(url).await?)),
+            Some(spec) => Some(super::run_store::open(spec).await?),
             None => None,
         };
         let (broken, reports) = mpsc::unbounded_channel();
@@ -1343,7 +1344,7 @@ impl Shared {
     async fn publish_decision(
         &self,
         q: &QueueNames,
-        runs: &RunStore,
+        runs: &dyn RunStore,
         job_id: &str,
         entry: &Deciding,
     ) -> Result<(), QueueError> {
@@ -1701,7 +1702,8 @@ impl Backend for AmqpBackend {
         let mut moved = 0;
         for (job_id, entry) in runs.stale_decisions(q, DECISION_REDELIVER_AFTER).await? {
             info!(%job_id, "publishing a decision again: its resume message was never confirmed");
-            s.publish_decision(q, runs, &job_id, &entry).await?;
+            s.publish_decision(q, runs.as_ref(), &job_id, &entry)
+                .await?;
             moved += 1;
         }
         Ok(moved)
@@ -1745,7 +1747,7 @@ impl Backend for AmqpBackend {
         };
         // The decision is taken and kept in the store; if the broker does not confirm the
         // resume message now, `recover` publishes it again.
-        if let Err(e) = s.publish_decision(q, runs, job_id, &entry).await {
+        if let Err(e) = s.publish_decision(q, runs.as_ref(), job_id, &entry).await {
             warn!(%job_id, error = %e, "decision recorded; its resume message will be published again by a worker");
         }
         Ok(true)

@@ -19,6 +19,8 @@ pub mod embedded;
 pub mod redis;
 mod redis_batch;
 mod redis_runs;
+pub mod run_store;
+mod sqlite_runs;
 pub mod wrapper;
 
 use async_trait::async_trait;

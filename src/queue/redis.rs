@@ -14,7 +14,8 @@
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
 use super::redis_batch::BatchedScript;
-use super::redis_runs::{epochs_key, run_key, RunStore};
+use super::redis_runs::{epochs_key, run_key, RedisRunStore};
+use super::run_store::RunStore;
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -191,7 +192,7 @@ pub struct RedisBackend {
     envelope_queues: Arc<std::collections::HashSet<String>>,
     scripts: Scripts,
     /// Checkpoints and journals (`Q:run:<job>`), fenced on `Q:epochs`.
-    runs: RunStore,
+    runs: RedisRunStore,
 }
 
 struct Scripts {
@@ -264,7 +265,7 @@ impl RedisBackend {
         let blocking = connection(url).await?;
         Ok(RedisBackend {
             worker_id,
-            runs: RunStore::new(conn.clone()),
+            runs: RedisRunStore::new(conn.clone()),
             conn: conn.clone(),
             blocking: Mutex::new(blocking),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),

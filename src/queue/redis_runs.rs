@@ -8,13 +8,15 @@
 //! (a delivery must not stay unacked while a human thinks): `Q:pending` (job → pending record)
 //! and `Q:deciding` (job → a decision taken whose resume message is not yet confirmed by the
 //! broker). A decision moves the job from `pending` to `deciding` atomically, so it is always
-//! in exactly one of them until the broker holds its resume message; [`RunStore::stale_decisions`]
+//! in exactly one of them until the broker holds its resume message; `stale_decisions`
 //! hands back entries a crash left in `deciding`, to publish again.
 
 use super::redis_batch::BatchedScript;
+use super::run_store::{Deciding, Paused, RunStore};
 use super::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
 use ::redis::aio::ConnectionManager;
 use ::redis::{AsyncCommands, Script};
+use async_trait::async_trait;
 
 /// The field the checkpoint is stored under in the run hash.
 const CHECKPOINT_FIELD: &str = "ckpt";
@@ -89,17 +91,6 @@ end
 return out
 "#;
 
-/// A decision taken for a paused job, kept until the broker holds the message that resumes it.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub(super) struct Deciding {
-    /// The decision, as JSON.
-    pub decision: String,
-    /// The pending record it answers, as JSON (its `payload` is the job's message).
-    pub pending: String,
-    /// The job delivery's properties to carry onto the resume message (`reply_to`, …), as JSON.
-    pub props: String,
-}
-
 /// A run's hash.
 pub(super) fn run_key(q: &QueueNames, job_id: &str) -> String {
     format!("{}:run:{job_id}", q.jobs)
@@ -120,17 +111,7 @@ fn deciding_key(q: &QueueNames) -> String {
     format!("{}:deciding", q.jobs)
 }
 
-/// What a pause in the store came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Paused {
-    Stored,
-    /// A newer delivery holds the job.
-    Fenced,
-    /// A decision for the job is already on its way.
-    AlreadyDecided,
-}
-
-pub(super) struct RunStore {
+pub(super) struct RedisRunStore {
     conn: ConnectionManager,
     save_step: BatchedScript,
     end_run: Script,
@@ -139,10 +120,10 @@ pub(super) struct RunStore {
     stale_decisions: Script,
 }
 
-impl RunStore {
+impl RedisRunStore {
     /// Must be called inside the tokio runtime (the step writer is a task).
     pub fn new(conn: ConnectionManager) -> Self {
-        RunStore {
+        RedisRunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
             end_run: Script::new(END_RUN),
             pause: Script::new(PAUSE),
@@ -151,14 +132,16 @@ impl RunStore {
             conn,
         }
     }
+}
 
-    /// A new epoch for a job just delivered: fences off every earlier holder.
-    pub async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
+#[async_trait]
+impl RunStore for RedisRunStore {
+    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         Ok(conn.hincr(epochs_key(q), job_id, 1u64).await?)
     }
 
-    pub async fn save_step(
+    async fn save_step(
         &self,
         q: &QueueNames,
         claim: &Claim,
@@ -187,7 +170,7 @@ impl RunStore {
         }
     }
 
-    pub async fn load_run(
+    async fn load_run(
         &self,
         q: &QueueNames,
         job_id: &str,
@@ -223,7 +206,7 @@ impl RunStore {
 
     /// Forgets a run that ended (published, retried from scratch, dead-lettered), while
     /// `claim` still holds it. The redis backend does this inside its finish script instead.
-    pub async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
+    async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
         let mut inv = self.end_run.prepare_invoke();
         inv.key(epochs_key(q))
             .key(run_key(q, &claim.job_id))
@@ -234,9 +217,7 @@ impl RunStore {
         Ok(done == 1)
     }
 
-    /// Stores a paused run's pending record (and the delivery properties its resume message
-    /// carries), while `claim` still holds the job.
-    pub async fn pause(
+    async fn pause(
         &self,
         q: &QueueNames,
         claim: &Claim,
@@ -261,12 +242,12 @@ impl RunStore {
         })
     }
 
-    pub async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
         let mut conn = self.conn.clone();
         Ok(conn.hvals(pending_key(q)).await?)
     }
 
-    pub async fn get_pending(
+    async fn get_pending(
         &self,
         q: &QueueNames,
         job_id: &str,
@@ -275,8 +256,7 @@ impl RunStore {
         Ok(conn.hget(pending_key(q), job_id).await?)
     }
 
-    /// Moves a pending job to `deciding` with `decision`; `None` when it is not pending.
-    pub async fn decide(
+    async fn decide(
         &self,
         q: &QueueNames,
         job_id: &str,
@@ -294,16 +274,13 @@ impl RunStore {
         entry.map(|e| parse_deciding(job_id, &e)).transpose()
     }
 
-    /// The broker holds the job's resume message: the decision is delivered.
-    pub async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError> {
+    async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let _: i64 = conn.hdel(deciding_key(q), job_id).await?;
         Ok(())
     }
 
-    /// Decisions older than `stale_after` whose resume message may never have reached the
-    /// broker (a crash between the store and the publish), to publish again.
-    pub async fn stale_decisions(
+    async fn stale_decisions(
         &self,
         q: &QueueNames,
         stale_after: std::time::Duration,

@@ -1,0 +1,109 @@
+//! Where a backend without a place of its own for durable runs (amqp) keeps them: each run's
+//! checkpoint and step journal fenced on the job's epoch, and the human pause (pending records,
+//! decisions on their way). Two stores: a Redis (any number of hosts) and a SQLite file (the
+//! replicas of one host).
+
+use super::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
+use async_trait::async_trait;
+use std::time::Duration;
+
+/// What a pause in the store came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paused {
+    Stored,
+    /// A newer delivery holds the job.
+    Fenced,
+    /// A decision for the job is already on its way.
+    AlreadyDecided,
+}
+
+/// A decision taken for a paused job, kept until the broker holds the message that resumes it.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct Deciding {
+    /// The decision, as JSON.
+    pub decision: String,
+    /// The pending record it answers, as JSON (its `payload` is the job's message).
+    pub pending: String,
+    /// The job delivery's properties to carry onto the resume message (`reply_to`, …), as JSON.
+    pub props: String,
+}
+
+/// The contract of a run store. Every write is fenced on the claim's epoch; `pending` and
+/// `deciding` hold a paused job in exactly one of them until its resume message is out.
+#[async_trait]
+pub trait RunStore: Send + Sync {
+    /// A new epoch for a job just delivered: fences off every earlier holder.
+    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError>;
+
+    /// As [`super::Backend::save_step`]: idempotent per index, a gap refused.
+    async fn save_step(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        step: StepWrite<'_>,
+    ) -> Result<Fenced, QueueError>;
+
+    async fn load_run(&self, q: &QueueNames, job_id: &str)
+        -> Result<Option<StoredRun>, QueueError>;
+
+    /// Forgets a run that ended, while `claim` still holds it; `false` when it does not.
+    async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
+
+    /// Stores a paused run's pending record and the delivery properties its resume message
+    /// carries, while `claim` still holds the job.
+    async fn pause(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        pending: &[u8],
+        props: &str,
+    ) -> Result<Paused, QueueError>;
+
+    /// Pending records, oldest first.
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError>;
+
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError>;
+
+    /// Moves a pending job to `deciding` with `decision` (JSON), atomically; `None` when it
+    /// is not pending.
+    async fn decide(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        decision: &str,
+    ) -> Result<Option<Deciding>, QueueError>;
+
+    /// The broker holds the job's resume message: the decision is delivered.
+    async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError>;
+
+    /// Decisions older than `stale_after` whose resume message may never have reached the
+    /// broker (a crash between the store and the publish), stamped anew, to publish again.
+    /// Entries whose decision step is journaled (or whose run is gone) are dropped.
+    async fn stale_decisions(
+        &self,
+        q: &QueueNames,
+        stale_after: Duration,
+    ) -> Result<Vec<(String, Deciding)>, QueueError>;
+}
+
+/// Opens the store a `checkpoint_store` setting names: `redis://…` / `rediss://…`, or
+/// `sqlite:<path>` (a file shared by the replicas of one host).
+pub async fn open(spec: &str) -> Result<Box<dyn RunStore>, QueueError> {
+    if spec.starts_with("redis://") || spec.starts_with("rediss://") {
+        let conn = super::redis::connection(spec).await?;
+        return Ok(Box::new(super::redis_runs::RedisRunStore::new(conn)));
+    }
+    if let Some(path) = spec.strip_prefix("sqlite:") {
+        return Ok(Box::new(super::sqlite_runs::SqliteRunStore::open(
+            std::path::Path::new(path),
+        )?));
+    }
+    Err(QueueError::Other(format!(
+        "checkpoint_store must be a redis:// URL or sqlite:<path>, not '{}'",
+        super::amqp::redact(spec)
+    )))
+}

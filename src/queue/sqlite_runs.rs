@@ -1,0 +1,405 @@
+//! Durable runs in a SQLite file (WAL), for the amqp backend on one host: the same contract
+//! as the Redis store (`redis_runs`), each operation one transaction. Every replica of the
+//! host opens the same file; replicas on other hosts need the Redis store.
+
+use super::run_store::{Deciding, Paused, RunStore};
+use super::{now_ms, Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS epochs (
+    queue  TEXT    NOT NULL,
+    job_id TEXT    NOT NULL,
+    epoch  INTEGER NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    queue      TEXT NOT NULL,
+    job_id     TEXT NOT NULL,
+    checkpoint BLOB NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
+CREATE TABLE IF NOT EXISTS run_steps (
+    queue  TEXT    NOT NULL,
+    job_id TEXT    NOT NULL,
+    idx    INTEGER NOT NULL,
+    record BLOB    NOT NULL,
+    PRIMARY KEY (queue, job_id, idx)
+);
+CREATE TABLE IF NOT EXISTS pending (
+    queue      TEXT    NOT NULL,
+    job_id     TEXT    NOT NULL,
+    record     BLOB    NOT NULL,
+    props      TEXT    NOT NULL,
+    created_at INTEGER NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
+CREATE TABLE IF NOT EXISTS deciding (
+    queue    TEXT    NOT NULL,
+    job_id   TEXT    NOT NULL,
+    decision TEXT    NOT NULL,
+    pending  TEXT    NOT NULL,
+    props    TEXT    NOT NULL,
+    at       INTEGER NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
+";
+
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(super) struct SqliteRunStore {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl SqliteRunStore {
+    /// Opens (creating when missing) the store file and its tables.
+    pub fn open(path: &Path) -> Result<Self, QueueError> {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                QueueError::Other(format!(
+                    "cannot create the directory {}: {e}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        let mode: String =
+            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(QueueError::Other(format!(
+                "{}: SQLite refused WAL mode (journal_mode is '{mode}')",
+                path.display()
+            )));
+        }
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(SqliteRunStore {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with_conn<T, F>(&self, f: F) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, QueueError> + Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock().map_err(|_| {
+                QueueError::Other("checkpoint store: the connection lock is poisoned".into())
+            })?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| {
+            QueueError::Other(format!("checkpoint store: the blocking task failed: {e}"))
+        })?
+    }
+}
+
+/// Whether `epoch` is the job's current one.
+fn holds(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+    epoch: u64,
+) -> Result<bool, QueueError> {
+    let current: Option<i64> = tx
+        .prepare_cached("SELECT epoch FROM epochs WHERE queue = ?1 AND job_id = ?2")?
+        .query_row(params![queue, job_id], |r| r.get(0))
+        .optional()?;
+    Ok(current.is_some_and(|c| i64::try_from(epoch) == Ok(c)))
+}
+
+fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
+    for table in ["runs", "run_steps", "epochs"] {
+        tx.prepare_cached(&format!(
+            "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
+        ))?
+        .execute(params![queue, job_id])?;
+    }
+    Ok(())
+}
+
+fn to_deciding(decision: String, pending: Vec<u8>, props: String) -> Deciding {
+    Deciding {
+        decision,
+        pending: String::from_utf8_lossy(&pending).into_owned(),
+        props,
+    }
+}
+
+#[async_trait]
+impl RunStore for SqliteRunStore {
+    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn| {
+            let epoch: i64 = conn
+                .prepare_cached(
+                    "INSERT INTO epochs (queue, job_id, epoch) VALUES (?1, ?2, 1)
+                     ON CONFLICT (queue, job_id) DO UPDATE SET epoch = epoch + 1
+                     RETURNING epoch",
+                )?
+                .query_row(params![queue, job_id], |r| r.get(0))?;
+            Ok(u64::try_from(epoch).unwrap_or(0))
+        })
+        .await
+    }
+
+    async fn save_step(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        step: StepWrite<'_>,
+    ) -> Result<Fenced, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        let (index, record, checkpoint) =
+            (step.index, step.record.to_vec(), step.checkpoint.to_vec());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !holds(&tx, &queue, &job_id, epoch)? {
+                return Ok(Fenced::Lost);
+            }
+            let held: i64 = tx
+                .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |r| r.get(0))?;
+            let index = i64::try_from(index).unwrap_or(i64::MAX);
+            if held == index {
+                tx.prepare_cached(
+                    "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![queue, job_id, index, record])?;
+            } else if held != index.saturating_add(1) {
+                return Err(QueueError::Other(format!(
+                    "the journal of job {job_id} holds {held} steps, this step is number {index}"
+                )));
+            }
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![queue, job_id, checkpoint])?;
+            tx.commit()?;
+            Ok(Fenced::Done)
+        })
+        .await
+    }
+
+    async fn load_run(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<StoredRun>, QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            let checkpoint: Option<Vec<u8>> = tx
+                .prepare_cached("SELECT checkpoint FROM runs WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |r| r.get(0))
+                .optional()?;
+            let Some(checkpoint) = checkpoint else {
+                return Ok(None);
+            };
+            let journal = tx
+                .prepare_cached(
+                    "SELECT record FROM run_steps WHERE queue = ?1 AND job_id = ?2 ORDER BY idx",
+                )?
+                .query_map(params![queue, job_id], |r| r.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(Some(StoredRun {
+                checkpoint,
+                journal,
+            }))
+        })
+        .await
+    }
+
+    async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !holds(&tx, &queue, &job_id, epoch)? {
+                return Ok(false);
+            }
+            delete_run(&tx, &queue, &job_id)?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn pause(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        pending: &[u8],
+        props: &str,
+    ) -> Result<Paused, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        let (pending, props) = (pending.to_vec(), props.to_string());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !holds(&tx, &queue, &job_id, epoch)? {
+                return Ok(Paused::Fenced);
+            }
+            let deciding: Option<i64> = tx
+                .prepare_cached("SELECT 1 FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |r| r.get(0))
+                .optional()?;
+            if deciding.is_some() {
+                return Ok(Paused::AlreadyDecided);
+            }
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO pending (queue, job_id, record, props, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![queue, job_id, pending, props, now_ms()])?;
+            tx.commit()?;
+            Ok(Paused::Stored)
+        })
+        .await
+    }
+
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        let queue = q.jobs.clone();
+        self.with_conn(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT record FROM pending WHERE queue = ?1 ORDER BY created_at")?
+                .query_map(params![queue], |r| r.get::<_, Vec<u8>>(0))?
+                .collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT record FROM pending WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |r| r.get(0))
+                .optional()?)
+        })
+        .await
+    }
+
+    async fn decide(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        decision: &str,
+    ) -> Result<Option<Deciding>, QueueError> {
+        let (queue, job_id, decision) = (q.jobs.clone(), job_id.to_string(), decision.to_string());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let row: Option<(Vec<u8>, String)> = tx
+                .prepare_cached(
+                    "SELECT record, props FROM pending WHERE queue = ?1 AND job_id = ?2",
+                )?
+                .query_row(params![queue, job_id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            let Some((pending, props)) = row else {
+                return Ok(None);
+            };
+            tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
+                .execute(params![queue, job_id])?;
+            let entry = to_deciding(decision, pending, props);
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO deciding (queue, job_id, decision, pending, props, at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                queue,
+                job_id,
+                entry.decision,
+                entry.pending,
+                entry.props,
+                now_ms()
+            ])?;
+            tx.commit()?;
+            Ok(Some(entry))
+        })
+        .await
+    }
+
+    async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn| {
+            conn.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                .execute(params![queue, job_id])?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn stale_decisions(
+        &self,
+        q: &QueueNames,
+        stale_after: Duration,
+    ) -> Result<Vec<(String, Deciding)>, QueueError> {
+        let queue = q.jobs.clone();
+        let before = now_ms().saturating_sub(i64::try_from(stale_after.as_millis()).unwrap_or(0));
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let rows: Vec<(String, String, String, String)> = tx
+                .prepare_cached(
+                    "SELECT job_id, decision, pending, props FROM deciding
+                     WHERE queue = ?1 AND at < ?2",
+                )?
+                .query_map(params![queue, before], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                })?
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut out = Vec::new();
+            for (job_id, decision, pending, props) in rows {
+                // The decision step's index is the step count at the pause.
+                let step = serde_json::from_str::<serde_json::Value>(&pending)
+                    .ok()
+                    .and_then(|p| p.get("step").and_then(serde_json::Value::as_i64));
+                let run_exists: bool = tx
+                    .prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?
+                    .query_row(params![queue, job_id], |_| Ok(true))
+                    .optional()?
+                    .unwrap_or(false);
+                let applied: bool = match step {
+                    Some(idx) => tx
+                        .prepare_cached(
+                            "SELECT 1 FROM run_steps WHERE queue = ?1 AND job_id = ?2 AND idx = ?3",
+                        )?
+                        .query_row(params![queue, job_id, idx], |_| Ok(true))
+                        .optional()?
+                        .unwrap_or(false),
+                    None => false,
+                };
+                if !run_exists || applied {
+                    tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                        .execute(params![queue, job_id])?;
+                } else {
+                    tx.prepare_cached(
+                        "UPDATE deciding SET at = ?3 WHERE queue = ?1 AND job_id = ?2",
+                    )?
+                    .execute(params![queue, job_id, now_ms()])?;
+                    out.push((
+                        job_id,
+                        Deciding {
+                            decision,
+                            pending,
+                            props,
+                        },
+                    ));
+                }
+            }
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+}

@@ -1,0 +1,196 @@
+//! The run-store contract (`lar_worker::queue::run_store`), written once and run against both
+//! stores the amqp backend can use: the real Redis on 127.0.0.1:6379 and a SQLite file. Epoch
+//! fencing, idempotent step saves, the pause, the pending → deciding move, and the sweep of
+//! decisions a crash kept from the broker.
+
+use lar_worker::queue::run_store::{open, Paused, RunStore};
+use lar_worker::queue::{Claim, ClaimHandle, Fenced, QueueNames, StepWrite};
+use std::time::Duration;
+
+fn names() -> QueueNames {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    QueueNames {
+        jobs: format!("test:runstore:{id}"),
+        results: format!("test:runstore:{id}:results"),
+    }
+}
+
+fn claim(job_id: &str, epoch: u64) -> Claim {
+    Claim {
+        job_id: job_id.to_string(),
+        payload: br#"{"x":1}"#.to_vec(),
+        attempt: 1,
+        epoch,
+        history: Vec::new(),
+        decision: None,
+        handle: ClaimHandle::Amqp {
+            delivery_tag: 1,
+            channel: 1,
+        },
+    }
+}
+
+fn step<'a>(index: u64, record: &'a [u8], checkpoint: &'a [u8]) -> StepWrite<'a> {
+    StepWrite {
+        index,
+        record,
+        checkpoint,
+    }
+}
+
+/// A pending record as the worker writes it: what `stale_decisions` reads is `step`.
+fn pending(job: &str, step: u64) -> Vec<u8> {
+    serde_json::json!({"job_id": job, "step": step, "payload": "{\"x\":1}"})
+        .to_string()
+        .into_bytes()
+}
+
+async fn contract(store: &dyn RunStore) {
+    let q = names();
+    let job = "job-1";
+
+    // Epochs grow per delivery; only the newest may write.
+    let e1 = store.next_epoch(&q, job).await.unwrap();
+    let e2 = store.next_epoch(&q, job).await.unwrap();
+    assert_eq!(e2, e1 + 1);
+    let (old, cur) = (claim(job, e1), claim(job, e2));
+    assert_eq!(
+        store
+            .save_step(&q, &old, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Lost,
+        "an older epoch is fenced off"
+    );
+    assert!(store.load_run(&q, job).await.unwrap().is_none());
+
+    // Saves are idempotent per index; a gap is refused.
+    for (i, (r, c)) in [("r0", "c0"), ("r0", "c0'"), ("r1", "c1")]
+        .iter()
+        .enumerate()
+    {
+        let index = if i < 2 { 0 } else { 1 };
+        assert_eq!(
+            store
+                .save_step(&q, &cur, step(index, r.as_bytes(), c.as_bytes()))
+                .await
+                .unwrap(),
+            Fenced::Done
+        );
+    }
+    assert!(store
+        .save_step(&q, &cur, step(5, b"r5", b"c5"))
+        .await
+        .is_err());
+    let run = store.load_run(&q, job).await.unwrap().unwrap();
+    assert_eq!(run.journal, vec![b"r0".to_vec(), b"r1".to_vec()]);
+    assert_eq!(run.checkpoint, b"c1");
+
+    // The pause is fenced too.
+    assert_eq!(
+        store.pause(&q, &old, &pending(job, 2), "{}").await.unwrap(),
+        Paused::Fenced
+    );
+    let props = r#"{"reply_to":"caller","correlation_id":"c-9"}"#;
+    assert_eq!(
+        store
+            .pause(&q, &cur, &pending(job, 2), props)
+            .await
+            .unwrap(),
+        Paused::Stored
+    );
+    assert_eq!(store.list_pending(&q).await.unwrap().len(), 1);
+    assert!(store.get_pending(&q, job).await.unwrap().is_some());
+
+    // A decision moves the job from pending to deciding, once.
+    let d = r#"{"choice":"approve","rationale":"ok","decided_by":"a@b"}"#;
+    let entry = store.decide(&q, job, d).await.unwrap().expect("pending");
+    assert_eq!(entry.decision, d);
+    assert_eq!(entry.pending.as_bytes(), pending(job, 2).as_slice());
+    let carried: serde_json::Value = serde_json::from_str(&entry.props).unwrap();
+    assert_eq!(carried["reply_to"], "caller");
+    assert!(store.decide(&q, job, d).await.unwrap().is_none());
+    assert!(store.get_pending(&q, job).await.unwrap().is_none());
+    assert!(store.decide(&q, "no-such-job", d).await.unwrap().is_none());
+
+    // A copy of the job that halts again while the decision is on its way pauses nothing.
+    let e3 = store.next_epoch(&q, job).await.unwrap();
+    let copy = claim(job, e3);
+    assert_eq!(
+        store
+            .pause(&q, &copy, &pending(job, 2), "{}")
+            .await
+            .unwrap(),
+        Paused::AlreadyDecided
+    );
+    assert!(store.list_pending(&q).await.unwrap().is_empty());
+
+    // Not stale yet; then stale and not applied: handed back (and stamped anew).
+    assert!(store
+        .stale_decisions(&q, Duration::from_secs(60))
+        .await
+        .unwrap()
+        .is_empty());
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stale = store
+        .stale_decisions(&q, Duration::from_millis(5))
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 1);
+    assert_eq!(stale[0].0, job);
+    assert_eq!(stale[0].1.decision, d);
+    assert!(
+        store
+            .stale_decisions(&q, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty(),
+        "stamped anew, so not handed out twice"
+    );
+
+    // Once the decision step (index 2) is journaled the entry is dropped.
+    assert_eq!(
+        store
+            .save_step(&q, &copy, step(2, b"r2", b"c2"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(store
+        .stale_decisions(&q, Duration::from_millis(5))
+        .await
+        .unwrap()
+        .is_empty());
+
+    // Ending a run is fenced; it forgets everything of the job.
+    assert!(!store.end_run(&q, &cur).await.unwrap());
+    assert!(store.end_run(&q, &copy).await.unwrap());
+    assert!(store.load_run(&q, job).await.unwrap().is_none());
+    assert!(store.decide(&q, job, d).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn redis_store_meets_the_contract() {
+    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
+    contract(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
+        .await
+        .unwrap();
+    contract(store.as_ref()).await;
+}
+
+#[tokio::test]
+async fn an_unknown_store_is_refused_without_its_password() {
+    let err = match open("postgres://user:hunter2@db/x").await {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("accepted"),
+    };
+    assert!(err.contains("redis:// URL or sqlite:<path>"), "{err}");
+    assert!(!err.contains("hunter2"), "{err}");
+}
