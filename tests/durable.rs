@@ -253,6 +253,42 @@ impl Env {
         }
     }
 
+    /// Changes `from` to `to` inside journal record `idx` of `job`.
+    fn tamper_journal(&mut self, job: &str, idx: u64, from: &str, to: &str) {
+        let key = format!("{}:run:{job}", self.queue);
+        let stored: String = match self.kind {
+            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
+                self.redis.hget(&key, idx.to_string()).unwrap()
+            }
+            Kind::Embedded | Kind::AmqpSqlite => {
+                let b: Vec<u8> = self
+                    .db()
+                    .query_row(
+                        "SELECT record FROM run_steps WHERE job_id = ?1 AND idx = ?2",
+                        rusqlite::params![job, idx as i64],
+                        |r| r.get(0),
+                    )
+                    .unwrap();
+                String::from_utf8(b).unwrap()
+            }
+        };
+        let changed = stored.replacen(from, to, 1);
+        assert_ne!(stored, changed);
+        match self.kind {
+            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
+                let _: () = self.redis.hset(&key, idx.to_string(), changed).unwrap();
+            }
+            Kind::Embedded | Kind::AmqpSqlite => {
+                self.db()
+                    .execute(
+                        "UPDATE run_steps SET record = ?1 WHERE job_id = ?2 AND idx = ?3",
+                        rusqlite::params![changed.into_bytes(), job, idx as i64],
+                    )
+                    .unwrap();
+            }
+        }
+    }
+
     fn checkpoints_left(&mut self) -> usize {
         match self.kind {
             Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
@@ -476,12 +512,31 @@ fn halt_stop_every_worker_decide_resume_elsewhere(kind: Kind) {
     assert_eq!(rec["risk_score_at_decision"], 0.82);
 }
 
+/// One byte of the signed checkpoint changed: refused, the job dead-lettered.
 fn tampered_checkpoint_is_refused(kind: Kind) {
+    tampered_run_is_refused(
+        kind,
+        |env, job| env.tamper_checkpoint(job, "\"attempt\":1", "\"attempt\":7"),
+        &["checkpoint refused", "signature mismatch"],
+    );
+}
+
+/// One byte of the state the run resumes from (the jury step's `state_after` in the journal)
+/// changed: the chain catches it, the job is dead-lettered.
+fn tampered_state_is_refused(kind: Kind) {
+    tampered_run_is_refused(
+        kind,
+        |env, job| env.tamper_journal(job, 1, "5000", "9000"),
+        &["journal refused", "chain broken at step 1"],
+    );
+}
+
+fn tampered_run_is_refused(kind: Kind, tamper: impl FnOnce(&mut Env, &str), expect: &[&str]) {
     let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
     env.push(r#"{"id":"loan-t","input":{"amount":5000}}"#);
     let w1 = env.worker();
     let job = pending_job_id(&mut env);
-    env.tamper_checkpoint(&job, "5000", "9000");
+    tamper(&mut env, &job);
     let (code, _, _) = env.cli(&["decide", &job, "--choice", "approve", "--by", "x"]);
     assert_eq!(code, 0);
     let start = Instant::now();
@@ -495,10 +550,7 @@ fn tampered_checkpoint_is_refused(kind: Kind) {
     stop(w1);
     assert_eq!(dead.len(), 1, "the job is dead-lettered, not resumed");
     let reason = dead[0]["reason"].as_str().unwrap_or("");
-    assert!(
-        reason.contains("checkpoint refused") && reason.contains("signature mismatch"),
-        "{reason}"
-    );
+    assert!(expect.iter().all(|e| reason.contains(e)), "{reason}");
     assert!(
         env.results_now().is_empty(),
         "nothing published from a tampered checkpoint"
@@ -763,6 +815,10 @@ mod amqp_sqlite_store {
         super::tampered_checkpoint_is_refused(super::Kind::AmqpSqlite)
     }
     #[test]
+    fn tampered_state_is_refused() {
+        super::tampered_state_is_refused(super::Kind::AmqpSqlite)
+    }
+    #[test]
     fn decisions_arrive_as_messages() {
         super::decisions_arrive_as_messages(super::Kind::AmqpSqlite)
     }
@@ -791,6 +847,10 @@ mod amqp_backend {
     #[test]
     fn tampered_checkpoint_is_refused() {
         super::tampered_checkpoint_is_refused(super::Kind::Amqp)
+    }
+    #[test]
+    fn tampered_state_is_refused() {
+        super::tampered_state_is_refused(super::Kind::Amqp)
     }
     #[test]
     fn decisions_arrive_as_messages() {
@@ -910,6 +970,7 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
 on_backends!(
     halt_stop_every_worker_decide_resume_elsewhere,
     tampered_checkpoint_is_refused,
+    tampered_state_is_refused,
     kill_9_mid_run_resumes_without_replaying_completed_steps,
     a_frozen_worker_past_its_lease_cannot_publish_or_rewind,
     sigterm_hands_a_long_run_back_at_a_step_boundary,

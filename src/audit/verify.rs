@@ -144,7 +144,7 @@ fn check_count(map: &Map<String, Value>, steps: usize) -> Option<String> {
 }
 
 /// Checks step numbering and, for chained logs, every link; names the first bad step.
-fn check_chain(steps: &[Value], run_id: &str, secret: &Secret) -> Option<String> {
+pub(crate) fn check_chain(steps: &[Value], run_id: &str, secret: &Secret) -> Option<String> {
     let chained = steps.iter().any(|s| s.get("chain").is_some());
     let mut prev = run_id.to_string();
     for (pos, s) in steps.iter().enumerate() {

@@ -45,7 +45,9 @@ pub struct CheckpointRef<'a> {
 }
 
 impl CheckpointRef<'_> {
-    /// The stored form, as [`Checkpoint::encode`].
+    /// The stored form: `{"signature":"<hex>","checkpoint":<body>}`, the signature an HMAC over
+    /// the body's exact bytes. Signing the bytes as stored (instead of a canonical re-encoding)
+    /// costs one serialization per step; any changed byte still fails verification.
     pub fn encode(&self, secret: Option<&Secret>) -> Vec<u8> {
         seal(serde_json::to_vec(self).unwrap_or_default(), secret)
     }
@@ -70,6 +72,8 @@ pub enum CheckpointError {
     JournalLength { journal: usize, expected: u64 },
     #[error("journal's last chain link does not match the checkpoint's chain head")]
     ChainMismatch,
+    #[error("the journal's last record has no state_after to resume from")]
+    NoState,
 }
 
 impl Checkpoint {
@@ -82,13 +86,6 @@ impl Checkpoint {
             graph_name: self.graph_name.clone(),
             graph_digest: self.graph_digest.clone(),
         }
-    }
-
-    /// The stored form: `{"signature":"<hex>","checkpoint":<body>}`, the signature an HMAC over
-    /// the body's exact bytes. Signing the bytes as stored (instead of a canonical re-encoding)
-    /// costs one serialization per step; any changed byte still fails verification.
-    pub fn encode(&self, secret: Option<&Secret>) -> Vec<u8> {
-        seal(serde_json::to_vec(self).unwrap_or_default(), secret)
     }
 
     /// Parses and verifies a stored checkpoint.
@@ -118,8 +115,24 @@ impl Checkpoint {
         serde_json::from_slice(body).map_err(|e| CheckpointError::Unreadable(e.to_string()))
     }
 
-    /// Checks the journal read back beside the checkpoint.
-    pub fn check_journal(
+    /// Checks the journal read back beside the checkpoint and takes the run's state from its
+    /// last record (`state_after`). The caller verifies the journal's chain first, so the state
+    /// is as authentic as the chain head this signed checkpoint names.
+    pub fn restore_from(
+        &mut self,
+        journal: &[serde_json::Map<String, Value>],
+    ) -> Result<(), CheckpointError> {
+        self.check_journal(journal)?;
+        match journal.last().and_then(|r| r.get("state_after")) {
+            Some(Value::Object(state)) => {
+                self.position.state = state.clone();
+                Ok(())
+            }
+            _ => Err(CheckpointError::NoState),
+        }
+    }
+
+    fn check_journal(
         &self,
         journal: &[serde_json::Map<String, Value>],
     ) -> Result<(), CheckpointError> {
@@ -135,10 +148,9 @@ impl Checkpoint {
             .and_then(Value::as_str);
         match last {
             Some(link) if link == self.chain_head => Ok(()),
-            None if journal.is_empty() || self.chain_head == self.run_id => Ok(()),
-            // Unsigned runs carry no chain: nothing to compare.
-            None => Ok(()),
-            Some(_) => Err(CheckpointError::ChainMismatch),
+            // Unsigned runs carry no chain: their head stays the run id.
+            None if self.chain_head == self.run_id => Ok(()),
+            _ => Err(CheckpointError::ChainMismatch),
         }
     }
 }
@@ -163,10 +175,9 @@ fn seal(body: Vec<u8>, secret: Option<&Secret>) -> Vec<u8> {
 mod tests {
     use super::*;
     use crate::exec::{RunPosition, RunStatus};
+    use serde_json::{json, Map};
 
     fn checkpoint() -> Checkpoint {
-        let mut state = serde_json::Map::new();
-        state.insert("amount".into(), Value::from(5000));
         Checkpoint {
             job_id: "job-1".into(),
             run_id: "run-1".into(),
@@ -182,39 +193,15 @@ mod tests {
                 job_id: "job-1".into(),
                 next: Some("n".into()),
                 step: 2,
-                state,
+                state: Map::new(),
                 status: RunStatus::Running,
             },
         }
     }
 
-    #[test]
-    fn signed_round_trip_and_tampering() {
-        let secret = Secret::new("s").unwrap();
-        let stored = checkpoint().encode(Some(&secret));
-        assert!(
-            serde_json::from_slice::<Value>(&stored).is_ok(),
-            "stored form is JSON"
-        );
-        assert_eq!(Checkpoint::decode(&stored, Some(&secret)), Ok(checkpoint()));
-        let text = String::from_utf8(stored.clone()).unwrap();
-        let tampered = text.replacen("5000", "9000", 1);
-        assert_eq!(
-            Checkpoint::decode(tampered.as_bytes(), Some(&secret)),
-            Err(CheckpointError::BadSignature)
-        );
-        let other = Secret::new("other").unwrap();
-        assert_eq!(
-            Checkpoint::decode(&stored, Some(&other)),
-            Err(CheckpointError::BadSignature)
-        );
-    }
-
-    #[test]
-    fn the_borrowed_form_decodes_to_the_owned_one() {
-        let c = checkpoint();
+    fn encode(c: &Checkpoint, status: &RunStatus, secret: Option<&Secret>) -> Vec<u8> {
         let p = &c.position;
-        let borrowed = CheckpointRef {
+        CheckpointRef {
             job_id: &c.job_id,
             run_id: &c.run_id,
             graph_name: &c.graph_name,
@@ -229,29 +216,89 @@ mod tests {
                 job_id: &p.job_id,
                 next: p.next.as_deref(),
                 step: p.step,
-                state: &p.state,
-                status: &p.status,
+                status,
             },
-        };
+        }
+        .encode(secret)
+    }
+
+    fn record(chain: &str, amount: i64) -> Map<String, Value> {
+        match json!({"step": 0, "chain": chain, "state_after": {"amount": amount}}) {
+            Value::Object(m) => m,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn signed_round_trip_and_tampering() {
         let secret = Secret::new("s").unwrap();
-        assert_eq!(borrowed.encode(Some(&secret)), c.encode(Some(&secret)));
-        let halted = RunStatus::Failed {
+        let stored = encode(&checkpoint(), &RunStatus::Running, Some(&secret));
+        assert!(
+            serde_json::from_slice::<Value>(&stored).is_ok(),
+            "stored form is JSON"
+        );
+        assert_eq!(Checkpoint::decode(&stored, Some(&secret)), Ok(checkpoint()));
+        let text = String::from_utf8(stored.clone()).unwrap();
+        let tampered = text.replacen("\"step\":2", "\"step\":1", 1);
+        assert_ne!(text, tampered);
+        assert_eq!(
+            Checkpoint::decode(tampered.as_bytes(), Some(&secret)),
+            Err(CheckpointError::BadSignature)
+        );
+        let other = Secret::new("other").unwrap();
+        assert_eq!(
+            Checkpoint::decode(&stored, Some(&other)),
+            Err(CheckpointError::BadSignature)
+        );
+    }
+
+    #[test]
+    fn the_state_is_not_stored_twice_and_comes_back_from_the_journal() {
+        let secret = Secret::new("s").unwrap();
+        let failed = RunStatus::Failed {
             reason: "boom".into(),
         };
-        let failed = CheckpointRef {
-            position: PositionRef {
-                status: &halted,
-                ..borrowed.position
-            },
-            ..borrowed
-        };
-        let back = Checkpoint::decode(&failed.encode(Some(&secret)), Some(&secret)).unwrap();
-        assert_eq!(back.position.status, halted);
+        let stored = encode(&checkpoint(), &failed, Some(&secret));
+        assert!(!String::from_utf8_lossy(&stored).contains("state"));
+        let mut back = Checkpoint::decode(&stored, Some(&secret)).unwrap();
+        assert_eq!(back.position.status, failed);
+        let journal = [record("a", 1), record("c", 5000)];
+        back.restore_from(&journal).unwrap();
+        assert_eq!(back.position.state["amount"], 5000);
+    }
+
+    #[test]
+    fn a_journal_that_does_not_match_is_refused() {
+        let mut c = checkpoint();
+        assert_eq!(
+            c.restore_from(&[record("a", 1)]),
+            Err(CheckpointError::JournalLength {
+                journal: 1,
+                expected: 2
+            })
+        );
+        assert_eq!(
+            c.restore_from(&[record("a", 1), record("x", 1)]),
+            Err(CheckpointError::ChainMismatch)
+        );
+        let mut unchained = record("c", 1);
+        unchained.shift_remove("chain");
+        assert_eq!(
+            c.restore_from(&[record("a", 1), unchained]),
+            Err(CheckpointError::ChainMismatch),
+            "a signed run's journal must carry its chain"
+        );
+        let mut stateless = record("c", 1);
+        stateless.shift_remove("state_after");
+        assert_eq!(
+            c.restore_from(&[record("a", 1), stateless]),
+            Err(CheckpointError::NoState)
+        );
     }
 
     #[test]
     fn unsigned_is_refused_when_a_secret_is_configured() {
-        let stored = checkpoint().encode(None);
+        let stored = encode(&checkpoint(), &RunStatus::Running, None);
         assert_eq!(Checkpoint::decode(&stored, None), Ok(checkpoint()));
         let secret = Secret::new("s").unwrap();
         assert_eq!(

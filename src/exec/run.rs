@@ -48,20 +48,22 @@ pub struct RunPosition {
     pub next: Option<String>,
     /// The index the next step record will have.
     pub step: u64,
+    /// Absent from checkpoints, which take it from the journal's last `state_after`.
+    #[serde(default)]
     pub state: Map<String, Value>,
     #[serde(flatten)]
     pub status: RunStatus,
 }
 
-/// [`RunPosition`] borrowed from a live run: what a checkpoint serializes after every step,
-/// without copying the state first. Serializes to the same JSON as `RunPosition`.
+/// [`RunPosition`] borrowed from a live run, without the state: what a checkpoint serializes
+/// after every step. The state is already in the step's record (`state_after`), which the
+/// chain covers, so storing it twice would double every step's write for nothing.
 #[derive(Debug, Serialize)]
 pub struct PositionRef<'a> {
     pub run_id: &'a str,
     pub job_id: &'a str,
     pub next: Option<&'a str>,
     pub step: u64,
-    pub state: &'a Map<String, Value>,
     #[serde(flatten)]
     pub status: &'a RunStatus,
 }
@@ -159,7 +161,6 @@ impl Run {
             job_id: &self.job_id,
             next: self.next.map(|i| self.graph.node(i).id.as_str()),
             step: self.step,
-            state: &self.state,
             status: &self.status,
         }
     }

@@ -327,7 +327,7 @@ impl Worker {
             let log = RunLog::new(log_header(&run, job.user_id.clone()));
             return Ok((run, log));
         };
-        let ckpt = Checkpoint::decode(&stored.checkpoint, self.audit.secret.as_ref())
+        let mut ckpt = Checkpoint::decode(&stored.checkpoint, self.audit.secret.as_ref())
             .map_err(|e| Start::Dead(format!("checkpoint refused: {e}")))?;
         if ckpt.graph_digest != job.graph.digest {
             return Err(Start::Dead(format!(
@@ -335,14 +335,28 @@ impl Worker {
                 ckpt.graph_digest, job.graph.digest
             )));
         }
-        let mut journal: Vec<Map<String, Value>> = Vec::with_capacity(stored.journal.len());
+        let mut records: Vec<Value> = Vec::with_capacity(stored.journal.len());
         for (i, rec) in stored.journal.iter().enumerate() {
             match serde_json::from_slice::<Value>(rec) {
-                Ok(Value::Object(m)) => journal.push(m),
+                Ok(v @ Value::Object(_)) => records.push(v),
                 _ => return Err(Start::Dead(format!("journal record {i} is unreadable"))),
             }
         }
-        ckpt.check_journal(&journal)
+        // The run's state comes from the journal's last record: every link must hold.
+        if let Some(secret) = self.audit.secret.as_ref() {
+            if let Some(reason) = crate::audit::verify::check_chain(&records, &ckpt.run_id, secret)
+            {
+                return Err(Start::Dead(format!("journal refused: {reason}")));
+            }
+        }
+        let journal: Vec<Map<String, Value>> = records
+            .into_iter()
+            .filter_map(|v| match v {
+                Value::Object(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        ckpt.restore_from(&journal)
             .map_err(|e| Start::Dead(format!("checkpoint refused: {e}")))?;
         let mut log = RunLog::new(ckpt.header());
         for rec in journal {
