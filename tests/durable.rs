@@ -873,6 +873,10 @@ mod amqp_backend {
         super::a_halt_without_pause_is_a_final_result(super::Kind::AmqpWithoutStore)
     }
     #[test]
+    fn an_rpc_caller_hears_the_pause_then_the_result() {
+        super::an_rpc_caller_hears_the_pause_then_the_result()
+    }
+    #[test]
     fn a_decision_the_broker_never_got_is_published_again() {
         super::a_decision_the_broker_never_got_is_published_again()
     }
@@ -880,6 +884,99 @@ mod amqp_backend {
     fn a_finished_run_leaves_no_checkpoint() {
         super::a_finished_run_leaves_no_checkpoint(super::Kind::Amqp)
     }
+}
+
+/// AMQP: a job sent with `reply_to` and `correlation_id` answers its caller twice, both times
+/// with the caller's `correlation_id`: `awaiting_decision` when it pauses (the delivery acked),
+/// then the final result after a human decides.
+fn an_rpc_caller_hears_the_pause_then_the_result() {
+    use futures::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicPublishOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let env = Env::new(Kind::Amqp, LOAN, "envelope", 5000, &[]);
+    let w = env.worker();
+    let replies = env.rt.block_on(async {
+        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let ch = conn.create_channel().await.unwrap();
+        let reply = ch
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                reply.name().as_str(),
+                "caller",
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..BasicConsumeOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        ch.basic_publish(
+            "",
+            &env.queue,
+            BasicPublishOptions::default(),
+            br#"{"id":"loan-rpc","input":{"amount":5000}}"#,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_reply_to(reply.name().clone())
+                .with_correlation_id("corr-42".into())
+                .with_message_id("loan-rpc".into()),
+        )
+        .await
+        .unwrap();
+        let mut got = Vec::new();
+        for round in 0..2 {
+            let d = tokio::time::timeout(Duration::from_secs(30), consumer.next())
+                .await
+                .unwrap_or_else(|_| panic!("no reply {round} within 30 s"))
+                .unwrap()
+                .unwrap();
+            let corr = d
+                .properties
+                .correlation_id()
+                .as_ref()
+                .map(|c| c.to_string());
+            let v: Value = serde_json::from_slice(&d.data).unwrap();
+            if round == 0 {
+                let (code, out, err) = env.cli(&[
+                    "decide",
+                    "loan-rpc",
+                    "--choice",
+                    "approve",
+                    "--by",
+                    "cfo@example.com",
+                ]);
+                assert_eq!(code, 0, "{out}{err}");
+            }
+            got.push((corr, v));
+        }
+        let _ = conn.close(200, "done").await;
+        got
+    });
+    stop(w);
+    assert_eq!(replies[0].0.as_deref(), Some("corr-42"));
+    assert_eq!(
+        replies[0].1["status"], "awaiting_decision",
+        "{}",
+        replies[0].1
+    );
+    assert_eq!(replies[1].0.as_deref(), Some("corr-42"));
+    assert_eq!(replies[1].1["status"], "completed", "{}", replies[1].1);
+    assert_eq!(replies[1].1["state"]["paid"], true);
 }
 
 /// AMQP: a crash between taking a decision (pending → deciding in the store) and the broker's
