@@ -649,3 +649,42 @@ async fn throughput() {
         );
     }
 }
+
+/// On an envelope queue the envelope's `id` is the job id (as on redis and amqp), a producer's
+/// retry of a job still waiting is not queued twice, and an id in use on another queue of the
+/// same file is refused rather than dropped.
+#[tokio::test]
+async fn envelope_ids_are_job_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let loans = QueueNames {
+        jobs: "loans".into(),
+        results: "loans:results".into(),
+    };
+    let q = names();
+    let b = open(&dir.path().join("q.db"), "w1")
+        .with_envelope_queues(HashSet::from([loans.jobs.clone()]));
+    let msg = br#"{"id":"loan-7","input":{"amount":5}}"#;
+    assert_eq!(
+        b.enqueue(&loans, msg).await.unwrap().as_deref(),
+        Some("loan-7")
+    );
+    assert_eq!(
+        b.enqueue(&loans, msg).await.unwrap().as_deref(),
+        Some("loan-7")
+    );
+    assert_eq!(b.depth(&loans).await.unwrap().ready, 1, "queued once");
+    let c = claim_one(&b, &loans, LEASE).await;
+    assert_eq!(c.job_id, "loan-7");
+
+    // A state queue ignores `id`; an envelope id taken on another queue is an error.
+    let other = b.enqueue(&q, msg).await.unwrap().expect("an id");
+    assert_ne!(other, "loan-7");
+    let shadow = QueueNames {
+        jobs: "loans-2".into(),
+        results: "r".into(),
+    };
+    let b2 = open(&dir.path().join("q.db"), "w2")
+        .with_envelope_queues(HashSet::from([shadow.jobs.clone()]));
+    let err = b2.enqueue(&shadow, msg).await.unwrap_err().to_string();
+    assert!(err.contains("in use on queue 'loans'"), "{err}");
+}

@@ -315,16 +315,6 @@ fn result_meta(result: &[u8]) -> (Option<String>, Option<String>, Option<String>
     (get("run_id"), get("status"), get("signature"))
 }
 
-/// The job id an envelope carries (`id`, a string up to 200 bytes or a number).
-fn envelope_id(payload: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
-    match v.get("id")? {
-        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
-        _ => None,
-    }
-}
-
 /// A delivery as the consumer received it, waiting to be claimed.
 struct Pending {
     generation: u64,

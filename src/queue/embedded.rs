@@ -104,6 +104,8 @@ pub struct EmbeddedBackend {
     conn: Arc<Mutex<Connection>>,
     worker_id: Arc<str>,
     path: PathBuf,
+    /// Queues whose messages are envelopes: their `id` is the job id.
+    envelope_queues: Arc<std::collections::HashSet<String>>,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -185,7 +187,14 @@ impl EmbeddedBackend {
             conn: Arc::new(Mutex::new(conn)),
             worker_id: Arc::from(worker_id),
             path: path.to_path_buf(),
+            envelope_queues: Arc::default(),
         })
+    }
+
+    /// Names the queues whose messages are envelopes, whose `id` becomes the job id.
+    pub fn with_envelope_queues(mut self, queues: std::collections::HashSet<String>) -> Self {
+        self.envelope_queues = Arc::new(queues);
+        self
     }
 
     /// The file this backend works on.
@@ -736,14 +745,33 @@ impl Backend for EmbeddedBackend {
     async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {
         let queue = q.jobs.clone();
         let payload = payload.to_vec();
+        let job_id = self
+            .envelope_queues
+            .contains(&queue)
+            .then(|| super::envelope_id(&payload))
+            .flatten()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
         self.with_conn(move |conn, _| {
-            let job_id = uuid::Uuid::new_v4().to_string();
             let now = now_ms();
-            conn.prepare_cached(
-                "INSERT INTO jobs (queue, job_id, payload, attempt, epoch, state, available_at, history, enqueued_at)
-                 VALUES (?1, ?2, ?3, 0, 0, 'ready', ?4, '[]', ?4)",
-            )?
-            .execute(params![queue, job_id, payload, now])?;
+            // An envelope id already waiting or running is not queued twice (a producer's
+            // retry); once that job has finished the id can be queued again.
+            let added = conn
+                .prepare_cached(
+                    "INSERT OR IGNORE INTO jobs (queue, job_id, payload, attempt, epoch, state, available_at, history, enqueued_at)
+                     VALUES (?1, ?2, ?3, 0, 0, 'ready', ?4, '[]', ?4)",
+                )?
+                .execute(params![queue, job_id, payload, now])?;
+            if added == 0 {
+                let holder: Option<String> = conn
+                    .prepare_cached("SELECT queue FROM jobs WHERE job_id = ?1")?
+                    .query_row(params![job_id], |r| r.get(0))
+                    .optional()?;
+                if let Some(other) = holder.filter(|h| *h != queue) {
+                    return Err(QueueError::Other(format!(
+                        "job id '{job_id}' is in use on queue '{other}': ids must be unique across the queues of one file"
+                    )));
+                }
+            }
             Ok(Some(job_id))
         })
         .await
@@ -856,10 +884,6 @@ impl Backend for EmbeddedBackend {
 }
 
 /// Opens the embedded backend as the daemon's `dyn Backend`.
-pub fn open_backend(path: &Path, worker_id: String) -> Result<Arc<dyn Backend>, QueueError> {
-    Ok(Arc::new(EmbeddedBackend::open(path, worker_id)?))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -289,6 +289,18 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// The job id an envelope carries (`id`, a string up to 200 bytes or a number): on envelope
+/// queues it is the job id on every backend, so `decide`, `pending` and results name the job
+/// as the producer did.
+pub fn envelope_id(payload: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
+    match v.get("id")? {
+        serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
 /// Milliseconds since the Unix epoch (the clocks of leases and delays).
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
@@ -340,7 +352,18 @@ pub async fn connect(
                 redis::RedisBackend::connect(url, worker_id, envelope_queues).await?,
             ))
         }
-        BackendSection::Embedded { path } => embedded::open_backend(path, worker_id),
+        BackendSection::Embedded { path } => {
+            let envelope_queues = cfg
+                .queues
+                .iter()
+                .filter(|q| q.payload == PayloadFormat::Envelope)
+                .map(|q| q.name.clone())
+                .collect();
+            Ok(std::sync::Arc::new(
+                embedded::EmbeddedBackend::open(path, worker_id)?
+                    .with_envelope_queues(envelope_queues),
+            ))
+        }
         BackendSection::Amqp {
             url,
             prefetch,
