@@ -977,6 +977,99 @@ fn an_rpc_caller_hears_the_pause_then_the_result() {
     assert_eq!(replies[1].1["state"]["paid"], true);
 }
 
+/// Two juries in a row: a copy of the first decision delivered while the run waits at the
+/// second (a resume message published twice) is not applied there; the run pauses again and
+/// only a decision for the second jury moves it on.
+#[test]
+fn a_late_copy_of_a_decision_does_not_answer_the_next_jury() {
+    let graph = r#"
+name = "two-juries"
+entry = "first"
+[[nodes]]
+id = "first"
+type = "human_jury"
+prompt = "First sign-off?"
+choices = ["approve", "reject"]
+output = "first_decision"
+next = "second"
+[[nodes]]
+id = "second"
+type = "human_jury"
+prompt = "Second sign-off?"
+choices = ["approve", "reject"]
+output = "second_decision"
+"#;
+    let mut env = Env::new(Kind::Embedded, graph, "envelope", 5000, &[]);
+    let msg = r#"{"id":"two-1","input":{"amount":5}}"#;
+    env.push(msg);
+    let w = env.worker();
+    let wait_pending_at = |env: &Env, node: &str| {
+        let start = Instant::now();
+        loop {
+            let (_, out, _) = env.cli(&["pending"]);
+            if out.contains(&format!("\"node\":\"{node}\"")) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "not pending at {node}: {out}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_pending_at(&env, "first");
+    let (code, out, err) = env.cli(&["decide", "two-1", "--choice", "approve", "--by", "a@x"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_pending_at(&env, "second");
+
+    // The copy: the same job queued again carrying the first decision (step 1).
+    let first = r#"{"choice":"approve","rationale":"","decided_by":"a@x","step":1}"#;
+    env.db()
+        .execute(
+            "INSERT INTO jobs (queue, job_id, payload, state, available_at, enqueued_at, decision)
+             VALUES (?1, 'two-1', ?2, 'ready', 0, 0, ?3)",
+            rusqlite::params![env.queue, msg.as_bytes(), first],
+        )
+        .unwrap();
+    let start = Instant::now();
+    while env
+        .db()
+        .query_row(
+            "SELECT COUNT(*) FROM jobs WHERE job_id = 'two-1'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+        > 0
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the copy was not taken"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // It paused at the second jury again instead of deciding it.
+    wait_pending_at(&env, "second");
+    assert!(
+        env.results_now().iter().all(|r| r["status"] != "completed"),
+        "the copy completed the run"
+    );
+    let (code, out, err) = env.cli(&["decide", "two-1", "--choice", "reject", "--by", "b@x"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let results = env.wait_results(4, Duration::from_secs(20));
+    stop(w);
+    let done: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["status"] == "completed")
+        .collect();
+    assert_eq!(done.len(), 1, "{results:?}");
+    assert_eq!(done[0]["state"]["first_decision"], "approve");
+    assert_eq!(
+        done[0]["state"]["second_decision"], "reject",
+        "the copy did not decide it"
+    );
+}
+
 /// AMQP: a crash between taking a decision (pending → deciding in the store) and the broker's
 /// confirm of the resume message leaves the decision in `deciding`; a worker publishes it again.
 fn a_decision_the_broker_never_got_is_published_again() {

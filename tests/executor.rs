@@ -878,6 +878,7 @@ async fn human_jury_halts_and_a_valid_decision_continues() {
         rationale: String::new(),
         decided_by: "mallory".into(),
         role: None,
+        step: None,
     };
     let before = run.position();
     match run.decide(&bad) {
@@ -894,6 +895,7 @@ async fn human_jury_halts_and_a_valid_decision_continues() {
         rationale: "Within policy limits.".into(),
         decided_by: "reviewer@example.com".into(),
         role: Some("CFO".into()),
+        step: None,
     };
     let rec = run.decide(&good).unwrap();
     assert_eq!(rec.step(), 2);
@@ -942,6 +944,7 @@ async fn a_halted_run_resumes_from_its_position() {
             rationale: "too risky".into(),
             decided_by: "bob".into(),
             role: None,
+            step: None,
         })
         .unwrap();
     assert_eq!(rec.step(), 2);

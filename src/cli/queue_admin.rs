@@ -322,6 +322,7 @@ pub fn decide(a: DecideArgs) -> u8 {
             rationale: a.rationale.clone(),
             decided_by: a.by.clone(),
             role: a.role.clone(),
+            step: None,
         };
         for q in &queues {
             if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {

@@ -66,8 +66,12 @@ pub async fn submit_for(
             allowed: pending.request.choices.join(", "),
         });
     }
+    let decision = Decision {
+        step: Some(pending.step),
+        ..decision.clone()
+    };
     if backend
-        .submit_decision(q, &pending.job_id, pending.payload.as_bytes(), decision)
+        .submit_decision(q, &pending.job_id, pending.payload.as_bytes(), &decision)
         .await?
     {
         Ok(())

@@ -82,6 +82,11 @@ pub struct Decision {
     pub decided_by: String,
     #[serde(default)]
     pub role: Option<String>,
+    /// The index the decision's step takes: the step count when the run halted (the pending
+    /// record's `step`). Set when a decision is submitted, so a copy of it delivered later
+    /// is never applied to a later halt of the same run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -69,6 +69,7 @@ impl Worker {
                             rationale: s("rationale").unwrap_or_default(),
                             decided_by: by,
                             role: s("role"),
+                            step: None,
                         },
                     ))
                 });

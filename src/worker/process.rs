@@ -138,7 +138,7 @@ impl Worker {
         if let Some(decision) = claim
             .decision
             .as_ref()
-            .filter(|d| !already_applied(&log, d))
+            .filter(|d| answers_this_halt(&log, d))
         {
             match run.decide(decision) {
                 Ok(record) => {
@@ -441,8 +441,19 @@ impl Worker {
     }
 }
 
-/// Whether the run already applied this decision after its last halt: a second delivery of
-/// the same decided job (a resume message published again) then just resumes the run.
+/// Whether a delivered decision answers the halt the run waits at now. A decision names the
+/// step it becomes; a copy delivered again later (a resume message published twice) names an
+/// earlier one and is not applied: the run just resumes, or pauses again at a later jury.
+/// Decisions without a step (written before it existed) fall back to comparing with the
+/// last decision applied.
+fn answers_this_halt(log: &RunLog, d: &Decision) -> bool {
+    match d.step {
+        Some(step) => step == log.len() as u64,
+        None => !already_applied(log, d),
+    }
+}
+
+/// Whether the run already applied this decision after its last halt.
 fn already_applied(log: &RunLog, d: &Decision) -> bool {
     let Some(last) = log.last_decision() else {
         return false;
