@@ -212,3 +212,94 @@ async fn embedded_concurrent_saves_are_answered_one_by_one() {
         Arc::new(EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap());
     concurrent_saves(b, &names()).await;
 }
+
+/// Epochs stay monotonic across a human pause: a holder whose lease expired before the job
+/// paused cannot write or finish once the decided job is claimed again (a reset epoch would
+/// hand the resumed claim the zombie's number).
+async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Backend, q: &QueueNames) {
+    let short = Duration::from_millis(300);
+    b.enqueue(q, br#"{"x":1}"#).await.unwrap();
+    let zombie = b
+        .claim(q, 1, short, Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    b.recover(q).await.unwrap();
+    let holder = claim_all(b, q, 1).await.remove(0);
+    assert!(holder.epoch > zombie.epoch);
+    assert_eq!(
+        b.save_step(q, &holder, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    let pending = serde_json::json!({"job_id": holder.job_id, "step": 1}).to_string();
+    let paused = b
+        .finish(
+            q,
+            &holder,
+            Finish::Pause {
+                result: b"{}".to_vec(),
+                pending: pending.into_bytes(),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(paused, Fenced::Done);
+    let decision = lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: String::new(),
+        decided_by: "a@x".into(),
+        role: None,
+        step: Some(1),
+    };
+    assert!(b
+        .submit_decision(q, &holder.job_id, &holder.payload, &decision)
+        .await
+        .unwrap());
+    let resumed = claim_all(b, q, 1).await.remove(0);
+    assert!(
+        resumed.epoch > holder.epoch,
+        "epoch {} after {}",
+        resumed.epoch,
+        holder.epoch
+    );
+    assert_eq!(
+        b.save_step(q, &zombie, step(1, b"zombie", b"zombie"))
+            .await
+            .unwrap(),
+        Fenced::Lost
+    );
+    let late = Finish::Publish {
+        result: b"{\"zombie\":true}".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &zombie, late).await.unwrap(), Fenced::Lost);
+    let done = Finish::Publish {
+        result: b"{}".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &resumed, done).await.unwrap(), Fenced::Done);
+    assert_eq!(
+        b.results(q, 10, true).await.unwrap().len(),
+        2,
+        "awaiting + final"
+    );
+}
+
+#[tokio::test]
+async fn redis_zombie_stays_fenced_across_a_pause() {
+    let q = names();
+    let b = redis().await;
+    a_zombie_stays_fenced_across_a_pause(&b, &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test]
+async fn embedded_zombie_stays_fenced_across_a_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
+    a_zombie_stays_fenced_across_a_pause(&b, &names()).await;
+}

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 /// How long a statement waits for another process's write lock before failing with `BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The schema version this code writes (`PRAGMA user_version`).
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 /// The first pause of `claim` when no job is ready; it doubles up to [`MAX_POLL`].
 const FIRST_POLL: Duration = Duration::from_millis(10);
 /// The longest pause between two polls of an empty queue.
@@ -91,6 +91,7 @@ CREATE TABLE IF NOT EXISTS pending (
     job_id     TEXT    NOT NULL,
     record     BLOB    NOT NULL,
     created_at INTEGER NOT NULL,
+    epoch      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, job_id)
 );
 ";
@@ -98,6 +99,10 @@ CREATE TABLE IF NOT EXISTS pending (
 /// Version 2 added durable runs: a decision travelling with a resumed job, plus the `runs`,
 /// `run_steps` and `pending` tables (created by [`SCHEMA`]).
 const MIGRATE_TO_2: &str = "ALTER TABLE jobs ADD COLUMN decision TEXT;";
+
+/// Version 3 keeps a paused job's epoch with its pending record, so the claim that resumes it
+/// gets a newer epoch than every earlier holder.
+const MIGRATE_TO_3: &str = "ALTER TABLE pending ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;";
 
 /// A durable queue in one SQLite file.
 pub struct EmbeddedBackend {
@@ -176,6 +181,11 @@ impl EmbeddedBackend {
             .unwrap_or(false);
         if had_jobs && version < 2 {
             tx.execute_batch(MIGRATE_TO_2)?;
+        }
+        // Version 2 files have a `pending` table without `epoch`; older ones get the whole
+        // table from SCHEMA below.
+        if had_jobs && version == 2 {
+            tx.execute_batch(MIGRATE_TO_3)?;
         }
         tx.execute_batch(SCHEMA)?;
         if version < SCHEMA_VERSION {
@@ -399,9 +409,9 @@ fn finish_once(
             )?
             .execute(params![q.results, job_id, result, now])?;
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO pending (queue, job_id, record, created_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT OR REPLACE INTO pending (queue, job_id, record, created_at, epoch) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
-            .execute(params![q.jobs, job_id, pending, now])?;
+            .execute(params![q.jobs, job_id, pending, now, epoch])?;
         }
         Finish::Publish {
             result,
@@ -497,20 +507,21 @@ fn save_step_once(
     Ok(Fenced::Done)
 }
 
-/// Inserts a ready job with a given id (resumes and redrives keep the job's id).
+/// Inserts a ready job with a given id (resumes and redrives keep the job's id). `epoch` is
+/// the job's last one: its next claim gets a newer one.
 fn insert_job(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     job_id: &str,
     payload: &[u8],
     decision: Option<&str>,
-    now: i64,
+    (epoch, now): (i64, i64),
 ) -> Result<(), QueueError> {
     tx.prepare_cached(
-        "INSERT INTO jobs (queue, job_id, payload, state, available_at, enqueued_at, decision)
-         VALUES (?1, ?2, ?3, 'ready', ?4, ?4, ?5)",
+        "INSERT INTO jobs (queue, job_id, payload, epoch, state, available_at, enqueued_at, decision)
+         VALUES (?1, ?2, ?3, ?4, 'ready', ?5, ?5, ?6)",
     )?
-    .execute(params![queue, job_id, payload, now, decision])?;
+    .execute(params![queue, job_id, payload, epoch, now, decision])?;
     Ok(())
 }
 
@@ -612,13 +623,23 @@ impl Backend for EmbeddedBackend {
         let decision = to_json_text(decision)?;
         self.with_conn(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let removed = tx
-                .prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
-                .execute(params![queue, job_id])?;
-            if removed == 0 {
+            let epoch: Option<i64> = tx
+                .prepare_cached("SELECT epoch FROM pending WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |row| row.get(0))
+                .optional()?;
+            let Some(epoch) = epoch else {
                 return Ok(false);
-            }
-            insert_job(&tx, &queue, &job_id, &payload, Some(&decision), now_ms())?;
+            };
+            tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
+                .execute(params![queue, job_id])?;
+            insert_job(
+                &tx,
+                &queue,
+                &job_id,
+                &payload,
+                Some(&decision),
+                (epoch, now_ms()),
+            )?;
             tx.commit()?;
             Ok(true)
         })
@@ -641,7 +662,7 @@ impl Backend for EmbeddedBackend {
             let payload = super::dead_letter_payload(&entry)
                 .ok_or_else(|| QueueError::Other(format!("dead letter {job_id} keeps no payload")))?;
             tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute(params![seq])?;
-            insert_job(&tx, &queue, &job_id, &payload, None, now_ms())?;
+            insert_job(&tx, &queue, &job_id, &payload, None, (0, now_ms()))?;
             tx.commit()?;
             Ok(true)
         })
@@ -938,5 +959,38 @@ mod tests {
             .query_row("PRAGMA synchronous", [], |r| r.get(0))
             .unwrap();
         assert_eq!(sync, 2, "FULL");
+    }
+
+    #[test]
+    fn a_version_2_file_gains_the_pending_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            // The version 2 schema: SCHEMA without `pending.epoch`.
+            conn.execute_batch(&SCHEMA.replace(
+                "    created_at INTEGER NOT NULL,\n    epoch      INTEGER NOT NULL DEFAULT 0,\n",
+                "    created_at INTEGER NOT NULL,\n",
+            ))
+            .unwrap();
+            conn.execute(
+                "INSERT INTO pending (queue, job_id, record, created_at) VALUES ('q', 'j', x'7b7d', 1)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+        }
+        let b = EmbeddedBackend::open(&path, "w1".into()).unwrap();
+        let conn = b.conn.lock().unwrap();
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let epoch: i64 = conn
+            .query_row("SELECT epoch FROM pending WHERE job_id = 'j'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(epoch, 0);
     }
 }

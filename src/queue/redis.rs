@@ -92,7 +92,8 @@ return out
 /// Modes: publish (a = result or '', b = dead entry or ''), retry (a = new stored message,
 /// b = due ms), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
 /// result, b = pending record). Every mode but release and pause ends the run: its checkpoint
-/// and journal go.
+/// and journal go. A pause keeps the job's epoch, so the claim that resumes it gets a newer
+/// one than any earlier holder (a holder whose lease expired stays fenced off).
 const FINISH: &str = r#"
 if redis.call('HGET', K[5], A[1]) ~= A[2] then return 0 end
 local stored = redis.call('HGET', K[3], A[1])
@@ -119,7 +120,6 @@ elseif mode == 'release' then
 elseif mode == 'pause' then
   redis.call('RPUSH', K[6], A[4])
   redis.call('HSET', K[11], A[1], A[5])
-  redis.call('HDEL', K[5], A[1])
 end
 return 1
 "#;
