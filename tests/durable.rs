@@ -216,79 +216,50 @@ impl Env {
 
     /// Changes `from` to `to` inside the stored checkpoint of `job`.
     fn tamper_checkpoint(&mut self, job: &str, from: &str, to: &str) {
-        let stored: String = match self.kind {
-            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => self
-                .redis
-                .hget(format!("{}:run:{job}", self.queue), "ckpt")
-                .unwrap(),
-            Kind::Embedded | Kind::AmqpSqlite => {
-                let b: Vec<u8> = self
-                    .db()
-                    .query_row(
-                        "SELECT checkpoint FROM runs WHERE job_id = ?1",
-                        [job],
-                        |r| r.get(0),
-                    )
-                    .unwrap();
-                String::from_utf8(b).unwrap()
-            }
-        };
-        let changed = stored.replacen(from, to, 1);
-        assert_ne!(stored, changed);
-        match self.kind {
-            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
-                let _: () = self
-                    .redis
-                    .hset(format!("{}:run:{job}", self.queue), "ckpt", changed)
-                    .unwrap();
-            }
-            Kind::Embedded | Kind::AmqpSqlite => {
-                self.db()
-                    .execute(
-                        "UPDATE runs SET checkpoint = ?1 WHERE job_id = ?2",
-                        rusqlite::params![changed.into_bytes(), job],
-                    )
-                    .unwrap();
-            }
-        }
+        self.tamper(job, None, from, to);
     }
 
     /// Changes `from` to `to` inside journal record `idx` of `job`.
     fn tamper_journal(&mut self, job: &str, idx: u64, from: &str, to: &str) {
+        self.tamper(job, Some(idx), from, to);
+    }
+
+    /// Edits the checkpoint (`idx` None) or one journal record of `job` where it is stored.
+    fn tamper(&mut self, job: &str, idx: Option<u64>, from: &str, to: &str) {
         let key = format!("{}:run:{job}", self.queue);
-        let stored: String = match self.kind {
-            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
-                self.redis.hget(&key, idx.to_string()).unwrap()
-            }
-            Kind::Embedded | Kind::AmqpSqlite => {
-                let b: Vec<u8> = self
-                    .db()
-                    .query_row(
-                        "SELECT record FROM run_steps WHERE job_id = ?1 AND idx = ?2",
-                        rusqlite::params![job, idx as i64],
-                        |r| r.get(0),
-                    )
-                    .unwrap();
-                String::from_utf8(b).unwrap()
-            }
+        let field = idx.map_or("ckpt".to_string(), |i| i.to_string());
+        // One parameter list for both: the checkpoint's queries pass index -1 and check it.
+        let (select, update) = match idx {
+            None => (
+                "SELECT checkpoint FROM runs WHERE job_id = ?1 AND ?2 = -1",
+                "UPDATE runs SET checkpoint = ?1 WHERE job_id = ?2 AND ?3 = -1",
+            ),
+            Some(_) => (
+                "SELECT record FROM run_steps WHERE job_id = ?1 AND idx = ?2",
+                "UPDATE run_steps SET record = ?1 WHERE job_id = ?2 AND idx = ?3",
+            ),
+        };
+        let idx = idx.map_or(-1, |i| i as i64);
+        let sqlite = matches!(self.kind, Kind::Embedded | Kind::AmqpSqlite);
+        let stored: String = if sqlite {
+            let b: Vec<u8> = self
+                .db()
+                .query_row(select, rusqlite::params![job, idx], |r| r.get(0))
+                .unwrap();
+            String::from_utf8(b).unwrap()
+        } else {
+            self.redis.hget(&key, &field).unwrap()
         };
         let changed = stored.replacen(from, to, 1);
         assert_ne!(stored, changed);
-        match self.kind {
-            Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {
-                let _: () = self.redis.hset(&key, idx.to_string(), changed).unwrap();
-            }
-            Kind::Embedded | Kind::AmqpSqlite => {
-                self.db()
-                    .execute(
-                        "UPDATE run_steps SET record = ?1 WHERE job_id = ?2 AND idx = ?3",
-                        rusqlite::params![changed.into_bytes(), job, idx as i64],
-                    )
-                    .unwrap();
-            }
+        if sqlite {
+            self.db()
+                .execute(update, rusqlite::params![changed.into_bytes(), job, idx])
+                .unwrap();
+        } else {
+            let _: () = self.redis.hset(&key, &field, changed).unwrap();
         }
     }
-
     fn checkpoints_left(&mut self) -> usize {
         match self.kind {
             Kind::Redis | Kind::Amqp | Kind::AmqpWithoutStore => {

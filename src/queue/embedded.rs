@@ -73,19 +73,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS dead_letters_queue ON dead_letters (queue, seq);
-CREATE TABLE IF NOT EXISTS runs (
-    queue      TEXT    NOT NULL,
-    job_id     TEXT    NOT NULL,
-    checkpoint BLOB    NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-CREATE TABLE IF NOT EXISTS run_steps (
-    queue  TEXT    NOT NULL,
-    job_id TEXT    NOT NULL,
-    idx    INTEGER NOT NULL,
-    record BLOB    NOT NULL,
-    PRIMARY KEY (queue, job_id, idx)
-);
 CREATE TABLE IF NOT EXISTS pending (
     queue      TEXT    NOT NULL,
     job_id     TEXT    NOT NULL,
@@ -188,6 +175,7 @@ impl EmbeddedBackend {
             tx.execute_batch(MIGRATE_TO_3)?;
         }
         tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(super::sqlite_runs::RUN_TABLES)?;
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -395,10 +383,7 @@ fn finish_once(
     let now = now_ms();
     let ends_run = !matches!(how, Finish::Release | Finish::Pause { .. });
     if ends_run {
-        tx.prepare_cached("DELETE FROM runs WHERE queue = ?1 AND job_id = ?2")?
-            .execute(params![q.jobs, job_id])?;
-        tx.prepare_cached("DELETE FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
-            .execute(params![q.jobs, job_id])?;
+        super::sqlite_runs::forget_run(&tx, &q.jobs, job_id)?;
     }
     match how {
         Finish::Pause { result, pending } => {
@@ -485,24 +470,7 @@ fn save_step_once(
     if held.is_none() {
         return Ok(Fenced::Lost);
     }
-    let held_steps: i64 = tx
-        .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
-        .query_row(params![queue, job_id], |row| row.get(0))?;
-    let index = i64::try_from(step.index).unwrap_or(i64::MAX);
-    if held_steps == index {
-        tx.prepare_cached(
-            "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![queue, job_id, index, step.record])?;
-    } else if held_steps != index.saturating_add(1) {
-        return Err(QueueError::Other(format!(
-            "journal of job {job_id} holds {held_steps} steps, this step is number {index}"
-        )));
-    }
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![queue, job_id, step.checkpoint])?;
+    super::sqlite_runs::write_step(&tx, queue, job_id, step)?;
     tx.commit()?;
     Ok(Fenced::Done)
 }
@@ -542,23 +510,7 @@ impl Backend for EmbeddedBackend {
     ) -> Result<Option<super::StoredRun>, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn, _| {
-            let checkpoint: Option<Vec<u8>> = conn
-                .prepare_cached("SELECT checkpoint FROM runs WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |row| row.get(0))
-                .optional()?;
-            let Some(checkpoint) = checkpoint else {
-                return Ok(None);
-            };
-            let mut stmt = conn.prepare_cached(
-                "SELECT record FROM run_steps WHERE queue = ?1 AND job_id = ?2 ORDER BY idx",
-            )?;
-            let journal = stmt
-                .query_map(params![queue, job_id], |row| row.get::<_, Vec<u8>>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Some(super::StoredRun {
-                checkpoint,
-                journal,
-            }))
+            super::sqlite_runs::read_run(&conn.transaction()?, &queue, &job_id)
         })
         .await
     }

@@ -340,30 +340,21 @@ pub async fn connect(
     worker_id: String,
 ) -> Result<std::sync::Arc<dyn Backend>, QueueError> {
     use crate::config::{BackendSection, PayloadFormat};
+    // Queues whose messages are envelopes: every backend takes their `id` as the job id.
+    let envelope_queues: Vec<String> = cfg
+        .queues
+        .iter()
+        .filter(|q| q.payload == PayloadFormat::Envelope)
+        .map(|q| q.name.clone())
+        .collect();
     match &cfg.backend {
-        BackendSection::Redis { url } => {
-            let envelope_queues = cfg
-                .queues
-                .iter()
-                .filter(|q| q.payload == PayloadFormat::Envelope)
-                .map(|q| q.name.clone())
-                .collect();
-            Ok(std::sync::Arc::new(
-                redis::RedisBackend::connect(url, worker_id, envelope_queues).await?,
-            ))
-        }
-        BackendSection::Embedded { path } => {
-            let envelope_queues = cfg
-                .queues
-                .iter()
-                .filter(|q| q.payload == PayloadFormat::Envelope)
-                .map(|q| q.name.clone())
-                .collect();
-            Ok(std::sync::Arc::new(
-                embedded::EmbeddedBackend::open(path, worker_id)?
-                    .with_envelope_queues(envelope_queues),
-            ))
-        }
+        BackendSection::Redis { url } => Ok(std::sync::Arc::new(
+            redis::RedisBackend::connect(url, worker_id, envelope_queues).await?,
+        )),
+        BackendSection::Embedded { path } => Ok(std::sync::Arc::new(
+            embedded::EmbeddedBackend::open(path, worker_id)?
+                .with_envelope_queues(envelope_queues.into_iter().collect()),
+        )),
         BackendSection::Amqp {
             url,
             prefetch,
@@ -382,12 +373,7 @@ pub async fn connect(
                 declare: *declare,
                 dedupe_redis_url: dedupe_redis_url.clone(),
                 checkpoint_store: checkpoint_store.clone(),
-                envelope_queues: cfg
-                    .queues
-                    .iter()
-                    .filter(|q| q.payload == PayloadFormat::Envelope)
-                    .map(|q| q.name.clone())
-                    .collect(),
+                envelope_queues,
             };
             let backend = amqp::AmqpBackend::connect(opts, worker_id).await?;
             // Declare (or check) every configured queue now: a wrong topology fails the start.

@@ -17,19 +17,6 @@ CREATE TABLE IF NOT EXISTS epochs (
     epoch  INTEGER NOT NULL,
     PRIMARY KEY (queue, job_id)
 );
-CREATE TABLE IF NOT EXISTS runs (
-    queue      TEXT NOT NULL,
-    job_id     TEXT NOT NULL,
-    checkpoint BLOB NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-CREATE TABLE IF NOT EXISTS run_steps (
-    queue  TEXT    NOT NULL,
-    job_id TEXT    NOT NULL,
-    idx    INTEGER NOT NULL,
-    record BLOB    NOT NULL,
-    PRIMARY KEY (queue, job_id, idx)
-);
 CREATE TABLE IF NOT EXISTS pending (
     queue      TEXT    NOT NULL,
     job_id     TEXT    NOT NULL,
@@ -46,6 +33,23 @@ CREATE TABLE IF NOT EXISTS deciding (
     props    TEXT    NOT NULL,
     at       INTEGER NOT NULL,
     PRIMARY KEY (queue, job_id)
+);
+";
+
+/// The checkpoint and journal tables, shared with the embedded backend's file.
+pub(super) const RUN_TABLES: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    queue      TEXT NOT NULL,
+    job_id     TEXT NOT NULL,
+    checkpoint BLOB NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
+CREATE TABLE IF NOT EXISTS run_steps (
+    queue  TEXT    NOT NULL,
+    job_id TEXT    NOT NULL,
+    idx    INTEGER NOT NULL,
+    record BLOB    NOT NULL,
+    PRIMARY KEY (queue, job_id, idx)
 );
 ";
 
@@ -78,6 +82,7 @@ impl SqliteRunStore {
         }
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(RUN_TABLES)?;
         Ok(SqliteRunStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -117,13 +122,81 @@ fn holds(
     Ok(current.is_some_and(|c| i64::try_from(epoch) == Ok(c)))
 }
 
-fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
-    for table in ["runs", "run_steps", "epochs"] {
+/// Journals `step` (unless the journal already ends with it: a retried save) and replaces the
+/// checkpoint; a step whose predecessor is missing is refused. The caller has fenced the write
+/// and commits the transaction.
+pub(super) fn write_step(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+    step: StepWrite<'_>,
+) -> Result<(), QueueError> {
+    let held: i64 = tx
+        .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
+        .query_row(params![queue, job_id], |r| r.get(0))?;
+    let index = i64::try_from(step.index).unwrap_or(i64::MAX);
+    if held == index {
+        tx.prepare_cached(
+            "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
+        )?
+        .execute(params![queue, job_id, index, step.record])?;
+    } else if held != index.saturating_add(1) {
+        return Err(QueueError::Other(format!(
+            "the journal of job {job_id} holds {held} steps, this step is number {index}"
+        )));
+    }
+    tx.prepare_cached(
+        "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
+    )?
+    .execute(params![queue, job_id, step.checkpoint])?;
+    Ok(())
+}
+
+/// A job's checkpoint and journal, if it has a checkpoint.
+pub(super) fn read_run(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+) -> Result<Option<StoredRun>, QueueError> {
+    let checkpoint: Option<Vec<u8>> = tx
+        .prepare_cached("SELECT checkpoint FROM runs WHERE queue = ?1 AND job_id = ?2")?
+        .query_row(params![queue, job_id], |r| r.get(0))
+        .optional()?;
+    let Some(checkpoint) = checkpoint else {
+        return Ok(None);
+    };
+    let journal = tx
+        .prepare_cached(
+            "SELECT record FROM run_steps WHERE queue = ?1 AND job_id = ?2 ORDER BY idx",
+        )?
+        .query_map(params![queue, job_id], |r| r.get::<_, Vec<u8>>(0))?
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(Some(StoredRun {
+        checkpoint,
+        journal,
+    }))
+}
+
+/// Forgets a job's checkpoint and journal.
+pub(super) fn forget_run(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+) -> Result<(), QueueError> {
+    for table in ["runs", "run_steps"] {
         tx.prepare_cached(&format!(
             "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
         ))?
         .execute(params![queue, job_id])?;
     }
+    Ok(())
+}
+
+/// Forgets a run and its epoch: the job is done with.
+fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
+    forget_run(tx, queue, job_id)?;
+    tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
+        .execute(params![queue, job_id])?;
     Ok(())
 }
 
@@ -166,24 +239,12 @@ impl RunStore for SqliteRunStore {
             if !holds(&tx, &queue, &job_id, epoch)? {
                 return Ok(Fenced::Lost);
             }
-            let held: i64 = tx
-                .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |r| r.get(0))?;
-            let index = i64::try_from(index).unwrap_or(i64::MAX);
-            if held == index {
-                tx.prepare_cached(
-                    "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
-                )?
-                .execute(params![queue, job_id, index, record])?;
-            } else if held != index.saturating_add(1) {
-                return Err(QueueError::Other(format!(
-                    "the journal of job {job_id} holds {held} steps, this step is number {index}"
-                )));
-            }
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
-            )?
-            .execute(params![queue, job_id, checkpoint])?;
+            let step = StepWrite {
+                index,
+                record: &record,
+                checkpoint: &checkpoint,
+            };
+            write_step(&tx, &queue, &job_id, step)?;
             tx.commit()?;
             Ok(Fenced::Done)
         })
@@ -196,27 +257,8 @@ impl RunStore for SqliteRunStore {
         job_id: &str,
     ) -> Result<Option<StoredRun>, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
-        self.with_conn(move |conn| {
-            let tx = conn.transaction()?;
-            let checkpoint: Option<Vec<u8>> = tx
-                .prepare_cached("SELECT checkpoint FROM runs WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |r| r.get(0))
-                .optional()?;
-            let Some(checkpoint) = checkpoint else {
-                return Ok(None);
-            };
-            let journal = tx
-                .prepare_cached(
-                    "SELECT record FROM run_steps WHERE queue = ?1 AND job_id = ?2 ORDER BY idx",
-                )?
-                .query_map(params![queue, job_id], |r| r.get::<_, Vec<u8>>(0))?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(Some(StoredRun {
-                checkpoint,
-                journal,
-            }))
-        })
-        .await
+        self.with_conn(move |conn| read_run(&conn.transaction()?, &queue, &job_id))
+            .await
     }
 
     async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
