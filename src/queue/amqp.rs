@@ -1692,9 +1692,14 @@ impl Backend for AmqpBackend {
         let mut moved = 0;
         for (job_id, entry) in runs.stale_decisions(q, DECISION_REDELIVER_AFTER).await? {
             info!(%job_id, "publishing a decision again: its resume message was never confirmed");
-            s.publish_decision(q, runs.as_ref(), &job_id, &entry)
-                .await?;
-            moved += 1;
+            // One entry failing (the broker refusing it) must not hold back the others; it
+            // stays in `deciding` and is tried again after the same delay.
+            match s.publish_decision(q, runs.as_ref(), &job_id, &entry).await {
+                Ok(()) => moved += 1,
+                Err(e) => {
+                    warn!(%job_id, error = %e, "cannot publish the decision again; it is retried later")
+                }
+            }
         }
         Ok(moved)
     }
