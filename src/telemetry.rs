@@ -7,7 +7,13 @@ use tracing_subscriber::{fmt, EnvFilter};
 
 pub fn init() {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // A log line that cannot be written (journald restarted, the reader of our stderr gone) is
+    // dropped quietly: the default reports it with `eprintln!`, which panics on the same broken
+    // pipe and would take down whichever task was logging (a job, or the SIGTERM handler).
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .log_internal_errors(false);
     let _ = if std::io::stderr().is_terminal() {
         builder.try_init()
     } else {

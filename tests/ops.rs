@@ -64,7 +64,9 @@ fn term(child: &mut Child) -> std::process::ExitStatus {
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+    // One write: the whole request in one segment, as real clients send it.
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
     let code = buf.split_whitespace().nth(1)?.parse().ok()?;
@@ -436,6 +438,15 @@ fn ready_follows_redis_away_and_back() {
     });
     assert!(back.is_some(), "/ready comes back with redis");
     assert_eq!(http_get(port, "/live").map(|(c, _)| c), Some(200));
+    // A request that arrives in pieces is answered once it is whole, not reset.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /li").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    s.write_all(b"ve HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     term(&mut child);
     let _ = redis_proc.kill();
     let _ = redis_proc.wait();
@@ -499,4 +510,44 @@ fn dead_letters_show_and_redrive_keep_the_payload() {
     if !keys.is_empty() {
         let _: () = r.del(keys).unwrap();
     }
+}
+
+/// journald restarting, or whoever read our stderr going away, must not cost the worker its
+/// jobs or its stop: a log line that cannot be written is dropped, and SIGTERM still drains.
+#[test]
+fn a_worker_whose_log_reader_is_gone_still_works_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
+    let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, None);
+    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let mut child = spawn(&config, &[("RUST_LOG", "debug")]);
+    drop(child.stderr.take());
+    for i in 0..5 {
+        let _: () = r
+            .rpush(&queue, format!("{{\"kind\":\"sum\",\"numbers\":[{i},1]}}"))
+            .unwrap();
+    }
+    let done = wait_for(Duration::from_secs(20), || {
+        let n: usize = r.llen(format!("{queue}:out")).ok()?;
+        (n == 5).then_some(n)
+    });
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let stopped = wait_for(Duration::from_secs(15), || child.try_wait().ok().flatten());
+    if stopped.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).unwrap();
+    }
+    assert_eq!(done, Some(5), "every job ran with stderr broken");
+    let status = stopped.expect("SIGTERM stops a worker whose stderr is a broken pipe");
+    assert!(status.success(), "{status}");
 }

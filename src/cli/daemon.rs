@@ -145,10 +145,11 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             error!("cannot install signal handlers");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => info!("SIGTERM: draining"),
-            _ = int.recv() => info!("SIGINT: draining"),
-        }
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
         shutdown.cancel();
+        info!("{name}: draining");
     });
 }

@@ -24,13 +24,10 @@ pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: Cancell
         };
         let w = Arc::clone(&worker);
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
+            let Some(head) = read_head(&mut stream).await else {
+                return;
             };
-            let head = String::from_utf8_lossy(&buf[..n]);
+            let head = String::from_utf8_lossy(&head);
             let mut parts = head.split_whitespace();
             let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             let (status, ctype, body) = if method != "GET" {
@@ -81,4 +78,23 @@ pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: Cancell
             let _ = stream.shutdown().await;
         });
     }
+}
+
+/// Reads the request head: up to the blank line that ends the headers, at most 4 KiB, within
+/// 5 s. A client may send the request line in several segments; answering (and closing) after
+/// the first one would leave its rest unread, and the kernel then resets the connection
+/// instead of delivering the answer.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    const MAX: usize = 4096;
+    let mut head = Vec::with_capacity(512);
+    let mut chunk = [0u8; 1024];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => head.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+    (!head.is_empty()).then_some(head)
 }
