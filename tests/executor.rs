@@ -366,6 +366,16 @@ value = "failed"
     assert_eq!(recs[1].outcome(), "error");
     assert_eq!(last_error(&recs[1]), "double: n must be an integer");
     assert_eq!(recs[1].error(), Some("double: n must be an integer"));
+
+    // A tool that panics fails like any other: the run takes its error path.
+    reg.register_fn("double", |_| panic!("index out of range"));
+    let mut run = new_run(&g, json!({"numbers": [1, 2]}));
+    let recs = run_to_end(&mut run, &reg).await;
+    assert_eq!(node_ids(&recs), ["sum", "double", "failed"]);
+    assert_eq!(
+        last_error(&recs[1]),
+        "tool 'double' panicked: index out of range"
+    );
 }
 
 #[tokio::test]

@@ -296,11 +296,6 @@ async fn call_tool(
     args: &Map<String, Value>,
     ctx: &ToolContext,
 ) -> Result<Value, ToolFailure> {
-    let registered = |n: &str| {
-        registry
-            .get(n)
-            .ok_or_else(|| ToolFailure(format!("tool '{n}' is not registered in this worker")))
-    };
     match graph.tools.get(name) {
         Some(ToolSpec::Command {
             argv,
@@ -323,7 +318,7 @@ async fn call_tool(
             .await
         }
         Some(ToolSpec::Http(spec)) => call_http(name, spec, args, ctx).await,
-        Some(ToolSpec::Registered { name: builtin }) => registered(builtin)?.call(args),
-        None => registered(name)?.call(args),
+        Some(ToolSpec::Registered { name: builtin }) => registry.call(builtin, args),
+        None => registry.call(name, args),
     }
 }

@@ -62,6 +62,24 @@ impl Registry {
         self.tools.get(name)
     }
 
+    /// Calls the tool registered as `name`. A tool that panics fails like any other tool (its
+    /// message becomes `last_error`) instead of taking the job's task down with it.
+    pub fn call(&self, name: &str, inputs: &Map<String, Value>) -> Result<Value, ToolFailure> {
+        let tool = self.get(name).ok_or_else(|| {
+            ToolFailure(format!("tool '{name}' is not registered in this worker"))
+        })?;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tool.call(inputs))).unwrap_or_else(
+            |panic| {
+                let why = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "no message".to_string());
+                Err(ToolFailure(format!("tool '{name}' panicked: {why}")))
+            },
+        )
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.tools.contains_key(name)
     }

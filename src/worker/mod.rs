@@ -186,16 +186,15 @@ impl Worker {
         }
     }
 
-    fn track(&self, qi: usize, claim: &Claim, on: bool) {
+    fn track(&self, qi: usize, job_id: &str, epoch: Option<u64>) {
         let mut m = match self.in_flight.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        if on {
-            m.insert((qi, claim.job_id.clone()), claim.epoch);
-        } else {
-            m.remove(&(qi, claim.job_id.clone()));
-        }
+        match epoch {
+            Some(e) => m.insert((qi, job_id.to_string()), e),
+            None => m.remove(&(qi, job_id.to_string())),
+        };
     }
 
     /// Runs until `shutdown` fires (or the queues are idle with `exit_when_idle`), then drains.
@@ -319,7 +318,13 @@ impl Worker {
         let mut wedged = false;
         let batch_max = self.cfg.concurrency.min(MAX_BATCH);
         loop {
-            while tasks.try_join_next().is_some() {}
+            while let Some(done) = tasks.try_join_next() {
+                if let Err(e) = done {
+                    // Its `Holding` was dropped in the unwind: the lease is no longer renewed,
+                    // expires, and the reaper hands the job to the next claim.
+                    error!(queue = %names.jobs, error = %e, "a job task panicked; its lease will expire");
+                }
+            }
             let first = tokio::select! {
                 _ = shutdown.cancelled() => break,
                 p = Arc::clone(&permits).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
@@ -372,12 +377,12 @@ impl Worker {
                 let w = Arc::clone(&self);
                 let hs = hard_stop.clone();
                 let sd = shutdown.clone();
-                self.track(qi, &claim, true);
-                self.in_flight_count.fetch_add(1, Ordering::Relaxed);
+                let holding = Holding::start(&self, qi, &claim);
                 let span = tracing::info_span!("job", job_id = %claim.job_id, attempt = claim.attempt, queue = %names.jobs);
                 tasks.spawn(
                     async move {
                         w.handle(qi, claim, sd, hs).await;
+                        drop(holding);
                         drop(permit);
                     }
                     .instrument(span),
@@ -443,9 +448,6 @@ impl Worker {
             }
             None => {}
         }
-        self.track(qi, &claim, false);
-        self.in_flight_count.fetch_sub(1, Ordering::Relaxed);
-        self.touch();
     }
 
     /// Pings systemd's watchdog while the consumer makes progress; STATUS= along the way.
@@ -554,4 +556,32 @@ impl Worker {
 /// the watchdog. Never set it in production.
 fn wedge_for_tests() -> bool {
     std::env::var("LAR_WORKER_TEST_WEDGE").is_ok_and(|v| v == "1")
+}
+
+/// A claim this worker holds: its lease is renewed while the guard lives. Dropped when the
+/// job's task ends by any path, a panic included, so a job can never be held forever.
+struct Holding {
+    worker: Arc<Worker>,
+    qi: usize,
+    job_id: String,
+}
+
+impl Holding {
+    fn start(worker: &Arc<Worker>, qi: usize, claim: &Claim) -> Self {
+        worker.track(qi, &claim.job_id, Some(claim.epoch));
+        worker.in_flight_count.fetch_add(1, Ordering::Relaxed);
+        Holding {
+            worker: Arc::clone(worker),
+            qi,
+            job_id: claim.job_id.clone(),
+        }
+    }
+}
+
+impl Drop for Holding {
+    fn drop(&mut self) {
+        self.worker.track(self.qi, &self.job_id, None);
+        self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
+        self.worker.touch();
+    }
 }
