@@ -503,6 +503,7 @@ async fn retry_then_dead_letter_with_attempt_history() {
             Finish::Retry {
                 delay,
                 error: "boom 1".into(),
+                keep_run: false,
             },
         )
         .await
@@ -524,6 +525,7 @@ async fn retry_then_dead_letter_with_attempt_history() {
         Finish::Retry {
             delay,
             error: "boom 2".into(),
+            keep_run: false,
         },
     )
     .await

@@ -147,6 +147,7 @@ async fn expired_lease_is_recovered_and_the_old_holder_is_fenced() {
     let retry = Finish::Retry {
         delay: Duration::ZERO,
         error: "zombie".into(),
+        keep_run: false,
     };
     assert_eq!(first.finish(&q, &old, retry).await.unwrap(), Fenced::Lost);
     let dl = Finish::DeadLetter(DeadLetter {
@@ -259,6 +260,7 @@ async fn retry_is_delayed_and_recorded() {
     let retry = Finish::Retry {
         delay: Duration::from_millis(300),
         error: "tool timed out".into(),
+        keep_run: false,
     };
     assert_eq!(b.finish(&q, &c1, retry).await.unwrap(), Fenced::Done);
     let d = b.depth(&q).await.unwrap();
@@ -286,6 +288,7 @@ async fn retry_is_delayed_and_recorded() {
     let retry = Finish::Retry {
         delay: Duration::from_millis(100),
         error: "again".into(),
+        keep_run: false,
     };
     assert_eq!(b.finish(&q, &c2, retry).await.unwrap(), Fenced::Done);
     let c3 = b.claim(&q, 1, LEASE, Duration::from_secs(5)).await.unwrap();

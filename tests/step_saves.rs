@@ -100,6 +100,43 @@ async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
     assert_eq!(records.len(), 3);
     assert_eq!(checkpoint, b"c2");
 
+    // An infrastructure retry keeps the run: the next attempt resumes it.
+    let keep = Finish::Retry {
+        delay: Duration::ZERO,
+        error: "the audit disk is full".into(),
+        keep_run: true,
+    };
+    assert_eq!(b.finish(q, &again, keep).await.unwrap(), Fenced::Done);
+    b.recover(q).await.unwrap(); // Redis promotes due retries in its reaper.
+    let third = b
+        .claim(q, 1, LEASE, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (third.job_id.as_str(), third.attempt),
+        (c.job_id.as_str(), 2)
+    );
+    let (records, checkpoint) = journal(b, q, &c.job_id).await;
+    assert_eq!(records.len(), 3, "the retry kept the journal");
+    assert_eq!(checkpoint, b"c2");
+
+    // A failed run retried on purpose starts over: its run is forgotten.
+    let fresh = Finish::Retry {
+        delay: Duration::ZERO,
+        error: "run failed".into(),
+        keep_run: false,
+    };
+    assert_eq!(b.finish(q, &third, fresh).await.unwrap(), Fenced::Done);
+    assert!(b.load_run(q, &c.job_id).await.unwrap().is_none());
+    b.recover(q).await.unwrap();
+    let again = b
+        .claim(q, 1, LEASE, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(again.attempt, 3);
+
     let done = Finish::Publish {
         result: b"done".to_vec(),
         dead_letter: None,

@@ -63,14 +63,15 @@ impl TokenTotals {
         let count = |k: &str| meta.get(k).and_then(Value::as_u64);
         let p = count("prompt_tokens").unwrap_or(0);
         let c = count("output_tokens").unwrap_or(0);
-        let t = count("total_tokens").unwrap_or(p + c);
-        self.prompt += p;
-        self.completion += c;
-        self.total += t;
+        let t = count("total_tokens").unwrap_or(p.saturating_add(c));
+        // Saturating: the counts come from a provider's reply (and a stored journal).
+        self.prompt = self.prompt.saturating_add(p);
+        self.completion = self.completion.saturating_add(c);
+        self.total = self.total.saturating_add(t);
         let by_model = &mut self.by_model;
         let mut add = |model: &str, n: u64| {
             let prev = by_model.get(model).and_then(Value::as_u64).unwrap_or(0);
-            by_model.insert(model.to_string(), Value::from(prev + n));
+            by_model.insert(model.to_string(), Value::from(prev.saturating_add(n)));
         };
         // A batch step sums several calls, possibly of several models.
         if let Some(Value::Object(models)) = meta.get("tokens_by_model") {

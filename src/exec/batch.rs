@@ -250,11 +250,12 @@ impl Tokens {
         let (Some(p), Some(o)) = (n("prompt_tokens"), n("output_tokens")) else {
             return;
         };
-        let t = n("total_tokens").unwrap_or(p + o);
+        let t = n("total_tokens").unwrap_or(p.saturating_add(o));
         self.any = true;
-        self.prompt += p;
-        self.output += o;
-        self.total += t;
+        // Saturating throughout: the counts come from the provider's reply.
+        self.prompt = self.prompt.saturating_add(p);
+        self.output = self.output.saturating_add(o);
+        self.total = self.total.saturating_add(t);
         if let Some(model) = m.get("model").and_then(Value::as_str) {
             let prev = self
                 .by_model
@@ -262,7 +263,7 @@ impl Tokens {
                 .and_then(Value::as_u64)
                 .unwrap_or(0);
             self.by_model
-                .insert(model.to_string(), Value::from(prev + t));
+                .insert(model.to_string(), Value::from(prev.saturating_add(t)));
         }
     }
 

@@ -100,7 +100,12 @@ pub(super) fn bump_visit(state: &mut Map<String, Value>, node_id: &str) -> u64 {
     let Value::Object(counts) = counts else {
         return 1;
     };
-    let n = counts.get(node_id).and_then(Value::as_u64).unwrap_or(0) + 1;
+    // Saturating: the count can come from the job's own input.
+    let n = counts
+        .get(node_id)
+        .and_then(Value::as_u64)
+        .unwrap_or(0)
+        .saturating_add(1);
     counts.insert(node_id.to_string(), Value::from(n));
     n
 }

@@ -223,7 +223,7 @@ pub fn parse_answer(body: &[u8], attempts: u32) -> Result<ChatAnswer, String> {
             total: u
                 .get("total_tokens")
                 .and_then(Value::as_u64)
-                .unwrap_or(p + c),
+                .unwrap_or(p.saturating_add(c)),
         }
     });
     Ok(ChatAnswer {

@@ -52,7 +52,8 @@ impl StepMetrics {
                 meta.get("total_tokens").and_then(|v| v.as_u64()),
             ) {
                 if let Ok(mut t) = self.tokens.lock() {
-                    *t.entry(model.to_string()).or_default() += total;
+                    let sum = t.entry(model.to_string()).or_default();
+                    *sum = sum.saturating_add(total);
                 }
             }
         }

@@ -1609,10 +1609,18 @@ impl Backend for AmqpBackend {
         let Some(h) = lock(&s.held).get(&key).cloned() else {
             return Ok(Fenced::Lost);
         };
-        // A retry runs the job from its first step, so its run is forgotten before the retry
-        // is published: a crash in between then only repeats what the retry would have run.
-        // Every other final outcome forgets the run after its ack (below).
-        if let (Finish::Retry { .. }, Some(runs), true) = (&how, &s.runs, s.is_live(&h)) {
+        // A retry of a failed run starts from its first step, so its run is forgotten before
+        // the retry is published: a crash in between then only repeats what the retry would
+        // have run. A retry that keeps its run resumes it. Every other final outcome forgets
+        // the run after its ack (below).
+        let forget_first = matches!(
+            how,
+            Finish::Retry {
+                keep_run: false,
+                ..
+            }
+        );
+        if let (true, Some(runs), true) = (forget_first, &s.runs, s.is_live(&h)) {
             runs.end_run(q, claim).await?;
         }
         let ends_run = matches!(how, Finish::Publish { .. } | Finish::DeadLetter(_));
@@ -1625,7 +1633,9 @@ impl Backend for AmqpBackend {
                     result,
                     dead_letter,
                 } => s.finish_publish(q, claim, &h, result, dead_letter).await,
-                Finish::Retry { delay, error } => s.finish_retry(q, claim, &h, delay, error).await,
+                Finish::Retry { delay, error, .. } => {
+                    s.finish_retry(q, claim, &h, delay, error).await
+                }
                 Finish::DeadLetter(dl) => s.finish_dead(q, claim, &h, dl).await,
                 Finish::Release => Ok(s.requeue(&h).await),
                 Finish::Pause { result, pending } => {

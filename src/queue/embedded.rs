@@ -381,7 +381,10 @@ fn finish_once(
         return Ok(Fenced::Lost);
     };
     let now = now_ms();
-    let ends_run = !matches!(how, Finish::Release | Finish::Pause { .. });
+    let ends_run = !matches!(
+        how,
+        Finish::Release | Finish::Pause { .. } | Finish::Retry { keep_run: true, .. }
+    );
     if ends_run {
         super::sqlite_runs::forget_run(&tx, &q.jobs, job_id)?;
     }
@@ -412,7 +415,7 @@ fn finish_once(
                 insert_dead_letter(&tx, &q.jobs, dl, &payload, now)?;
             }
         }
-        Finish::Retry { delay, error } => {
+        Finish::Retry { delay, error, .. } => {
             let failed = attempt.saturating_add(1);
             let mut history = parse_history(job_id, &history);
             history.push(AttemptRecord {

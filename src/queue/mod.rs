@@ -99,7 +99,15 @@ pub enum Finish {
         dead_letter: Option<DeadLetter>,
     },
     /// Retry later with the attempt recorded.
-    Retry { delay: Duration, error: String },
+    Retry {
+        delay: Duration,
+        error: String,
+        /// The attempt failed for want of infrastructure (the store, the audit disk), not in
+        /// the graph: the checkpoint and journal stay, so the next attempt resumes after the
+        /// last completed step. Without it the run is forgotten and starts from its first step
+        /// (a failed run retried on purpose).
+        keep_run: bool,
+    },
     /// Move to the dead letters without a result.
     DeadLetter(DeadLetter),
     /// Give the job back untouched (shutdown): not a failed attempt. Its checkpoint stays, so
@@ -289,14 +297,15 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
-/// The job id an envelope carries (`id`, a string up to 200 bytes or a number): on envelope
+/// The job id an envelope carries (`id`, a string or a number, up to 200 bytes: an AMQP
+/// `message_id` holds at most 255, so a longer id would break the frame): on envelope
 /// queues it is the job id on every backend, so `decide`, `pending` and results name the job
 /// as the producer did.
 pub fn envelope_id(payload: &[u8]) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(payload).ok()?;
     match v.get("id")? {
         serde_json::Value::String(s) if !s.is_empty() && s.len() <= 200 => Some(s.clone()),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+        serde_json::Value::Number(n) => Some(n.to_string()).filter(|s| s.len() <= 200),
         _ => None,
     }
 }

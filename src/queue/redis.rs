@@ -89,9 +89,9 @@ return out
 
 /// Run per job in batches (`redis_batch`). K: processing, leases, claims, owners, epochs,
 /// results, dead, queue, delayed, run (checkpoint + journal), pending. A: id, epoch, mode, a, b.
-/// Modes: publish (a = result or '', b = dead entry or ''), retry (a = new stored message,
-/// b = due ms), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
-/// result, b = pending record). Every mode but release and pause ends the run: its checkpoint
+/// Modes: publish (a = result or '', b = dead entry or ''), retry and retry_keep (a = new
+/// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
+/// result, b = pending record). Every mode but release, pause and retry_keep ends the run: its checkpoint
 /// and journal go. A pause keeps the job's epoch, so the claim that resumes it gets a newer
 /// one than any earlier holder (a holder whose lease expired stays fenced off).
 const FINISH: &str = r#"
@@ -108,9 +108,9 @@ if mode == 'publish' then
   if A[5] ~= '' then redis.call('RPUSH', K[7], A[5]) end
   redis.call('HDEL', K[5], A[1])
   redis.call('DEL', K[10])
-elseif mode == 'retry' then
+elseif mode == 'retry' or mode == 'retry_keep' then
   redis.call('ZADD', K[9], A[5], A[4])
-  redis.call('DEL', K[10])
+  if mode == 'retry' then redis.call('DEL', K[10]) end
 elseif mode == 'dead' then
   redis.call('RPUSH', K[7], A[4])
   redis.call('HDEL', K[5], A[1])
@@ -312,16 +312,21 @@ impl RedisBackend {
             Some((w, raw)) => Claim {
                 job_id: w.id,
                 payload: raw,
-                attempt: w.attempt + 1,
+                attempt: w.attempt.saturating_add(1),
                 epoch,
                 history: w.history,
                 decision: w.decision,
                 handle: ClaimHandle::Redis { stored },
             },
-            // Unreachable for messages our scripts wrapped; keep the bytes so the worker can
-            // dead-letter them rather than lose them.
+            // A producer's message that only looks wrapped (the script checks its prefix and
+            // its `id`, not every field): keep the bytes so the worker dead-letters them, under
+            // the `id` the script filed its claim and epoch by, or the finish would be fenced
+            // off and the message would loop through lease expiry for ever.
             None => Claim {
-                job_id: crate::ids::new_id(),
+                job_id: serde_json::from_slice::<serde_json::Value>(&stored)
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
+                    .unwrap_or_else(crate::ids::new_id),
                 payload: stored.clone(),
                 attempt: 1,
                 epoch,
@@ -456,7 +461,11 @@ impl Backend for RedisBackend {
                     .unwrap_or_default();
                 ("publish", result, dead)
             }
-            Finish::Retry { delay, error } => {
+            Finish::Retry {
+                delay,
+                error,
+                keep_run,
+            } => {
                 let mut history = claim.history.clone();
                 history.push(AttemptRecord {
                     attempt: claim.attempt,
@@ -465,7 +474,7 @@ impl Backend for RedisBackend {
                 });
                 let due = now_ms() + delay.as_millis() as i64;
                 (
-                    "retry",
+                    if keep_run { "retry_keep" } else { "retry" },
                     Self::rewrap(claim, claim.attempt, history),
                     due.to_string().into_bytes(),
                 )

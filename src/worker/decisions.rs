@@ -92,6 +92,7 @@ impl Worker {
                 return Finish::Retry {
                     delay: self.backoff.delay(claim.attempt),
                     error: e.to_string(),
+                    keep_run: false,
                 }
             }
             Err(e) => {

@@ -126,7 +126,7 @@ impl Worker {
                     Verdict::DeadLetter,
                 );
             }
-            Err(Start::Store(error)) => return self.retry_or_dead(claim, error),
+            Err(Start::Store(error)) => return self.retry_or_dead(claim, error, true),
         };
         let sink = CheckpointSink {
             worker: self,
@@ -149,7 +149,9 @@ impl Worker {
                             Err(PersistError::Fenced) => {
                                 return (Finish::Release, Verdict::Release)
                             }
-                            Err(PersistError::Failed(e)) => return self.retry_or_dead(claim, e),
+                            Err(PersistError::Failed(e)) => {
+                                return self.retry_or_dead(claim, e, true)
+                            }
                         }
                     }
                     self.record_authority(&run, &log, decision).await;
@@ -189,7 +191,7 @@ impl Worker {
                 // The evidence could not be written: never publish without it.
                 let error = format!("cannot write the audit log: {e}");
                 warn!(job_id = %claim.job_id, %error, "infrastructure failure");
-                return self.retry_or_dead(claim, error);
+                return self.retry_or_dead(claim, error, true);
             }
         };
         // A completed run is counted in the metrics and evidenced by its signed log; a line per
@@ -254,7 +256,8 @@ impl Worker {
             }
             RunStatus::Failed { reason } => {
                 if retry.retry_failed_runs && claim.attempt < retry.attempts {
-                    self.retry_or_dead(claim, format!("run {} failed: {reason}", report.run_id))
+                    let error = format!("run {} failed: {reason}", report.run_id);
+                    self.retry_or_dead(claim, error, false)
                 } else {
                     let result = result_message(queue.payload, job, report, claim.attempt);
                     let dead_letter = retry.retry_failed_runs.then(|| {
@@ -413,10 +416,20 @@ impl Worker {
         }
     }
 
-    fn retry_or_dead(&self, claim: &Claim, error: String) -> (Finish, Verdict) {
+    /// Another attempt after the backoff, or the dead letters once the attempts are spent.
+    /// `keep_run`: see [`Finish::Retry`].
+    fn retry_or_dead(&self, claim: &Claim, error: String, keep_run: bool) -> (Finish, Verdict) {
         if claim.attempt < self.cfg.retry.attempts {
             let delay = self.backoff.delay(claim.attempt);
-            (Finish::Retry { delay, error }, Verdict::Retry)
+            let keep_run = keep_run && self.durable();
+            (
+                Finish::Retry {
+                    delay,
+                    error,
+                    keep_run,
+                },
+                Verdict::Retry,
+            )
         } else {
             let reason = format!("gave up after {} attempts: {error}", claim.attempt);
             (

@@ -378,6 +378,12 @@ pub async fn bad_input_is_dead_lettered(kind: Kind) {
                 .into_bytes(),
             "unknown graph 'ghost_graph'".into(),
         ),
+        (
+            // Looks like a message the Redis backend wrapped itself, but is not one.
+            format!(r#"{{"lar_worker":1,"id":"{p}-lookalike","attempt":-1,"raw":5,"graph":7}}"#)
+                .into_bytes(),
+            "'graph' must be a string".into(),
+        ),
         (big, big_reason),
         (not_utf8, format!("invalid UTF-8 at byte {bad_at}")),
     ];
