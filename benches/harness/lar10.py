@@ -2,7 +2,7 @@
 (set, set, router, 3 tools, router, 2 tools, set). Two ways: the signed log written
 (GraphExecutor(hmac_secret, log_dir)) and no file (an AuditLogger whose save is a no-op).
 Prints CPU µs per step."""
-import hashlib, os, sys, tempfile, time, contextlib, json
+import contextlib, hashlib, os, shutil, sys, tempfile, time
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 with contextlib.redirect_stdout(open(os.devnull, "w")), contextlib.redirect_stderr(open(os.devnull, "w")):
     from lar import AddValueNode, GraphExecutor, RouterNode, ToolNode
@@ -46,3 +46,4 @@ signed, per = measure(lambda: GraphExecutor(hmac_secret="bench-secret", log_dir=
 nofile, _ = measure(lambda: GraphExecutor(logger=NoFile(d, hmac_secret="bench-secret")), n)
 files = len(os.listdir(d))
 print(f"lar 10-node: {per:.0f} steps/run, signed log {signed:.1f} CPU us/step, no file {nofile:.1f} CPU us/step, {files} files")
+shutil.rmtree(d)
