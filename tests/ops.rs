@@ -77,6 +77,22 @@ fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
+/// A connection to the shared local Redis.
+fn local_redis() -> redis::Connection {
+    redis::Client::open("redis://127.0.0.1:6379/0")
+        .unwrap()
+        .get_connection()
+        .unwrap()
+}
+
+/// Deletes every key of a test's queue.
+fn forget_queue(r: &mut redis::Connection, queue: &str) {
+    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
+    if !keys.is_empty() {
+        let _: () = r.del(keys).unwrap();
+    }
+}
+
 fn wait_for<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
     let start = Instant::now();
     while start.elapsed() < within {
@@ -280,14 +296,8 @@ fn ready_watchdog_wedge_and_stopping() {
         );
     }
     assert!(err.contains("withholding the watchdog ping"), "{err}");
-    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_connection()
-        .unwrap();
-    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
-    if !keys.is_empty() {
-        let _: () = r.del(keys).unwrap();
-    }
+    let mut r = local_redis();
+    forget_queue(&mut r, &queue);
 }
 
 fn ensure_prometheus_parser() {
@@ -310,10 +320,7 @@ fn metrics_count_exactly_the_jobs_run() {
     let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
     let port = free_port();
     let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, Some(port));
-    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut r = local_redis();
     for i in 0..5 {
         let _: () = r
             .rpush(&queue, format!("{{\"kind\":\"sum\",\"numbers\":[{i},1]}}"))
@@ -383,10 +390,7 @@ print(json.dumps(out))
         2.0
     );
     assert_eq!(get("lar_worker_in_flight", "{}"), 0.0);
-    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
-    if !keys.is_empty() {
-        let _: () = r.del(keys).unwrap();
-    }
+    forget_queue(&mut r, &queue);
 }
 
 #[test]
@@ -457,10 +461,7 @@ fn dead_letters_show_and_redrive_keep_the_payload() {
     let dir = tempfile::tempdir().unwrap();
     let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
     let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, None);
-    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut r = local_redis();
     let bad = "{\"kind\": \"sum\", truncated";
     let _: () = r.rpush(&queue, bad).unwrap();
     let mut child = spawn(&config, &[]);
@@ -506,10 +507,7 @@ fn dead_letters_show_and_redrive_keep_the_payload() {
     assert_eq!(d, 0);
     let (code, _) = cli(&["dead-letters", "redrive", &job_id]);
     assert_eq!(code, Some(2), "a second redrive finds nothing");
-    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
-    if !keys.is_empty() {
-        let _: () = r.del(keys).unwrap();
-    }
+    forget_queue(&mut r, &queue);
 }
 
 /// journald restarting, or whoever read our stderr going away, must not cost the worker its
@@ -519,10 +517,7 @@ fn a_worker_whose_log_reader_is_gone_still_works_and_stops() {
     let dir = tempfile::tempdir().unwrap();
     let queue = format!("ops-{}:jobs", uuid::Uuid::new_v4().simple());
     let config = write_config(dir.path(), "redis://127.0.0.1:6379/0", &queue, None);
-    let mut r = redis::Client::open("redis://127.0.0.1:6379/0")
-        .unwrap()
-        .get_connection()
-        .unwrap();
+    let mut r = local_redis();
     let mut child = spawn(&config, &[("RUST_LOG", "debug")]);
     drop(child.stderr.take());
     for i in 0..5 {
@@ -543,10 +538,7 @@ fn a_worker_whose_log_reader_is_gone_still_works_and_stops() {
         let _ = child.kill();
         let _ = child.wait();
     }
-    let keys: Vec<String> = r.keys(format!("{queue}*")).unwrap();
-    if !keys.is_empty() {
-        let _: () = r.del(keys).unwrap();
-    }
+    forget_queue(&mut r, &queue);
     assert_eq!(done, Some(5), "every job ran with stderr broken");
     let status = stopped.expect("SIGTERM stops a worker whose stderr is a broken pipe");
     assert!(status.success(), "{status}");

@@ -41,6 +41,12 @@ async fn claim_all(b: &dyn Backend, q: &QueueNames, n: usize) -> Vec<Claim> {
     out
 }
 
+/// Claims a job retried with no delay (Redis promotes due retries in its reaper).
+async fn claim_retried(b: &dyn Backend, q: &QueueNames) -> Claim {
+    b.recover(q).await.unwrap();
+    claim_all(b, q, 1).await.remove(0)
+}
+
 async fn journal(b: &dyn Backend, q: &QueueNames, job: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
     let run = b.load_run(q, job).await.unwrap().expect("a stored run");
     (run.journal, run.checkpoint)
@@ -107,12 +113,7 @@ async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
         keep_run: true,
     };
     assert_eq!(b.finish(q, &again, keep).await.unwrap(), Fenced::Done);
-    b.recover(q).await.unwrap(); // Redis promotes due retries in its reaper.
-    let third = b
-        .claim(q, 1, LEASE, Duration::from_secs(5))
-        .await
-        .unwrap()
-        .remove(0);
+    let third = claim_retried(b, q).await;
     assert_eq!(
         (third.job_id.as_str(), third.attempt),
         (c.job_id.as_str(), 2)
@@ -129,12 +130,7 @@ async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
     };
     assert_eq!(b.finish(q, &third, fresh).await.unwrap(), Fenced::Done);
     assert!(b.load_run(q, &c.job_id).await.unwrap().is_none());
-    b.recover(q).await.unwrap();
-    let again = b
-        .claim(q, 1, LEASE, Duration::from_secs(5))
-        .await
-        .unwrap()
-        .remove(0);
+    let again = claim_retried(b, q).await;
     assert_eq!(again.attempt, 3);
 
     let done = Finish::Publish {
