@@ -10,3 +10,60 @@ conformance_suite!(conformance::Kind::Redis);
 async fn seed_python_interop() {
     conformance::scenarios::seed_python_interop(conformance::Kind::Redis).await
 }
+
+/// A BLMOVE that moved a message into the worker's processing list, then lost its connection
+/// before ADOPT ran, must not strand the message there while the worker lives: the next
+/// `recover` (every reaper tick) hands it back, and the job is claimed and worked once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
+    use lar_worker::queue::redis::RedisBackend;
+    use lar_worker::queue::{Backend, QueueNames};
+    use std::time::Duration;
+
+    let jobs = format!("lar-test-adopt-{}", uuid::Uuid::new_v4());
+    let names = QueueNames {
+        jobs: jobs.clone(),
+        results: format!("{jobs}:results"),
+    };
+    let backend = RedisBackend::connect(&conformance::redis_url(), "w-adopt".into(), vec![])
+        .await
+        .unwrap();
+    let client = redis::Client::open(conformance::redis_url()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    let processing = format!("{jobs}:processing:w-adopt");
+    let raw = br#"{"ticket":"stranded"}"#.to_vec();
+    // What the BLMOVE left behind, next to a message this worker really holds.
+    let _: () = redis::AsyncCommands::rpush(&mut r, &jobs, b"{\"ticket\":\"held\"}".to_vec())
+        .await
+        .unwrap();
+    let held = backend
+        .claim(&names, 1, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(held.len(), 1);
+    let _: () = redis::AsyncCommands::lpush(&mut r, &processing, raw.clone())
+        .await
+        .unwrap();
+
+    let moved = backend.recover(&names).await.unwrap();
+    assert_eq!(moved, 1, "only the raw message goes back");
+    let left: Vec<Vec<u8>> = redis::AsyncCommands::lrange(&mut r, &processing, 0, -1)
+        .await
+        .unwrap();
+    assert_eq!(left.len(), 1, "the held claim stays where it is");
+    assert_ne!(left[0], raw);
+
+    let again = backend
+        .claim(&names, 5, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].payload, raw);
+
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
+    }
+}

@@ -124,11 +124,23 @@ end
 return 1
 "#;
 
-/// KEYS: queue, leases, claims, owners, delayed, workers, epochs.
+/// KEYS: queue, leases, claims, owners, delayed, workers, epochs, own processing list.
 /// ARGV: now, processing-list prefix, heartbeat prefix.
+/// Besides expired leases, dead workers' lists and due retries, it hands back any raw message
+/// in the caller's own processing list: one a BLMOVE moved whose ADOPT never ran (the
+/// connection dropped in between). Only ADOPT wraps, and only a wrapped message is ever worked
+/// on, so a raw one there is held by nobody; an ADOPT that comes later finds it gone and
+/// claims nothing.
 const RECOVER: &str = r#"
 local PREFIX = '{"lar_worker":1,'
 local moved = 0
+for _, item in ipairs(redis.call('LRANGE', KEYS[8], 0, -1)) do
+  if string.sub(item, 1, #PREFIX) ~= PREFIX then
+    redis.call('LREM', KEYS[8], 1, item)
+    redis.call('LPUSH', KEYS[1], item)
+    moved = moved + 1
+  end
+end
 for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)) do
   local stored = redis.call('HGET', KEYS[3], id)
   local owner = redis.call('HGET', KEYS[4], id)
@@ -534,7 +546,8 @@ impl Backend for RedisBackend {
             .key(&k.owners)
             .key(&k.delayed)
             .key(&k.workers)
-            .key(&k.epochs);
+            .key(&k.epochs)
+            .key(&k.processing);
         inv.arg(now_ms())
             .arg(&k.processing_prefix)
             .arg(&k.heartbeat_prefix);
