@@ -5,7 +5,8 @@
 
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -701,6 +702,88 @@ async fn connection_loss_fences_the_claim_and_the_job_is_redelivered() {
         vec![b"{\"ok\":true}".to_vec()],
         "only the live claim published"
     );
+}
+
+/// A message without `message_id` (a plain pika producer) is stamped on its first delivery:
+/// its redeliveries are the same job (so a crash resumes it and the done marker catches a
+/// second result), and its `reply_to`, `correlation_id` and headers stay with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_without_an_id_keeps_one_job_id_across_redeliveries() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("noid");
+    let q = &names.q;
+    let b = backend(opts(AmqpQueueType::Quorum), "noid").await;
+    b.ensure_topology(q).await.expect("topology");
+    let conn = lapin_conn().await;
+    let ch = conn.create_channel().await.expect("channel");
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    let mut headers = FieldTable::default();
+    headers.insert("x-tenant".into(), AMQPValue::LongString("acme".into()));
+    ch.basic_publish(
+        "",
+        &q.jobs,
+        BasicPublishOptions::default(),
+        br#"{"n":1}"#,
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_reply_to("caller-queue".into())
+            .with_correlation_id("corr-7".into())
+            .with_headers(headers),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+
+    let first = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert_eq!(first.payload, br#"{"n":1}"#.to_vec());
+    assert_eq!(first.attempt, 1);
+    // Handed back (a shutdown, a lost connection): the broker delivers it again.
+    assert_eq!(
+        b.finish(q, &first, Finish::Release).await.expect("release"),
+        Fenced::Done
+    );
+    let again = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert_eq!(again.job_id, first.job_id, "one job id for every delivery");
+    assert_eq!(again.attempt, 1, "a redelivery is not a failed attempt");
+    let d = b.depth(q).await.expect("depth");
+    assert_eq!(d.ready, 0, "the original was acked once stamped: {d:?}");
+
+    // What the producer set travels with the stamped copy.
+    b.deregister(q).await.expect("deregister");
+    // Done or Lost: either way the broker has it back.
+    b.finish(q, &again, Finish::Release).await.expect("release");
+    let left = eventually(
+        "the stamped copy back in the queue",
+        Duration::from_secs(10),
+        || {
+            let conn = &conn;
+            async move {
+                let got = drain_queue(conn, &q.jobs).await;
+                (!got.is_empty()).then_some(got)
+            }
+        },
+    )
+    .await;
+    assert_eq!(left.len(), 1, "one message, never two");
+    let (props, body) = &left[0];
+    assert_eq!(body, &br#"{"n":1}"#.to_vec());
+    assert_eq!(
+        props.message_id().as_ref().map(|m| m.as_str()),
+        Some(first.job_id.as_str())
+    );
+    assert_eq!(
+        props.reply_to().as_ref().map(|m| m.as_str()),
+        Some("caller-queue")
+    );
+    assert_eq!(
+        props.correlation_id().as_ref().map(|m| m.as_str()),
+        Some("corr-7")
+    );
+    assert_eq!(header_text(props, "x-tenant").as_deref(), Some("acme"));
+    let _ = conn.close(200, "ok").await;
 }
 
 /// The done marker: a job delivered again after its result went out is acked without a second

@@ -38,6 +38,12 @@
 //! `extend` reports whether the claim's channel is still open (the broker's `consumer_timeout`,
 //! 30 minutes by default, bounds how long one delivery may stay unacked).
 //!
+//! Job ids. A job is known by its `message_id` (or, on envelope queues, its `id`). A message
+//! with neither is stamped when first delivered: a copy with a new `message_id` is published
+//! back to the work queue (confirmed) and the original acked, so every later delivery of it
+//! is the same job. It costs such producers one more publish per job and moves the job behind
+//! what is queued; producers that set `message_id` pay nothing.
+//!
 //! One result per job. A redelivery after a lost ack would publish a second result, so a
 //! done marker is kept per job id: checked before publishing, set after the confirms, before
 //! the ack. It lives in this process (always) and in Redis when `dedupe_redis_url` is set
@@ -909,8 +915,8 @@ impl Shared {
     }
 
     /// A buffered delivery as a claim, or `None` when its channel is gone (the broker
-    /// redelivers it).
-    fn adopt(&self, q: &QueueNames, p: Pending) -> Option<Claim> {
+    /// redelivers it). The flag says the message named no job id (see [`Shared::stamp`]).
+    fn adopt(&self, q: &QueueNames, p: Pending) -> Option<(Claim, bool)> {
         if p.generation != self.generation.load(Ordering::SeqCst) || !p.channel.status().connected()
         {
             return None;
@@ -918,7 +924,7 @@ impl Shared {
         let d = p.delivery;
         let props = d.properties;
         let headers = props.headers().clone().unwrap_or_default();
-        let job_id = props
+        let named = props
             .message_id()
             .as_ref()
             .map(|m| m.as_str().to_string())
@@ -928,8 +934,9 @@ impl Shared {
                     .contains(&q.jobs)
                     .then(|| envelope_id(&d.data))
                     .flatten()
-            })
-            .unwrap_or_else(crate::ids::new_id);
+            });
+        let unnamed = named.is_none();
+        let job_id = named.unwrap_or_else(crate::ids::new_id);
         let done_before = header(&headers, "x-attempt")
             .and_then(value_int)
             .map(|n| n.clamp(0, i64::from(u32::MAX - 1)) as u32)
@@ -955,18 +962,53 @@ impl Shared {
                 props,
             },
         );
-        Some(Claim {
-            job_id,
-            payload: d.data,
-            attempt: done_before + 1,
-            epoch,
-            history,
-            decision,
-            handle: ClaimHandle::Amqp {
-                delivery_tag: d.delivery_tag,
-                channel: p.generation,
+        Some((
+            Claim {
+                job_id,
+                payload: d.data,
+                attempt: done_before + 1,
+                epoch,
+                history,
+                decision,
+                handle: ClaimHandle::Amqp {
+                    delivery_tag: d.delivery_tag,
+                    channel: p.generation,
+                },
             },
-        })
+            unnamed,
+        ))
+    }
+
+    /// Gives a message that names no job (no `message_id`, no envelope `id`) the id it is
+    /// known by from now on: a copy carrying `message_id` goes back to the work queue, with
+    /// a confirm, and only then is the original acked. Without this a redelivery (a crash, a
+    /// lost connection) would come back as a new job: it would run again from its first step
+    /// and publish a second result, since checkpoints, fencing and the done marker are all
+    /// keyed by job id. The copy queues behind what is waiting; a crash between the confirm
+    /// and the ack leaves the original to be stamped again (two jobs, never none).
+    async fn stamp(&self, q: &QueueNames, c: &Claim) {
+        let Some(h) = lock(&self.held).remove(&(c.job_id.clone(), c.epoch)) else {
+            return;
+        };
+        let stamped = async {
+            let props = job_props(&h.props, &c.job_id, carried_headers(&h.props));
+            let ch = self.publisher().await?;
+            let what = format!("job with its new id (queue '{}')", q.jobs);
+            let pending =
+                vec![Self::publish(&ch, "", &q.jobs, true, &c.payload, props, what).await?];
+            Self::confirmed(pending).await
+        }
+        .await;
+        match stamped {
+            Ok(()) => {
+                debug!(job_id = %c.job_id, "message without an id stamped and queued again");
+                self.ack(&h).await;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot stamp a message without an id: handed back");
+                self.requeue(&h).await;
+            }
+        }
     }
 
     /// Gives a delivered claim the job's next epoch from the checkpoint store, so checkpoint
@@ -1556,10 +1598,11 @@ impl Backend for AmqpBackend {
         let mut rx = buffer.rx.lock().await;
         let deadline = tokio::time::Instant::now() + wait;
         let mut out = Vec::new();
-        while out.len() < max {
+        let mut unnamed = Vec::new();
+        while out.len() + unnamed.len() < max {
             let next = match rx.try_recv() {
                 Ok(p) => Some(p),
-                Err(_) if !out.is_empty() => None,
+                Err(_) if !out.is_empty() || !unnamed.is_empty() => None,
                 Err(_) => tokio::time::timeout_at(deadline, rx.recv())
                     .await
                     .ok()
@@ -1567,11 +1610,15 @@ impl Backend for AmqpBackend {
             };
             let Some(p) = next else { break };
             buffer.len.fetch_sub(1, Ordering::SeqCst);
-            if let Some(c) = s.adopt(q, p) {
-                out.push(c);
+            match s.adopt(q, p) {
+                Some((c, false)) => out.push(c),
+                Some((c, true)) => unnamed.push(c),
+                None => {}
             }
         }
         drop(rx);
+        // Stamped copies come back through the queue as claims of their own.
+        futures::future::join_all(unnamed.iter().map(|c| s.stamp(q, c))).await;
         // With a checkpoint store every claim gets the job's next epoch there; a store that
         // cannot be reached hands every delivery back (fenced or not: none is handed out).
         for i in 0..out.len() {
