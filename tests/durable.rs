@@ -722,6 +722,58 @@ fn an_expired_pending_job_takes_the_default_path(kind: Kind) {
     assert_eq!(decision["choice"], "reject");
 }
 
+/// A decision is applied only once its authority ledger record is on disk: when the record
+/// cannot be written, no step runs past the jury and no result goes out; the job is retried,
+/// then dead-lettered with the reason, and no ledger-less decision is ever in a log.
+fn a_decision_without_its_ledger_record_is_not_applied(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-l","input":{"amount":5000}}"#);
+    let w = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(20));
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "awaiting_decision", "{}", results[0]);
+    let run_id = results[0]["run_id"].as_str().unwrap().to_string();
+    env.clear_results();
+    // The decision is step 2 (score, jury halt, jury decision): a directory where its ledger
+    // file goes makes the write fail.
+    let blocker = env.audit().join(format!("authority_{run_id}_2.json"));
+    std::fs::create_dir_all(blocker.join("in-the-way")).unwrap();
+    let (code, out, err) = env.cli(&[
+        "decide",
+        "loan-l",
+        "--choice",
+        "approve",
+        "--by",
+        "cfo@example.com",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let start = Instant::now();
+    let dead = loop {
+        let dead = env.dead();
+        if !dead.is_empty() || start.elapsed() > Duration::from_secs(20) {
+            break dead;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    stop(w);
+    assert_eq!(dead.len(), 1, "the job is dead-lettered");
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("cannot write the authority ledger"),
+        "{reason}"
+    );
+    assert!(env.results_now().is_empty(), "no result without the ledger");
+    // The only log written is the pause's: no step past the jury was ever signed.
+    for entry in std::fs::read_dir(env.audit()).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("run_") {
+            let log: Value =
+                serde_json::from_str(&std::fs::read_to_string(entry.path()).unwrap()).unwrap();
+            assert_eq!(log["steps"].as_array().unwrap().len(), 2, "{name}");
+        }
+    }
+}
+
 macro_rules! on_backends {
     ($($scenario:ident),* $(,)?) => {
         mod redis_backend {
@@ -1135,4 +1187,5 @@ on_backends!(
     sigterm_hands_a_long_run_back_at_a_step_boundary,
     decisions_arrive_as_messages,
     an_expired_pending_job_takes_the_default_path,
+    a_decision_without_its_ledger_record_is_not_applied,
 );

@@ -143,6 +143,14 @@ impl Worker {
             match run.decide(decision) {
                 Ok(record) => {
                     log.append(record, self.audit.secret.as_ref());
+                    // The evidence of the decision first: a decision step is saved (and the
+                    // run goes on) only once its ledger record is on disk. A crash in between
+                    // applies the decision again from the same delivery and rewrites the same
+                    // ledger file; a failed write never leaves an applied, unrecorded decision.
+                    if let Err(error) = self.record_authority(&run, &log, decision).await {
+                        warn!(job_id = %claim.job_id, %error, "decision not applied");
+                        return self.retry_or_dead(claim, error, true);
+                    }
                     if let Some(s) = sink_ref {
                         match s.persist(&run, &log).await {
                             Ok(()) => {}
@@ -154,7 +162,6 @@ impl Worker {
                             }
                         }
                     }
-                    self.record_authority(&run, &log, decision).await;
                 }
                 Err(e) => {
                     // The decide command checks choices; a stale or forged decision lands here.
@@ -371,10 +378,16 @@ impl Worker {
         Ok((run, log))
     }
 
-    /// Writes the authority ledger record for a decision (Lár's fields plus job, run, step).
-    async fn record_authority(&self, run: &Run, log: &RunLog, decision: &Decision) {
+    /// Writes the authority ledger record for a decision (Lár's fields plus job, run, step),
+    /// `authority_<run_id>_<step>.json`: the same name however often the decision is applied.
+    async fn record_authority(
+        &self,
+        run: &Run,
+        log: &RunLog,
+        decision: &Decision,
+    ) -> Result<(), String> {
         let Some(step) = log.last_step() else {
-            return;
+            return Err("no decision step to record".into());
         };
         let request = log.last_halt().and_then(DecisionRequest::from_halt);
         let (prompt, context_keys, risk) = match &request {
@@ -410,9 +423,12 @@ impl Worker {
         })
         .await;
         match written {
-            Ok(Ok(path)) => info!(ledger = %path.display(), "authority ledger written"),
-            Ok(Err(e)) => warn!(error = %e, "cannot write the authority ledger"),
-            Err(e) => warn!(error = %e, "ledger writer task failed"),
+            Ok(Ok(path)) => {
+                info!(ledger = %path.display(), "authority ledger written");
+                Ok(())
+            }
+            Ok(Err(e)) => Err(format!("cannot write the authority ledger: {e}")),
+            Err(e) => Err(format!("the authority ledger writer failed: {e}")),
         }
     }
 
