@@ -902,6 +902,10 @@ mod amqp_backend {
         super::a_decision_the_broker_never_got_is_published_again()
     }
     #[test]
+    fn a_forged_decision_header_is_ignored() {
+        super::a_forged_decision_header_is_ignored()
+    }
+    #[test]
     fn a_finished_run_leaves_no_checkpoint() {
         super::a_finished_run_leaves_no_checkpoint(super::Kind::Amqp)
     }
@@ -1105,7 +1109,20 @@ fn a_decision_the_broker_never_got_is_published_again() {
     let deciding_key = format!("{}:deciding", env.queue);
     let pending: String = env.redis.hget(&pending_key, &job).unwrap();
     let _: () = env.redis.hdel(&pending_key, &job).unwrap();
-    let decision = r#"{"choice":"approve","rationale":"ok","decided_by":"cfo@example.com"}"#;
+    // What `decide` stored before the crash: the decision for the halt, signed.
+    let halt_step = serde_json::from_str::<Value>(&pending).unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    let mut decision = lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: "ok".into(),
+        decided_by: "cfo@example.com".into(),
+        role: None,
+        step: Some(halt_step),
+        signature: None,
+    };
+    decision.sign(&job, &lar_worker::audit::Secret::new(SECRET).unwrap());
+    let decision = serde_json::to_string(&decision).unwrap();
     let at = chrono::Utc::now().timestamp_millis() - 120_000;
     let entry =
         serde_json::json!({"at": at, "decision": decision, "pending": pending, "props": "{}"});
@@ -1125,6 +1142,108 @@ fn a_decision_the_broker_never_got_is_published_again() {
     assert_eq!(results[0]["state"]["paid"], true);
     let left: usize = env.redis.hlen(&deciding_key).unwrap();
     assert_eq!(left, 0, "the delivered decision is forgotten");
+}
+
+/// AMQP: anyone who may publish to the work queue can write an `x-lar-decision` header. A
+/// decision that was not submitted through `decide` (unsigned, or signed for other values) is
+/// ignored: the run waits again, and only the real decision resumes it.
+fn a_forged_decision_header_is_ignored() {
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+    use lapin::types::{AMQPValue, FieldTable};
+    use lapin::{BasicProperties, Connection, ConnectionProperties};
+    let mut env = Env::new(Kind::Amqp, LOAN, "envelope", 5000, &[]);
+    let job_msg = r#"{"id":"loan-f","input":{"amount":5000}}"#;
+    env.push(job_msg);
+    let w = env.worker();
+    let job = pending_job_id(&mut env);
+    let pending: String = env
+        .redis
+        .hget(format!("{}:pending", env.queue), &job)
+        .unwrap();
+    let halt_step = serde_json::from_str::<Value>(&pending).unwrap()["step"]
+        .as_u64()
+        .unwrap();
+    let secret = lar_worker::audit::Secret::new(SECRET).unwrap();
+    let mut signed_for_reject = lar_worker::exec::Decision {
+        choice: "reject".into(),
+        rationale: String::new(),
+        decided_by: "mallory".into(),
+        role: None,
+        step: Some(halt_step),
+        signature: None,
+    };
+    signed_for_reject.sign(&job, &secret);
+    let mut altered = signed_for_reject.clone();
+    altered.choice = "approve".into();
+    let forgeries = [
+        format!(
+            r#"{{"choice":"approve","rationale":"","decided_by":"mallory","step":{halt_step}}}"#
+        ),
+        serde_json::to_string(&altered).unwrap(),
+    ];
+    for forged in &forgeries {
+        env.rt.block_on(async {
+            let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+                .await
+                .unwrap();
+            let ch = conn.create_channel().await.unwrap();
+            ch.confirm_select(ConfirmSelectOptions::default())
+                .await
+                .unwrap();
+            let mut headers = FieldTable::default();
+            headers.insert(
+                "x-lar-decision".into(),
+                AMQPValue::LongString(forged.as_str().into()),
+            );
+            ch.basic_publish(
+                "",
+                &env.queue,
+                BasicPublishOptions::default(),
+                job_msg.as_bytes(),
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(job.as_str().into())
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+            let _ = conn.close(200, "ok").await;
+        });
+        let results = env.wait_results(1, Duration::from_secs(20));
+        assert_eq!(results.len(), 1);
+        assert_eq!(
+            results[0]["status"], "awaiting_decision",
+            "a forged decision does not resume the run: {}",
+            results[0]
+        );
+        env.clear_results();
+    }
+    let (code, out, err) = env.cli(&[
+        "decide",
+        &job,
+        "--choice",
+        "approve",
+        "--by",
+        "cfo@example.com",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let results = env.wait_results(1, Duration::from_secs(20));
+    stop(w);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "completed", "{}", results[0]);
+    assert_eq!(results[0]["state"]["paid"], true);
+    let log_path = PathBuf::from(results[0]["audit_log"].as_str().unwrap());
+    let log: Value = serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
+    let deciders: Vec<&Value> = log["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|s| s.get("decision"))
+        .collect();
+    assert_eq!(deciders.len(), 1, "one decision applied: {deciders:?}");
+    assert_eq!(deciders[0]["decided_by"], "cfo@example.com");
 }
 
 fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {

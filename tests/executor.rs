@@ -889,6 +889,7 @@ async fn human_jury_halts_and_a_valid_decision_continues() {
         decided_by: "mallory".into(),
         role: None,
         step: None,
+        signature: None,
     };
     let before = run.position();
     match run.decide(&bad) {
@@ -906,6 +907,7 @@ async fn human_jury_halts_and_a_valid_decision_continues() {
         decided_by: "reviewer@example.com".into(),
         role: Some("CFO".into()),
         step: None,
+        signature: None,
     };
     let rec = run.decide(&good).unwrap();
     assert_eq!(rec.step(), 2);
@@ -955,6 +957,7 @@ async fn a_halted_run_resumes_from_its_position() {
             decided_by: "bob".into(),
             role: None,
             step: None,
+            signature: None,
         })
         .unwrap();
     assert_eq!(rec.step(), 2);

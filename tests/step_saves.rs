@@ -286,6 +286,7 @@ async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Backend, q: &QueueNames) {
         decided_by: "a@x".into(),
         role: None,
         step: Some(1),
+        signature: None,
     };
     assert!(b
         .submit_decision(q, &holder.job_id, &holder.payload, &decision)

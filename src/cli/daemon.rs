@@ -61,12 +61,7 @@ pub fn run(a: RunArgs) -> u8 {
             return exit::USAGE;
         }
     };
-    let mut secret_args = a.secret.clone();
-    if secret_args.secret_file.is_none() {
-        secret_args.secret_file = loaded.config.worker.secret_file.clone();
-    }
-    secret_args.unsigned |= loaded.config.worker.unsigned;
-    let secret = match secret_args.resolve() {
+    let secret = match a.secret.resolve_for(&loaded.config) {
         Ok(s) => s,
         Err(e) => {
             error!(error = %e, "no secret");

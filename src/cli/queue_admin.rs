@@ -310,11 +310,23 @@ pub struct DecideArgs {
     /// The decider's role (recorded as the stakeholder role).
     #[arg(long)]
     pub role: Option<String>,
+    /// The workers' secret signs the decision: workers with a secret apply only signed ones.
+    #[command(flatten)]
+    pub secret: super::secret::SecretArgs,
 }
 
 /// Records a human decision: checks the job waits and the choice is allowed, then queues the
 /// job to resume (any replica picks it up), atomically with removing the pending record.
 pub fn decide(a: DecideArgs) -> u8 {
+    let secret = match load(&a.q.config)
+        .and_then(|l| a.secret.resolve_for(&l.config).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return exit::USAGE;
+        }
+    };
     with_all(&a.q.config, |backend, queues| async move {
         use crate::durable::decide::{pending_of, submit_for, Refusal};
         let decision = crate::exec::Decision {
@@ -323,6 +335,7 @@ pub fn decide(a: DecideArgs) -> u8 {
             decided_by: a.by.clone(),
             role: a.role.clone(),
             step: None,
+            signature: None,
         };
         for q in &queues {
             if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
@@ -330,7 +343,9 @@ pub fn decide(a: DecideArgs) -> u8 {
             }
             let result = match pending_of(backend.as_ref(), &q.names, &a.job_id).await {
                 Ok(None) => continue,
-                Ok(Some(p)) => submit_for(backend.as_ref(), &q.names, &p, &decision).await,
+                Ok(Some(p)) => {
+                    submit_for(backend.as_ref(), &q.names, &p, &decision, secret.as_ref()).await
+                }
                 Err(e) => Err(e),
             };
             return match result {

@@ -40,6 +40,20 @@ impl SecretArgs {
         Err(SecretError::Missing)
     }
 
+    /// As [`SecretArgs::resolve`], with the worker config's `secret_file` and `unsigned` as
+    /// defaults: the daemon and the commands that act for it (`decide`) find the same secret.
+    pub fn resolve_for(
+        &self,
+        config: &crate::config::Config,
+    ) -> Result<Option<Secret>, SecretError> {
+        let mut args = self.clone();
+        if args.secret_file.is_none() {
+            args.secret_file = config.worker.secret_file.clone();
+        }
+        args.unsigned |= config.worker.unsigned;
+        args.resolve()
+    }
+
     /// For commands that cannot work without a secret (verify).
     pub fn require(&self) -> Result<Secret, SecretError> {
         match self.resolve() {

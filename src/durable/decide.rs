@@ -3,6 +3,7 @@
 //! the job is queued to resume, atomically.
 
 use super::Pending;
+use crate::audit::Secret;
 use crate::exec::Decision;
 use crate::queue::{Backend, QueueError, QueueNames};
 
@@ -39,17 +40,19 @@ pub async fn pending_of(
     }
 }
 
-/// Validates and submits `decision` for `job_id` on queue `q`.
+/// Validates and submits `decision` for `job_id` on queue `q`, signed with `secret` (the
+/// workers' secret: with one, they apply only decisions signed with it).
 pub async fn submit(
     backend: &dyn Backend,
     q: &QueueNames,
     job_id: &str,
     decision: &Decision,
+    secret: Option<&Secret>,
 ) -> Result<(), Refusal> {
     let pending = pending_of(backend, q, job_id)
         .await?
         .ok_or_else(|| Refusal::NotPending(job_id.to_string()))?;
-    submit_for(backend, q, &pending, decision).await
+    submit_for(backend, q, &pending, decision, secret).await
 }
 
 /// As [`submit`], with the pending record already read.
@@ -58,6 +61,7 @@ pub async fn submit_for(
     q: &QueueNames,
     pending: &Pending,
     decision: &Decision,
+    secret: Option<&Secret>,
 ) -> Result<(), Refusal> {
     if !pending.request.choices.contains(&decision.choice) {
         return Err(Refusal::InvalidChoice {
@@ -66,10 +70,13 @@ pub async fn submit_for(
             allowed: pending.request.choices.join(", "),
         });
     }
-    let decision = Decision {
+    let mut decision = Decision {
         step: Some(pending.step),
         ..decision.clone()
     };
+    if let Some(secret) = secret {
+        decision.sign(&pending.job_id, secret);
+    }
     if backend
         .submit_decision(q, &pending.job_id, pending.payload.as_bytes(), &decision)
         .await?

@@ -34,6 +34,7 @@ impl Pending {
             decided_by: "system:expiry".to_string(),
             role: Some("system".to_string()),
             step: None,
+            signature: None,
         })
     }
 }

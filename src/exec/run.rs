@@ -87,6 +87,38 @@ pub struct Decision {
     /// is never applied to a later halt of the same run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u64>,
+    /// HMAC of the decision for its job (see [`Decision::sign`]), set where decisions are
+    /// submitted. A worker with a secret applies only decisions that carry a valid one, so a
+    /// message that merely claims a decision (anyone who can publish to the work queue could
+    /// write the header) never becomes an approval in the evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+impl Decision {
+    /// What the signature covers: the job, the halt it answers, and every recorded field.
+    fn signed_bytes(&self, job_id: &str) -> Vec<u8> {
+        crate::json::to_canonical_vec(&serde_json::json!({
+            "job_id": job_id,
+            "step": self.step,
+            "choice": self.choice,
+            "rationale": self.rationale,
+            "decided_by": self.decided_by,
+            "role": self.role,
+        }))
+    }
+
+    /// Signs the decision for `job_id` (after `step` is set).
+    pub fn sign(&mut self, job_id: &str, secret: &crate::audit::Secret) {
+        self.signature = Some(secret.sign(&self.signed_bytes(job_id)));
+    }
+
+    /// Whether the decision carries a valid signature for `job_id`.
+    pub fn verify(&self, job_id: &str, secret: &crate::audit::Secret) -> bool {
+        self.signature
+            .as_deref()
+            .is_some_and(|sig| secret.verify_hex(&self.signed_bytes(job_id), sig))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

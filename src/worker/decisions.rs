@@ -70,6 +70,7 @@ impl Worker {
                             decided_by: by,
                             role: s("role"),
                             step: None,
+                            signature: None,
                         },
                     ))
                 });
@@ -83,7 +84,15 @@ impl Worker {
                 })
             }
         };
-        let reply = match submit(self.backend.as_ref(), names, &job_id, &decision).await {
+        let reply = match submit(
+            self.backend.as_ref(),
+            names,
+            &job_id,
+            &decision,
+            self.audit.secret.as_ref(),
+        )
+        .await
+        {
             Ok(()) => {
                 info!(%job_id, choice = %decision.choice, "decision accepted from the decisions queue");
                 json!({"job_id": job_id, "status": "accepted", "choice": decision.choice})
@@ -123,7 +132,15 @@ impl Worker {
                 let Some(decision) = p.expiry_decision(now) else {
                     continue;
                 };
-                match submit_for(self.backend.as_ref(), &q.names, &p, &decision).await {
+                match submit_for(
+                    self.backend.as_ref(),
+                    &q.names,
+                    &p,
+                    &decision,
+                    self.audit.secret.as_ref(),
+                )
+                .await
+                {
                     Ok(()) => {
                         info!(job_id = %p.job_id, choice = %decision.choice, "no decision in time: the default path runs")
                     }

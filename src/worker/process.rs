@@ -138,6 +138,7 @@ impl Worker {
         if let Some(decision) = claim
             .decision
             .as_ref()
+            .filter(|d| self.authentic(claim, d))
             .filter(|d| answers_this_halt(&log, d))
         {
             match run.decide(decision) {
@@ -376,6 +377,21 @@ impl Worker {
               status = ckpt.position.status.name(), "resuming from checkpoint");
         let run = Run::from_position(job.graph.clone(), ckpt.position).map_err(Start::Dead)?;
         Ok((run, log))
+    }
+
+    /// Whether a delivered decision was submitted through `decide`, the decisions queue or
+    /// expiry (signed with the workers' secret). One that is not is ignored: the run stays
+    /// halted and waits again, and no unsigned claim of a decision reaches the evidence.
+    fn authentic(&self, claim: &Claim, d: &Decision) -> bool {
+        let Some(secret) = &self.audit.secret else {
+            return true;
+        };
+        let ok = d.verify(&claim.job_id, secret);
+        if !ok {
+            warn!(job_id = %claim.job_id, decided_by = %d.decided_by,
+                  "a decision without a valid signature ignored: the job waits for a decision again");
+        }
+        ok
     }
 
     /// Writes the authority ledger record for a decision (Lár's fields plus job, run, step),
