@@ -238,7 +238,8 @@ impl Worker {
                 Err(e) => warn!(queue = %q.names.jobs, error = %e, "recovery at start failed"),
             }
         }
-        let maintenance = tokio::spawn(Arc::clone(&self).maintain(shutdown.clone()));
+        let renewal = tokio::spawn(Arc::clone(&self).renew());
+        let housekeeping = tokio::spawn(Arc::clone(&self).housekeep(shutdown.clone()));
         let watchdog = tokio::spawn(Arc::clone(&self).watchdog());
         let idle_watch = opts
             .exit_when_idle
@@ -287,10 +288,12 @@ impl Worker {
             .await;
         }
         while decision_loops.join_next().await.is_some() {}
-        // Wait for the aborted maintenance task, so a heartbeat in flight cannot re-register
-        // this worker after `deregister` below.
-        maintenance.abort();
-        let _ = maintenance.await;
+        // Wait for the aborted tasks, so a heartbeat in flight cannot re-register this worker
+        // after `deregister` below.
+        renewal.abort();
+        housekeeping.abort();
+        let _ = renewal.await;
+        let _ = housekeeping.await;
         watchdog.abort();
         if let Some(h) = idle_watch {
             h.abort();
@@ -471,23 +474,28 @@ impl Worker {
         }
     }
 
-    /// Lease renewal, heartbeats and reaping, until shutdown.
-    async fn maintain(self: Arc<Self>, shutdown: CancellationToken) {
+    /// Lease renewal and heartbeats, in a task of their own: a slow reaper or a long list of
+    /// pending jobs to expire never delays a renewal past a lease. Keeps renewing while the
+    /// worker drains (in-flight jobs still hold their claims) until it is aborted.
+    async fn renew(self: Arc<Self>) {
         let renew_every = (self.cfg.lease() / 3).max(Duration::from_millis(300));
         let mut renew = tokio::time::interval(renew_every);
+        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            renew.tick().await;
+            self.renew_all().await;
+        }
+    }
+
+    /// Reaping expired claims and due retries, and expiring pending decisions, until shutdown.
+    async fn housekeep(self: Arc<Self>, shutdown: CancellationToken) {
         let mut reap = tokio::time::interval(REAP_EVERY);
         let mut expire = tokio::time::interval(EXPIRE_EVERY);
         expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         reap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = shutdown.cancelled() => {
-                    // Keep renewing while draining: in-flight jobs still hold their claims.
-                    renew.tick().await;
-                    self.renew_all().await;
-                }
-                _ = renew.tick() => self.renew_all().await,
+                _ = shutdown.cancelled() => return,
                 _ = expire.tick() => self.expire_pending().await,
                 _ = reap.tick() => {
                     for q in &self.queues {
