@@ -481,6 +481,64 @@ async fn reply_to_and_correlation_id_reach_the_caller() {
     let _ = conn.close(200, "ok").await;
 }
 
+/// The `reply_to` copy is the caller's: a caller whose queue refuses it (full, with
+/// `reject-publish`) does not hold the job, and the result is in the results queue once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reply_does_not_hold_the_job_or_double_its_result() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("fullreply");
+    let q = &names.q;
+    let b = backend(opts(AmqpQueueType::Classic), "fullreply").await;
+    b.ensure_topology(q).await.expect("topology");
+    let conn = lapin_conn().await;
+    let ch = conn.create_channel().await.expect("channel");
+    let reply = format!("{}:reply", q.jobs);
+    let mut args = FieldTable::default();
+    args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
+    args.insert(
+        "x-overflow".into(),
+        AMQPValue::LongString("reject-publish".into()),
+    );
+    ch.queue_declare(&reply, QueueDeclareOptions::default(), args)
+        .await
+        .expect("a reply queue that refuses everything");
+    ch.basic_publish(
+        "",
+        &q.jobs,
+        BasicPublishOptions::default(),
+        br#"{"n":1}"#,
+        BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_reply_to(reply.as_str().into())
+            .with_correlation_id("corr-full".into())
+            .with_message_id("rpc-full-1".into()),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("confirm");
+    let c = claim_one(&b, q, Duration::from_secs(10)).await;
+    let done = b
+        .finish(
+            q,
+            &c,
+            Finish::Publish {
+                result: br#"{"ok":true}"#.to_vec(),
+                dead_letter: None,
+            },
+        )
+        .await;
+    let _ = ch
+        .queue_delete(&reply, lapin::options::QueueDeleteOptions::default())
+        .await;
+    assert_eq!(done.expect("the finish succeeds"), Fenced::Done);
+    let results = b.results(q, 10, true).await.expect("results");
+    assert_eq!(results, vec![br#"{"ok":true}"#.to_vec()], "one result");
+    let d = b.depth(q).await.expect("depth");
+    assert_eq!(d.ready, 0, "the job is acked: {d:?}");
+    let _ = conn.close(200, "ok").await;
+}
+
 /// Retry twice through the delay queue (attempt count and history in headers), then a dead
 /// letter with the whole history and the body untouched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -24,7 +24,8 @@
 //! * `Publish`: result to the results queue (`message_id` = job id, `x-run-id`, `x-status`,
 //!   `x-signature` headers), a copy to `reply_to` with the job's `correlation_id` when the job
 //!   asked for one, the dead-letter entry too when the worker gives one; confirm; done marker;
-//!   ack.
+//!   ack. A finish that is retried sends only what was not confirmed yet, and the reply is
+//!   best effort (the caller's queue may be gone or full; the results queue has the result).
 //! * `Retry`: the same body to `Q.delay` with `expiration` = the delay, `x-attempt` and the
 //!   attempt history (`x-lar-history`, JSON) in headers; confirm; ack. The broker moves it back
 //!   to `Q` when it expires.
@@ -321,6 +322,19 @@ fn result_meta(result: &[u8]) -> (Option<String>, Option<String>, Option<String>
     (get("run_id"), get("status"), get("signature"))
 }
 
+/// A publish and the confirm to await for it.
+type Confirm = (String, PublisherConfirm);
+/// A result's confirm and, when the job has a `reply_to`, its reply's.
+type Confirms = (Confirm, Option<Confirm>);
+
+/// The messages of one finish, to tell their confirms apart.
+#[derive(Clone, Copy)]
+enum Part {
+    Result,
+    Reply,
+    DeadLetter,
+}
+
 /// A delivery as the consumer received it, waiting to be claimed.
 struct Pending {
     generation: u64,
@@ -336,6 +350,15 @@ struct Held {
     delivery_tag: u64,
     queue: String,
     props: BasicProperties,
+    /// What a finish already got confirmed: a retried finish publishes only the rest, so a
+    /// result the broker stored is never published twice because another part failed.
+    sent: Sent,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Sent {
+    result: bool,
+    dead_letter: bool,
 }
 
 /// One queue's deliveries, filled by the consumer task, drained by `claim`. It outlives
@@ -960,6 +983,7 @@ impl Shared {
                 delivery_tag: d.delivery_tag,
                 queue: q.jobs.clone(),
                 props,
+                sent: Sent::default(),
             },
         );
         Some((
@@ -1158,6 +1182,14 @@ impl Shared {
     /// Awaits every confirm at once. A nack, a return (unroutable mandatory message) or a
     /// channel failure is an error: the delivery is not acked.
     async fn confirmed(pending: Vec<(String, PublisherConfirm)>) -> Result<(), QueueError> {
+        Self::confirm_each(pending).await?.into_iter().collect()
+    }
+
+    /// Awaits every confirm at once and says, per message, whether the broker took it. Only
+    /// running out of time fails the whole: then nothing is known of any of them.
+    async fn confirm_each(
+        pending: Vec<(String, PublisherConfirm)>,
+    ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
         let (whats, confirms): (Vec<String>, Vec<PublisherConfirm>) = pending.into_iter().unzip();
         let outcomes = tokio::time::timeout(IO_TIMEOUT, futures::future::join_all(confirms))
             .await
@@ -1167,29 +1199,26 @@ impl Shared {
                     whats.join(", ")
                 ))
             })?;
-        for (what, outcome) in whats.iter().zip(outcomes) {
-            match outcome {
-                Ok(Confirmation::Ack(None)) => {}
+        Ok(whats
+            .iter()
+            .zip(outcomes)
+            .map(|(what, outcome)| match outcome {
+                Ok(Confirmation::Ack(None)) => Ok(()),
                 Ok(Confirmation::Ack(Some(ret))) | Ok(Confirmation::Nack(Some(ret))) => {
-                    return Err(QueueError::Amqp(format!(
+                    Err(QueueError::Amqp(format!(
                         "the {what} was returned unroutable ({} {}): does its queue exist?",
                         ret.reply_code, ret.reply_text
                     )))
                 }
-                Ok(Confirmation::Nack(None)) => {
-                    return Err(QueueError::Amqp(format!(
-                        "the broker refused the {what} (publisher nack)"
-                    )))
-                }
-                Ok(Confirmation::NotRequested) => {
-                    return Err(QueueError::Amqp(format!(
-                        "the {what} went out on a channel without confirms"
-                    )))
-                }
-                Err(e) => return Err(amqp_err(&format!("confirm of the {what}"), e)),
-            }
-        }
-        Ok(())
+                Ok(Confirmation::Nack(None)) => Err(QueueError::Amqp(format!(
+                    "the broker refused the {what} (publisher nack)"
+                ))),
+                Ok(Confirmation::NotRequested) => Err(QueueError::Amqp(format!(
+                    "the {what} went out on a channel without confirms"
+                ))),
+                Err(e) => Err(amqp_err(&format!("confirm of the {what}"), e)),
+            })
+            .collect())
     }
 
     fn dead_letter_props(
@@ -1228,9 +1257,21 @@ impl Shared {
             return Ok(self.ack(h).await);
         }
         let ch = self.publisher().await?;
-        let mut pending = Self::publish_result(&ch, q, claim, h, &result).await?;
-        if let Some(dl) = &dead_letter {
+        // Parts a previous try of this finish got confirmed are not sent again.
+        let mut parts = Vec::new();
+        let mut pending = Vec::new();
+        if !h.sent.result {
+            let (result_part, reply_part) = Self::publish_result(&ch, q, claim, h, &result).await?;
+            parts.push(Part::Result);
+            pending.push(result_part);
+            if let Some(reply) = reply_part {
+                parts.push(Part::Reply);
+                pending.push(reply);
+            }
+        }
+        if let (Some(dl), false) = (&dead_letter, h.sent.dead_letter) {
             let t = Topology::of(q);
+            parts.push(Part::DeadLetter);
             pending.push(
                 Self::publish(
                     &ch,
@@ -1244,7 +1285,32 @@ impl Shared {
                 .await?,
             );
         }
-        if let Err(e) = Self::confirmed(pending).await {
+        let confirmed = Self::confirm_each(pending).await.and_then(|outcomes| {
+            let mut first_error = None;
+            let mut held = lock(&self.held);
+            let entry = held.get_mut(&(claim.job_id.clone(), claim.epoch));
+            let mut sent = entry.as_ref().map(|e| e.sent).unwrap_or_default();
+            for (part, outcome) in parts.iter().zip(outcomes) {
+                match (part, outcome) {
+                    (Part::Result, Ok(())) => sent.result = true,
+                    (Part::DeadLetter, Ok(())) => sent.dead_letter = true,
+                    (Part::Reply, Ok(())) => {}
+                    // The reply is the caller's copy, and its queue is the caller's: a full
+                    // or vanished one must not hold the job (the results queue has the result).
+                    (Part::Reply, Err(e)) => {
+                        warn!(job_id = %claim.job_id, error = %e, "the reply_to copy was not taken; the result is in the results queue")
+                    }
+                    (_, Err(e)) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            if let Some(entry) = entry {
+                entry.sent = sent;
+            }
+            first_error.map_or(Ok(()), Err)
+        });
+        if let Err(e) = confirmed {
             if self.is_live(h) {
                 return Err(e); // refused or unroutable: nothing acked, the worker retries
             }
@@ -1264,14 +1330,15 @@ impl Shared {
     }
 
     /// Publishes a result (final or `awaiting_decision`) to the results queue, and to the
-    /// job's `reply_to` with its `correlation_id` when it has one; returns the confirms.
+    /// job's `reply_to` with its `correlation_id` when it has one; returns the confirms (the
+    /// result's, the reply's).
     async fn publish_result(
         ch: &Channel,
         q: &QueueNames,
         claim: &Claim,
         h: &Held,
         result: &[u8],
-    ) -> Result<Vec<(String, PublisherConfirm)>, QueueError> {
+    ) -> Result<Confirms, QueueError> {
         let (run_id, status, signature) = result_meta(result);
         let mut headers = FieldTable::default();
         for (k, v) in [
@@ -1296,18 +1363,17 @@ impl Shared {
         if let Some(c) = h.props.correlation_id() {
             props = props.with_correlation_id(c.clone());
         }
-        let mut pending = vec![
-            Self::publish(
-                ch,
-                "",
-                &q.results,
-                true,
-                result,
-                props.clone(),
-                format!("result (queue '{}')", q.results),
-            )
-            .await?,
-        ];
+        let result_part = Self::publish(
+            ch,
+            "",
+            &q.results,
+            true,
+            result,
+            props.clone(),
+            format!("result (queue '{}')", q.results),
+        )
+        .await?;
+        let mut reply_part = None;
         if let Some(reply_to) = h
             .props
             .reply_to()
@@ -1315,7 +1381,7 @@ impl Shared {
             .filter(|r| !r.as_str().is_empty())
         {
             // Not mandatory: an RPC caller that went away must not block the job.
-            pending.push(
+            reply_part = Some(
                 Self::publish(
                     ch,
                     "",
@@ -1328,7 +1394,7 @@ impl Shared {
                 .await?,
             );
         }
-        Ok(pending)
+        Ok((result_part, reply_part))
     }
 
     /// Pauses a run for a human: the pending record into the store (fenced on the epoch),
@@ -1366,8 +1432,15 @@ impl Shared {
             }
         }
         let ch = self.publisher().await?;
-        let confirms = Self::publish_result(&ch, q, claim, h, &result).await?;
-        Self::confirmed(confirms).await?;
+        let (result_part, reply_part) = Self::publish_result(&ch, q, claim, h, &result).await?;
+        let mut outcomes =
+            Self::confirm_each(std::iter::once(result_part).chain(reply_part).collect())
+                .await?
+                .into_iter();
+        outcomes.next().unwrap_or(Ok(()))?;
+        if let Some(Err(e)) = outcomes.next() {
+            warn!(job_id = %claim.job_id, error = %e, "the reply_to copy was not taken; the result is in the results queue");
+        }
         Ok(self.ack(h).await)
     }
 
