@@ -1074,3 +1074,39 @@ timeout_ms = 10000
     let (code, _, _) = run(bin().env("HMAC_SECRET", SECRET).arg("verify").arg(&logs));
     assert_eq!(code, 3);
 }
+
+/// A decision's signature covers the job, the halt it answers and every recorded field: a
+/// change to any of them, or another secret, makes it invalid.
+#[test]
+fn a_decision_signature_covers_every_field_and_the_job() {
+    let secret = lar_worker::audit::Secret::new(SECRET).unwrap();
+    let mut d = Decision {
+        choice: "approve".into(),
+        rationale: "Within policy limits.".into(),
+        decided_by: "cfo@example.com".into(),
+        role: Some("CFO".into()),
+        step: Some(2),
+        signature: None,
+    };
+    assert!(!d.verify("job-1", &secret), "unsigned is invalid");
+    d.sign("job-1", &secret);
+    assert!(d.verify("job-1", &secret));
+    // It travels as JSON (a header, a wrapped message) and still verifies.
+    let back: Decision = serde_json::from_str(&serde_json::to_string(&d).unwrap()).unwrap();
+    assert!(back.verify("job-1", &secret));
+    assert!(!d.verify("job-2", &secret), "another job");
+    let other = lar_worker::audit::Secret::new("another-secret").unwrap();
+    assert!(!d.verify("job-1", &other), "another secret");
+    let changes: [fn(&mut Decision); 5] = [
+        |d| d.choice = "reject".into(),
+        |d| d.rationale.push('!'),
+        |d| d.decided_by = "mallory".into(),
+        |d| d.role = None,
+        |d| d.step = Some(3),
+    ];
+    for change in changes {
+        let mut altered = d.clone();
+        change(&mut altered);
+        assert!(!altered.verify("job-1", &secret), "{altered:?}");
+    }
+}
