@@ -106,6 +106,15 @@ async fn lapin_conn() -> Connection {
         .expect("a lapin client connection")
 }
 
+/// Declares the topology through `b`, then opens a plain client connection and channel to
+/// publish or consume beside the worker.
+async fn client_beside(b: &AmqpBackend, q: &QueueNames) -> (Connection, lapin::Channel) {
+    b.ensure_topology(q).await.expect("topology");
+    let conn = lapin_conn().await;
+    let ch = conn.create_channel().await.expect("channel");
+    (conn, ch)
+}
+
 /// Claims until one claim arrives or `within` passes.
 async fn claim_one(b: &AmqpBackend, q: &QueueNames, within: Duration) -> lar_worker::queue::Claim {
     let start = Instant::now();
@@ -405,9 +414,7 @@ async fn reply_to_and_correlation_id_reach_the_caller() {
     let names = Names::new("rpc");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "observer").await;
-    b.ensure_topology(q).await.expect("topology");
-    let conn = lapin_conn().await;
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = client_beside(&b, q).await;
     let reply = ch
         .queue_declare(
             "",
@@ -489,9 +496,7 @@ async fn a_refused_reply_does_not_hold_the_job_or_double_its_result() {
     let names = Names::new("fullreply");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Classic), "fullreply").await;
-    b.ensure_topology(q).await.expect("topology");
-    let conn = lapin_conn().await;
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = client_beside(&b, q).await;
     let reply = format!("{}:reply", q.jobs);
     let mut args = FieldTable::default();
     args.insert("x-max-length".into(), AMQPValue::LongLongInt(0));
@@ -771,9 +776,7 @@ async fn a_message_without_an_id_keeps_one_job_id_across_redeliveries() {
     let names = Names::new("noid");
     let q = &names.q;
     let b = backend(opts(AmqpQueueType::Quorum), "noid").await;
-    b.ensure_topology(q).await.expect("topology");
-    let conn = lapin_conn().await;
-    let ch = conn.create_channel().await.expect("channel");
+    let (conn, ch) = client_beside(&b, q).await;
     ch.confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm mode");

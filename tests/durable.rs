@@ -189,6 +189,18 @@ impl Env {
             .unwrap()
     }
 
+    /// The dead letters, once there is one or `within` passed.
+    fn wait_dead(&self, within: Duration) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let dead = self.dead();
+            if !dead.is_empty() || start.elapsed() > within {
+                return dead;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn wait_results(&mut self, n: usize, within: Duration) -> Vec<Value> {
         let start = Instant::now();
         loop {
@@ -508,14 +520,7 @@ fn tampered_run_is_refused(kind: Kind, tamper: impl FnOnce(&mut Env, &str), expe
     tamper(&mut env, &job);
     let (code, _, _) = env.cli(&["decide", &job, "--choice", "approve", "--by", "x"]);
     assert_eq!(code, 0);
-    let start = Instant::now();
-    let dead = loop {
-        let d = env.dead();
-        if !d.is_empty() || start.elapsed() > Duration::from_secs(20) {
-            break d;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let dead = env.wait_dead(Duration::from_secs(20));
     stop(w1);
     assert_eq!(dead.len(), 1, "the job is dead-lettered, not resumed");
     let reason = dead[0]["reason"].as_str().unwrap_or("");
@@ -747,14 +752,7 @@ fn a_decision_without_its_ledger_record_is_not_applied(kind: Kind) {
         "cfo@example.com",
     ]);
     assert_eq!(code, 0, "{out}{err}");
-    let start = Instant::now();
-    let dead = loop {
-        let dead = env.dead();
-        if !dead.is_empty() || start.elapsed() > Duration::from_secs(20) {
-            break dead;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let dead = env.wait_dead(Duration::from_secs(20));
     stop(w);
     assert_eq!(dead.len(), 1, "the job is dead-lettered");
     let reason = dead[0]["reason"].as_str().unwrap();

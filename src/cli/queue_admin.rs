@@ -318,8 +318,10 @@ pub struct DecideArgs {
 /// Records a human decision: checks the job waits and the choice is allowed, then queues the
 /// job to resume (any replica picks it up), atomically with removing the pending record.
 pub fn decide(a: DecideArgs) -> u8 {
-    let secret = match load(&a.q.config)
-        .and_then(|l| a.secret.resolve_for(&l.config).map_err(|e| e.to_string()))
+    // The config alone (its secret settings); `with_all` below loads the graphs.
+    let secret = match crate::config::Config::load(&a.q.config)
+        .map_err(|e| e.to_string())
+        .and_then(|c| a.secret.resolve_for(&c).map_err(|e| e.to_string()))
     {
         Ok(s) => s,
         Err(e) => {
