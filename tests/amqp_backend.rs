@@ -907,6 +907,93 @@ async fn done_marker_acks_a_redelivered_job_without_a_second_result() {
     );
 }
 
+/// A dead letter moved back to the work queue (what a shovel does after review) is a new life
+/// of the job: it runs and publishes again, though its first life's result went out within the
+/// done marker's day. A plain redelivery of the redriven message is still acked without a third
+/// result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redriven_dead_letter_runs_again_despite_the_done_marker() {
+    let _shared = BROKER.read().await;
+    let names = Names::new("redrive");
+    let q = &names.q;
+    let o = AmqpOptions {
+        dedupe_redis_url: Some(redis_url()),
+        ..opts(AmqpQueueType::Classic)
+    };
+    let b = backend(o, "redrive").await;
+    let id = b
+        .enqueue(q, br#"{"kind":"sum","numbers":[1]}"#)
+        .await
+        .expect("enqueue")
+        .expect("an id");
+    let publish = |r: &str, dead_letter: Option<DeadLetter>| Finish::Publish {
+        result: r.as_bytes().to_vec(),
+        dead_letter,
+    };
+    let c1 = claim_one(&b, q, Duration::from_secs(10)).await;
+    let dl = DeadLetter {
+        job_id: c1.job_id.clone(),
+        reason: "the tool failed".into(),
+        attempts: Vec::new(),
+    };
+    assert_eq!(
+        b.finish(q, &c1, publish("{\"n\":1}", Some(dl)))
+            .await
+            .expect("finish"),
+        Fenced::Done
+    );
+
+    // The shovel: the dead letter, properties and headers as they are, back to the work queue
+    // (twice: the second copy stands for a redelivery of the redriven job).
+    let (conn, ch) = client_beside(&b, q).await;
+    let dead = drain_queue(&conn, &Topology::of(q).dead).await;
+    assert_eq!(dead.len(), 1, "one dead letter");
+    let (props, body) = dead[0].clone();
+    assert!(
+        header_text(&props, "x-lar-failed-at").is_some(),
+        "{props:?}"
+    );
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
+    for _ in 0..2 {
+        ch.basic_publish(
+            "",
+            &q.jobs,
+            BasicPublishOptions::default(),
+            &body,
+            props.clone(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    }
+    let c2 = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert_eq!(c2.job_id, id, "the redriven job keeps its id");
+    assert_eq!(
+        b.finish(q, &c2, publish("{\"n\":2}", None))
+            .await
+            .expect("finish"),
+        Fenced::Done
+    );
+    let c3 = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert_eq!(
+        b.finish(q, &c3, publish("{\"n\":3}", None))
+            .await
+            .expect("finish"),
+        Fenced::Done
+    );
+    let d = b.depth(q).await.expect("depth");
+    assert_eq!((d.ready, d.dead), (0, 0), "{d:?}");
+    assert_eq!(
+        b.results(q, 10, false).await.expect("results"),
+        vec![b"{\"n\":1}".to_vec(), b"{\"n\":2}".to_vec()],
+        "the first life's result, then the redriven one's; no third"
+    );
+    let _ = conn.close(200, "ok").await;
+}
+
 /// `declare = false`: nothing is created; a missing topology fails the start with a clear
 /// error; an existing one is used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

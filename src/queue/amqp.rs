@@ -49,7 +49,9 @@
 //! done marker is kept per job id: checked before publishing, set after the confirms, before
 //! the ack. It lives in this process (always) and in Redis when `dedupe_redis_url` is set
 //! (`SET <queue>:done:<job_id> 1 EX 86400 NX`), which covers redeliveries to other replicas
-//! and restarts. What remains: a result the broker stored whose confirm never reached the worker
+//! and restarts. A dead letter shovelled back to `Q` is not a redelivery but a new life of the
+//! job: it carries the `x-lar-failed-at` header of its dead-lettering, and its marker is
+//! `<queue>:done:<job_id>:redriven:<failed_at>`, so it runs and publishes again. What remains: a result the broker stored whose confirm never reached the worker
 //! (the connection died in between) is indistinguishable from one the broker never got, so the
 //! redelivered job publishes again. Producers that need strict once-only consumption dedupe
 //! results on `message_id`.
@@ -1065,20 +1067,31 @@ impl Shared {
         }
     }
 
-    fn memo_key(q: &QueueNames, job_id: &str) -> String {
-        format!("{}:done:{job_id}", q.jobs)
+    /// The done marker of one life of a job. A dead letter moved back to the work queue (a
+    /// shovel, after review) is a new life: it carries the `x-lar-failed-at` its dead-lettering
+    /// stamped, so it gets a marker of its own and runs again instead of being acked as done.
+    fn memo_key(q: &QueueNames, job_id: &str, h: &Held) -> String {
+        let redriven = h
+            .props
+            .headers()
+            .as_ref()
+            .and_then(|hs| header_text(hs, "x-lar-failed-at"));
+        match redriven {
+            Some(at) => format!("{}:done:{job_id}:redriven:{at}", q.jobs),
+            None => format!("{}:done:{job_id}", q.jobs),
+        }
     }
 
-    /// Whether a result for this job was already published (this process, or Redis).
-    async fn already_done(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
-        let key = Self::memo_key(q, job_id);
-        if lock(&self.memo).set.contains(&key) {
+    /// Whether a result for this job (in this life, see [`Self::memo_key`]) was already
+    /// published (this process, or Redis).
+    async fn already_done(&self, key: &str) -> Result<bool, QueueError> {
+        if lock(&self.memo).set.contains(key) {
             return Ok(true);
         }
         if let Some(r) = &self.dedupe {
             let mut conn = r.clone();
             let n: i64 = ::redis::cmd("EXISTS")
-                .arg(&key)
+                .arg(key)
                 .query_async(&mut conn)
                 .await?;
             return Ok(n > 0);
@@ -1087,8 +1100,7 @@ impl Shared {
     }
 
     /// Records that this job's result is published (before the ack).
-    async fn mark_done(&self, q: &QueueNames, job_id: &str) {
-        let key = Self::memo_key(q, job_id);
+    async fn mark_done(&self, key: String, job_id: &str) {
         lock(&self.memo).insert(key.clone());
         if let Some(r) = &self.dedupe {
             let mut conn = r.clone();
@@ -1252,7 +1264,8 @@ impl Shared {
         result: Vec<u8>,
         dead_letter: Option<DeadLetter>,
     ) -> Result<Fenced, QueueError> {
-        if self.already_done(q, &claim.job_id).await? {
+        let marker = Self::memo_key(q, &claim.job_id, h);
+        if self.already_done(&marker).await? {
             info!(job_id = %claim.job_id, "a result for this job is already published (a redelivery): acking without publishing again");
             return Ok(self.ack(h).await);
         }
@@ -1321,7 +1334,7 @@ impl Shared {
                   "result unconfirmed when the connection died: the redelivery publishes it again (possible duplicate result)");
             return Ok(Fenced::Lost);
         }
-        self.mark_done(q, &claim.job_id).await;
+        self.mark_done(marker, &claim.job_id).await;
         let fenced = self.ack(h).await;
         if fenced == Fenced::Lost {
             info!(job_id = %claim.job_id, "result published but the ack was lost: the redelivery will be acked by the done marker");
