@@ -19,6 +19,9 @@ pub struct Readiness {
     pub checks: Vec<Check>,
 }
 
+/// How long each check may take (the queue store's answer, the audit directory's probe file).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 pub async fn readiness(
     backend: &dyn Backend,
     queues: &[LoadedQueue],
@@ -27,14 +30,17 @@ pub async fn readiness(
 ) -> Readiness {
     let mut checks = Vec::new();
     for q in queues {
-        let res =
-            tokio::time::timeout(std::time::Duration::from_secs(3), backend.depth(&q.names)).await;
+        let res = tokio::time::timeout(PROBE_TIMEOUT, backend.depth(&q.names)).await;
         let (ok, detail) = match res {
             Ok(Ok(_)) => (true, format!("{} answers", backend.kind())),
             Ok(Err(e)) => (false, e.to_string()),
             Err(_) => (
                 false,
-                format!("{} did not answer within 3 s", backend.kind()),
+                format!(
+                    "{} did not answer within {} s",
+                    backend.kind(),
+                    PROBE_TIMEOUT.as_secs()
+                ),
             ),
         };
         checks.push(Check {
@@ -43,10 +49,7 @@ pub async fn readiness(
             detail,
         });
     }
-    let probe = audit_dir.join(format!(".ready-probe-{}", std::process::id()));
-    let dir_ok = std::fs::create_dir_all(audit_dir)
-        .and_then(|_| std::fs::write(&probe, b"ok"))
-        .and_then(|_| std::fs::remove_file(&probe));
+    let dir_ok = probe_dir(audit_dir).await;
     checks.push(Check {
         name: "audit_dir".into(),
         ok: dir_ok.is_ok(),
@@ -67,5 +70,49 @@ pub async fn readiness(
     Readiness {
         ready: checks.iter().all(|c| c.ok),
         checks,
+    }
+}
+
+/// Writes and removes a probe file in `dir`, off the async threads and within [`PROBE_TIMEOUT`]:
+/// a hung mount makes the check fail, never stalls the runtime that answers `/ready`.
+async fn probe_dir(dir: &Path) -> Result<(), String> {
+    let dir = dir.to_path_buf();
+    let probe = dir.join(format!(".ready-probe-{}", std::process::id()));
+    let write = tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::write(&probe, b"ok"))
+            .and_then(|_| std::fs::remove_file(&probe))
+    });
+    match tokio::time::timeout(PROBE_TIMEOUT, write).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e.to_string()),
+        Ok(Err(e)) => Err(format!("the probe task failed: {e}")),
+        Err(_) => Err(format!(
+            "writing a probe file took over {} s",
+            PROBE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::probe_dir;
+
+    #[tokio::test]
+    async fn the_probe_passes_in_a_writable_dir_and_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let audit = dir.path().join("audit");
+        assert_eq!(probe_dir(&audit).await, Ok(()));
+        let left: Vec<_> = std::fs::read_dir(&audit).expect("created").collect();
+        assert!(left.is_empty(), "the probe file is removed: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn the_probe_fails_where_no_dir_can_be() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let file = dir.path().join("a-file");
+        std::fs::write(&file, b"x").expect("write");
+        let err = probe_dir(&file.join("audit")).await.expect_err("not a dir");
+        assert!(!err.is_empty());
     }
 }

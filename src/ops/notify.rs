@@ -31,11 +31,16 @@ impl Notifier {
         self.socket.is_some() || self.abstract_name.is_some()
     }
 
-    /// Sends `state` (e.g. "READY=1\nSTATUS=..."); errors are ignored as systemd does.
+    /// Sends `state` (e.g. "READY=1\nSTATUS=..."); errors are ignored as systemd does. The
+    /// send never blocks (it runs on async threads): a full socket queue drops this one message,
+    /// and the next status or watchdog ping follows within the interval.
     pub fn notify(&self, state: &str) {
         let Ok(sock) = UnixDatagram::unbound() else {
             return;
         };
+        if sock.set_nonblocking(true).is_err() {
+            return;
+        }
         if let Some(path) = &self.socket {
             let _ = sock.send_to(state.as_bytes(), path);
         } else if let Some(name) = &self.abstract_name {
