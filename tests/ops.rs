@@ -543,3 +543,68 @@ fn a_worker_whose_log_reader_is_gone_still_works_and_stops() {
     let status = stopped.expect("SIGTERM stops a worker whose stderr is a broken pipe");
     assert!(status.success(), "{status}");
 }
+
+/// A store that stops answering (here: its process frozen with SIGSTOP) must not hold the stop
+/// past what the worker asks of systemd (`EXTEND_TIMEOUT_USEC` = the drain + 10 s): claim
+/// loops and decision loops are cut off, and what they held comes back by lease expiry.
+#[test]
+fn a_store_that_stops_answering_does_not_hold_the_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let rport = free_port();
+    let mut redis_proc = Command::new("redis-server")
+        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{rport}/0");
+    wait_for(Duration::from_secs(5), || {
+        redis::Client::open(url.as_str())
+            .ok()?
+            .get_connection()
+            .ok()
+    })
+    .expect("redis up");
+    let port = free_port();
+    let config = dir.path().join("workers.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[worker]\nconcurrency = 4\nlog_dir = \"audit\"\nlease_ms = 5000\ndrain_timeout_ms = 2000\n\
+             [backend]\nkind = \"redis\"\nurl = \"{url}\"\n\
+             [[queues]]\nname = \"hung:jobs\"\nresults = \"hung:out\"\ngraph = \"{}\"\n\
+             decisions = \"hung:decisions\"\n\
+             [admin]\nlisten = \"127.0.0.1:{port}\"\n",
+            graph().display()
+        ),
+    )
+    .unwrap();
+    let mut child = spawn(&config, &[]);
+    let up = wait_for(Duration::from_secs(10), || {
+        http_get(port, "/ready").filter(|(c, _)| *c == 200)
+    });
+    let signal = |sig: &str, pid: u32| {
+        let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+    };
+    let stopped = up.as_ref().map(|_| {
+        signal("-STOP", redis_proc.id());
+        // Every loop is now waiting on the store.
+        std::thread::sleep(Duration::from_millis(1500));
+        let asked = Instant::now();
+        signal("-TERM", child.id());
+        let exited = wait_for(Duration::from_secs(60), || child.try_wait().ok().flatten());
+        (exited, asked.elapsed())
+    });
+    signal("-CONT", redis_proc.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = redis_proc.kill();
+    let _ = redis_proc.wait();
+    assert!(up.is_some(), "ready with redis up");
+    let (exited, took) = stopped.unwrap();
+    assert!(exited.is_some(), "the worker never stopped");
+    assert!(
+        took < Duration::from_secs(2 + 10),
+        "the stop took {took:?}, past the drain (2 s) + 10 s the worker asks of systemd"
+    );
+}

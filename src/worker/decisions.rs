@@ -22,11 +22,10 @@ impl Worker {
             if shutdown.is_cancelled() {
                 return;
             }
-            let claims = match self
-                .backend
-                .claim(&dq, 16, self.cfg.lease(), super::CLAIM_WAIT)
-                .await
-            {
+            let Some(claimed) = self.claim_or_stop(&dq, 16, &shutdown).await else {
+                return;
+            };
+            let claims = match claimed {
                 Ok(c) => {
                     failures = 0;
                     c
@@ -41,7 +40,12 @@ impl Worker {
                 }
             };
             for claim in claims {
-                let finish = self.decide_from_message(qi, &claim).await;
+                // On shutdown what is left of the batch goes back untouched, for a replica.
+                let finish = if shutdown.is_cancelled() {
+                    Finish::Release
+                } else {
+                    self.decide_from_message(qi, &claim).await
+                };
                 if let Err(e) = self.backend.finish(&dq, &claim, finish).await {
                     warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; it will be redelivered");
                 }

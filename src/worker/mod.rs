@@ -28,6 +28,20 @@ use tracing::{debug, error, info, warn, Instrument};
 
 /// How long one claim call waits on an empty queue before the loop looks at shutdown again.
 pub(crate) const CLAIM_WAIT: Duration = Duration::from_secs(1);
+/// The stop's budget after the drain. The worker asks systemd for the drain plus
+/// [`STOP_MARGIN`]; the three waits below fit in it, so a store that stops answering cannot
+/// hold the stop until systemd kills the process.
+const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// For jobs the drain deadline cut off to hand themselves back.
+const HAND_BACK_GRACE: Duration = Duration::from_secs(5);
+/// For decision loops still finishing a batch.
+const DECISION_LOOPS_GRACE: Duration = Duration::from_secs(2);
+/// For the deregistration, which only spares the others a lease's wait.
+const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
+/// How long a claim in flight at shutdown may still take (a store that answers returns within
+/// [`CLAIM_WAIT`]). One cut off is not lost: what it took comes back when its lease ends, or
+/// with its channel on AMQP.
+const CLAIM_GRACE: Duration = Duration::from_secs(2);
 /// How often expired claims are reaped and due retries promoted.
 const REAP_EVERY: Duration = Duration::from_millis(500);
 /// How often pending decisions are checked for expiry.
@@ -268,7 +282,7 @@ impl Worker {
                 Err(e) => error!(error = %e, "a claim loop ended abnormally"),
             }
         }
-        let extend = self.cfg.drain_timeout() + Duration::from_secs(10);
+        let extend = self.cfg.drain_timeout() + STOP_MARGIN;
         self.notifier.notify(&format!(
             "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=draining {} jobs",
             extend.as_micros(),
@@ -282,12 +296,22 @@ impl Worker {
         if drained.is_err() {
             warn!("drain deadline reached: handing unfinished jobs back to the queue");
             hard_stop.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let _ = tokio::time::timeout(HAND_BACK_GRACE, async {
                 while jobs.join_next().await.is_some() {}
             })
             .await;
         }
-        while decision_loops.join_next().await.is_some() {}
+        // The decision loops stopped claiming at shutdown and had the drain to finish their
+        // batch; a loop still stuck on a store that does not answer is cut off (its claims come
+        // back when their leases end).
+        let loops_ended = tokio::time::timeout(DECISION_LOOPS_GRACE, async {
+            while decision_loops.join_next().await.is_some() {}
+        })
+        .await;
+        if loops_ended.is_err() {
+            warn!("a decision loop did not stop in time: cutting it off");
+            decision_loops.shutdown().await;
+        }
         // Wait for the aborted tasks, so a heartbeat in flight cannot re-register this worker
         // after `deregister` below.
         renewal.abort();
@@ -300,8 +324,16 @@ impl Worker {
         }
         if self.in_flight() == 0 {
             for q in &self.queues {
-                if let Err(e) = self.backend.deregister(&q.names).await {
-                    warn!(queue = %q.names.jobs, error = %e, "deregistration failed");
+                match tokio::time::timeout(DEREGISTER_GRACE, self.backend.deregister(&q.names))
+                    .await
+                {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        warn!(queue = %q.names.jobs, error = %e, "deregistration failed")
+                    }
+                    Err(_) => {
+                        warn!(queue = %q.names.jobs, "deregistration took too long: skipped")
+                    }
                 }
             }
         }
@@ -348,11 +380,10 @@ impl Worker {
                 shutdown.cancelled().await;
                 break;
             }
-            let claims = match self
-                .backend
-                .claim(&names, held.len(), self.cfg.lease(), CLAIM_WAIT)
-                .await
-            {
+            let Some(claimed) = self.claim_or_stop(&names, held.len(), &shutdown).await else {
+                break;
+            };
+            let claims = match claimed {
                 Ok(c) => {
                     failures = 0;
                     wedged = wedge_for_tests();
@@ -393,6 +424,28 @@ impl Worker {
             }
         }
         tasks
+    }
+
+    /// Claims up to `max` jobs of `names`. On shutdown the claim in flight gets [`CLAIM_GRACE`]
+    /// to come back; `None` when it did not (the caller stops).
+    pub(crate) async fn claim_or_stop(
+        &self,
+        names: &crate::queue::QueueNames,
+        max: usize,
+        shutdown: &CancellationToken,
+    ) -> Option<Result<Vec<Claim>, crate::queue::QueueError>> {
+        let claim = self.backend.claim(names, max, self.cfg.lease(), CLAIM_WAIT);
+        tokio::pin!(claim);
+        tokio::select! {
+            r = &mut claim => Some(r),
+            _ = shutdown.cancelled() => match tokio::time::timeout(CLAIM_GRACE, &mut claim).await {
+                Ok(r) => Some(r),
+                Err(_) => {
+                    warn!(queue = %names.jobs, "the queue store did not answer a claim in time: stopping without it");
+                    None
+                }
+            },
+        }
     }
 
     /// Processes one claim and finishes it, retrying the finish through broker hiccups.
