@@ -3,7 +3,7 @@
 //! with signed, fsynced audit logs, and reports jobs/s (first to last result), start-up time,
 //! CPU ms per job, peak RSS, then p50/p99 latency with one job in flight.
 //!
-//! `cargo bench --bench e2e` (env: BENCH_N=20000, BENCH_CONCURRENCY=64, BENCH_FSYNC=1,
+//! `cargo bench --bench e2e` (env: BENCH_N=20000, BENCH_CONCURRENCY=256, BENCH_FSYNC=1,
 //! BENCH_LAT_M=200, REDIS_URL=redis://127.0.0.1:6379/0). Uses unique key names; cleans up.
 
 use redis::Commands;
@@ -74,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Ok(());
     }
     let n: u64 = env_or("BENCH_N", 20_000);
-    let conc: usize = env_or("BENCH_CONCURRENCY", 64);
+    let conc: usize = env_or("BENCH_CONCURRENCY", 256); // as benches/harness/workers.toml
     let fsync: u8 = env_or("BENCH_FSYNC", 1);
     let lat_m: usize = env_or("BENCH_LAT_M", 200);
     let checkpoints: u8 = env_or("BENCH_CHECKPOINTS", 1);
