@@ -608,3 +608,146 @@ fn a_store_that_stops_answering_does_not_hold_the_stop() {
         "the stop took {took:?}, past the drain (2 s) + 10 s the worker asks of systemd"
     );
 }
+
+/// A CA and a server certificate for 127.0.0.1 signed by it, made with the openssl CLI.
+fn make_tls_certs(dir: &Path) {
+    let ssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl runs");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=lar-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    ssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+    ]);
+    std::fs::write(dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    ssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "san.ext",
+        "-out",
+        "server.pem",
+    ]);
+}
+
+/// `rediss://`: the worker talks to a Redis that only speaks TLS, trusting a private CA given
+/// the standard way (`SSL_CERT_FILE`), and runs a job end to end; without the CA it refuses the
+/// server and says why instead of running.
+#[test]
+fn rediss_runs_jobs_over_tls_and_refuses_an_untrusted_server() {
+    let dir = tempfile::tempdir().unwrap();
+    make_tls_certs(dir.path());
+    let tport = free_port();
+    let mut redis_proc = Command::new("redis-server")
+        .current_dir(dir.path())
+        .args([
+            "--port",
+            "0",
+            "--tls-port",
+            &tport.to_string(),
+            "--bind",
+            "127.0.0.1",
+        ])
+        .args([
+            "--tls-cert-file",
+            "server.pem",
+            "--tls-key-file",
+            "server.key",
+        ])
+        .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
+        .args(["--save", "", "--appendonly", "no"])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let up = wait_for(Duration::from_secs(5), || {
+        std::net::TcpStream::connect(("127.0.0.1", tport)).ok()
+    });
+    let url = format!("rediss://127.0.0.1:{tport}/0");
+    let config = write_config(dir.path(), &url, "tls:jobs", None);
+    let ca = dir.path().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    let cli = |args: &[&str], trust: bool| {
+        let mut c = Command::new(BIN);
+        c.args(args).arg("--config").arg(&config);
+        if trust {
+            c.env("SSL_CERT_FILE", ca);
+        } else {
+            // An empty trust store: the private CA is unknown.
+            c.env("SSL_CERT_FILE", "/dev/null");
+        }
+        c.output().unwrap()
+    };
+    let refused = up
+        .as_ref()
+        .map(|_| cli(&["enqueue", r#"{"kind":"sum","numbers":[1]}"#], false));
+    let mut child = up
+        .as_ref()
+        .map(|_| spawn(&config, &[("SSL_CERT_FILE", ca)]));
+    let enqueued = up
+        .as_ref()
+        .map(|_| cli(&["enqueue", r#"{"kind":"sum","numbers":[20,22]}"#], true));
+    let result = up.as_ref().and_then(|_| {
+        wait_for(Duration::from_secs(20), || {
+            let out = cli(&["results"], true);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.contains("\"result\":42").then_some(text)
+        })
+    });
+    if let Some(c) = child.as_mut() {
+        term(c);
+    }
+    let _ = redis_proc.kill();
+    let _ = redis_proc.wait();
+    assert!(up.is_some(), "redis-server with TLS did not start");
+    let refused = refused.unwrap();
+    assert!(!refused.status.success(), "an untrusted server is refused");
+    let why = String::from_utf8_lossy(&refused.stderr).to_lowercase();
+    assert!(why.contains("certificate") || why.contains("tls"), "{why}");
+    let enqueued = enqueued.unwrap();
+    assert!(
+        enqueued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enqueued.stderr)
+    );
+    assert!(result.is_some(), "the job's result came back over TLS");
+}
