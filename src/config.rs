@@ -59,6 +59,10 @@ pub struct WorkerSection {
     pub drain_timeout_ms: u64,
     /// Larger messages are dead-lettered unread.
     pub max_message_bytes: usize,
+    /// A result larger than this goes out without its state (which stays in the signed audit
+    /// log), as a failure with a dead letter: a broker refuses oversized messages (RabbitMQ 4:
+    /// 16 MiB by default) by closing the channel, and a retry would meet the same refusal.
+    pub max_result_bytes: usize,
     /// fsync audit logs (and their directory) before a job counts as done.
     pub fsync: bool,
     /// Checkpoint after every step (resume after a crash, human pauses). Needs a backend that
@@ -77,6 +81,7 @@ impl Default for WorkerSection {
             lease_ms: 30_000,
             drain_timeout_ms: 20_000,
             max_message_bytes: 1024 * 1024,
+            max_result_bytes: 8 * 1024 * 1024,
             fsync: true,
             checkpoints: true,
             retry: RetrySection::default(),
@@ -325,6 +330,9 @@ impl Config {
         }
         if w.max_message_bytes == 0 {
             return Err("worker.max_message_bytes: must be more than 0".into());
+        }
+        if w.max_result_bytes < 4096 {
+            return Err("worker.max_result_bytes: must be at least 4096".into());
         }
         if w.retry.attempts == 0 {
             return Err(

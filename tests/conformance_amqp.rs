@@ -26,6 +26,7 @@ macro_rules! scenario {
 scenario!(happy_path_state_payload);
 scenario!(envelope_payload);
 scenario!(bad_input_is_dead_lettered);
+scenario!(an_oversized_result_goes_out_without_its_state);
 scenario!(retry_with_backoff_then_dead_letter);
 scenario!(three_workers_3000_jobs);
 scenario!(sigterm_under_load_drains_and_loses_nothing);

@@ -189,3 +189,107 @@ pub fn awaiting_message(
     };
     serde_json::to_vec(&v).unwrap_or_default()
 }
+
+/// A result (final or `awaiting_decision`) cut down to fit `max` bytes: the state goes (the
+/// signed audit log keeps it), then the decision request's context; `reason` becomes its
+/// `error`, and `status` replaces its status when given. `None` when even that does not fit.
+pub fn without_state(
+    format: PayloadFormat,
+    result: &[u8],
+    status: Option<&str>,
+    reason: &str,
+    max: usize,
+) -> Option<Vec<u8>> {
+    let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(result) else {
+        return None;
+    };
+    let meta = match format {
+        PayloadFormat::State => {
+            v.retain(|k, _| k == META_KEY);
+            v.get_mut(META_KEY)?.as_object_mut()?
+        }
+        PayloadFormat::Envelope => {
+            v.insert("state".into(), Value::Null);
+            &mut v
+        }
+    };
+    meta.insert("error".into(), Value::String(reason.to_string()));
+    meta.insert("state_omitted".into(), Value::Bool(true));
+    if let Some(s) = status {
+        meta.insert("status".into(), Value::String(s.to_string()));
+    }
+    let fits =
+        |v: &serde_json::Map<String, Value>| serde_json::to_vec(v).ok().filter(|b| b.len() <= max);
+    if let Some(b) = fits(&v) {
+        return Some(b);
+    }
+    let meta = match format {
+        PayloadFormat::State => v.get_mut(META_KEY)?.as_object_mut()?,
+        PayloadFormat::Envelope => &mut v,
+    };
+    if let Some(Value::Object(request)) = meta.get_mut("decision_request") {
+        request.insert("context".into(), Value::Null);
+    }
+    fits(&v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{without_state, PayloadFormat, META_KEY};
+    use serde_json::{json, Value};
+
+    fn parse(b: &[u8]) -> Value {
+        serde_json::from_slice(b).expect("JSON")
+    }
+
+    #[test]
+    fn a_state_result_keeps_only_its_metadata() {
+        let r = json!({"text": "x".repeat(9000), META_KEY: {"status": "completed", "error": null}});
+        let out = without_state(
+            PayloadFormat::State,
+            r.to_string().as_bytes(),
+            Some("failed"),
+            "too big",
+            4096,
+        )
+        .expect("fits");
+        assert_eq!(
+            parse(&out),
+            json!({META_KEY: {"status": "failed", "error": "too big", "state_omitted": true}})
+        );
+    }
+
+    #[test]
+    fn an_envelope_pause_drops_the_state_then_the_context() {
+        let r = json!({"status": "awaiting_decision", "state": {"a": "x".repeat(3000)},
+                       "decision_request": {"prompt": "ok?", "context": {"b": "y".repeat(5000)}}});
+        let out = without_state(
+            PayloadFormat::Envelope,
+            r.to_string().as_bytes(),
+            None,
+            "too big",
+            4096,
+        )
+        .expect("fits");
+        let v = parse(&out);
+        assert_eq!(v["status"], "awaiting_decision");
+        assert_eq!(v["state"], Value::Null);
+        assert_eq!(v["decision_request"]["context"], Value::Null);
+        assert_eq!(v["decision_request"]["prompt"], "ok?");
+        assert_eq!(v["state_omitted"], true);
+    }
+
+    #[test]
+    fn what_cannot_fit_says_so() {
+        let r = json!({"status": "awaiting_decision", "state": {},
+                       "decision_request": {"prompt": "p".repeat(9000)}});
+        let out = without_state(
+            PayloadFormat::Envelope,
+            r.to_string().as_bytes(),
+            None,
+            "too big",
+            4096,
+        );
+        assert_eq!(out, None);
+    }
+}

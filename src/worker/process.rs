@@ -1,7 +1,7 @@
 //! One claim from message to finish: parse, resume or start the run (applying a human decision
 //! when the delivery carries one), checkpoint every step, and decide how the claim ends.
 
-use super::payload::{awaiting_message, parse, result_message, ParsedJob};
+use super::payload::{awaiting_message, parse, result_message, without_state, ParsedJob};
 use super::Worker;
 use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
 use crate::audit::RunLog;
@@ -212,7 +212,63 @@ impl Worker {
             info!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
                   steps = report.steps, attempt = claim.attempt, "run ended");
         }
-        self.finish_for(qi, claim, &job, &report)
+        self.fit_result(qi, claim, self.finish_for(qi, claim, &job, &report))
+    }
+
+    /// Keeps what is published within `worker.max_result_bytes`: an oversized result goes out
+    /// without its state (see [`without_state`]), a final one as a failure with a dead letter,
+    /// so an operator sees it; retrying could never make it fit.
+    fn fit_result(
+        &self,
+        qi: usize,
+        claim: &Claim,
+        (finish, verdict): (Finish, Verdict),
+    ) -> (Finish, Verdict) {
+        let max = self.cfg.max_result_bytes;
+        let size = match &finish {
+            Finish::Publish { result, .. } | Finish::Pause { result, .. } if result.len() > max => {
+                result.len()
+            }
+            _ => return (finish, verdict),
+        };
+        let reason = format!(
+            "the result is {size} bytes, over worker.max_result_bytes ({max}): it went out \
+             without the run's state, which the signed audit log holds"
+        );
+        warn!(job_id = %claim.job_id, %reason, "result too large");
+        let format = self.queues[qi].payload;
+        if let Finish::Pause { result, pending } = &finish {
+            if let Some(result) = without_state(format, result, None, &reason, max) {
+                let pending = pending.clone();
+                return (Finish::Pause { result, pending }, verdict);
+            }
+        }
+        let result = match &finish {
+            Finish::Publish { result, .. } | Finish::Pause { result, .. } => {
+                without_state(format, result, Some("failed"), &reason, max)
+            }
+            _ => None,
+        }
+        .unwrap_or_else(|| {
+            serde_json::to_vec(&serde_json::json!({
+                super::payload::META_KEY: {"job_id": claim.job_id, "status": "failed", "error": reason}
+            }))
+            .unwrap_or_default()
+        });
+        let dead_letter = match finish {
+            Finish::Publish {
+                dead_letter: Some(d),
+                ..
+            } => d,
+            _ => self.dead_letter(claim, &reason),
+        };
+        (
+            Finish::Publish {
+                result,
+                dead_letter: Some(dead_letter),
+            },
+            Verdict::Failed,
+        )
     }
 
     fn finish_for(

@@ -40,6 +40,7 @@ macro_rules! conformance_suite {
             happy_path_state_payload
             envelope_payload
             bad_input_is_dead_lettered
+            an_oversized_result_goes_out_without_its_state
             retry_with_backoff_then_dead_letter
             three_workers_3000_jobs
             kill_9_holder_jobs_are_recovered
@@ -130,6 +131,7 @@ pub struct WorkerSettings {
     pub lease_ms: u64,
     pub drain_timeout_ms: u64,
     pub max_message_bytes: usize,
+    pub max_result_bytes: usize,
     pub fsync: bool,
     pub attempts: u32,
     pub initial_backoff_ms: u64,
@@ -146,6 +148,7 @@ impl Default for WorkerSettings {
             lease_ms: 10_000,
             drain_timeout_ms: 10_000,
             max_message_bytes: 1024 * 1024,
+            max_result_bytes: 8 * 1024 * 1024,
             fsync: true,
             attempts: 3,
             initial_backoff_ms: 100,
@@ -254,7 +257,7 @@ impl Fixture {
         writeln!(
             toml,
             "[worker]\nconcurrency = {}\nlog_dir = {}\nlease_ms = {}\ndrain_timeout_ms = {}\n\
-             max_message_bytes = {}\nfsync = {}\n\n[worker.retry]\nattempts = {}\n\
+             max_message_bytes = {}\nmax_result_bytes = {}\nfsync = {}\n\n[worker.retry]\nattempts = {}\n\
              initial_backoff_ms = {}\nmax_backoff_ms = {}\nmultiplier = {:?}\njitter = {:?}\n\
              retry_failed_runs = {}\n",
             w.concurrency,
@@ -262,6 +265,7 @@ impl Fixture {
             w.lease_ms,
             w.drain_timeout_ms,
             w.max_message_bytes,
+            w.max_result_bytes,
             w.fsync,
             w.attempts,
             w.initial_backoff_ms,

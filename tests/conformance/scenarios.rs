@@ -456,6 +456,70 @@ pub async fn bad_input_is_dead_lettered(kind: Kind) {
     fx.assert_no_job_state_left().await;
 }
 
+/// A result over `max_result_bytes` goes out without its state, as a failure with a dead
+/// letter (a broker would refuse it, and a retry would meet the same refusal); the signed audit
+/// log keeps the completed run. Jobs beside it are untouched.
+pub async fn an_oversized_result_goes_out_without_its_state(kind: Kind) {
+    let max = 4096;
+    let fx = Fixture::new(
+        kind,
+        Setup::state(bench_graph()).worker(|w| {
+            w.max_result_bytes = max;
+            w.concurrency = 2;
+        }),
+    )
+    .await;
+    let big = json!({"kind": "text", "text": "x".repeat(3000), "seq": 1000});
+    fx.push(big.to_string().as_bytes()).await;
+    fx.push(bench_job(1).to_string().as_bytes()).await;
+    let w = fx.start_worker(false);
+    let results = fx.wait_results(2, SHORT).await;
+    let dead = fx.wait_dead_letters(1, SHORT).await;
+    fx.wait_drained(SHORT).await;
+    let (small, large): (Vec<&Value>, Vec<&Value>) =
+        results.iter().partition(|r| r.get("seq").is_some());
+    assert_eq!((small.len(), large.len()), (1, 1), "{results:#?}");
+    assert_bench_state(small[0], 1);
+    assert_state_meta(small[0], "completed", 1);
+
+    let r = large[0];
+    assert!(
+        serde_json::to_vec(r).unwrap().len() <= max,
+        "the result fits: {r}"
+    );
+    let keys: Vec<&String> = r.as_object().expect("an object").keys().collect();
+    assert_eq!(keys, ["__lar_worker"], "only the metadata is left: {r}");
+    let m = meta(r);
+    assert_eq!(m["status"], "failed", "{m}");
+    assert_eq!(m["state_omitted"], true, "{m}");
+    let error = m["error"].as_str().expect("an error");
+    assert!(error.contains("max_result_bytes (4096)"), "{error}");
+    let log_path = PathBuf::from(m["audit_log"].as_str().expect("an audit_log path"));
+    assert_log_verifies(&log_path);
+    let log = read_json(&log_path);
+    assert_eq!(
+        log["outcome"]["status"], "completed",
+        "the run itself completed"
+    );
+    assert_eq!(log["signature"], m["signature"]);
+    assert_eq!(dead.len(), 1, "{dead:#?}");
+    assert_eq!(dead[0]["job_id"], m["job_id"], "{dead:#?}");
+    assert!(
+        dead[0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_result_bytes"),
+        "{dead:#?}"
+    );
+    assert_eq!(
+        dead[0]["payload"],
+        big.to_string(),
+        "the message is kept exactly"
+    );
+    fx.assert_running(w);
+    fx.assert_no_job_state_left().await;
+}
+
 // ---- 4 ----------------------------------------------------------------------------------
 
 fn parse_ts(ts: &Value) -> chrono::NaiveDateTime {
