@@ -1077,6 +1077,115 @@ async fn sigterm_hands_everything_back() {
     );
 }
 
+fn local_rabbitmqctl() -> bool {
+    Command::new("rabbitmqctl")
+        .arg("-q")
+        .arg("status")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Raises a memory alarm on the local broker (it blocks every publishing connection) until
+/// dropped, which puts the watermark back where it was.
+struct MemoryAlarm {
+    previous: String,
+}
+
+impl MemoryAlarm {
+    fn raise() -> MemoryAlarm {
+        let out = Command::new("rabbitmqctl")
+            .args([
+                "-q",
+                "eval",
+                "vm_memory_monitor:get_vm_memory_high_watermark().",
+            ])
+            .output()
+            .expect("rabbitmqctl eval");
+        let previous = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        assert!(
+            previous.parse::<f64>().is_ok(),
+            "a relative watermark to restore, not {previous:?}"
+        );
+        let set = Command::new("rabbitmqctl")
+            .args(["-q", "set_vm_memory_high_watermark", "absolute", "1"])
+            .status()
+            .expect("rabbitmqctl");
+        assert!(set.success(), "raise the alarm");
+        MemoryAlarm { previous }
+    }
+}
+
+impl Drop for MemoryAlarm {
+    fn drop(&mut self) {
+        let ok = Command::new("rabbitmqctl")
+            .args(["-q", "set_vm_memory_high_watermark", &self.previous])
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!(
+                "could not restore the memory watermark to {}: run `rabbitmqctl set_vm_memory_high_watermark {}`",
+                self.previous, self.previous
+            );
+        }
+    }
+}
+
+/// A memory alarm that outlasts any deadline (the broker stops reading from publishers): a
+/// finish waits for its confirm instead of giving up, so the result goes out once. Giving up
+/// after a deadline and retrying used to queue one more copy per try, all published when the
+/// alarm cleared. Skipped without a local `rabbitmqctl`; holds the broker alone (`BROKER`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_alarm_longer_than_any_deadline_publishes_one_result() {
+    if !local_rabbitmqctl() {
+        eprintln!("SKIPPED a_memory_alarm_longer_than_any_deadline_publishes_one_result: no local rabbitmqctl");
+        return;
+    }
+    let _exclusive = BROKER.write().await;
+    let names = Names::new("alarm");
+    let q = names.q.clone();
+    let b = std::sync::Arc::new(backend(opts(AmqpQueueType::Classic), "alarm").await);
+    b.enqueue(&q, br#"{"kind":"sum","numbers":[1]}"#)
+        .await
+        .expect("enqueue");
+    let c = claim_one(&b, &q, Duration::from_secs(10)).await;
+    let alarm = MemoryAlarm::raise();
+    let finish = {
+        let (b, q) = (b.clone(), q.clone());
+        tokio::spawn(async move {
+            let publish = Finish::Publish {
+                result: br#"{"n":1}"#.to_vec(),
+                dead_letter: None,
+            };
+            b.finish(&q, &c, publish).await
+        })
+    };
+    // Past the 30 s any broker call used to be given.
+    tokio::time::sleep(Duration::from_secs(35)).await;
+    let waited = !finish.is_finished();
+    drop(alarm);
+    let outcome = tokio::time::timeout(Duration::from_secs(60), finish).await;
+    assert!(waited, "the finish gave up while the broker was blocked");
+    let outcome = outcome
+        .expect("the finish ends once the alarm clears")
+        .expect("the finish task");
+    assert_eq!(outcome.expect("finish"), Fenced::Done);
+    let results = eventually("the result", Duration::from_secs(10), || async {
+        let r = b.results(&q, 10, false).await.ok()?;
+        (!r.is_empty()).then_some(r)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        b.results(&q, 10, false).await.expect("results"),
+        vec![br#"{"n":1}"#.to_vec()],
+        "one result: {results:?}"
+    );
+}
+
 /// `rabbitmqctl stop_app` / `start_app` in the middle of 2,000 jobs: the worker reconnects by
 /// itself, no job is lost, and every job has one result, except a job whose result confirm
 /// the dying connection swallowed: the broker may have stored that result or not and cannot
@@ -1089,16 +1198,7 @@ async fn sigterm_hands_everything_back() {
 /// `LAR_TEST_SKIP_BROKER_RESTART` is set.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_run_loses_nothing() {
-    if std::env::var_os("LAR_TEST_SKIP_BROKER_RESTART").is_some()
-        || Command::new("rabbitmqctl")
-            .arg("-q")
-            .arg("status")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| !s.success())
-            .unwrap_or(true)
-    {
+    if std::env::var_os("LAR_TEST_SKIP_BROKER_RESTART").is_some() || !local_rabbitmqctl() {
         eprintln!("SKIPPED broker_restart_mid_run_loses_nothing: no local rabbitmqctl (or LAR_TEST_SKIP_BROKER_RESTART)");
         return;
     }

@@ -19,7 +19,10 @@
 //! goes out on a channel in confirm mode; the delivery is acked (manual acks) only after every
 //! confirm of its finish has arrived, so nothing leaves the broker's hands before its outcome is
 //! durable there. Finishes run concurrently (one task per job), so many confirms are in flight
-//! at once; no finish waits for another's round trip.
+//! at once; no finish waits for another's round trip. Publishes and confirms have no deadline
+//! while their channel is open: a broker that blocks publishers (a memory or disk alarm) holds
+//! the finish until it clears, because a publish given up on would still go out later and a
+//! retry would add a copy.
 //!
 //! * `Publish`: result to the results queue (`message_id` = job id, `x-run-id`, `x-status`,
 //!   `x-signature` headers), a copy to `reply_to` with the job's `correlation_id` when the job
@@ -201,6 +204,33 @@ async fn io<T>(
         Err(_) => Err(QueueError::Amqp(format!(
             "{what}: no answer from the broker within {IO_TIMEOUT:?}"
         ))),
+    }
+}
+
+/// Waits for a publish or its confirms for as long as `ch` is open, with no deadline. A publish
+/// given up on while its channel lives still goes out once the broker reads it (after a memory
+/// or disk alarm, say): its outcome is unknown, and publishing again would add a copy on every
+/// try. A channel that closes (the broker closed it, or the connection died, which heartbeats
+/// detect) ends the wait: then each message went out at most once.
+async fn while_open<T>(
+    ch: &Channel,
+    what: &str,
+    fut: impl std::future::Future<Output = lapin::Result<T>>,
+) -> Result<T, QueueError> {
+    tokio::pin!(fut);
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = &mut fut => return r.map_err(|e| explain(what, e)),
+            _ = check.tick() => {
+                if !ch.status().connected() {
+                    return Err(QueueError::Amqp(format!(
+                        "{what}: the channel closed before the broker answered"
+                    )));
+                }
+            }
+        }
     }
 }
 
@@ -1022,7 +1052,7 @@ impl Shared {
             let what = format!("job with its new id (queue '{}')", q.jobs);
             let pending =
                 vec![Self::publish(&ch, "", &q.jobs, true, &c.payload, props, what).await?];
-            Self::confirmed(pending).await
+            Self::confirmed(&ch, pending).await
         }
         .await;
         match stamped {
@@ -1174,7 +1204,8 @@ impl Shared {
         props: BasicProperties,
         what: String,
     ) -> Result<(String, PublisherConfirm), QueueError> {
-        let confirm = io(
+        let confirm = while_open(
+            ch,
             &format!("publish the {what}"),
             ch.basic_publish(
                 exchange,
@@ -1193,24 +1224,26 @@ impl Shared {
 
     /// Awaits every confirm at once. A nack, a return (unroutable mandatory message) or a
     /// channel failure is an error: the delivery is not acked.
-    async fn confirmed(pending: Vec<(String, PublisherConfirm)>) -> Result<(), QueueError> {
-        Self::confirm_each(pending).await?.into_iter().collect()
+    async fn confirmed(
+        ch: &Channel,
+        pending: Vec<(String, PublisherConfirm)>,
+    ) -> Result<(), QueueError> {
+        Self::confirm_each(ch, pending).await?.into_iter().collect()
     }
 
     /// Awaits every confirm at once and says, per message, whether the broker took it. Only
-    /// running out of time fails the whole: then nothing is known of any of them.
+    /// the channel closing first fails the whole: then nothing is known of any of them.
     async fn confirm_each(
+        ch: &Channel,
         pending: Vec<(String, PublisherConfirm)>,
     ) -> Result<Vec<Result<(), QueueError>>, QueueError> {
         let (whats, confirms): (Vec<String>, Vec<PublisherConfirm>) = pending.into_iter().unzip();
-        let outcomes = tokio::time::timeout(IO_TIMEOUT, futures::future::join_all(confirms))
-            .await
-            .map_err(|_| {
-                QueueError::Amqp(format!(
-                    "no publisher confirm within {IO_TIMEOUT:?} (for: {})",
-                    whats.join(", ")
-                ))
-            })?;
+        let outcomes = while_open(
+            ch,
+            &format!("publisher confirms (for: {})", whats.join(", ")),
+            async { Ok(futures::future::join_all(confirms).await) },
+        )
+        .await?;
         Ok(whats
             .iter()
             .zip(outcomes)
@@ -1298,7 +1331,7 @@ impl Shared {
                 .await?,
             );
         }
-        let confirmed = Self::confirm_each(pending).await.and_then(|outcomes| {
+        let confirmed = Self::confirm_each(&ch, pending).await.and_then(|outcomes| {
             let mut first_error = None;
             let mut held = lock(&self.held);
             let entry = held.get_mut(&(claim.job_id.clone(), claim.epoch));
@@ -1446,10 +1479,12 @@ impl Shared {
         }
         let ch = self.publisher().await?;
         let (result_part, reply_part) = Self::publish_result(&ch, q, claim, h, &result).await?;
-        let mut outcomes =
-            Self::confirm_each(std::iter::once(result_part).chain(reply_part).collect())
-                .await?
-                .into_iter();
+        let mut outcomes = Self::confirm_each(
+            &ch,
+            std::iter::once(result_part).chain(reply_part).collect(),
+        )
+        .await?
+        .into_iter();
         outcomes.next().unwrap_or(Ok(()))?;
         if let Some(Err(e)) = outcomes.next() {
             warn!(job_id = %claim.job_id, error = %e, "the reply_to copy was not taken; the result is in the results queue");
@@ -1498,7 +1533,7 @@ impl Shared {
             format!("decided job (queue '{}')", q.jobs),
         )
         .await?;
-        Self::confirmed(vec![confirm]).await?;
+        Self::confirmed(&ch, vec![confirm]).await?;
         runs.decided(q, job_id).await
     }
 
@@ -1541,7 +1576,7 @@ impl Shared {
             )
             .await?,
         ];
-        Self::confirmed(pending).await?;
+        Self::confirmed(&ch, pending).await?;
         Ok(self.ack(h).await)
     }
 
@@ -1566,7 +1601,7 @@ impl Shared {
             )
             .await?,
         ];
-        Self::confirmed(pending).await?;
+        Self::confirmed(&ch, pending).await?;
         Ok(self.ack(h).await)
     }
 
@@ -1918,7 +1953,7 @@ impl Backend for AmqpBackend {
             )
             .await?,
         ];
-        Shared::confirmed(pending).await?;
+        Shared::confirmed(&ch, pending).await?;
         Ok(Some(id))
     }
 
