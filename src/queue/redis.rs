@@ -23,18 +23,45 @@ use ::redis::{AsyncCommands, Client, Script};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
+/// Wraps a producer's message with its job id (see `wrapper.rs`). An id taken from a message
+/// must be well-formed UTF-8 (Unicode's table 3-7, as Rust checks it): cjson passes any bytes
+/// through, and an id the worker cannot hold as text would be fenced off on every finish.
 const WRAP_FN: &str = r#"
 local PREFIX = '{"lar_worker":1,'
+local function utf8_ok(s)
+  local i, n = 1, #s
+  while i <= n do
+    local c = string.byte(s, i)
+    local len, lo, hi = 1, 0x80, 0xBF
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len = 2
+    elseif c >= 0xE0 and c <= 0xEF then
+      len = 3
+      if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
+    elseif c >= 0xF0 and c <= 0xF4 then
+      len = 4
+      if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
+    else return false end
+    for j = i + 1, i + len - 1 do
+      local cc = string.byte(s, j)
+      if j > i + 1 then lo, hi = 0x80, 0xBF end
+      if not cc or cc < lo or cc > hi then return false end
+    end
+    i = i + len
+  end
+  return true
+end
 local function wrap(raw, candidate, envelope)
   if string.sub(raw, 1, #PREFIX) == PREFIX then
     local ok, obj = pcall(cjson.decode, raw)
-    if ok and type(obj) == 'table' and type(obj.id) == 'string' then return raw, obj.id end
+    if ok and type(obj) == 'table' and type(obj.id) == 'string' and #obj.id > 0
+      and utf8_ok(obj.id) then return raw, obj.id end
   end
   local id = candidate
   if envelope == '1' then
     local ok, obj = pcall(cjson.decode, raw)
     if ok and type(obj) == 'table' then
-      if type(obj.id) == 'string' and #obj.id > 0 and #obj.id <= 200 then id = obj.id
+      if type(obj.id) == 'string' and #obj.id > 0 and #obj.id <= 200 and utf8_ok(obj.id) then id = obj.id
       elseif type(obj.id) == 'number' then id = string.format('%.17g', obj.id) end
     end
   end
@@ -50,7 +77,7 @@ end
 "#;
 
 /// KEYS: queue, processing, leases, claims, owners, epochs.
-/// ARGV: worker, deadline, n, envelope, candidate ids...
+/// ARGV: worker, deadline, n, envelope, candidate ids... Returns (stored, epoch, id) triples.
 const CLAIM: &str = r#"
 local out = {}
 for i = 1, tonumber(ARGV[3]) do
@@ -60,6 +87,7 @@ for i = 1, tonumber(ARGV[3]) do
   redis.call('LSET', KEYS[2], 0, wrapped)
   out[#out + 1] = wrapped
   out[#out + 1] = hold(wrapped, id)
+  out[#out + 1] = id
 end
 return out
 "#;
@@ -70,7 +98,7 @@ const ADOPT: &str = r#"
 if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {} end
 local wrapped, id = wrap(ARGV[6], ARGV[5], ARGV[4])
 redis.call('LPUSH', KEYS[2], wrapped)
-return {wrapped, hold(wrapped, id)}
+return {wrapped, hold(wrapped, id), id}
 "#;
 
 /// KEYS: leases, epochs. ARGV: deadline, (id, epoch)...
@@ -305,24 +333,32 @@ impl RedisBackend {
         }
     }
 
+    /// The (stored, epoch, id) triples CLAIM and ADOPT return. The id is the one the script
+    /// filed the claim and epoch under: the finish must name exactly it, whatever Rust would
+    /// make of the message (a decoder stricter than cjson, a message that only looks wrapped).
     fn decode_claims(&self, items: Vec<::redis::Value>) -> Vec<Claim> {
-        let mut out = Vec::with_capacity(items.len() / 2);
+        let mut out = Vec::with_capacity(items.len() / 3);
         let mut it = items.into_iter();
-        while let (Some(stored), Some(epoch)) = (it.next(), it.next()) {
+        while let (Some(stored), Some(epoch), Some(id)) = (it.next(), it.next(), it.next()) {
             let stored: Vec<u8> = match ::redis::from_redis_value(stored) {
                 Ok(b) => b,
                 Err(_) => continue,
             };
             let epoch: u64 = ::redis::from_redis_value(epoch).unwrap_or(0);
-            out.push(self.to_claim(stored, epoch));
+            // The script only files ids that are UTF-8 (candidates are ours).
+            let id: String = match ::redis::from_redis_value(id) {
+                Ok(id) => id,
+                Err(_) => continue,
+            };
+            out.push(Self::to_claim(stored, epoch, id));
         }
         out
     }
 
-    fn to_claim(&self, stored: Vec<u8>, epoch: u64) -> Claim {
+    fn to_claim(stored: Vec<u8>, epoch: u64, job_id: String) -> Claim {
         match unwrap_bytes(&stored) {
             Some((w, raw)) => Claim {
-                job_id: w.id,
+                job_id,
                 payload: raw,
                 attempt: w.attempt.saturating_add(1),
                 epoch,
@@ -331,14 +367,12 @@ impl RedisBackend {
                 handle: ClaimHandle::Redis { stored },
             },
             // A producer's message that only looks wrapped (the script checks its prefix and
-            // its `id`, not every field): keep the bytes so the worker dead-letters them, under
-            // the `id` the script filed its claim and epoch by, or the finish would be fenced
-            // off and the message would loop through lease expiry for ever.
+            // its `id`, not every field), or one cjson reads and serde does not (hex numbers,
+            // deep nesting): keep the bytes so the worker dead-letters them, under the id the
+            // script filed, or the finish would be fenced off and the message would loop
+            // through lease expiry for ever.
             None => Claim {
-                job_id: serde_json::from_slice::<serde_json::Value>(&stored)
-                    .ok()
-                    .and_then(|v| v.get("id").and_then(|i| i.as_str()).map(str::to_string))
-                    .unwrap_or_else(crate::ids::new_id),
+                job_id,
                 payload: stored.clone(),
                 attempt: 1,
                 epoch,

@@ -353,6 +353,14 @@ pub async fn bad_input_is_dead_lettered(kind: Kind) {
     let bad_at = not_utf8.len();
     not_utf8.extend_from_slice(&[0xff, 0xfe, 0xc3]);
     not_utf8.extend_from_slice(br#""}}"#);
+    let mut lookalike_bad_id = format!(r#"{{"lar_worker":1,"id":"{p}-"#).into_bytes();
+    let lookalike_at = lookalike_bad_id.len();
+    lookalike_bad_id.push(0xff);
+    lookalike_bad_id.extend_from_slice(br#"","attempt":0,"raw":"x"}"#);
+    let mut envelope_bad_id = format!(r#"{{"id":"{p}-"#).into_bytes();
+    let envelope_at = envelope_bad_id.len();
+    envelope_bad_id.push(0xff);
+    envelope_bad_id.extend_from_slice(br#"","graph":"bench","input":{}}"#);
     // (bytes, what the reason must contain)
     let bad: Vec<(Vec<u8>, String)> = vec![
         (
@@ -386,6 +394,30 @@ pub async fn bad_input_is_dead_lettered(kind: Kind) {
         ),
         (big, big_reason),
         (not_utf8, format!("invalid UTF-8 at byte {bad_at}")),
+        // Lookalikes Redis's Lua JSON decoder reads and serde does not: each must still end as
+        // one dead letter, not loop through lease expiry.
+        (
+            format!(r#"{{"lar_worker":1,"id":"{p}-hex","attempt":0,"raw":"x","n":0x10}}"#)
+                .into_bytes(),
+            "invalid JSON".into(),
+        ),
+        (
+            format!(
+                r#"{{"lar_worker":1,"id":"{p}-deep","attempt":0,"raw":5,"d":{}{}}}"#,
+                "[".repeat(200),
+                "]".repeat(200)
+            )
+            .into_bytes(),
+            "invalid JSON".into(),
+        ),
+        (
+            lookalike_bad_id,
+            format!("invalid UTF-8 at byte {lookalike_at}"),
+        ),
+        (
+            envelope_bad_id,
+            format!("invalid UTF-8 at byte {envelope_at}"),
+        ),
     ];
     let good = |i: usize| {
         json!({"id": format!("{p}-good-{i}"), "graph": "bench", "input": bench_job(i)})
