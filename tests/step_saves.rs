@@ -337,3 +337,58 @@ async fn embedded_zombie_stays_fenced_across_a_pause() {
     let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
     a_zombie_stays_fenced_across_a_pause(&b, &names()).await;
 }
+
+/// Three copies of one job id (an at-least-once producer sent it three times) claimed one
+/// after another: once the second copy's result is out, the job's epoch is forgotten, and the
+/// third copy's claim must still get an epoch the first copy's holder never had, or that
+/// holder's late finish would pass the fence and publish a second result.
+#[tokio::test]
+async fn redis_a_holder_of_an_earlier_copy_stays_fenced() {
+    let q = names();
+    let backend = |name: &str| {
+        let worker = format!("test-{name}-{}", uuid::Uuid::new_v4().simple());
+        RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
+    };
+    let (a, b, c) = (
+        backend("a").await.unwrap(),
+        backend("b").await.unwrap(),
+        backend("c").await.unwrap(),
+    );
+    let job = br#"{"id":"same-job","input":{}}"#;
+    let publish = |r: &str| Finish::Publish {
+        result: r.as_bytes().to_vec(),
+        dead_letter: None,
+    };
+    a.enqueue(&q, job).await.unwrap();
+    let first = claim_all(&a, &q, 1).await.remove(0);
+    a.enqueue(&q, job).await.unwrap();
+    let second = claim_all(&b, &q, 1).await.remove(0);
+    assert_eq!(
+        b.finish(&q, &second, publish("b")).await.unwrap(),
+        Fenced::Done
+    );
+    a.enqueue(&q, job).await.unwrap();
+    let third = claim_all(&c, &q, 1).await.remove(0);
+    assert_eq!(
+        (first.job_id.as_str(), third.job_id.as_str()),
+        ("same-job", "same-job")
+    );
+    assert_ne!(third.epoch, first.epoch, "an epoch came again");
+    assert_eq!(
+        a.finish(&q, &first, publish("a")).await.unwrap(),
+        Fenced::Lost,
+        "the first copy's holder is fenced off"
+    );
+    assert_eq!(
+        c.finish(&q, &third, publish("c")).await.unwrap(),
+        Fenced::Done
+    );
+    assert_eq!(
+        a.results(&q, 10, false).await.unwrap(),
+        vec![b"b".to_vec(), b"c".to_vec()]
+    );
+    for w in [&a, &b, &c] {
+        w.deregister(&q).await.unwrap();
+    }
+    cleanup_redis(&q).await;
+}

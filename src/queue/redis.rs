@@ -6,7 +6,7 @@
 //!
 //! Keys, for a queue `Q` (results go to the configured list):
 //! `Q:processing:<worker>` claimed messages · `Q:leases` zset id→deadline · `Q:claims` hash
-//! id→stored message · `Q:owners` hash id→worker · `Q:epochs` hash id→epoch · `Q:delayed` zset
+//! id→stored message · `Q:owners` hash id→worker · `Q:epochs` hash id→epoch, drawn from `Q:epoch_seq` · `Q:delayed` zset
 //! of retries by due time · `Q:dead` dead letters · `Q:workers` set · `Q:hb:<worker>` heartbeat ·
 //! `Q:run:<job>` hash of a durable run (`ckpt` its checkpoint, `0`, `1`, … its step records) ·
 //! `Q:pending` hash of jobs waiting for a human.
@@ -14,7 +14,7 @@
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
 use super::redis_batch::BatchedScript;
-use super::redis_runs::{epochs_key, run_key, RedisRunStore};
+use super::redis_runs::{epoch_seq_key, epochs_key, run_key, RedisRunStore};
 use super::run_store::RunStore;
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
@@ -68,7 +68,9 @@ local function wrap(raw, candidate, envelope)
   return PREFIX .. '"id":' .. cjson.encode(id) .. ',"attempt":0,"history":[],"raw":' .. cjson.encode(raw) .. '}', id
 end
 local function hold(wrapped, id)
-  local epoch = redis.call('HINCRBY', KEYS[6], id, 1)
+  local epoch = redis.call('INCR', KEYS[7])
+  if epoch < 4294967296 then epoch = redis.call('INCRBY', KEYS[7], 4294967296) end
+  redis.call('HSET', KEYS[6], id, epoch)
   redis.call('ZADD', KEYS[3], ARGV[2], id)
   redis.call('HSET', KEYS[4], id, wrapped)
   redis.call('HSET', KEYS[5], id, ARGV[1])
@@ -76,8 +78,12 @@ local function hold(wrapped, id)
 end
 "#;
 
-/// KEYS: queue, processing, leases, claims, owners, epochs.
+/// KEYS: queue, processing, leases, claims, owners, epochs, epoch sequence.
 /// ARGV: worker, deadline, n, envelope, candidate ids... Returns (stored, epoch, id) triples.
+/// Epochs come from one sequence per queue, never from a per-job counter: a finish forgets
+/// the job's epoch, and a counter starting again at 1 would let a zombie of an earlier copy of
+/// the same id pass the fence. The sequence starts above 2^32, so no per-job epoch of earlier
+/// versions comes again during a rolling upgrade.
 const CLAIM: &str = r#"
 local out = {}
 for i = 1, tonumber(ARGV[3]) do
@@ -256,6 +262,7 @@ fn keys(q: &QueueNames, worker: &str) -> Keys {
         claims: format!("{p}:claims"),
         owners: format!("{p}:owners"),
         epochs: epochs_key(q),
+        epoch_seq: epoch_seq_key(q),
         delayed: format!("{p}:delayed"),
         dead: format!("{p}:dead"),
         workers: format!("{p}:workers"),
@@ -272,6 +279,7 @@ struct Keys {
     leases: String,
     claims: String,
     owners: String,
+    epoch_seq: String,
     epochs: String,
     delayed: String,
     dead: String,
@@ -397,7 +405,8 @@ impl RedisBackend {
             .key(&k.leases)
             .key(&k.claims)
             .key(&k.owners)
-            .key(&k.epochs);
+            .key(&k.epochs)
+            .key(&k.epoch_seq);
         inv.arg(&self.worker_id)
             .arg(now_ms() + lease.as_millis() as i64)
             .arg(n)

@@ -32,6 +32,16 @@ redis.call('HSET', K[2], A[3], A[4], 'ckpt', A[5])
 return 1
 "#;
 
+/// KEYS: epochs, epoch sequence. ARGV: id. The job's next epoch, from the queue's sequence (as
+/// the redis backend's claims take theirs: ending a run forgets the job's entry, and a
+/// per-job counter would then start again at 1, where a cut-off holder may still be).
+const NEXT_EPOCH: &str = r#"
+local epoch = redis.call('INCR', KEYS[2])
+if epoch < 4294967296 then epoch = redis.call('INCRBY', KEYS[2], 4294967296) end
+redis.call('HSET', KEYS[1], ARGV[1], epoch)
+return epoch
+"#;
+
 /// KEYS: epochs, run. ARGV: id, epoch. Forgets a finished run, if `epoch` still holds the job.
 const END_RUN: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
@@ -101,6 +111,12 @@ pub(super) fn epochs_key(q: &QueueNames) -> String {
     format!("{}:epochs", q.jobs)
 }
 
+/// The queue's epoch sequence (see the redis backend's CLAIM): every claim or delivery takes
+/// the next value, so an epoch never comes again, even after a job's own entry was forgotten.
+pub(super) fn epoch_seq_key(q: &QueueNames) -> String {
+    format!("{}:epoch_seq", q.jobs)
+}
+
 /// Jobs waiting for a human (amqp backend).
 pub(super) fn pending_key(q: &QueueNames) -> String {
     format!("{}:pending", q.jobs)
@@ -114,6 +130,7 @@ fn deciding_key(q: &QueueNames) -> String {
 pub(super) struct RedisRunStore {
     conn: ConnectionManager,
     save_step: BatchedScript,
+    next_epoch: Script,
     end_run: Script,
     pause: Script,
     decide: Script,
@@ -125,6 +142,7 @@ impl RedisRunStore {
     pub fn new(conn: ConnectionManager) -> Self {
         RedisRunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
+            next_epoch: Script::new(NEXT_EPOCH),
             end_run: Script::new(END_RUN),
             pause: Script::new(PAUSE),
             decide: Script::new(DECIDE),
@@ -138,7 +156,9 @@ impl RedisRunStore {
 impl RunStore for RedisRunStore {
     async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
-        Ok(conn.hincr(epochs_key(q), job_id, 1u64).await?)
+        let mut inv = self.next_epoch.prepare_invoke();
+        inv.key(epochs_key(q)).key(epoch_seq_key(q)).arg(job_id);
+        Ok(inv.invoke_async(&mut conn).await?)
     }
 
     async fn save_step(

@@ -17,6 +17,10 @@ CREATE TABLE IF NOT EXISTS epochs (
     epoch  INTEGER NOT NULL,
     PRIMARY KEY (queue, job_id)
 );
+CREATE TABLE IF NOT EXISTS epoch_seq (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS pending (
     queue      TEXT    NOT NULL,
     job_id     TEXT    NOT NULL,
@@ -213,13 +217,24 @@ impl RunStore for SqliteRunStore {
     async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn| {
-            let epoch: i64 = conn
+            // One sequence for the file: ending a run forgets the job's row, and a per-job
+            // counter would start again at 1, where a cut-off holder may still be. A file from
+            // before the sequence starts it above every epoch it holds.
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let epoch: i64 = tx
                 .prepare_cached(
-                    "INSERT INTO epochs (queue, job_id, epoch) VALUES (?1, ?2, 1)
-                     ON CONFLICT (queue, job_id) DO UPDATE SET epoch = epoch + 1
-                     RETURNING epoch",
+                    "INSERT INTO epoch_seq (id, n)
+                     VALUES (1, COALESCE((SELECT MAX(epoch) FROM epochs), 0) + 1)
+                     ON CONFLICT (id) DO UPDATE SET n = n + 1
+                     RETURNING n",
                 )?
-                .query_row(params![queue, job_id], |r| r.get(0))?;
+                .query_row([], |r| r.get(0))?;
+            tx.prepare_cached(
+                "INSERT INTO epochs (queue, job_id, epoch) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (queue, job_id) DO UPDATE SET epoch = excluded.epoch",
+            )?
+            .execute(params![queue, job_id, epoch])?;
+            tx.commit()?;
             Ok(u64::try_from(epoch).unwrap_or(0))
         })
         .await

@@ -462,6 +462,8 @@ impl Fixture {
                     k == self.names.results
                         || k == format!("{q}:dead")
                         || k == format!("{q}:workers")
+                        // One counter per queue, not per job.
+                        || k == format!("{q}:epoch_seq")
                         || k.starts_with(&format!("{q}:hb:"))
                         // AMQP's one-result markers expire by themselves.
                         || (self.kind == Kind::Amqp && k.starts_with(&format!("{q}:done:")))
