@@ -338,10 +338,10 @@ async fn embedded_zombie_stays_fenced_across_a_pause() {
     a_zombie_stays_fenced_across_a_pause(&b, &names()).await;
 }
 
-/// Three copies of one job id (an at-least-once producer sent it three times) claimed one
-/// after another: once the second copy's result is out, the job's epoch is forgotten, and the
-/// third copy's claim must still get an epoch the first copy's holder never had, or that
-/// holder's late finish would pass the fence and publish a second result.
+/// A holder cut off past its lease (a zombie), then two more claims of the same job id (the
+/// job taken over, and a second copy a producer sent): once the takeover's result is out, the
+/// job's epoch is forgotten, and the next claim must still get an epoch the zombie never had,
+/// or the zombie's late finish would pass the fence and publish a second result.
 #[tokio::test]
 async fn redis_a_holder_of_an_earlier_copy_stays_fenced() {
     let q = names();
@@ -360,8 +360,14 @@ async fn redis_a_holder_of_an_earlier_copy_stays_fenced() {
         dead_letter: None,
     };
     a.enqueue(&q, job).await.unwrap();
-    let first = claim_all(&a, &q, 1).await.remove(0);
-    a.enqueue(&q, job).await.unwrap();
+    let first = a
+        .claim(&q, 1, Duration::from_millis(200), Duration::ZERO)
+        .await
+        .unwrap()
+        .remove(0);
+    // `a` freezes past its lease; the reaper hands the job to `b`.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    b.recover(&q).await.unwrap();
     let second = claim_all(&b, &q, 1).await.remove(0);
     assert_eq!(
         b.finish(&q, &second, publish("b")).await.unwrap(),
@@ -390,5 +396,67 @@ async fn redis_a_holder_of_an_earlier_copy_stays_fenced() {
     for w in [&a, &b, &c] {
         w.deregister(&q).await.unwrap();
     }
+    cleanup_redis(&q).await;
+}
+
+/// Two copies of one job id at once: the second is not claimed beside the first (their
+/// claims, leases and checkpoints share the id); it waits a lease in the delayed set, then
+/// runs once the first is done. Neither copy is stranded or lost.
+#[tokio::test]
+async fn redis_a_second_copy_waits_while_the_first_is_held() {
+    let q = names();
+    let worker = format!("test-dup-{}", uuid::Uuid::new_v4().simple());
+    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
+        .await
+        .unwrap();
+    let job = br#"{"id":"twice","input":{}}"#;
+    b.enqueue(&q, job).await.unwrap();
+    b.enqueue(&q, job).await.unwrap();
+    let got = b.claim(&q, 1, LEASE, Duration::ZERO).await.unwrap();
+    assert_eq!(got.len(), 1);
+    // The copy, claimed with a short lease: it waits that long in the delayed set.
+    let short = Duration::from_millis(300);
+    assert!(b
+        .claim(&q, 1, short, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed, d.delayed), (0, 1, 1), "{d:?}");
+    // Due while the first is still held: it waits again.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    b.recover(&q).await.unwrap();
+    assert!(b
+        .claim(&q, 1, short, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(b.depth(&q).await.unwrap().delayed, 1, "waiting again");
+    let publish = |r: &str| Finish::Publish {
+        result: r.as_bytes().to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(
+        b.finish(&q, &got[0], publish("1")).await.unwrap(),
+        Fenced::Done
+    );
+    // Due again: the copy runs now.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    b.recover(&q).await.unwrap();
+    let second = b.claim(&q, 2, LEASE, Duration::ZERO).await.unwrap();
+    assert_eq!(second.len(), 1);
+    assert_eq!(second[0].job_id, "twice");
+    assert_eq!(second[0].payload, job.to_vec(), "the copy's bytes are kept");
+    assert_eq!(
+        b.finish(&q, &second[0], publish("2")).await.unwrap(),
+        Fenced::Done
+    );
+    assert_eq!(
+        b.results(&q, 10, false).await.unwrap(),
+        vec![b"1".to_vec(), b"2".to_vec()]
+    );
+    let d = b.depth(&q).await.unwrap();
+    assert_eq!((d.ready, d.claimed, d.delayed), (0, 0, 0), "{d:?}");
+    b.deregister(&q).await.unwrap();
     cleanup_redis(&q).await;
 }

@@ -78,8 +78,12 @@ local function hold(wrapped, id)
 end
 "#;
 
-/// KEYS: queue, processing, leases, claims, owners, epochs, epoch sequence.
+/// KEYS: queue, processing, leases, claims, owners, epochs, epoch sequence, delayed.
 /// ARGV: worker, deadline, n, envelope, candidate ids... Returns (stored, epoch, id) triples.
+/// A copy of a job whose id is held right now (a producer sent it twice) is not claimed: it
+/// waits in the delayed set for a lease and comes back after, so one id never has two holders
+/// (their claims, leases and checkpoints are keyed by the id). Byte-identical copies waiting
+/// at the same time wait as one.
 /// Epochs come from one sequence per queue, never from a per-job counter: a finish forgets
 /// the job's epoch, and a counter starting again at 1 would let a zombie of an earlier copy of
 /// the same id pass the fence. The sequence starts above 2^32, so no per-job epoch of earlier
@@ -90,10 +94,15 @@ for i = 1, tonumber(ARGV[3]) do
   local raw = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'LEFT')
   if not raw then break end
   local wrapped, id = wrap(raw, ARGV[4 + i], ARGV[4])
-  redis.call('LSET', KEYS[2], 0, wrapped)
-  out[#out + 1] = wrapped
-  out[#out + 1] = hold(wrapped, id)
-  out[#out + 1] = id
+  if redis.call('HEXISTS', KEYS[4], id) == 1 then
+    redis.call('LPOP', KEYS[2])
+    redis.call('ZADD', KEYS[8], ARGV[2], wrapped)
+  else
+    redis.call('LSET', KEYS[2], 0, wrapped)
+    out[#out + 1] = wrapped
+    out[#out + 1] = hold(wrapped, id)
+    out[#out + 1] = id
+  end
 end
 return out
 "#;
@@ -103,6 +112,10 @@ return out
 const ADOPT: &str = r#"
 if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {} end
 local wrapped, id = wrap(ARGV[6], ARGV[5], ARGV[4])
+if redis.call('HEXISTS', KEYS[4], id) == 1 then
+  redis.call('ZADD', KEYS[8], ARGV[2], wrapped)
+  return {}
+end
 redis.call('LPUSH', KEYS[2], wrapped)
 return {wrapped, hold(wrapped, id), id}
 "#;
@@ -406,7 +419,8 @@ impl RedisBackend {
             .key(&k.claims)
             .key(&k.owners)
             .key(&k.epochs)
-            .key(&k.epoch_seq);
+            .key(&k.epoch_seq)
+            .key(&k.delayed);
         inv.arg(&self.worker_id)
             .arg(now_ms() + lease.as_millis() as i64)
             .arg(n)

@@ -17,7 +17,7 @@ use crate::queue::{Backend, Claim, Fenced, Finish};
 use crate::tools::Registry;
 use process::Verdict;
 use stats::Stats;
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -66,8 +66,10 @@ pub struct Worker {
     progress_ms: AtomicU64,
     started: Instant,
     notifier: Notifier,
-    /// (queue index, job id) → epoch, for lease renewal.
-    in_flight: Mutex<HashMap<(usize, String), u64>>,
+    /// (queue index, job id, epoch) of every claim held, for lease renewal. The epoch is part
+    /// of the key: two copies of one job id held at once (a producer sent it twice) are two
+    /// claims, and the first to end must not stop the other's renewals.
+    in_flight: Mutex<HashSet<(usize, String, u64)>>,
 }
 
 /// Options that are not part of workers.toml.
@@ -100,7 +102,7 @@ impl Worker {
             progress_ms: AtomicU64::new(0),
             started: Instant::now(),
             notifier: Notifier::from_env(),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashSet::new()),
         })
     }
 
@@ -185,30 +187,26 @@ impl Worker {
     }
 
     fn in_flight_of(&self, qi: usize) -> Vec<(String, u64)> {
-        match self.in_flight.lock() {
-            Ok(m) => m
-                .iter()
-                .filter(|((q, _), _)| *q == qi)
-                .map(|((_, id), e)| (id.clone(), *e))
-                .collect(),
-            Err(p) => p
-                .into_inner()
-                .iter()
-                .filter(|((q, _), _)| *q == qi)
-                .map(|((_, id), e)| (id.clone(), *e))
-                .collect(),
-        }
+        let held = match self.in_flight.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        held.iter()
+            .filter(|(q, _, _)| *q == qi)
+            .map(|(_, id, e)| (id.clone(), *e))
+            .collect()
     }
 
-    fn track(&self, qi: usize, job_id: &str, epoch: Option<u64>) {
+    fn track(&self, claim: (usize, String, u64), held: bool) {
         let mut m = match self.in_flight.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        match epoch {
-            Some(e) => m.insert((qi, job_id.to_string()), e),
-            None => m.remove(&(qi, job_id.to_string())),
-        };
+        if held {
+            m.insert(claim);
+        } else {
+            m.remove(&claim);
+        }
     }
 
     /// Runs until `shutdown` fires (or the queues are idle with `exit_when_idle`), then drains.
@@ -623,25 +621,24 @@ fn wedge_for_tests() -> bool {
 /// job's task ends by any path, a panic included, so a job can never be held forever.
 struct Holding {
     worker: Arc<Worker>,
-    qi: usize,
-    job_id: String,
+    claim: (usize, String, u64),
 }
 
 impl Holding {
     fn start(worker: &Arc<Worker>, qi: usize, claim: &Claim) -> Self {
-        worker.track(qi, &claim.job_id, Some(claim.epoch));
+        let claim = (qi, claim.job_id.clone(), claim.epoch);
+        worker.track(claim.clone(), true);
         worker.in_flight_count.fetch_add(1, Ordering::Relaxed);
         Holding {
             worker: Arc::clone(worker),
-            qi,
-            job_id: claim.job_id.clone(),
+            claim,
         }
     }
 }
 
 impl Drop for Holding {
     fn drop(&mut self) {
-        self.worker.track(self.qi, &self.job_id, None);
+        self.worker.track(self.claim.clone(), false);
         self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
         self.worker.touch();
     }
