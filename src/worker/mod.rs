@@ -496,6 +496,13 @@ impl Worker {
                     Verdict::Release => Stats::add(&s.released, 1),
                 }
             }
+            Some(Fenced::Lost) if tries > 0 => {
+                // An earlier try may have been applied with its answer lost (a reply timeout):
+                // the job may be finished by this very worker. Say so rather than "nothing".
+                Stats::add(&self.stats[qi].fenced, 1);
+                warn!(job_id = %claim.job_id, epoch = claim.epoch, tries,
+                      "finish refused after a failed try: the failed try may have finished the job (its answer was lost), or another worker holds it");
+            }
             Some(Fenced::Lost) => {
                 Stats::add(&self.stats[qi].fenced, 1);
                 warn!(job_id = %claim.job_id, epoch = claim.epoch, "claim lost to another worker: nothing published");
