@@ -65,7 +65,7 @@ impl BatchedScript {
 /// per job in the batch. `K[n]` and `A[n]` become `KEYS[k + n]` and `ARGV[a + n]`: no table is
 /// built per job.
 fn wrap(body: &str) -> String {
-    let body = body.replace("K[", "KEYS[k + ").replace("A[", "ARGV[a + ");
+    let body = rebase(&rebase(body, 'K', "KEYS[k + "), 'A', "ARGV[a + ");
     format!(
         "local function one(k, a)\n{body}\nend
 local nk, na = tonumber(ARGV[1]), tonumber(ARGV[2])
@@ -138,5 +138,40 @@ async fn run(
                 }
             }
         }
+    }
+}
+
+/// Replaces `<name>[` with `with`, only where `name` is a whole identifier (`DATA[` and
+/// `t.A[` stay as they are).
+fn rebase(body: &str, name: char, with: &str) -> String {
+    let mut out = String::with_capacity(body.len() + 64);
+    let mut prev: Option<char> = None;
+    let mut chars = body.chars().peekable();
+    while let Some(c) = chars.next() {
+        let starts_identifier =
+            !matches!(prev, Some(p) if p.is_ascii_alphanumeric() || p == '_' || p == '.');
+        if c == name && starts_identifier && chars.peek() == Some(&'[') {
+            chars.next();
+            out.push_str(with);
+            prev = Some('[');
+            continue;
+        }
+        out.push(c);
+        prev = Some(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rebase;
+
+    #[test]
+    fn only_whole_names_are_rebased() {
+        let body = "if K[1] == A[2] then DATA[1] = t.A[1] .. KA[3] .. (A[4]) end";
+        assert_eq!(
+            rebase(&rebase(body, 'K', "KEYS[k + "), 'A', "ARGV[a + "),
+            "if KEYS[k + 1] == ARGV[a + 2] then DATA[1] = t.A[1] .. KA[3] .. (ARGV[a + 4]) end"
+        );
     }
 }
