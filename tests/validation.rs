@@ -675,3 +675,36 @@ fn example_graphs_validate() {
         "{out}"
     );
 }
+
+/// A reduce node whose key has a brace cannot use the default prompt (it names each key in a
+/// placeholder): an error on `keys`, never a node silently dropped (the nodes after it would
+/// shift) or a panic.
+#[test]
+fn reduce_key_with_a_brace_needs_its_own_prompt() {
+    let errors = expect_error(
+        "reduce_brace",
+        r#"
+name = "rb"
+entry = "r"
+[providers.p]
+base_url = "http://127.0.0.1:9/v1"
+[[nodes]]
+id = "r"
+type = "reduce"
+provider = "p"
+model = "m"
+keys = ["a}b"]
+output = "summary"
+next = "done"
+[[nodes]]
+id = "done"
+type = "set"
+key = "status"
+value = "done"
+"#,
+        Some("r"),
+        Some("keys"),
+        "give the node its own 'prompt'",
+    );
+    only_one(&errors);
+}

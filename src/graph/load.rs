@@ -188,6 +188,14 @@ fn build(
     for (raw, id) in nodes_raw.iter().zip(&ids) {
         match parse_node(file, id, raw, &index, &tools, &declared_providers, registry) {
             Ok(node) => nodes.push(node),
+            // Never drop a node without saying why: the indexes of the nodes after it would
+            // shift, and the graph would run (or fail) as another one.
+            Err(e) if e.is_empty() => errors.push(GraphError {
+                file: file.to_string(),
+                node: Some(id.clone()),
+                field: None,
+                message: "this node could not be read".into(),
+            }),
             Err(mut e) => errors.append(&mut e),
         }
     }
@@ -569,7 +577,16 @@ fn read_llm_spec(
         r.error(Some("fallbacks"), "model names must not be empty");
     }
     let prompt = match default_prompt {
-        Some(default) if !r.has("prompt") => Template::parse(&default).ok(),
+        Some(default) if !r.has("prompt") => match Template::parse(&default) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                r.error(
+                    Some("keys"),
+                    format!("the default prompt cannot name these keys ({e}): give the node its own 'prompt'"),
+                );
+                None
+            }
+        },
         _ => read_template(r, "prompt", true),
     };
     let system = read_template(r, "system", false);
