@@ -22,6 +22,33 @@ pub enum SecretError {
     Missing,
 }
 
+/// SHA-256 fingerprints of every HMAC key this process loaded: an outbound secret reference
+/// (a header or API key named `env:HMAC_SECRET` in a graph) is checked against them and never
+/// sent (see [`is_signing_key`]).
+static LOADED_KEYS: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec::new());
+
+/// Whether `value` is an HMAC key this process signs with.
+pub fn is_signing_key(value: &[u8]) -> bool {
+    use sha2::Digest;
+    let fp: [u8; 32] = Sha256::digest(value).into();
+    match LOADED_KEYS.lock() {
+        Ok(keys) => keys.contains(&fp),
+        Err(p) => p.into_inner().contains(&fp),
+    }
+}
+
+fn remember_key(key: &[u8]) {
+    use sha2::Digest;
+    let fp: [u8; 32] = Sha256::digest(key).into();
+    let mut keys = match LOADED_KEYS.lock() {
+        Ok(k) => k,
+        Err(p) => p.into_inner(),
+    };
+    if !keys.contains(&fp) {
+        keys.push(fp);
+    }
+}
+
 /// The HMAC-SHA256 key used to sign run logs, checkpoints and ledgers.
 #[derive(Clone)]
 pub struct Secret {
@@ -51,6 +78,7 @@ impl Secret {
         let keyed = <HmacSha256 as Mac>::new_from_slice(key).map_err(|_| SecretError::Empty {
             origin: origin.into(),
         })?;
+        remember_key(key);
         Ok(Secret { keyed })
     }
 

@@ -25,6 +25,8 @@ pub enum SecretRefError {
     FileEmpty(String),
     #[error("the value of {0} cannot be sent as an HTTP header (control characters?)")]
     BadHeaderValue(String),
+    #[error("{0} holds the workers' HMAC secret, which is never sent anywhere")]
+    SigningKey(String),
 }
 
 impl SecretRef {
@@ -46,8 +48,17 @@ impl SecretRef {
         }
     }
 
-    /// Reads the secret now. A file's trailing newline is dropped.
+    /// Reads the secret now. A file's trailing newline is dropped. The workers' own HMAC key
+    /// is refused, whichever variable or file it is reached through.
     pub fn resolve(&self) -> Result<String, SecretRefError> {
+        let value = self.read()?;
+        if crate::audit::secret::is_signing_key(value.as_bytes()) {
+            return Err(SecretRefError::SigningKey(self.describe()));
+        }
+        Ok(value)
+    }
+
+    fn read(&self) -> Result<String, SecretRefError> {
         match self {
             SecretRef::Env(var) => match std::env::var(var) {
                 Ok(v) if v.is_empty() => Err(SecretRefError::EnvEmpty(var.clone())),
@@ -216,6 +227,27 @@ impl Redactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_signing_key_is_never_resolved_for_sending() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = "net-secret-test-signing-key-7f3a";
+        let _signer = crate::audit::Secret::new(key).unwrap();
+        let file = dir.path().join("hmac_secret");
+        std::fs::write(&file, format!("{key}\n")).unwrap();
+        let err = SecretRef::File(file.clone()).resolve().unwrap_err();
+        assert_eq!(
+            err,
+            SecretRefError::SigningKey(format!("file:{}", file.display()))
+        );
+        assert!(!err.to_string().contains(key));
+        let other = dir.path().join("api_key");
+        std::fs::write(&other, "sk-not-the-signing-key").unwrap();
+        assert_eq!(
+            SecretRef::File(other).resolve().unwrap(),
+            "sk-not-the-signing-key"
+        );
+    }
 
     #[test]
     fn redacts_every_occurrence() {
