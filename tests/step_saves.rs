@@ -460,3 +460,45 @@ async fn redis_a_second_copy_waits_while_the_first_is_held() {
     b.deregister(&q).await.unwrap();
     cleanup_redis(&q).await;
 }
+
+/// Embedded: a job's row goes when it ends, and a re-sent id comes back as a new row. Its
+/// claim must still get an epoch the earlier row's holder never had: `save_step` fences on
+/// the id and the epoch, and a stalled task of the same process would write into the new run.
+#[tokio::test]
+async fn embedded_a_re_sent_id_never_gets_an_old_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = names();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
+        .unwrap()
+        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
+    let job = br#"{"id":"again","input":{}}"#;
+    b.enqueue(&q, job).await.unwrap();
+    let first = claim_all(&b, &q, 1).await.remove(0);
+    let publish = Finish::Publish {
+        result: b"1".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(&q, &first, publish).await.unwrap(), Fenced::Done);
+    b.enqueue(&q, job).await.unwrap();
+    let second = claim_all(&b, &q, 1).await.remove(0);
+    assert_eq!(second.job_id, "again");
+    assert!(
+        second.epoch > first.epoch,
+        "{} then {}",
+        first.epoch,
+        second.epoch
+    );
+    assert_eq!(
+        b.save_step(&q, &first, step(0, b"stale", b"c"))
+            .await
+            .unwrap(),
+        Fenced::Lost,
+        "the earlier holder is fenced off"
+    );
+    assert_eq!(
+        b.save_step(&q, &second, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+}

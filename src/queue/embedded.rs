@@ -81,7 +81,22 @@ CREATE TABLE IF NOT EXISTS pending (
     epoch      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, job_id)
 );
+CREATE TABLE IF NOT EXISTS epoch_seq (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
 ";
+
+/// The next epoch, from the file's one sequence. A job's row goes when it ends, and a redrive
+/// or a re-sent id comes back as a new row: epochs counted per row would start again, where a
+/// stalled task of this process may still hold the old one (`save_step` and `extend` fence on
+/// the id and epoch). A file from before the sequence starts it above every epoch it holds.
+const NEXT_EPOCH: &str = "
+INSERT INTO epoch_seq (id, n)
+VALUES (1, COALESCE((SELECT MAX(e) FROM (SELECT MAX(epoch) AS e FROM jobs
+                                          UNION ALL SELECT MAX(epoch) FROM pending)), 0) + 1)
+ON CONFLICT (id) DO UPDATE SET n = n + 1
+RETURNING n";
 
 /// Version 2 added durable runs: a decision travelling with a resumed job, plus the `runs`,
 /// `run_steps` and `pending` tables (created by [`SCHEMA`]).
@@ -308,8 +323,9 @@ fn claim_once(
         let mut update = tx.prepare_cached(
             "UPDATE jobs SET state = 'claimed', owner = ?2, lease_until = ?3, epoch = ?4 WHERE seq = ?1",
         )?;
-        for (seq, job_id, payload, attempt, epoch, history, decision) in rows {
-            let epoch = epoch.saturating_add(1);
+        let mut next_epoch = tx.prepare_cached(NEXT_EPOCH)?;
+        for (seq, job_id, payload, attempt, _, history, decision) in rows {
+            let epoch: i64 = next_epoch.query_row([], |r| r.get(0))?;
             update.execute(params![seq, worker, lease_until, epoch])?;
             let attempt = u32::try_from(attempt.saturating_add(1)).map_err(|_| {
                 QueueError::Other(format!(
