@@ -102,6 +102,16 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
     assert_eq!(store.list_pending(&q).await.unwrap().len(), 1);
     assert!(store.get_pending(&q, job).await.unwrap().is_some());
 
+    // A copy of the paused job (its id sent again) that ends leaves the paused run alone.
+    let e_copy = store.next_epoch(&q, job).await.unwrap();
+    assert!(store.end_run(&q, &claim(job, e_copy)).await.unwrap());
+    let kept = store
+        .load_run(&q, job)
+        .await
+        .unwrap()
+        .expect("the paused run is kept");
+    assert_eq!(kept.journal, vec![b"r0".to_vec(), b"r1".to_vec()]);
+
     // A decision moves the job from pending to deciding, once.
     let d = r#"{"choice":"approve","rationale":"ok","decided_by":"a@b"}"#;
     let entry = store.decide(&q, job, d).await.unwrap().expect("pending");

@@ -502,3 +502,63 @@ async fn embedded_a_re_sent_id_never_gets_an_old_epoch() {
         Fenced::Done
     );
 }
+
+/// A copy of a paused job (a producer sent its id again) is claimed and dead-lettered: the
+/// paused run (its checkpoint and journal) and its pending record stay for the human.
+async fn a_copy_of_a_paused_job_leaves_its_run(b: &dyn Backend, q: &QueueNames) {
+    let job = br#"{"id":"paused-job","input":{}}"#;
+    b.enqueue(q, job).await.unwrap();
+    let first = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(
+        b.save_step(q, &first, step(0, b"r0", b"c0")).await.unwrap(),
+        Fenced::Done
+    );
+    let pause = Finish::Pause {
+        result: b"awaiting".to_vec(),
+        pending: br#"{"job_id":"paused-job","step":1}"#.to_vec(),
+    };
+    assert_eq!(b.finish(q, &first, pause).await.unwrap(), Fenced::Done);
+    b.enqueue(q, job).await.unwrap();
+    let copy = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(copy.job_id, "paused-job");
+    let dead = Finish::DeadLetter(lar_worker::queue::DeadLetter {
+        job_id: copy.job_id.clone(),
+        reason: "a copy".into(),
+        attempts: Vec::new(),
+    });
+    assert_eq!(b.finish(q, &copy, dead).await.unwrap(), Fenced::Done);
+    let run = b
+        .load_run(q, "paused-job")
+        .await
+        .unwrap()
+        .expect("the paused run is kept");
+    assert_eq!(run.journal, vec![b"r0".to_vec()]);
+    assert_eq!(run.checkpoint, b"c0");
+    assert_eq!(
+        b.list_pending(q).await.unwrap().len(),
+        1,
+        "still waiting for a human"
+    );
+}
+
+#[tokio::test]
+async fn redis_a_copy_of_a_paused_job_leaves_its_run() {
+    let q = names();
+    let worker = format!("test-paused-{}", uuid::Uuid::new_v4().simple());
+    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
+        .await
+        .unwrap();
+    a_copy_of_a_paused_job_leaves_its_run(&b, &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test]
+async fn embedded_a_copy_of_a_paused_job_leaves_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = names();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
+        .unwrap()
+        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
+    a_copy_of_a_paused_job_leaves_its_run(&b, &q).await;
+}

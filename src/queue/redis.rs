@@ -139,10 +139,14 @@ return out
 /// Modes: publish (a = result or '', b = dead entry or ''), retry and retry_keep (a = new
 /// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
 /// result, b = pending record). Every mode but release, pause and retry_keep ends the run: its checkpoint
-/// and journal go. A pause keeps the job's epoch, so the claim that resumes it gets a newer
+/// and journal go, unless the job waits for a human (a pending record): then this claim was a
+/// copy of the paused job (a producer sent its id again), and the paused run is not its to end. A pause keeps the job's epoch, so the claim that resumes it gets a newer
 /// one than any earlier holder (a holder whose lease expired stays fenced off).
 const FINISH: &str = r#"
 if redis.call('HGET', K[5], A[1]) ~= A[2] then return 0 end
+local function forget_run()
+  if redis.call('HEXISTS', K[11], A[1]) == 0 then redis.call('DEL', K[10]) end
+end
 local stored = redis.call('HGET', K[3], A[1])
 if not stored then return 0 end
 redis.call('LREM', K[1], 1, stored)
@@ -154,14 +158,14 @@ if mode == 'publish' then
   if A[4] ~= '' then redis.call('RPUSH', K[6], A[4]) end
   if A[5] ~= '' then redis.call('RPUSH', K[7], A[5]) end
   redis.call('HDEL', K[5], A[1])
-  redis.call('DEL', K[10])
+  forget_run()
 elseif mode == 'retry' or mode == 'retry_keep' then
   redis.call('ZADD', K[9], A[5], A[4])
-  if mode == 'retry' then redis.call('DEL', K[10]) end
+  if mode == 'retry' then forget_run() end
 elseif mode == 'dead' then
   redis.call('RPUSH', K[7], A[4])
   redis.call('HDEL', K[5], A[1])
-  redis.call('DEL', K[10])
+  forget_run()
 elseif mode == 'release' then
   redis.call('LPUSH', K[8], A[4])
 elseif mode == 'pause' then

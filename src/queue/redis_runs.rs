@@ -42,10 +42,14 @@ redis.call('HSET', KEYS[1], ARGV[1], epoch)
 return epoch
 "#;
 
-/// KEYS: epochs, run. ARGV: id, epoch. Forgets a finished run, if `epoch` still holds the job.
+/// KEYS: epochs, run, pending, deciding. ARGV: id, epoch. Forgets a finished run, if `epoch`
+/// still holds the job. A run waiting for a human (pending, or decided with its resume message
+/// on the way) is kept: the claim that ended was a copy of the paused job.
 const END_RUN: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('DEL', KEYS[2])
+if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then
+  redis.call('DEL', KEYS[2])
+end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
@@ -230,6 +234,8 @@ impl RunStore for RedisRunStore {
         let mut inv = self.end_run.prepare_invoke();
         inv.key(epochs_key(q))
             .key(run_key(q, &claim.job_id))
+            .key(pending_key(q))
+            .key(deciding_key(q))
             .arg(&claim.job_id)
             .arg(claim.epoch);
         let mut conn = self.conn.clone();

@@ -182,11 +182,22 @@ pub(super) fn read_run(
 }
 
 /// Forgets a job's checkpoint and journal.
+/// Forgets a run's checkpoint and journal, unless the job waits for a human (a pending
+/// record): then the claim that ended was a copy of the paused job (a producer sent its id
+/// again), and the paused run is not its to end.
 pub(super) fn forget_run(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     job_id: &str,
 ) -> Result<(), QueueError> {
+    let paused = tx
+        .prepare_cached("SELECT 1 FROM pending WHERE queue = ?1 AND job_id = ?2")?
+        .query_row(params![queue, job_id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if paused {
+        return Ok(());
+    }
     for table in ["runs", "run_steps"] {
         tx.prepare_cached(&format!(
             "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
@@ -198,7 +209,15 @@ pub(super) fn forget_run(
 
 /// Forgets a run and its epoch: the job is done with.
 fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
-    forget_run(tx, queue, job_id)?;
+    // A decision on its way to the broker needs the run as much as a pending one.
+    let deciding = tx
+        .prepare_cached("SELECT 1 FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+        .query_row(params![queue, job_id], |_| Ok(()))
+        .optional()?
+        .is_some();
+    if !deciding {
+        forget_run(tx, queue, job_id)?;
+    }
     tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
         .execute(params![queue, job_id])?;
     Ok(())
