@@ -374,3 +374,14 @@ fn overflowing_floats_are_written_as_python_does_and_still_verify() {
     assert_eq!(code, 3, "{out}");
     assert!(out.contains("signature mismatch"), "{out}");
 }
+
+/// An input nested 126 levels deep (serde_json's reader takes it) makes a log whose state sits
+/// deeper than serde_json's default limit of 128: `verify` still reads it, and so does Python.
+#[test]
+fn a_deeply_nested_state_still_verifies() {
+    let deep = format!("{}1{}", "[".repeat(126), "]".repeat(126));
+    let (_dir, log) = signed_log_with(&format!(r#"{{"deep":{deep}}}"#));
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("valid"), "{out}");
+}

@@ -31,12 +31,12 @@ pub fn verify_file(path: &Path, secret: &Secret) -> Verdict {
         Ok(b) => b,
         Err(e) => return Verdict::invalid(format!("unreadable: {e}")),
     };
-    let parsed = serde_json::from_slice::<Value>(&bytes).or_else(|e| {
+    let parsed = crate::json::parse_deep(&bytes).or_else(|e| {
         // Python (and our writer, to match its bytes) prints an overflowing float as a bare
         // `Infinity`, which serde_json refuses; `1e400` parses to the same float and
         // canonicalizes back to `Infinity`, so the signature still checks.
         match infinity_as_number(&bytes) {
-            Some(fixed) => serde_json::from_slice::<Value>(&fixed).map_err(|_| e),
+            Some(fixed) => crate::json::parse_deep(&fixed).map_err(|_| e),
             None => Err(e),
         }
     });

@@ -404,7 +404,7 @@ impl Worker {
         }
         let mut records: Vec<Value> = Vec::with_capacity(stored.journal.len());
         for (i, rec) in stored.journal.iter().enumerate() {
-            match serde_json::from_slice::<Value>(rec) {
+            match crate::json::parse_deep(rec) {
                 Ok(v @ Value::Object(_)) => records.push(v),
                 _ => return Err(Start::Dead(format!("journal record {i} is unreadable"))),
             }
