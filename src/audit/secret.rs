@@ -122,6 +122,10 @@ impl Secret {
 
     /// Constant-time comparison of a hex signature against the MAC of `message`.
     pub fn verify_hex(&self, message: &[u8], signature_hex: &str) -> bool {
+        // Lár compares `hexdigest()` strings: only lowercase hex is its signature.
+        if signature_hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return false;
+        }
         let Ok(given) = hex::decode(signature_hex) else {
             return false;
         };
@@ -134,6 +138,17 @@ impl Secret {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_lowercase_hex_is_a_signature() {
+        let s = Secret::new("k").unwrap();
+        let sig = s.sign(b"m");
+        assert!(s.verify_hex(b"m", &sig));
+        assert!(
+            !s.verify_hex(b"m", &sig.to_uppercase()),
+            "Python refuses it too"
+        );
+    }
 
     #[test]
     fn debug_never_shows_the_key() {
