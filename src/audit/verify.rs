@@ -109,7 +109,28 @@ pub fn verify_value(doc: &Value, secret: &Secret) -> Verdict {
     if let Some(p) = chain_problem {
         return Verdict::invalid(p);
     }
+    if let Some(p) = shape_problem(map) {
+        return Verdict::invalid(p);
+    }
     Verdict::Valid { what }
+}
+
+/// A signature only says who signed: what was signed must also be a run log (`run_id`, a
+/// `steps` array) or an authority ledger (a `records` array). A signed decision message or a
+/// log whose `steps` is not a list is not evidence of a run.
+fn shape_problem(map: &Map<String, Value>) -> Option<String> {
+    if map.contains_key("ledger_type") {
+        return (!map.get("records").is_some_and(Value::is_array)).then(|| {
+            "signed, but not an authority ledger: 'records' is missing or not a list".to_string()
+        });
+    }
+    if !map.get("run_id").is_some_and(Value::is_string) {
+        return Some("signed, but not a run log: no 'run_id'".into());
+    }
+    if !map.get("steps").is_some_and(Value::is_array) {
+        return Some("signed, but not a run log: 'steps' is missing or not a list".into());
+    }
+    None
 }
 
 fn describe(map: &Map<String, Value>) -> String {
