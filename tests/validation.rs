@@ -708,3 +708,25 @@ value = "done"
     );
     only_one(&errors);
 }
+
+/// A run keeps every step: limits past 100,000 are refused instead of growing without bound.
+#[test]
+fn step_limits_are_bounded() {
+    let errors = expect_error(
+        "huge_limits",
+        r#"
+name = "h"
+entry = "a"
+max_steps = 9223372036854775807
+[[nodes]]
+id = "a"
+type = "set"
+key = "k"
+value = "v"
+"#,
+        None,
+        Some("max_steps"),
+        "is more than 100000",
+    );
+    only_one(&errors);
+}

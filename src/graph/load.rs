@@ -115,6 +115,17 @@ fn build(
     let max_node_fatigue = r
         .opt_u64("max_node_fatigue")
         .unwrap_or(DEFAULT_MAX_NODE_FATIGUE);
+    for (field, v) in [
+        ("max_steps", max_steps),
+        ("max_node_fatigue", max_node_fatigue),
+    ] {
+        if v > MAX_STEPS_LIMIT {
+            r.error(
+                Some(field),
+                format!("{v} is more than {MAX_STEPS_LIMIT} (a run keeps every step in memory and in its log)"),
+            );
+        }
+    }
     let tools_table = r.opt_table("tools");
     let providers_table = r.opt_table("providers");
     let nodes_raw = match r.value("nodes") {

@@ -12,6 +12,9 @@ use std::time::Duration;
 /// Lár's defaults.
 pub const DEFAULT_MAX_STEPS: u64 = 100;
 pub const DEFAULT_MAX_NODE_FATIGUE: u64 = 20;
+/// The most `max_steps` (and `max_node_fatigue`) a graph may ask for: a run keeps every step
+/// record in memory and in its log, so an unbounded limit is unbounded memory.
+pub const MAX_STEPS_LIMIT: u64 = 100_000;
 /// A tool without `timeout_ms` still gets one (and the manifest flags it).
 pub const DEFAULT_TOOL_TIMEOUT: Duration = Duration::from_secs(30);
 /// An LLM call without `timeout_ms` (per attempt).
