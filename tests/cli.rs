@@ -422,3 +422,41 @@ fn manifest_flags_tools_without_timeout_or_error_path() {
     assert!(err.contains("the graph is invalid"), "{err}");
     assert!(err.contains("field 'entry'"), "{err}");
 }
+
+/// A router expression that is quadratic in a producer's list (fine on small input) is cut off
+/// after its time budget: the run fails on that step with the reason, and the process exits
+/// promptly instead of computing for minutes.
+#[test]
+fn a_runaway_router_expression_fails_the_step_instead_of_hanging() {
+    let dir = TempDir::new().unwrap();
+    let graph = write(
+        dir.path(),
+        "quad.toml",
+        r#"
+entry = "r"
+[[nodes]]
+id = "r"
+type = "router"
+when = '''items.exists(a, items.exists(b, a + b == -1)) ? "a" : "b"'''
+routes = { a = "done" }
+default = "done"
+[[nodes]]
+id = "done"
+type = "set"
+key = "status"
+value = "done"
+"#,
+    );
+    let items: Vec<u32> = (0..6000).collect();
+    let input = json!({ "items": items }).to_string();
+    let started = std::time::Instant::now();
+    let (code, stdout, stderr) = run(&mut run_once(dir.path(), &graph, &input));
+    let took = started.elapsed();
+    assert_eq!(code, 3, "the run failed: {stdout}{stderr}");
+    assert!(
+        stderr.contains("took more than 2 s"),
+        "the reason is given: {stderr}"
+    );
+    // Without the budget the expression runs for minutes (36 million comparisons).
+    assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
+}

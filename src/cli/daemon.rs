@@ -73,7 +73,7 @@ pub fn run(a: RunArgs) -> u8 {
         Ok(rt) => rt,
         Err(code) => return code,
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         let worker_id = crate::telemetry::worker_identity();
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
@@ -126,7 +126,11 @@ pub fn run(a: RunArgs) -> u8 {
         }
         worker.run(shutdown, RunOptions { exit_when_idle: a.exit_when_idle }).await;
         exit::OK
-    })
+    });
+    // Everything the worker awaited is done; a blocking thread still busy (a router expression
+    // past its timeout) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 /// SIGTERM and SIGINT start the drain.

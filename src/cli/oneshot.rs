@@ -135,7 +135,10 @@ pub fn run_once(a: RunOnceArgs) -> u8 {
             return exit::ERROR;
         }
     };
-    let report = match rt.block_on(run_job(graph, &registry, &job_id, input, a.user_id, &audit)) {
+    let report = rt.block_on(run_job(graph, &registry, &job_id, input, a.user_id, &audit));
+    // A blocking thread still busy (a router expression past its timeout) must not hold the exit.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    let report = match report {
         Ok(r) => r,
         Err(e) => {
             eprintln!(

@@ -154,7 +154,7 @@ pub(super) async fn exec_leaf(
                     Some(Value::Null) | None => "null".to_string(),
                     Some(other) => other.to_string(),
                 }),
-                RouteSelector::Expr(e) => e.route_key(state),
+                RouteSelector::Expr(e) => e.route_key(state).await,
             };
             let key = match key {
                 Ok(k) => k,

@@ -4,10 +4,15 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// How long one evaluation may take. CEL has no step budget of its own, and an expression
+/// that is fine on small input (`items.exists(a, items.exists(b, ...))`) is quadratic in a
+/// producer's list: past this the route fails instead of holding up the run.
+pub const EVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// A compiled CEL expression; every top-level state key is a variable.
 pub struct Expr {
     source: String,
-    program: cel::Program,
+    program: Arc<cel::Program>,
 }
 
 impl std::fmt::Debug for Expr {
@@ -22,7 +27,7 @@ impl Expr {
         let program = cel::Program::compile(source).map_err(|e| e.to_string())?;
         Ok(Expr {
             source: source.to_string(),
-            program,
+            program: Arc::new(program),
         })
     }
 
@@ -30,16 +35,33 @@ impl Expr {
         &self.source
     }
 
-    /// Evaluates to a route key: strings as they are, booleans and numbers as their text.
-    pub fn route_key(&self, state: &Map<String, Value>) -> Result<String, String> {
-        let mut ctx = cel::Context::default();
-        for (k, v) in state {
-            ctx.add_variable_from_value(k.as_str(), to_cel(v));
-        }
-        let value = self
-            .program
-            .execute(&ctx)
-            .map_err(|e| format!("expression `{}` failed: {e}", self.source))?;
+    /// Evaluates to a route key: strings as they are, booleans and numbers as their text. The
+    /// evaluation runs on a blocking thread (a long one must not stall the async threads that
+    /// renew leases) within [`EVAL_TIMEOUT`]; one past it keeps its thread until it ends, but
+    /// the run goes on without it.
+    pub async fn route_key(&self, state: &Map<String, Value>) -> Result<String, String> {
+        let vars: Vec<(String, cel::Value)> =
+            state.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
+        let program = Arc::clone(&self.program);
+        let eval = tokio::task::spawn_blocking(move || {
+            let mut ctx = cel::Context::default();
+            for (k, v) in vars {
+                ctx.add_variable_from_value(k, v);
+            }
+            program.execute(&ctx).map_err(|e| e.to_string())
+        });
+        let value = match tokio::time::timeout(EVAL_TIMEOUT, eval).await {
+            Ok(Ok(Ok(v))) => v,
+            Ok(Ok(Err(e))) => return Err(format!("expression `{}` failed: {e}", self.source)),
+            Ok(Err(e)) => return Err(format!("expression `{}` failed: {e}", self.source)),
+            Err(_) => {
+                return Err(format!(
+                    "expression `{}` took more than {} s",
+                    self.source,
+                    EVAL_TIMEOUT.as_secs()
+                ))
+            }
+        };
         match value {
             cel::Value::String(s) => Ok(s.to_string()),
             cel::Value::Bool(b) => Ok(b.to_string()),
