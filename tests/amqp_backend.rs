@@ -614,6 +614,7 @@ async fn retry_then_dead_letter_with_attempt_history() {
         job_id: c3.job_id.clone(),
         reason: "gave up after 3 attempts: boom 3".into(),
         attempts,
+        keep_run: false,
     };
     assert_eq!(
         b.finish(q, &c3, Finish::DeadLetter(dl))
@@ -935,6 +936,7 @@ async fn a_redriven_dead_letter_runs_again_despite_the_done_marker() {
         job_id: c1.job_id.clone(),
         reason: "the tool failed".into(),
         attempts: Vec::new(),
+        keep_run: false,
     };
     assert_eq!(
         b.finish(q, &c1, publish("{\"n\":1}", Some(dl)))

@@ -87,6 +87,7 @@ async fn publish_with_dead_letter_records_both() {
         job_id: job_id.clone(),
         reason: "run failed".into(),
         attempts: vec![],
+        keep_run: false,
     };
     let how = Finish::Publish {
         result: b"{\"status\":\"failed\"}".to_vec(),
@@ -154,6 +155,7 @@ async fn expired_lease_is_recovered_and_the_old_holder_is_fenced() {
         job_id: job_id.clone(),
         reason: "zombie".into(),
         attempts: vec![],
+        keep_run: false,
     });
     assert_eq!(first.finish(&q, &old, dl).await.unwrap(), Fenced::Lost);
     assert_eq!(
@@ -322,6 +324,7 @@ async fn dead_letter_keeps_the_exact_payload() {
             job_id: c.job_id.clone(),
             reason: "bad input".into(),
             attempts: c.history.clone(),
+            keep_run: false,
         };
         assert_eq!(
             b.finish(&q, c, Finish::DeadLetter(dl)).await.unwrap(),

@@ -525,6 +525,7 @@ async fn a_copy_of_a_paused_job_leaves_its_run(b: &dyn Backend, q: &QueueNames) 
         job_id: copy.job_id.clone(),
         reason: "a copy".into(),
         attempts: Vec::new(),
+        keep_run: false,
     });
     assert_eq!(b.finish(q, &copy, dead).await.unwrap(), Fenced::Done);
     let run = b
@@ -561,4 +562,68 @@ async fn embedded_a_copy_of_a_paused_job_leaves_its_run() {
         .unwrap()
         .with_envelope_queues([q.jobs.clone()].into_iter().collect());
     a_copy_of_a_paused_job_leaves_its_run(&b, &q).await;
+}
+
+/// A job dead-lettered because infrastructure gave out (its attempts spent on a failing store
+/// or audit disk, `keep_run`) keeps its checkpoint and journal: a redrive resumes after its
+/// last finished step instead of running the finished ones again. Its normal end forgets them.
+async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
+    b: &dyn Backend,
+    q: &QueueNames,
+) {
+    b.enqueue(q, br#"{"id":"stuck","input":{}}"#).await.unwrap();
+    let c = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(
+        b.save_step(q, &c, step(0, b"r0", b"c0")).await.unwrap(),
+        Fenced::Done
+    );
+    let dead = Finish::DeadLetter(lar_worker::queue::DeadLetter {
+        job_id: c.job_id.clone(),
+        reason: "gave up after 3 attempts: the audit disk is full".into(),
+        attempts: Vec::new(),
+        keep_run: true,
+    });
+    assert_eq!(b.finish(q, &c, dead).await.unwrap(), Fenced::Done);
+    assert_eq!(b.depth(q).await.unwrap().dead, 1);
+    let kept = b
+        .load_run(q, "stuck")
+        .await
+        .unwrap()
+        .expect("the run is kept");
+    assert_eq!(kept.journal, vec![b"r0".to_vec()]);
+    assert!(b.redrive_dead_letter(q, "stuck").await.unwrap());
+    let again = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(again.job_id, "stuck");
+    assert!(
+        b.load_run(q, "stuck").await.unwrap().is_some(),
+        "the redriven job can resume"
+    );
+    let publish = Finish::Publish {
+        result: b"done".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &again, publish).await.unwrap(), Fenced::Done);
+    assert!(b.load_run(q, "stuck").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn redis_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
+    let q = names();
+    let worker = format!("test-stuck-{}", uuid::Uuid::new_v4().simple());
+    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
+        .await
+        .unwrap();
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test]
+async fn embedded_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = names();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
+        .unwrap()
+        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q).await;
 }

@@ -1686,6 +1686,7 @@ fn dead_entry(q: &QueueNames, d: &lapin::message::Delivery) -> serde_json::Value
         job_id,
         reason,
         attempts,
+        keep_run: false,
     };
     let mut entry = dead_letter_entry(&q.jobs, &dl, &d.data);
     if let Some(at) = header_text(&headers, "x-lar-failed-at") {
@@ -1791,7 +1792,11 @@ impl Backend for AmqpBackend {
         if let (true, Some(runs), true) = (forget_first, &s.runs, s.is_live(&h)) {
             runs.end_run(q, claim).await?;
         }
-        let ends_run = matches!(how, Finish::Publish { .. } | Finish::DeadLetter(_));
+        let ends_run = match &how {
+            Finish::Publish { .. } => true,
+            Finish::DeadLetter(dl) => !dl.keep_run,
+            _ => false,
+        };
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)

@@ -398,9 +398,9 @@ fn finish_once(
     };
     let now = now_ms();
     let ends_run = !matches!(
-        how,
+        &how,
         Finish::Release | Finish::Pause { .. } | Finish::Retry { keep_run: true, .. }
-    );
+    ) && !matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
     if ends_run {
         super::sqlite_runs::forget_run(&tx, &q.jobs, job_id)?;
     }

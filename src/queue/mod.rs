@@ -124,6 +124,11 @@ pub struct DeadLetter {
     pub job_id: String,
     pub reason: String,
     pub attempts: Vec<AttemptRecord>,
+    /// Keep the run's checkpoint and journal: the job gave up on infrastructure (the store or
+    /// the audit disk), not on its own steps, so a redrive resumes after its last finished step
+    /// instead of running the finished ones again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_run: bool,
 }
 
 /// Whether the finish took effect.

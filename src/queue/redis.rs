@@ -137,8 +137,8 @@ return out
 /// Run per job in batches (`redis_batch`). K: processing, leases, claims, owners, epochs,
 /// results, dead, queue, delayed, run (checkpoint + journal), pending. A: id, epoch, mode, a, b.
 /// Modes: publish (a = result or '', b = dead entry or ''), retry and retry_keep (a = new
-/// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
-/// result, b = pending record). Every mode but release, pause and retry_keep ends the run: its checkpoint
+/// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead and dead_keep (a = entry; dead_keep keeps the run for a redrive to resume), release (a = stored message), pause (a = awaiting_decision
+/// result, b = pending record). Every mode but release, pause, retry_keep and dead_keep ends the run: its checkpoint
 /// and journal go, unless the job waits for a human (a pending record): then this claim was a
 /// copy of the paused job (a producer sent its id again), and the paused run is not its to end. A pause keeps the job's epoch, so the claim that resumes it gets a newer
 /// one than any earlier holder (a holder whose lease expired stays fenced off).
@@ -162,10 +162,10 @@ if mode == 'publish' then
 elseif mode == 'retry' or mode == 'retry_keep' then
   redis.call('ZADD', K[9], A[5], A[4])
   if mode == 'retry' then forget_run() end
-elseif mode == 'dead' then
+elseif mode == 'dead' or mode == 'dead_keep' then
   redis.call('RPUSH', K[7], A[4])
   redis.call('HDEL', K[5], A[1])
-  forget_run()
+  if mode == 'dead' then forget_run() end
 elseif mode == 'release' then
   redis.call('LPUSH', K[8], A[4])
 elseif mode == 'pause' then
@@ -553,7 +553,7 @@ impl Backend for RedisBackend {
                 )
             }
             Finish::DeadLetter(dl) => (
-                "dead",
+                if dl.keep_run { "dead_keep" } else { "dead" },
                 dead_letter_entry(&q.jobs, &dl, &claim.payload)
                     .to_string()
                     .into_bytes(),

@@ -85,6 +85,7 @@ impl Worker {
                     job_id: claim.job_id.clone(),
                     reason,
                     attempts: claim.history.clone(),
+                    keep_run: false,
                 })
             }
         };

@@ -520,10 +520,10 @@ impl Worker {
             )
         } else {
             let reason = format!("gave up after {} attempts: {error}", claim.attempt);
-            (
-                Finish::DeadLetter(self.dead_letter(claim, &reason)),
-                Verdict::DeadLetter,
-            )
+            let mut dead = self.dead_letter(claim, &reason);
+            // Infrastructure gave out, not the run: a redrive resumes it.
+            dead.keep_run = keep_run && self.durable();
+            (Finish::DeadLetter(dead), Verdict::DeadLetter)
         }
     }
 
@@ -538,6 +538,7 @@ impl Worker {
             job_id: claim.job_id.clone(),
             reason: reason.to_string(),
             attempts,
+            keep_run: false,
         }
     }
 }
