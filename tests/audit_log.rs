@@ -391,8 +391,7 @@ fn a_deeply_nested_state_still_verifies() {
 #[test]
 fn a_signed_document_that_is_not_a_run_log_is_invalid() {
     let (_dir, log) = signed_log();
-    let doc = read(&log).as_object().unwrap().clone();
-    let mut no_steps = doc.clone();
+    let mut no_steps = read(&log).as_object().unwrap().clone();
     no_steps.insert("steps".into(), serde_json::json!({"0": "x"}));
     write_resigned(&log, no_steps);
     let (code, out) = verify_cli(&log);
@@ -400,7 +399,6 @@ fn a_signed_document_that_is_not_a_run_log_is_invalid() {
     assert!(out.contains("'steps' is missing or not a list"), "{out}");
     // A signed decision, re-wrapped as a file: no run, no steps.
     let decision = serde_json::json!({"job_id": "j", "choice": "approve", "decided_by": "a@b"});
-    drop(doc);
     write_resigned(&log, decision.as_object().unwrap().clone());
     let (code, out) = verify_cli(&log);
     assert_ne!(code, 0, "{out}");

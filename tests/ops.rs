@@ -393,27 +393,31 @@ print(json.dumps(out))
     forget_queue(&mut r, &queue);
 }
 
-#[test]
-fn ready_follows_redis_away_and_back() {
-    let dir = tempfile::tempdir().unwrap();
+/// A private redis-server on `port` (nothing on disk; `extra` arguments after the defaults),
+/// run in `dir`.
+fn private_redis(dir: &Path, port: &str, extra: &[&str]) -> Child {
+    Command::new("redis-server")
+        .current_dir(dir)
+        .args([
+            "--port",
+            port,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(extra)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Starts a private plain redis-server on a free port and waits until it answers; its URL.
+fn private_redis_up(dir: &Path) -> (Child, String, u16) {
     let rport = free_port();
-    let start_redis = || {
-        Command::new("redis-server")
-            .args([
-                "--port",
-                &rport.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap()
-    };
-    let mut redis_proc = start_redis();
+    let child = private_redis(dir, &rport.to_string(), &[]);
     let url = format!("redis://127.0.0.1:{rport}/0");
     wait_for(Duration::from_secs(5), || {
         redis::Client::open(url.as_str())
@@ -422,6 +426,14 @@ fn ready_follows_redis_away_and_back() {
             .ok()
     })
     .expect("redis up");
+    (child, url, rport)
+}
+
+#[test]
+fn ready_follows_redis_away_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut redis_proc, url, rport) = private_redis_up(dir.path());
+    let start_redis = || private_redis(dir.path(), &rport.to_string(), &[]);
     let port = free_port();
     let config = write_config(dir.path(), &url, "ops-ready:jobs", Some(port));
     let mut child = spawn(&config, &[]);
@@ -550,21 +562,7 @@ fn a_worker_whose_log_reader_is_gone_still_works_and_stops() {
 #[test]
 fn a_store_that_stops_answering_does_not_hold_the_stop() {
     let dir = tempfile::tempdir().unwrap();
-    let rport = free_port();
-    let mut redis_proc = Command::new("redis-server")
-        .args(["--port", &rport.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("redis://127.0.0.1:{rport}/0");
-    wait_for(Duration::from_secs(5), || {
-        redis::Client::open(url.as_str())
-            .ok()?
-            .get_connection()
-            .ok()
-    })
-    .expect("redis up");
+    let (mut redis_proc, url, _) = private_redis_up(dir.path());
     let port = free_port();
     let config = dir.path().join("workers.toml");
     std::fs::write(
@@ -678,27 +676,23 @@ fn rediss_runs_jobs_over_tls_and_refuses_an_untrusted_server() {
     let dir = tempfile::tempdir().unwrap();
     make_tls_certs(dir.path());
     let tport = free_port();
-    let mut redis_proc = Command::new("redis-server")
-        .current_dir(dir.path())
-        .args([
-            "--port",
-            "0",
+    let tls_port = tport.to_string();
+    let mut redis_proc = private_redis(
+        dir.path(),
+        "0",
+        &[
             "--tls-port",
-            &tport.to_string(),
-            "--bind",
-            "127.0.0.1",
-        ])
-        .args([
+            &tls_port,
             "--tls-cert-file",
             "server.pem",
             "--tls-key-file",
             "server.key",
-        ])
-        .args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+            "--tls-ca-cert-file",
+            "ca.pem",
+            "--tls-auth-clients",
+            "no",
+        ],
+    );
     let up = wait_for(Duration::from_secs(5), || {
         std::net::TcpStream::connect(("127.0.0.1", tport)).ok()
     });

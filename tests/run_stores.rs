@@ -3,6 +3,8 @@
 //! fencing, idempotent step saves, the pause, the pending → deciding move, and the sweep of
 //! decisions a crash kept from the broker.
 
+mod common;
+
 use lar_worker::queue::run_store::{open, Paused, RunStore};
 use lar_worker::queue::{Claim, ClaimHandle, Fenced, QueueNames, StepWrite};
 use std::time::Duration;
@@ -200,20 +202,7 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
 async fn redis_store_meets_the_contract() {
     let store = open("redis://127.0.0.1:6379/0").await.unwrap();
     let q = contract(store.as_ref()).await;
-    let client = redis::Client::open("redis://127.0.0.1:6379/0").unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", q.jobs))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
 }
 
 #[tokio::test]

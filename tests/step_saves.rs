@@ -3,6 +3,8 @@
 //! ends with, refused when the journal is out of step, and (on Redis, where saves from many jobs
 //! are batched into one script call) every job answered on its own.
 
+mod common;
+
 use lar_worker::queue::embedded::EmbeddedBackend;
 use lar_worker::queue::redis::RedisBackend;
 use lar_worker::queue::{Backend, Claim, Fenced, Finish, QueueNames, StepWrite};
@@ -197,20 +199,7 @@ async fn redis() -> RedisBackend {
 }
 
 async fn cleanup_redis(q: &QueueNames) {
-    let client = redis::Client::open(REDIS).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}*", q.jobs))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::cmd("DEL")
-            .arg(keys)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    common::delete_redis_keys(REDIS, &q.jobs).await;
 }
 
 #[tokio::test]

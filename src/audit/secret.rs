@@ -29,24 +29,24 @@ static LOADED_KEYS: std::sync::Mutex<Vec<[u8; 32]>> = std::sync::Mutex::new(Vec:
 
 /// Whether `value` is an HMAC key this process signs with.
 pub fn is_signing_key(value: &[u8]) -> bool {
-    use sha2::Digest;
-    let fp: [u8; 32] = Sha256::digest(value).into();
-    match LOADED_KEYS.lock() {
-        Ok(keys) => keys.contains(&fp),
-        Err(p) => p.into_inner().contains(&fp),
-    }
+    loaded_keys().contains(&fingerprint(value))
 }
 
 fn remember_key(key: &[u8]) {
-    use sha2::Digest;
-    let fp: [u8; 32] = Sha256::digest(key).into();
-    let mut keys = match LOADED_KEYS.lock() {
-        Ok(k) => k,
-        Err(p) => p.into_inner(),
-    };
+    let fp = fingerprint(key);
+    let mut keys = loaded_keys();
     if !keys.contains(&fp) {
         keys.push(fp);
     }
+}
+
+fn fingerprint(value: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    Sha256::digest(value).into()
+}
+
+fn loaded_keys() -> std::sync::MutexGuard<'static, Vec<[u8; 32]>> {
+    LOADED_KEYS.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The HMAC-SHA256 key used to sign run logs, checkpoints and ledgers.

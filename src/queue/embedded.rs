@@ -81,22 +81,15 @@ CREATE TABLE IF NOT EXISTS pending (
     epoch      INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (queue, job_id)
 );
-CREATE TABLE IF NOT EXISTS epoch_seq (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    n  INTEGER NOT NULL
-);
 ";
 
-/// The next epoch, from the file's one sequence. A job's row goes when it ends, and a redrive
-/// or a re-sent id comes back as a new row: epochs counted per row would start again, where a
-/// stalled task of this process may still hold the old one (`save_step` and `extend` fence on
-/// the id and epoch). A file from before the sequence starts it above every epoch it holds.
-const NEXT_EPOCH: &str = "
-INSERT INTO epoch_seq (id, n)
-VALUES (1, COALESCE((SELECT MAX(e) FROM (SELECT MAX(epoch) AS e FROM jobs
-                                          UNION ALL SELECT MAX(epoch) FROM pending)), 0) + 1)
-ON CONFLICT (id) DO UPDATE SET n = n + 1
-RETURNING n";
+/// The largest epoch a file from before the epoch sequence holds (the sequence starts above
+/// it). Epochs come from the sequence (`sqlite_runs::next_epoch`): a job's row goes when it
+/// ends, and a redrive or a re-sent id comes back as a new row, so epochs counted per row would
+/// start again where a stalled task of this process may still hold the old one (`save_step`
+/// and `extend` fence on the id and epoch).
+const HIGHEST_EPOCH: &str =
+    "SELECT MAX(e) FROM (SELECT MAX(epoch) AS e FROM jobs UNION ALL SELECT MAX(epoch) FROM pending)";
 
 /// Version 2 added durable runs: a decision travelling with a resumed job, plus the `runs`,
 /// `run_steps` and `pending` tables (created by [`SCHEMA`]).
@@ -191,6 +184,7 @@ impl EmbeddedBackend {
         }
         tx.execute_batch(SCHEMA)?;
         tx.execute_batch(super::sqlite_runs::RUN_TABLES)?;
+        super::sqlite_runs::seed_epoch_seq(&tx, HIGHEST_EPOCH)?;
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -301,7 +295,7 @@ fn claim_once(
     let lease_until = now.saturating_add(millis(lease));
     let rows = {
         let mut select = tx.prepare_cached(
-            "SELECT seq, job_id, payload, attempt, epoch, history, decision FROM jobs
+            "SELECT seq, job_id, payload, attempt, history, decision FROM jobs
              WHERE queue = ?1 AND state = 'ready' AND available_at <= ?2
              ORDER BY available_at, seq LIMIT ?3",
         )?;
@@ -311,9 +305,8 @@ fn claim_once(
                 row.get::<_, String>(1)?,
                 row.get::<_, Vec<u8>>(2)?,
                 row.get::<_, i64>(3)?,
-                row.get::<_, i64>(4)?,
-                row.get::<_, String>(5)?,
-                row.get::<_, Option<String>>(6)?,
+                row.get::<_, String>(4)?,
+                row.get::<_, Option<String>>(5)?,
             ))
         })?;
         rows.collect::<Result<Vec<_>, _>>()?
@@ -323,9 +316,8 @@ fn claim_once(
         let mut update = tx.prepare_cached(
             "UPDATE jobs SET state = 'claimed', owner = ?2, lease_until = ?3, epoch = ?4 WHERE seq = ?1",
         )?;
-        let mut next_epoch = tx.prepare_cached(NEXT_EPOCH)?;
-        for (seq, job_id, payload, attempt, _, history, decision) in rows {
-            let epoch: i64 = next_epoch.query_row([], |r| r.get(0))?;
+        for (seq, job_id, payload, attempt, history, decision) in rows {
+            let epoch = super::sqlite_runs::next_epoch(&tx)?;
             update.execute(params![seq, worker, lease_until, epoch])?;
             let attempt = u32::try_from(attempt.saturating_add(1)).map_err(|_| {
                 QueueError::Other(format!(

@@ -14,7 +14,7 @@
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
 use super::redis_batch::BatchedScript;
-use super::redis_runs::{epoch_seq_key, epochs_key, run_key, RedisRunStore};
+use super::redis_runs::{epoch_seq_key, epochs_key, run_key, RedisRunStore, NEXT_EPOCH_FN};
 use super::run_store::RunStore;
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
@@ -68,8 +68,7 @@ local function wrap(raw, candidate, envelope)
   return PREFIX .. '"id":' .. cjson.encode(id) .. ',"attempt":0,"history":[],"raw":' .. cjson.encode(raw) .. '}', id
 end
 local function hold(wrapped, id)
-  local epoch = redis.call('INCR', KEYS[7])
-  if epoch < 4294967296 then epoch = redis.call('INCRBY', KEYS[7], 4294967296) end
+  local epoch = next_epoch(KEYS[7])
   redis.call('HSET', KEYS[6], id, epoch)
   redis.call('ZADD', KEYS[3], ARGV[2], id)
   redis.call('HSET', KEYS[4], id, wrapped)
@@ -84,10 +83,7 @@ end
 /// waits in the delayed set for a lease and comes back after, so one id never has two holders
 /// (their claims, leases and checkpoints are keyed by the id). Byte-identical copies waiting
 /// at the same time wait as one.
-/// Epochs come from one sequence per queue, never from a per-job counter: a finish forgets
-/// the job's epoch, and a counter starting again at 1 would let a zombie of an earlier copy of
-/// the same id pass the fence. The sequence starts above 2^32, so no per-job epoch of earlier
-/// versions comes again during a rolling upgrade.
+/// Epochs come from the queue's sequence (`redis_runs::NEXT_EPOCH_FN`).
 const CLAIM: &str = r#"
 local out = {}
 for i = 1, tonumber(ARGV[3]) do
@@ -335,8 +331,8 @@ impl RedisBackend {
             blocking: Mutex::new(blocking),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
             scripts: Scripts {
-                claim: Script::new(&format!("{WRAP_FN}{CLAIM}")),
-                adopt: Script::new(&format!("{WRAP_FN}{ADOPT}")),
+                claim: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
+                adopt: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{ADOPT}")),
                 extend: Script::new(EXTEND),
                 finish: BatchedScript::start("finish", FINISH, 11, 5, conn.clone()),
                 recover: Script::new(RECOVER),

@@ -32,12 +32,22 @@ redis.call('HSET', K[2], A[3], A[4], 'ckpt', A[5])
 return 1
 "#;
 
-/// KEYS: epochs, epoch sequence. ARGV: id. The job's next epoch, from the queue's sequence (as
-/// the redis backend's claims take theirs: ending a run forgets the job's entry, and a
-/// per-job counter would then start again at 1, where a cut-off holder may still be).
+/// The Lua function every epoch comes from, here and in the redis backend's claims: the
+/// queue's one sequence (`Q:epoch_seq`), never a per-job counter. Ending a run forgets the
+/// job's entry, and a counter started again at 1 would meet a cut-off holder that still has
+/// the old epoch. The sequence starts above 2^32, so no per-job epoch of earlier versions
+/// comes again during a rolling upgrade.
+pub(super) const NEXT_EPOCH_FN: &str = r#"
+local function next_epoch(seq)
+  local epoch = redis.call('INCR', seq)
+  if epoch < 4294967296 then epoch = redis.call('INCRBY', seq, 4294967296) end
+  return epoch
+end
+"#;
+
+/// KEYS: epochs, epoch sequence. ARGV: id. The job's next epoch (after [`NEXT_EPOCH_FN`]).
 const NEXT_EPOCH: &str = r#"
-local epoch = redis.call('INCR', KEYS[2])
-if epoch < 4294967296 then epoch = redis.call('INCRBY', KEYS[2], 4294967296) end
+local epoch = next_epoch(KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], epoch)
 return epoch
 "#;
@@ -146,7 +156,7 @@ impl RedisRunStore {
     pub fn new(conn: ConnectionManager) -> Self {
         RedisRunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
-            next_epoch: Script::new(NEXT_EPOCH),
+            next_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{NEXT_EPOCH}")),
             end_run: Script::new(END_RUN),
             pause: Script::new(PAUSE),
             decide: Script::new(DECIDE),

@@ -17,10 +17,6 @@ CREATE TABLE IF NOT EXISTS epochs (
     epoch  INTEGER NOT NULL,
     PRIMARY KEY (queue, job_id)
 );
-CREATE TABLE IF NOT EXISTS epoch_seq (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    n  INTEGER NOT NULL
-);
 CREATE TABLE IF NOT EXISTS pending (
     queue      TEXT    NOT NULL,
     job_id     TEXT    NOT NULL,
@@ -55,7 +51,30 @@ CREATE TABLE IF NOT EXISTS run_steps (
     record BLOB    NOT NULL,
     PRIMARY KEY (queue, job_id, idx)
 );
+CREATE TABLE IF NOT EXISTS epoch_seq (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    n  INTEGER NOT NULL
+);
 ";
+
+/// Starts the file's epoch sequence, once, above `highest` (the largest epoch the file already
+/// holds, for files from before the sequence). Epochs come from this one sequence, never from
+/// a per-job counter: a job's row or entry goes when its run ends, and a counter started again
+/// at 1 would meet a cut-off holder that still has the old epoch.
+pub(super) fn seed_epoch_seq(conn: &Connection, highest: &str) -> Result<(), QueueError> {
+    conn.execute(
+        &format!("INSERT OR IGNORE INTO epoch_seq (id, n) VALUES (1, COALESCE(({highest}), 0))"),
+        [],
+    )?;
+    Ok(())
+}
+
+/// The next epoch of the file's sequence (see [`seed_epoch_seq`]).
+pub(super) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
+    Ok(conn
+        .prepare_cached("UPDATE epoch_seq SET n = n + 1 WHERE id = 1 RETURNING n")?
+        .query_row([], |r| r.get(0))?)
+}
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -87,6 +106,7 @@ impl SqliteRunStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(RUN_TABLES)?;
+        seed_epoch_seq(&conn, "SELECT MAX(epoch) FROM epochs")?;
         Ok(SqliteRunStore {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -181,7 +201,6 @@ pub(super) fn read_run(
     }))
 }
 
-/// Forgets a job's checkpoint and journal.
 /// Forgets a run's checkpoint and journal, unless the job waits for a human (a pending
 /// record): then the claim that ended was a copy of the paused job (a producer sent its id
 /// again), and the paused run is not its to end.
@@ -190,12 +209,7 @@ pub(super) fn forget_run(
     queue: &str,
     job_id: &str,
 ) -> Result<(), QueueError> {
-    let paused = tx
-        .prepare_cached("SELECT 1 FROM pending WHERE queue = ?1 AND job_id = ?2")?
-        .query_row(params![queue, job_id], |_| Ok(()))
-        .optional()?
-        .is_some();
-    if paused {
+    if has_row(tx, "pending", queue, job_id)? {
         return Ok(());
     }
     for table in ["runs", "run_steps"] {
@@ -207,15 +221,26 @@ pub(super) fn forget_run(
     Ok(())
 }
 
+/// Whether `table` (keyed by queue and job id) holds a row for the job.
+fn has_row(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    queue: &str,
+    job_id: &str,
+) -> Result<bool, QueueError> {
+    Ok(tx
+        .prepare_cached(&format!(
+            "SELECT 1 FROM {table} WHERE queue = ?1 AND job_id = ?2"
+        ))?
+        .query_row(params![queue, job_id], |_| Ok(()))
+        .optional()?
+        .is_some())
+}
+
 /// Forgets a run and its epoch: the job is done with.
 fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
     // A decision on its way to the broker needs the run as much as a pending one.
-    let deciding = tx
-        .prepare_cached("SELECT 1 FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-        .query_row(params![queue, job_id], |_| Ok(()))
-        .optional()?
-        .is_some();
-    if !deciding {
+    if !has_row(tx, "deciding", queue, job_id)? {
         forget_run(tx, queue, job_id)?;
     }
     tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
@@ -236,18 +261,8 @@ impl RunStore for SqliteRunStore {
     async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn| {
-            // One sequence for the file: ending a run forgets the job's row, and a per-job
-            // counter would start again at 1, where a cut-off holder may still be. A file from
-            // before the sequence starts it above every epoch it holds.
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let epoch: i64 = tx
-                .prepare_cached(
-                    "INSERT INTO epoch_seq (id, n)
-                     VALUES (1, COALESCE((SELECT MAX(epoch) FROM epochs), 0) + 1)
-                     ON CONFLICT (id) DO UPDATE SET n = n + 1
-                     RETURNING n",
-                )?
-                .query_row([], |r| r.get(0))?;
+            let epoch = next_epoch(&tx)?;
             tx.prepare_cached(
                 "INSERT INTO epochs (queue, job_id, epoch) VALUES (?1, ?2, ?3)
                  ON CONFLICT (queue, job_id) DO UPDATE SET epoch = excluded.epoch",

@@ -203,16 +203,13 @@ pub fn without_state(
     let Ok(Value::Object(mut v)) = serde_json::from_slice::<Value>(result) else {
         return None;
     };
-    let meta = match format {
-        PayloadFormat::State => {
-            v.retain(|k, _| k == META_KEY);
-            v.get_mut(META_KEY)?.as_object_mut()?
-        }
+    match format {
+        PayloadFormat::State => v.retain(|k, _| k == META_KEY),
         PayloadFormat::Envelope => {
             v.insert("state".into(), Value::Null);
-            &mut v
         }
-    };
+    }
+    let meta = metadata(format, &mut v)?;
     meta.insert("error".into(), Value::String(reason.to_string()));
     meta.insert("state_omitted".into(), Value::Bool(true));
     if let Some(s) = status {
@@ -223,14 +220,19 @@ pub fn without_state(
     if let Some(b) = fits(&v) {
         return Some(b);
     }
-    let meta = match format {
-        PayloadFormat::State => v.get_mut(META_KEY)?.as_object_mut()?,
-        PayloadFormat::Envelope => &mut v,
-    };
-    if let Some(Value::Object(request)) = meta.get_mut("decision_request") {
+    if let Some(Value::Object(request)) = metadata(format, &mut v)?.get_mut("decision_request") {
         request.insert("context".into(), Value::Null);
     }
     fits(&v)
+}
+
+/// Where a result keeps its status, error and decision request: under `__lar_worker` in a
+/// state result, at the top of an envelope one.
+fn metadata(format: PayloadFormat, v: &mut Map<String, Value>) -> Option<&mut Map<String, Value>> {
+    match format {
+        PayloadFormat::State => v.get_mut(META_KEY)?.as_object_mut(),
+        PayloadFormat::Envelope => Some(v),
+    }
 }
 
 #[cfg(test)]
