@@ -361,17 +361,21 @@ impl RedisBackend {
         let mut out = Vec::with_capacity(items.len() / 3);
         let mut it = items.into_iter();
         while let (Some(stored), Some(epoch), Some(id)) = (it.next(), it.next(), it.next()) {
-            let stored: Vec<u8> = match ::redis::from_redis_value(stored) {
-                Ok(b) => b,
-                Err(_) => continue,
-            };
-            let epoch: u64 = ::redis::from_redis_value(epoch).unwrap_or(0);
-            // The script only files ids that are UTF-8 (candidates are ours).
-            let id: String = match ::redis::from_redis_value(id) {
-                Ok(id) => id,
-                Err(_) => continue,
-            };
-            out.push(Self::to_claim(stored, epoch, id));
+            // The script only returns bytes, a number and a UTF-8 id (candidates are ours); a
+            // claim that still does not decode is left to its lease, and says so.
+            let decoded = (|| -> Result<_, ::redis::RedisError> {
+                Ok((
+                    ::redis::from_redis_value::<Vec<u8>>(stored)?,
+                    ::redis::from_redis_value::<u64>(epoch)?,
+                    ::redis::from_redis_value::<String>(id)?,
+                ))
+            })();
+            match decoded {
+                Ok((stored, epoch, id)) => out.push(Self::to_claim(stored, epoch, id)),
+                Err(e) => {
+                    tracing::error!(error = %e, "a claim the script returned does not decode; its lease will expire")
+                }
+            }
         }
         out
     }
