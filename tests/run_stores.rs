@@ -116,14 +116,25 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
 
     // A decision moves the job from pending to deciding, once.
     let d = r#"{"choice":"approve","rationale":"ok","decided_by":"a@b"}"#;
-    let entry = store.decide(&q, job, d).await.unwrap().expect("pending");
+    // A decision read for an earlier halt of the job takes nothing: this pause waits at step 2.
+    assert!(store.decide(&q, job, Some(1), d).await.unwrap().is_none());
+    assert!(store.get_pending(&q, job).await.unwrap().is_some());
+    let entry = store
+        .decide(&q, job, Some(2), d)
+        .await
+        .unwrap()
+        .expect("pending");
     assert_eq!(entry.decision, d);
     assert_eq!(entry.pending.as_bytes(), pending(job, 2).as_slice());
     let carried: serde_json::Value = serde_json::from_str(&entry.props).unwrap();
     assert_eq!(carried["reply_to"], "caller");
-    assert!(store.decide(&q, job, d).await.unwrap().is_none());
+    assert!(store.decide(&q, job, Some(2), d).await.unwrap().is_none());
     assert!(store.get_pending(&q, job).await.unwrap().is_none());
-    assert!(store.decide(&q, "no-such-job", d).await.unwrap().is_none());
+    assert!(store
+        .decide(&q, "no-such-job", None, d)
+        .await
+        .unwrap()
+        .is_none());
 
     // A copy of the job that halts again while the decision is on its way pauses nothing.
     let e3 = store.next_epoch(&q, job).await.unwrap();
@@ -179,7 +190,7 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
     assert!(!store.end_run(&q, &cur).await.unwrap());
     assert!(store.end_run(&q, &copy).await.unwrap());
     assert!(store.load_run(&q, job).await.unwrap().is_none());
-    assert!(store.decide(&q, job, d).await.unwrap().is_none());
+    assert!(store.decide(&q, job, Some(2), d).await.unwrap().is_none());
 
     // An epoch never comes again, not even after the job's run (and its entry) was forgotten:
     // a holder cut off at an old epoch stays fenced off from the job's next delivery.

@@ -616,3 +616,69 @@ async fn embedded_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
         .with_envelope_queues([q.jobs.clone()].into_iter().collect());
     a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q).await;
 }
+
+/// A decision is validated against the pending record read first (the halt at step 1 here).
+/// When the job has since been decided, resumed and halted again, the decision read for the
+/// earlier halt takes nothing: the later pause stays pending, for its own decision.
+async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &QueueNames) {
+    b.enqueue(q, br#"{"x":1}"#).await.unwrap();
+    let c = claim_all(b, q, 1).await.remove(0);
+    for i in 0..3 {
+        assert_eq!(
+            b.save_step(q, &c, step(i, b"r", b"c")).await.unwrap(),
+            Fenced::Done
+        );
+    }
+    let pending = serde_json::json!({"job_id": c.job_id, "step": 3}).to_string();
+    let pause = Finish::Pause {
+        result: b"{}".to_vec(),
+        pending: pending.into_bytes(),
+    };
+    assert_eq!(b.finish(q, &c, pause).await.unwrap(), Fenced::Done);
+    let decision = |step| lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: String::new(),
+        decided_by: "a@x".into(),
+        role: None,
+        step: Some(step),
+        signature: None,
+    };
+    assert!(!b
+        .submit_decision(q, &c.job_id, &c.payload, &decision(1))
+        .await
+        .unwrap());
+    assert_eq!(b.list_pending(q).await.unwrap().len(), 1, "still pending");
+    assert!(b
+        .claim(q, 1, LEASE, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(b
+        .submit_decision(q, &c.job_id, &c.payload, &decision(3))
+        .await
+        .unwrap());
+    assert!(b.list_pending(q).await.unwrap().is_empty());
+    let resumed = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(resumed.decision.as_ref().map(|d| d.step), Some(Some(3)));
+    let done = Finish::Publish {
+        result: b"{}".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &resumed, done).await.unwrap(), Fenced::Done);
+}
+
+#[tokio::test]
+async fn redis_a_decision_for_an_earlier_halt_takes_nothing() {
+    let q = names();
+    let b = redis().await;
+    a_decision_for_an_earlier_halt_takes_nothing(&b, &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test]
+async fn embedded_a_decision_for_an_earlier_halt_takes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
+    a_decision_for_an_earlier_halt_takes_nothing(&b, &names()).await;
+}

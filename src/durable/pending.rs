@@ -39,6 +39,21 @@ impl Pending {
     }
 }
 
+/// Whether a stored pending record (JSON) waits at the halt `step` (a decision's `step`; `None`
+/// answers any). A decision is validated against the record read first; the backend then
+/// takes it only if the record is still that one, so a decision read for one halt never
+/// consumes the pause of a later halt of the same job.
+pub fn waits_at(record: &[u8], step: Option<u64>) -> bool {
+    #[derive(Deserialize)]
+    struct Step {
+        step: u64,
+    }
+    match step {
+        None => true,
+        Some(s) => serde_json::from_slice::<Step>(record).is_ok_and(|r| r.step == s),
+    }
+}
+
 /// What the human sees.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DecisionRequest {

@@ -1918,9 +1918,10 @@ impl Backend for AmqpBackend {
                 "the amqp backend pauses jobs only with `checkpoint_store` set".into(),
             ));
         };
+        let step = decision.step;
         let decision = serde_json::to_string(decision)
             .map_err(|e| QueueError::Other(format!("cannot encode the decision: {e}")))?;
-        let Some(entry) = runs.decide(q, job_id, &decision).await? else {
+        let Some(entry) = runs.decide(q, job_id, step, &decision).await? else {
             return Ok(false);
         };
         // The decision is taken and kept in the store; if the broker does not confirm the

@@ -25,6 +25,7 @@ use super::{
     dead_letter_entry, now_ms, AttemptRecord, Backend, Claim, ClaimHandle, DeadLetter, Fenced,
     Finish, QueueDepth, QueueError, QueueNames, StepWrite,
 };
+use crate::durable::pending::waits_at;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
@@ -583,14 +584,17 @@ impl Backend for EmbeddedBackend {
         decision: &crate::exec::Decision,
     ) -> Result<bool, QueueError> {
         let (queue, job_id, payload) = (q.jobs.clone(), job_id.to_string(), payload.to_vec());
+        let step = decision.step;
         let decision = to_json_text(decision)?;
         self.with_conn(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let epoch: Option<i64> = tx
-                .prepare_cached("SELECT epoch FROM pending WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |row| row.get(0))
+            let row: Option<(i64, Vec<u8>)> = tx
+                .prepare_cached(
+                    "SELECT epoch, record FROM pending WHERE queue = ?1 AND job_id = ?2",
+                )?
+                .query_row(params![queue, job_id], |row| Ok((row.get(0)?, row.get(1)?)))
                 .optional()?;
-            let Some(epoch) = epoch else {
+            let Some((epoch, _)) = row.filter(|(_, record)| waits_at(record, step)) else {
                 return Ok(false);
             };
             tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?

@@ -281,8 +281,10 @@ pub trait Backend: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// If the job is still pending: removes the pending record and queues the job again with
-    /// `decision` attached, atomically. `false` when it is not (unknown or already decided).
+    /// If the job is still pending at the halt `decision.step` names (any, when it is `None`):
+    /// removes the pending record and queues the job again with `decision` attached,
+    /// atomically. `false` when it is not (unknown, already decided, or paused at a later
+    /// halt: see [`crate::durable::pending::waits_at`]).
     async fn submit_decision(
         &self,
         _q: &QueueNames,

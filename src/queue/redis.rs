@@ -238,9 +238,16 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 "#;
 
-/// KEYS: pending, queue. ARGV: id, message.
+/// KEYS: pending, queue. ARGV: id, message, the halt's step ('' for any: see
+/// `pending::waits_at`).
 const SUBMIT_DECISION: &str = r#"
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 0 end
+local p = redis.call('HGET', KEYS[1], ARGV[1])
+if not p then return 0 end
+if ARGV[3] ~= '' then
+  local ok, rec = pcall(cjson.decode, p)
+  if not ok or type(rec) ~= 'table' or tonumber(rec.step) ~= tonumber(ARGV[3]) then return 0 end
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 "#;
@@ -785,7 +792,12 @@ impl Backend for RedisBackend {
         }
         .encode();
         let mut inv = self.scripts.submit_decision.prepare_invoke();
-        inv.key(&k.pending).key(&k.queue).arg(job_id).arg(msg);
+        let step = decision.step.map(|s| s.to_string()).unwrap_or_default();
+        inv.key(&k.pending)
+            .key(&k.queue)
+            .arg(job_id)
+            .arg(msg)
+            .arg(step);
         let mut conn = self.conn.clone();
         let done: i64 = inv.invoke_async(&mut conn).await?;
         Ok(done == 1)

@@ -75,11 +75,16 @@ redis.call('HSET', KEYS[4], 'amqp', ARGV[4])
 return 1
 "#;
 
-/// K: pending, deciding, run. A: id, decision (JSON), now ms. Moves a pending job to
-/// `deciding` and returns the entry there, or nil when the job is not pending.
+/// K: pending, deciding, run. A: id, decision (JSON), now ms, the halt's step ('' for any).
+/// Moves a pending job to `deciding` and returns the entry there, or nil when the job is not
+/// pending at that halt (see `pending::waits_at`).
 const DECIDE: &str = r#"
 local p = redis.call('HGET', KEYS[1], ARGV[1])
 if not p then return false end
+if ARGV[4] ~= '' then
+  local ok, rec = pcall(cjson.decode, p)
+  if not ok or type(rec) ~= 'table' or tonumber(rec.step) ~= tonumber(ARGV[4]) then return false end
+end
 local entry = cjson.encode({at = tonumber(ARGV[3]), decision = ARGV[2], pending = p,
   props = redis.call('HGET', KEYS[3], 'amqp') or '{}'})
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -296,6 +301,7 @@ impl RunStore for RedisRunStore {
         &self,
         q: &QueueNames,
         job_id: &str,
+        step: Option<u64>,
         decision: &str,
     ) -> Result<Option<Deciding>, QueueError> {
         let mut inv = self.decide.prepare_invoke();
@@ -304,7 +310,8 @@ impl RunStore for RedisRunStore {
             .key(run_key(q, job_id))
             .arg(job_id)
             .arg(decision)
-            .arg(super::now_ms());
+            .arg(super::now_ms())
+            .arg(step.map(|s| s.to_string()).unwrap_or_default());
         let mut conn = self.conn.clone();
         let entry: Option<Vec<u8>> = inv.invoke_async(&mut conn).await?;
         entry.map(|e| parse_deciding(job_id, &e)).transpose()

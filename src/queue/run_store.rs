@@ -69,11 +69,13 @@ pub trait RunStore: Send + Sync {
     ) -> Result<Option<Vec<u8>>, QueueError>;
 
     /// Moves a pending job to `deciding` with `decision` (JSON), atomically; `None` when it
-    /// is not pending.
+    /// is not pending at the halt `step` (any, when `None`; see
+    /// [`crate::durable::pending::waits_at`]).
     async fn decide(
         &self,
         q: &QueueNames,
         job_id: &str,
+        step: Option<u64>,
         decision: &str,
     ) -> Result<Option<Deciding>, QueueError>;
 

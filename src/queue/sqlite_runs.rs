@@ -4,6 +4,7 @@
 
 use super::run_store::{Deciding, Paused, RunStore};
 use super::{now_ms, Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
+use crate::durable::pending::waits_at;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
@@ -386,6 +387,7 @@ impl RunStore for SqliteRunStore {
         &self,
         q: &QueueNames,
         job_id: &str,
+        step: Option<u64>,
         decision: &str,
     ) -> Result<Option<Deciding>, QueueError> {
         let (queue, job_id, decision) = (q.jobs.clone(), job_id.to_string(), decision.to_string());
@@ -397,7 +399,7 @@ impl RunStore for SqliteRunStore {
                 )?
                 .query_row(params![queue, job_id], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
-            let Some((pending, props)) = row else {
+            let Some((pending, props)) = row.filter(|(record, _)| waits_at(record, step)) else {
                 return Ok(None);
             };
             tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
