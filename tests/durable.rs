@@ -1306,3 +1306,36 @@ on_backends!(
     an_expired_pending_job_takes_the_default_path,
     a_decision_without_its_ledger_record_is_not_applied,
 );
+
+/// A replica that dies holding decision messages (here: one left in a dead worker's
+/// processing list of the decisions queue, as a `kill -9` between claim and finish leaves it)
+/// loses no human decision: the reaper covers decisions queues like job queues, so the next
+/// worker takes the message over and the job resumes with it.
+#[test]
+fn a_dead_workers_decision_messages_come_back() {
+    let mut env = Env::new(Kind::Redis, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-ghost","input":{"amount":5000}}"#);
+    let w1 = env.worker();
+    let job = pending_job_id(&mut env);
+    stop(w1);
+    let dq = env.decisions();
+    let decision = format!(r#"{{"job_id":"{job}","choice":"approve","by":"cfo@example.com"}}"#);
+    let ghost = "ghost-worker";
+    let _: () = env
+        .redis
+        .lpush(format!("{}:processing:{ghost}", dq.jobs), decision)
+        .unwrap();
+    let _: () = env
+        .redis
+        .sadd(format!("{}:workers", dq.jobs), ghost)
+        .unwrap();
+    let w2 = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(20));
+    let replies = env.wait_replies(1);
+    stop(w2);
+    assert_eq!(replies.len(), 1, "{replies:?}");
+    assert_eq!(replies[0]["status"], "accepted", "{replies:?}");
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["status"], "completed");
+    assert_eq!(results[0]["state"]["paid"], true);
+}

@@ -39,16 +39,22 @@ impl Worker {
                     }
                 }
             };
-            for claim in claims {
+            // Every claim of the batch is renewed until its own finish.
+            let held: Vec<_> = claims
+                .iter()
+                .map(|c| super::Holding::decision(&self, qi, c))
+                .collect();
+            for (claim, holding) in claims.iter().zip(held) {
                 // On shutdown what is left of the batch goes back untouched, for a replica.
                 let finish = if shutdown.is_cancelled() {
                     Finish::Release
                 } else {
-                    self.decide_from_message(qi, &claim).await
+                    self.decide_from_message(qi, claim).await
                 };
-                if let Err(e) = self.backend.finish(&dq, &claim, finish).await {
+                if let Err(e) = self.backend.finish(&dq, claim, finish).await {
                     warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; it will be redelivered");
                 }
+                drop(holding);
             }
         }
     }

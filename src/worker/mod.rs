@@ -66,10 +66,10 @@ pub struct Worker {
     progress_ms: AtomicU64,
     started: Instant,
     notifier: Notifier,
-    /// (queue index, job id, epoch) of every claim held, for lease renewal. The epoch is part
+    /// (queue index, lane, job id, epoch) of every claim held, for lease renewal. The epoch is part
     /// of the key: two copies of one job id held at once (a producer sent it twice) are two
     /// claims, and the first to end must not stop the other's renewals.
-    in_flight: Mutex<HashSet<(usize, String, u64)>>,
+    in_flight: Mutex<HashSet<Held>>,
 }
 
 /// Options that are not part of workers.toml.
@@ -186,18 +186,18 @@ impl Worker {
         )
     }
 
-    fn in_flight_of(&self, qi: usize) -> Vec<(String, u64)> {
+    fn in_flight_of(&self, qi: usize, lane: Lane) -> Vec<(String, u64)> {
         let held = match self.in_flight.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
         held.iter()
-            .filter(|(q, _, _)| *q == qi)
-            .map(|(_, id, e)| (id.clone(), *e))
+            .filter(|h| h.qi == qi && h.lane == lane)
+            .map(|h| (h.job_id.clone(), h.epoch))
             .collect()
     }
 
-    fn track(&self, claim: (usize, String, u64), held: bool) {
+    fn track(&self, claim: Held, held: bool) {
         let mut m = match self.in_flight.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
@@ -238,16 +238,16 @@ impl Worker {
         self.notifier
             .notify(&format!("READY=1\n{}", self.status_line()));
         info!("ready");
-        for q in &self.queues {
-            if let Err(e) = self.backend.heartbeat(&q.names, self.cfg.lease()).await {
-                warn!(queue = %q.names.jobs, error = %e, "heartbeat failed");
+        for (_, _, names) in self.lanes() {
+            if let Err(e) = self.backend.heartbeat(names, self.cfg.lease()).await {
+                warn!(queue = %names.jobs, error = %e, "heartbeat failed");
             }
-            match self.backend.recover(&q.names).await {
+            match self.backend.recover(names).await {
                 Ok(n) if n > 0 => {
-                    info!(queue = %q.names.jobs, moved = n, "recovered expired claims at start")
+                    info!(queue = %names.jobs, moved = n, "recovered expired claims at start")
                 }
                 Ok(_) => {}
-                Err(e) => warn!(queue = %q.names.jobs, error = %e, "recovery at start failed"),
+                Err(e) => warn!(queue = %names.jobs, error = %e, "recovery at start failed"),
             }
         }
         let renewal = tokio::spawn(Arc::clone(&self).renew());
@@ -321,18 +321,20 @@ impl Worker {
             h.abort();
         }
         if self.in_flight() == 0 {
-            for q in &self.queues {
-                match tokio::time::timeout(DEREGISTER_GRACE, self.backend.deregister(&q.names))
-                    .await
-                {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        warn!(queue = %q.names.jobs, error = %e, "deregistration failed")
-                    }
-                    Err(_) => {
-                        warn!(queue = %q.names.jobs, "deregistration took too long: skipped")
+            // One grace for every lane together: a frozen store costs the stop 2 s, not 2 s
+            // per queue.
+            let deregister_all = async {
+                for (_, _, names) in self.lanes() {
+                    if let Err(e) = self.backend.deregister(names).await {
+                        warn!(queue = %names.jobs, error = %e, "deregistration failed");
                     }
                 }
+            };
+            if tokio::time::timeout(DEREGISTER_GRACE, deregister_all)
+                .await
+                .is_err()
+            {
+                warn!("deregistration took too long: skipped");
             }
         }
         info!(stats = %stats::summary(&self.stats, self.in_flight()), "worker stopped");
@@ -556,11 +558,11 @@ impl Worker {
                 _ = shutdown.cancelled() => return,
                 _ = expire.tick() => self.expire_pending().await,
                 _ = reap.tick() => {
-                    for q in &self.queues {
-                        match self.backend.recover(&q.names).await {
-                            Ok(n) if n > 0 => debug!(queue = %q.names.jobs, moved = n, "reaped or promoted"),
+                    for (_, _, names) in self.lanes() {
+                        match self.backend.recover(names).await {
+                            Ok(n) if n > 0 => debug!(queue = %names.jobs, moved = n, "reaped or promoted"),
                             Ok(_) => {}
-                            Err(e) => warn!(queue = %q.names.jobs, error = %e, "reaper failed"),
+                            Err(e) => warn!(queue = %names.jobs, error = %e, "reaper failed"),
                         }
                     }
                 }
@@ -569,26 +571,42 @@ impl Worker {
     }
 
     async fn renew_all(&self) {
-        for (qi, q) in self.queues.iter().enumerate() {
-            if let Err(e) = self.backend.heartbeat(&q.names, self.cfg.lease()).await {
-                warn!(queue = %q.names.jobs, error = %e, "heartbeat failed");
+        for (qi, lane, names) in self.lanes() {
+            if let Err(e) = self.backend.heartbeat(names, self.cfg.lease()).await {
+                warn!(queue = %names.jobs, error = %e, "heartbeat failed");
             }
-            let held = self.in_flight_of(qi);
-            if held.is_empty() {
-                continue;
-            }
-            match self.backend.extend(&q.names, &held, self.cfg.lease()).await {
-                Ok(flags) => {
-                    let still = self.in_flight_of(qi);
-                    for ((id, epoch), ok) in held.iter().zip(flags) {
-                        // A job that finished since the snapshot is not a lost lease.
-                        if !ok && still.iter().any(|(i, e)| i == id && e == epoch) {
-                            warn!(job_id = %id, epoch, "lease lost: another worker may take this job over");
-                        }
+            self.extend_lane(qi, lane, names).await;
+        }
+    }
+
+    /// Every queue this worker claims from: each job queue, and its decisions queue where a
+    /// decision loop runs. Each gets the same care: heartbeats, lease renewal, the reaper
+    /// (a crashed replica's decision messages come back like its jobs) and deregistration.
+    fn lanes(&self) -> impl Iterator<Item = (usize, Lane, &crate::queue::QueueNames)> {
+        let pauses = self.pauses();
+        self.queues.iter().enumerate().flat_map(move |(qi, q)| {
+            let decisions = q.decisions.as_ref().filter(|_| pauses);
+            std::iter::once((qi, Lane::Jobs, &q.names))
+                .chain(decisions.map(|dq| (qi, Lane::Decisions, dq)))
+        })
+    }
+
+    async fn extend_lane(&self, qi: usize, lane: Lane, names: &crate::queue::QueueNames) {
+        let held = self.in_flight_of(qi, lane);
+        if held.is_empty() {
+            return;
+        }
+        match self.backend.extend(names, &held, self.cfg.lease()).await {
+            Ok(flags) => {
+                let still = self.in_flight_of(qi, lane);
+                for ((id, epoch), ok) in held.iter().zip(flags) {
+                    // A claim that ended since the snapshot is not a lost lease.
+                    if !ok && still.iter().any(|(i, e)| i == id && e == epoch) {
+                        warn!(queue = %names.jobs, job_id = %id, epoch, "lease lost: another worker may take this message over");
                     }
                 }
-                Err(e) => warn!(queue = %q.names.jobs, error = %e, "lease renewal failed"),
             }
+            Err(e) => warn!(queue = %names.jobs, error = %e, "lease renewal failed"),
         }
     }
 
@@ -624,18 +642,52 @@ fn wedge_for_tests() -> bool {
     std::env::var("LAR_WORKER_TEST_WEDGE").is_ok_and(|v| v == "1")
 }
 
+/// Which of a queue's two inputs a held claim came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Lane {
+    Jobs,
+    /// The queue's decisions queue: a batch of decisions that outlives a lease (a slow store)
+    /// would be delivered again, and the second try would reply "already decided".
+    Decisions,
+}
+
+/// A claim whose lease the worker renews.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Held {
+    qi: usize,
+    lane: Lane,
+    job_id: String,
+    epoch: u64,
+}
+
 /// A claim this worker holds: its lease is renewed while the guard lives. Dropped when the
-/// job's task ends by any path, a panic included, so a job can never be held forever.
+/// claim's work ends by any path, a panic included, so a message is never held forever.
 struct Holding {
     worker: Arc<Worker>,
-    claim: (usize, String, u64),
+    claim: Held,
 }
 
 impl Holding {
+    /// A job: also counted in flight (drain, idle, metrics).
     fn start(worker: &Arc<Worker>, qi: usize, claim: &Claim) -> Self {
-        let claim = (qi, claim.job_id.clone(), claim.epoch);
-        worker.track(claim.clone(), true);
+        let h = Self::hold(worker, qi, Lane::Jobs, claim);
         worker.in_flight_count.fetch_add(1, Ordering::Relaxed);
+        h
+    }
+
+    /// A decision message, renewed until its finish.
+    fn decision(worker: &Arc<Worker>, qi: usize, claim: &Claim) -> Self {
+        Self::hold(worker, qi, Lane::Decisions, claim)
+    }
+
+    fn hold(worker: &Arc<Worker>, qi: usize, lane: Lane, claim: &Claim) -> Self {
+        let claim = Held {
+            qi,
+            lane,
+            job_id: claim.job_id.clone(),
+            epoch: claim.epoch,
+        };
+        worker.track(claim.clone(), true);
         Holding {
             worker: Arc::clone(worker),
             claim,
@@ -646,7 +698,9 @@ impl Holding {
 impl Drop for Holding {
     fn drop(&mut self) {
         self.worker.track(self.claim.clone(), false);
-        self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
-        self.worker.touch();
+        if self.claim.lane == Lane::Jobs {
+            self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
+            self.worker.touch();
+        }
     }
 }
