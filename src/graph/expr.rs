@@ -9,6 +9,14 @@ use std::sync::Arc;
 /// producer's list: past this the route fails instead of holding up the run.
 pub const EVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// The most evaluations running at once, process-wide. A thread cannot be cancelled, so one
+/// past its budget runs on to its end holding its slot: a flood of hostile jobs fills these
+/// slots, and then routes fail fast ("busy"), instead of filling tokio's blocking pool (512
+/// threads, shared with log writes and SQLite) and starving them.
+pub const EVAL_SLOTS: usize = 32;
+
+static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(EVAL_SLOTS);
+
 /// A compiled CEL expression; every top-level state key is a variable.
 pub struct Expr {
     source: String,
@@ -40,17 +48,37 @@ impl Expr {
     /// renew leases) within [`EVAL_TIMEOUT`]; one past it keeps its thread until it ends, but
     /// the run goes on without it.
     pub async fn route_key(&self, state: &Map<String, Value>) -> Result<String, String> {
+        self.route_key_within(state, &SLOTS, EVAL_TIMEOUT).await
+    }
+
+    /// [`Expr::route_key`] with its slots and budget given (tests use small ones). Waiting for
+    /// a slot counts against the budget.
+    async fn route_key_within(
+        &self,
+        state: &Map<String, Value>,
+        slots: &'static tokio::sync::Semaphore,
+        budget: std::time::Duration,
+    ) -> Result<String, String> {
+        let deadline = tokio::time::Instant::now() + budget;
+        let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slots.acquire()).await else {
+            return Err(format!(
+                "expression `{}` not evaluated: every evaluation slot is held by an expression past its budget",
+                self.source
+            ));
+        };
         let vars: Vec<(String, cel::Value)> =
             state.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
         let program = Arc::clone(&self.program);
         let eval = tokio::task::spawn_blocking(move || {
+            // The slot is freed when the evaluation ends, not when the run stops waiting.
+            let _slot = slot;
             let mut ctx = cel::Context::default();
             for (k, v) in vars {
                 ctx.add_variable_from_value(k, v);
             }
             program.execute(&ctx).map_err(|e| e.to_string())
         });
-        let value = match tokio::time::timeout(EVAL_TIMEOUT, eval).await {
+        let value = match tokio::time::timeout_at(deadline, eval).await {
             Ok(Ok(Ok(v))) => v,
             Ok(Ok(Err(e))) => return Err(format!("expression `{}` failed: {e}", self.source)),
             Ok(Err(e)) => return Err(format!("expression `{}` failed: {e}", self.source)),
@@ -58,7 +86,7 @@ impl Expr {
                 return Err(format!(
                     "expression `{}` took more than {} s",
                     self.source,
-                    EVAL_TIMEOUT.as_secs()
+                    budget.as_secs_f64()
                 ))
             }
         };
@@ -100,5 +128,57 @@ fn to_cel(v: &Value) -> cel::Value {
                 .collect();
             cel::Value::Map(cel::objects::Map { map: Arc::new(m) })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Expr;
+    use serde_json::{json, Map, Value};
+    use std::time::{Duration, Instant};
+
+    fn state(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        }
+    }
+
+    /// A runaway holds its slot past its budget; the next evaluation fails fast as busy
+    /// instead of starting another thread; once the runaway ends, its slot serves again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runaway_holds_its_slot_and_the_next_evaluation_is_refused_as_busy() {
+        static ONE_SLOT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
+        let budget = Duration::from_millis(100);
+        let items: Vec<u32> = (0..700).collect();
+        let big = state(json!({ "items": items }));
+        let quadratic =
+            Expr::compile(r#"items.exists(a, items.exists(b, a + b == -1)) ? "a" : "b""#).unwrap();
+        let err = quadratic
+            .route_key_within(&big, &ONE_SLOT, budget)
+            .await
+            .unwrap_err();
+        assert!(err.contains("took more than 0.1 s"), "{err}");
+
+        let simple = Expr::compile(r#"kind == "x" ? "yes" : "no""#).unwrap();
+        let small = state(json!({"kind": "x"}));
+        let err = simple
+            .route_key_within(&small, &ONE_SLOT, budget)
+            .await
+            .unwrap_err();
+        assert!(err.contains("every evaluation slot is held"), "{err}");
+
+        let started = Instant::now();
+        while ONE_SLOT.available_permits() == 0 {
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "the runaway never ended"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(
+            simple.route_key_within(&small, &ONE_SLOT, budget).await,
+            Ok("yes".to_string())
+        );
     }
 }
