@@ -745,3 +745,51 @@ fn rediss_runs_jobs_over_tls_and_refuses_an_untrusted_server() {
     );
     assert!(result.is_some(), "the job's result came back over TLS");
 }
+
+/// The admin commands give up on a server that does not answer (here: frozen with SIGSTOP)
+/// after `--timeout`, with an error that says so, instead of hanging a producer's script.
+#[test]
+fn admin_commands_give_up_on_a_frozen_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut redis_proc, url, _) = private_redis_up(dir.path());
+    let config = write_config(dir.path(), &url, "frozen:jobs", None);
+    let signal = |sig: &str, pid: u32| {
+        let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+    };
+    signal("-STOP", redis_proc.id());
+    let mut outcomes = Vec::new();
+    for args in [
+        vec!["enqueue", r#"{"x":1}"#],
+        vec!["inspect"],
+        vec!["pending"],
+    ] {
+        let mut cmd = Command::new(BIN);
+        cmd.args(&args)
+            .arg("--config")
+            .arg(&config)
+            .args(["--timeout", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let started = Instant::now();
+        let exited = wait_for(Duration::from_secs(20), || child.try_wait().ok().flatten());
+        let took = started.elapsed();
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        outcomes.push((
+            args[0],
+            exited,
+            took,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    signal("-CONT", redis_proc.id());
+    let _ = redis_proc.kill();
+    let _ = redis_proc.wait();
+    for (cmd, exited, took, stderr) in outcomes {
+        let status = exited.unwrap_or_else(|| panic!("`{cmd}` still waiting after {took:?}"));
+        assert_eq!(status.code(), Some(1), "`{cmd}`: {stderr}");
+        assert!(stderr.contains("within 1 s"), "`{cmd}`: {stderr}");
+        assert!(took < Duration::from_secs(10), "`{cmd}` took {took:?}");
+    }
+}

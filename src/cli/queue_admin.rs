@@ -17,6 +17,53 @@ pub struct QueueArgs {
     /// The queue (its `name` in workers.toml); default: the first one.
     #[arg(long, short)]
     pub queue: Option<String>,
+    /// How long to wait for the backend (to connect, and for each operation; `enqueue`: for
+    /// each job's confirmation) before giving up with an error; 0 waits for ever. A frozen or
+    /// unreachable server, or a broker blocking publishers (a memory or disk alarm), otherwise
+    /// hangs the command.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+impl QueueArgs {
+    fn frame(&self) -> Frame {
+        Frame {
+            config: self.config.clone(),
+            timeout: self.timeout,
+        }
+    }
+}
+
+/// What [`with_all`] needs of a command's arguments (owned: the command's closure takes them).
+struct Frame {
+    config: PathBuf,
+    timeout: u64,
+}
+
+impl Frame {
+    fn limit(&self) -> Option<std::time::Duration> {
+        (self.timeout > 0).then(|| std::time::Duration::from_secs(self.timeout))
+    }
+}
+
+/// `fut`, given up on after `limit` (none: waits for ever).
+async fn within<T>(
+    limit: Option<std::time::Duration>,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, tokio::time::error::Elapsed> {
+    match limit {
+        Some(l) => tokio::time::timeout(l, fut).await,
+        None => Ok(fut.await),
+    }
+}
+
+/// What a command says when the backend did not answer in time: its outcome is unknown.
+fn no_answer(a: &Frame) -> u8 {
+    eprintln!(
+        "error: no answer from the backend within {} s (--timeout): the server is unreachable, frozen or blocking clients; what this command asked for may or may not have happened",
+        a.timeout
+    );
+    exit::ERROR
 }
 
 #[derive(Args)]
@@ -119,14 +166,22 @@ pub fn enqueue(a: EnqueueArgs) -> u8 {
             return exit::USAGE;
         }
     };
-    with_backend(&a.q, |backend, q| async move {
+    let (limit, secs) = (a.q.frame().limit(), a.q.timeout);
+    with_backend(&a.q, Scope::PerOperation, |backend, q| async move {
         let mut n = 0;
         for job in &jobs {
-            match backend.enqueue(&q.names, job).await {
-                Ok(Some(id)) => println!("{id}"),
-                Ok(None) => println!("queued"),
-                Err(e) => {
+            match within(limit, backend.enqueue(&q.names, job)).await {
+                Ok(Ok(Some(id))) => println!("{id}"),
+                Ok(Ok(None)) => println!("queued"),
+                Ok(Err(e)) => {
                     eprintln!("error: enqueue failed after {n} jobs: {e}");
+                    return exit::ERROR;
+                }
+                Err(_) => {
+                    eprintln!(
+                        "error: job {} not confirmed within {secs} s (--timeout; is the server frozen, or the broker blocking publishers?): it may still be queued; the {n} jobs before it were",
+                        n + 1
+                    );
                     return exit::ERROR;
                 }
             }
@@ -138,7 +193,7 @@ pub fn enqueue(a: EnqueueArgs) -> u8 {
 }
 
 pub fn results(a: ResultsArgs) -> u8 {
-    with_backend(&a.q, |backend, q| async move {
+    with_backend(&a.q, Scope::Whole, |backend, q| async move {
         match backend.results(&q.names, a.max, a.take).await {
             Ok(items) => {
                 for r in items {
@@ -156,71 +211,77 @@ pub fn results(a: ResultsArgs) -> u8 {
 
 pub fn dead_letters(cmd: DeadLetterCommand) -> u8 {
     match cmd {
-        DeadLetterCommand::Show { q, job_id } => with_backend(&q, |backend, q| async move {
-            match backend.dead_letters(&q.names, usize::MAX / 2).await {
-                Ok(items) => match items
-                    .iter()
-                    .find(|d| d.get("job_id").and_then(Value::as_str) == Some(&job_id))
-                {
-                    Some(d) => {
-                        println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+        DeadLetterCommand::Show { q, job_id } => {
+            with_backend(&q, Scope::Whole, |backend, q| async move {
+                match backend.dead_letters(&q.names, usize::MAX / 2).await {
+                    Ok(items) => match items
+                        .iter()
+                        .find(|d| d.get("job_id").and_then(Value::as_str) == Some(&job_id))
+                    {
+                        Some(d) => {
+                            println!("{}", serde_json::to_string_pretty(d).unwrap_or_default());
+                            exit::OK
+                        }
+                        None => {
+                            eprintln!(
+                                "error: no dead letter with job id {job_id} on '{}'",
+                                q.names.jobs
+                            );
+                            exit::USAGE
+                        }
+                    },
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        exit::ERROR
+                    }
+                }
+            })
+        }
+        DeadLetterCommand::Redrive { q, job_id } => {
+            with_backend(&q, Scope::Whole, |backend, q| async move {
+                match backend.redrive_dead_letter(&q.names, &job_id).await {
+                    Ok(true) => {
+                        println!(
+                            "dead letter {job_id} is back on '{}' with its original payload",
+                            q.names.jobs
+                        );
                         exit::OK
                     }
-                    None => {
+                    Ok(false) => {
                         eprintln!(
                             "error: no dead letter with job id {job_id} on '{}'",
                             q.names.jobs
                         );
                         exit::USAGE
                     }
-                },
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit::ERROR
-                }
-            }
-        }),
-        DeadLetterCommand::Redrive { q, job_id } => with_backend(&q, |backend, q| async move {
-            match backend.redrive_dead_letter(&q.names, &job_id).await {
-                Ok(true) => {
-                    println!(
-                        "dead letter {job_id} is back on '{}' with its original payload",
-                        q.names.jobs
-                    );
-                    exit::OK
-                }
-                Ok(false) => {
-                    eprintln!(
-                        "error: no dead letter with job id {job_id} on '{}'",
-                        q.names.jobs
-                    );
-                    exit::USAGE
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit::ERROR
-                }
-            }
-        }),
-        DeadLetterCommand::List { q, max } => with_backend(&q, |backend, q| async move {
-            match backend.dead_letters(&q.names, max).await {
-                Ok(items) => {
-                    for d in items {
-                        println!("{d}");
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        exit::ERROR
                     }
-                    exit::OK
                 }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    exit::ERROR
+            })
+        }
+        DeadLetterCommand::List { q, max } => {
+            with_backend(&q, Scope::Whole, |backend, q| async move {
+                match backend.dead_letters(&q.names, max).await {
+                    Ok(items) => {
+                        for d in items {
+                            println!("{d}");
+                        }
+                        exit::OK
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        exit::ERROR
+                    }
                 }
-            }
-        }),
+            })
+        }
     }
 }
 
 pub fn inspect(a: QueueArgs) -> u8 {
-    with_all(&a.config, |backend, queues| async move {
+    with_all(a.frame(), Scope::Whole, |backend, queues| async move {
         let mut out = serde_json::Map::new();
         for q in &queues {
             if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
@@ -247,13 +308,22 @@ pub fn inspect(a: QueueArgs) -> u8 {
     })
 }
 
-fn with_backend<F, Fut>(a: &QueueArgs, f: F) -> u8
+/// Where `--timeout` applies besides the connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// To the whole command (one or a few backend calls).
+    Whole,
+    /// The command applies it to each of its operations itself (`enqueue` of many jobs).
+    PerOperation,
+}
+
+fn with_backend<F, Fut>(a: &QueueArgs, scope: Scope, f: F) -> u8
 where
     F: FnOnce(std::sync::Arc<dyn crate::queue::Backend>, LoadedQueue) -> Fut,
     Fut: std::future::Future<Output = u8>,
 {
     let name = a.queue.clone();
-    with_all(&a.config, |backend, queues| async move {
+    with_all(a.frame(), scope, |backend, queues| async move {
         match pick(&queues, name.as_deref()) {
             Ok(q) => f(backend, q.clone()).await,
             Err(e) => {
@@ -264,13 +334,15 @@ where
     })
 }
 
-/// The frame of every admin command: load and check the config, open its backend, run `f`.
-fn with_all<F, Fut>(config: &std::path::Path, f: F) -> u8
+/// The frame of every admin command: load and check the config, open its backend, run `f`,
+/// each within `--timeout`.
+fn with_all<F, Fut>(a: Frame, scope: Scope, f: F) -> u8
 where
     F: FnOnce(std::sync::Arc<dyn crate::queue::Backend>, Vec<LoadedQueue>) -> Fut,
     Fut: std::future::Future<Output = u8>,
 {
-    let loaded = match load(config) {
+    let limit = a.limit();
+    let loaded = match load(&a.config) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("error: {e}");
@@ -281,15 +353,25 @@ where
         Ok(rt) => rt,
         Err(c) => return c,
     };
-    rt.block_on(async move {
-        match crate::queue::connect(&loaded.config, crate::telemetry::worker_identity()).await {
-            Ok(b) => f(b, loaded.queues).await,
-            Err(e) => {
+    let code = rt.block_on(async move {
+        let connect = crate::queue::connect(&loaded.config, crate::telemetry::worker_identity());
+        let backend = match within(limit, connect).await {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
                 eprintln!("error: cannot open the backend: {e}");
-                exit::ERROR
+                return exit::ERROR;
             }
+            Err(_) => return no_answer(&a),
+        };
+        let run = f(backend, loaded.queues);
+        match scope {
+            Scope::Whole => within(limit, run).await.unwrap_or_else(|_| no_answer(&a)),
+            Scope::PerOperation => run.await,
         }
-    })
+    });
+    // A call given up on may still hold a blocking thread (SQLite): do not wait for it.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
 }
 
 #[derive(Args)]
@@ -329,7 +411,7 @@ pub fn decide(a: DecideArgs) -> u8 {
             return exit::USAGE;
         }
     };
-    with_all(&a.q.config, |backend, queues| async move {
+    with_all(a.q.frame(), Scope::Whole, |backend, queues| async move {
         use crate::durable::decide::{pending_of, submit_for, Refusal};
         let decision = crate::exec::Decision {
             choice: a.choice.clone(),
@@ -378,7 +460,7 @@ pub fn decide(a: DecideArgs) -> u8 {
 
 /// Lists what waits for a human, one JSON object per line.
 pub fn pending(a: QueueArgs) -> u8 {
-    with_all(&a.config, |backend, queues| async move {
+    with_all(a.frame(), Scope::Whole, |backend, queues| async move {
         for q in &queues {
             if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
