@@ -34,7 +34,8 @@ fn redis_url() -> String {
     std::env::var("LAR_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
 }
 
-/// Unique names for one test; deletes the topology (and Redis markers) when dropped.
+/// Unique names for one test; deletes the topology (and its Redis keys: done markers, the
+/// checkpoint store's runs, pauses and decisions) when dropped.
 struct Names {
     q: QueueNames,
 }
@@ -67,7 +68,7 @@ impl Drop for Names {
                 .get_connection_with_timeout(Duration::from_secs(5))
                 .map_err(|e| e.to_string())?;
             let keys: Vec<String> = redis::cmd("KEYS")
-                .arg(format!("{}:done:*", q.jobs))
+                .arg(format!("{}:*", q.jobs))
                 .query(&mut conn)
                 .map_err(|e| e.to_string())?;
             if !keys.is_empty() {
@@ -1525,4 +1526,171 @@ async fn b_depth(q: &QueueNames) -> lar_worker::queue::QueueDepth {
         .depth(q)
         .await
         .expect("depth")
+}
+
+fn pause_record(job: &str, step: u64, payload: &str) -> Vec<u8> {
+    json!({"job_id": job, "run_id": "r", "queue": "q", "node": "jury", "step": step,
+        "request": {"prompt": "ok?", "choices": ["yes", "no"], "context": {}, "output": "d"},
+        "awaiting_since": "now", "payload": payload})
+    .to_string()
+    .into_bytes()
+}
+
+fn yes_at(step: u64) -> lar_worker::exec::Decision {
+    lar_worker::exec::Decision {
+        choice: "yes".into(),
+        rationale: String::new(),
+        decided_by: "me@example.com".into(),
+        role: None,
+        step: Some(step),
+        signature: None,
+    }
+}
+
+fn step_write(index: u64) -> lar_worker::queue::StepWrite<'static> {
+    lar_worker::queue::StepWrite {
+        index,
+        record: b"{}",
+        checkpoint: b"c",
+    }
+}
+
+/// The decision's `deciding` entry outlives the resume (the confirm reached the submitter
+/// late, or its removal failed): the resumed run halts at the next jury, and that pause must
+/// be stored and announced, not acked away as "already decided" (the job would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_pause_is_kept_while_the_earlier_decision_awaits_its_confirm() {
+    let n = Names::new("later-pause");
+    let q = &n.q;
+    let o = AmqpOptions {
+        checkpoint_store: Some(redis_url()),
+        ..opts(AmqpQueueType::Classic)
+    };
+    let b = backend(o, "later-pause").await;
+    let payload = r#"{"x":1}"#;
+    let id = b.enqueue(q, payload.as_bytes()).await.unwrap().unwrap();
+    let first = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert_eq!(
+        b.save_step(q, &first, step_write(0)).await.unwrap(),
+        Fenced::Done
+    );
+    let pause = Finish::Pause {
+        result: b"awaiting-1".to_vec(),
+        pending: pause_record(&id, 1, payload),
+    };
+    assert_eq!(b.finish(q, &first, pause).await.unwrap(), Fenced::Done);
+    assert!(b
+        .submit_decision(q, &id, payload.as_bytes(), &yes_at(1))
+        .await
+        .unwrap());
+    // As if the confirm had not been seen yet: the entry is still in `deciding`.
+    let entry = json!({"at": lar_worker::queue::now_ms(), "decision": "{}", "props": "{}",
+        "pending": String::from_utf8(pause_record(&id, 1, payload)).unwrap()});
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{}:deciding", q.jobs))
+        .arg(&id)
+        .arg(entry.to_string())
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let resumed = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert!(resumed.decision.is_some());
+    for i in 1..3 {
+        assert_eq!(
+            b.save_step(q, &resumed, step_write(i)).await.unwrap(),
+            Fenced::Done
+        );
+    }
+    let again = Finish::Pause {
+        result: b"awaiting-2".to_vec(),
+        pending: pause_record(&id, 3, payload),
+    };
+    assert_eq!(b.finish(q, &resumed, again).await.unwrap(), Fenced::Done);
+    assert!(
+        b.get_pending(q, &id).await.unwrap().is_some(),
+        "the second halt waits for its decision"
+    );
+    let results = b.results(q, 10, false).await.unwrap();
+    assert_eq!(
+        results,
+        vec![b"awaiting-1".to_vec(), b"awaiting-2".to_vec()]
+    );
+}
+
+/// A dead letter redriven (its `x-lar-failed-at` makes it a new life of the job) that pauses:
+/// the resume message carries the life on, so the final result is published instead of being
+/// taken for the first life's, already published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redriven_job_that_pauses_publishes_its_final_result() {
+    let n = Names::new("redrive-pause");
+    let q = &n.q;
+    let o = AmqpOptions {
+        checkpoint_store: Some(redis_url()),
+        dedupe_redis_url: Some(redis_url()),
+        ..opts(AmqpQueueType::Classic)
+    };
+    let b = backend(o, "redrive-pause").await;
+    let payload = r#"{"x":2}"#;
+    let id = b.enqueue(q, payload.as_bytes()).await.unwrap().unwrap();
+    let first = claim_one(&b, q, Duration::from_secs(10)).await;
+    let dl = DeadLetter {
+        job_id: id.clone(),
+        reason: "failed".into(),
+        attempts: vec![],
+        keep_run: false,
+    };
+    let failed = Finish::Publish {
+        result: b"r1-failed".to_vec(),
+        dead_letter: Some(dl),
+    };
+    assert_eq!(b.finish(q, &first, failed).await.unwrap(), Fenced::Done);
+    let (conn, ch) = client_beside(&b, q).await;
+    let dead = drain_queue(&conn, &Topology::of(q).dead).await;
+    assert_eq!(dead.len(), 1);
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        "",
+        &q.jobs,
+        BasicPublishOptions::default(),
+        &dead[0].1,
+        dead[0].0.clone(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let second = claim_one(&b, q, Duration::from_secs(10)).await;
+    assert_eq!(
+        b.save_step(q, &second, step_write(0)).await.unwrap(),
+        Fenced::Done
+    );
+    let pause = Finish::Pause {
+        result: b"awaiting".to_vec(),
+        pending: pause_record(&id, 1, payload),
+    };
+    assert_eq!(b.finish(q, &second, pause).await.unwrap(), Fenced::Done);
+    assert!(b
+        .submit_decision(q, &id, payload.as_bytes(), &yes_at(1))
+        .await
+        .unwrap());
+    let resumed = claim_one(&b, q, Duration::from_secs(10)).await;
+    let done = Finish::Publish {
+        result: b"r2-final".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &resumed, done).await.unwrap(), Fenced::Done);
+    let results = b.results(q, 10, false).await.unwrap();
+    assert!(
+        results.contains(&b"r2-final".to_vec()),
+        "{:?}",
+        results
+            .iter()
+            .map(|r| String::from_utf8_lossy(r))
+            .collect::<Vec<_>>()
+    );
+    let _ = conn.close(200, "ok").await;
 }

@@ -209,6 +209,85 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
     q
 }
 
+/// A decision's `deciding` entry waits for the broker's confirm of its resume message; the
+/// resumed run can be faster and halt at a later jury first. That later pause must stand (the
+/// entry answered an earlier halt, so it was applied), and the late confirm must not remove
+/// the entry of the later halt's decision.
+async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> QueueNames {
+    let q = names();
+    let job = "job-2";
+    let first = claim(job, store.next_epoch(&q, job).await.unwrap());
+    assert_eq!(
+        store
+            .save_step(&q, &first, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    assert_eq!(
+        store
+            .pause(&q, &first, &pending(job, 1), "{}")
+            .await
+            .unwrap(),
+        Paused::Stored
+    );
+    let d = r#"{"choice":"approve"}"#;
+    assert!(store.decide(&q, job, Some(1), d).await.unwrap().is_some());
+    // The resume message is delivered before the confirm reaches the submitter.
+    let resumed = claim(job, store.next_epoch(&q, job).await.unwrap());
+    for i in 1..3 {
+        assert_eq!(
+            store
+                .save_step(&q, &resumed, step(i, b"r", b"c"))
+                .await
+                .unwrap(),
+            Fenced::Done
+        );
+    }
+    assert_eq!(
+        store
+            .pause(&q, &resumed, &pending(job, 3), "{}")
+            .await
+            .unwrap(),
+        Paused::Stored,
+        "the halt at step 3 is not the one decided"
+    );
+    assert!(store.get_pending(&q, job).await.unwrap().is_some());
+    // The later halt is decided; the first decision's confirm arrives late.
+    assert!(store.decide(&q, job, Some(3), d).await.unwrap().is_some());
+    store.decided(&q, job, 1).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let stale = store
+        .stale_decisions(&q, Duration::from_millis(5))
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 1, "the later decision's entry is kept");
+    store.decided(&q, job, 3).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(store
+        .stale_decisions(&q, Duration::from_millis(5))
+        .await
+        .unwrap()
+        .is_empty());
+    q
+}
+
+#[tokio::test]
+async fn redis_store_keeps_a_later_pause() {
+    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
+    let q = a_later_pause_outlives_an_applied_decision(store.as_ref()).await;
+    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_keeps_a_later_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
+        .await
+        .unwrap();
+    a_later_pause_outlives_an_applied_decision(store.as_ref()).await;
+}
+
 #[tokio::test]
 async fn redis_store_meets_the_contract() {
     let store = open("redis://127.0.0.1:6379/0").await.unwrap();

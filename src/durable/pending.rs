@@ -44,14 +44,19 @@ impl Pending {
 /// takes it only if the record is still that one, so a decision read for one halt never
 /// consumes the pause of a later halt of the same job.
 pub fn waits_at(record: &[u8], step: Option<u64>) -> bool {
+    match step {
+        None => true,
+        Some(s) => step_of(record) == Some(s),
+    }
+}
+
+/// The halt step a stored pending record (JSON) waits at.
+pub fn step_of(record: &[u8]) -> Option<u64> {
     #[derive(Deserialize)]
     struct Step {
         step: u64,
     }
-    match step {
-        None => true,
-        Some(s) => serde_json::from_slice::<Step>(record).is_ok_and(|r| r.step == s),
-    }
+    serde_json::from_slice::<Step>(record).ok().map(|r| r.step)
 }
 
 /// What the human sees.

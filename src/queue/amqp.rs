@@ -120,6 +120,8 @@ const MEMO_CAP: usize = 200_000;
 const PERSISTENT: u8 = 2;
 /// The header that carries a human decision on a resumed job's message.
 const DECISION_HEADER: &str = "x-lar-decision";
+/// Stamped by each dead-lettering: a redriven copy is a new life of its job (see `memo_key`).
+const FAILED_AT_HEADER: &str = "x-lar-failed-at";
 /// A decision still in the store's `deciding` hash after this long is published again.
 const DECISION_REDELIVER_AFTER: Duration = Duration::from_secs(60);
 
@@ -1105,7 +1107,7 @@ impl Shared {
             .props
             .headers()
             .as_ref()
-            .and_then(|hs| header_text(hs, "x-lar-failed-at"));
+            .and_then(|hs| header_text(hs, FAILED_AT_HEADER));
         match redriven {
             Some(at) => format!("{}:done:{job_id}:redriven:{at}", q.jobs),
             None => format!("{}:done:{job_id}", q.jobs),
@@ -1281,7 +1283,7 @@ impl Shared {
         );
         headers.insert("x-lar-job-id".into(), text(&dl.job_id));
         headers.insert("x-lar-queue".into(), text(&q.jobs));
-        headers.insert("x-lar-failed-at".into(), text(&crate::exec::run::now_utc()));
+        headers.insert(FAILED_AT_HEADER.into(), text(&crate::exec::run::now_utc()));
         headers.insert(
             "x-attempt".into(),
             AMQPValue::LongLongInt(i64::from(claim.attempt)),
@@ -1458,9 +1460,17 @@ impl Shared {
             warn!(job_id = %claim.job_id, "no checkpoint store to pause in: publishing the awaiting_decision result as final");
             return self.finish_publish(q, claim, h, result, None).await;
         };
+        let failed_at = h
+            .props
+            .headers()
+            .as_ref()
+            .and_then(|hs| header_text(hs, FAILED_AT_HEADER));
         let props = serde_json::json!({
             "reply_to": h.props.reply_to().as_ref().map(|r| r.as_str().to_string()),
             "correlation_id": h.props.correlation_id().as_ref().map(|c| c.as_str().to_string()),
+            // A redriven job's life (see `memo_key`) goes on after the decision: without it,
+            // the resumed run would find the first life's done marker and publish nothing.
+            "failed_at": failed_at,
         })
         .to_string();
         match runs.pause(q, claim, &pending, &props).await? {
@@ -1510,6 +1520,9 @@ impl Shared {
         let props: serde_json::Value = serde_json::from_str(&entry.props).unwrap_or_default();
         let mut headers = FieldTable::default();
         headers.insert(DECISION_HEADER.into(), text(&entry.decision));
+        if let Some(at) = props.get("failed_at").and_then(|v| v.as_str()) {
+            headers.insert(FAILED_AT_HEADER.into(), text(at));
+        }
         let mut p = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())
@@ -1534,7 +1547,7 @@ impl Shared {
         )
         .await?;
         Self::confirmed(&ch, vec![confirm]).await?;
-        runs.decided(q, job_id).await
+        runs.decided(q, job_id, pending.step).await
     }
 
     async fn finish_retry(
@@ -1689,7 +1702,7 @@ fn dead_entry(q: &QueueNames, d: &lapin::message::Delivery) -> serde_json::Value
         keep_run: false,
     };
     let mut entry = dead_letter_entry(&q.jobs, &dl, &d.data);
-    if let Some(at) = header_text(&headers, "x-lar-failed-at") {
+    if let Some(at) = header_text(&headers, FAILED_AT_HEADER) {
         entry["failed_at"] = serde_json::Value::String(at);
     }
     if let Some(r) = broker_reason {

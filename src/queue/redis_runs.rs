@@ -64,14 +64,46 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
 
+/// The step of a stored pending record (JSON), or of the one inside a `deciding` entry.
+const STEP_FNS: &str = r#"
+local function step_of(record)
+  local ok, p = pcall(cjson.decode, record)
+  if ok and type(p) == 'table' then return tonumber(p.step) end
+  return nil
+end
+local function decided_step(entry)
+  local ok, e = pcall(cjson.decode, entry)
+  if ok and type(e) == 'table' and type(e.pending) == 'string' then return step_of(e.pending) end
+  return nil
+end
+"#;
+
 /// K: epochs, pending, deciding, run. A: id, epoch, pending record, delivery properties (JSON).
 /// 1 paused, 0 fenced off (a newer delivery holds the job), 2 a decision is already on its way
-/// (a redelivery of the job raced a human: nothing to pause).
+/// for this halt (a copy of the job raced a human: nothing to pause). A decision on its way
+/// for an earlier halt was applied (the run moved past it; its entry only waited for the
+/// broker's confirm): its entry goes, and the new pause stands.
 const PAUSE: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 1 then return 2 end
+local d = redis.call('HGET', KEYS[3], ARGV[1])
+if d then
+  local ds, ns = decided_step(d), step_of(ARGV[3])
+  if not (ds and ns and ns > ds) then return 2 end
+  redis.call('HDEL', KEYS[3], ARGV[1])
+end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('HSET', KEYS[4], 'amqp', ARGV[4])
+return 1
+"#;
+
+/// K: deciding. A: id, step. Drops the job's `deciding` entry if it answers the halt at `step`
+/// (or has no readable step): a late confirm never drops a later decision's entry.
+const DECIDED: &str = r#"
+local d = redis.call('HGET', KEYS[1], ARGV[1])
+if not d then return 0 end
+local ds = decided_step(d)
+if ds and ds ~= tonumber(ARGV[2]) then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
 
@@ -153,6 +185,7 @@ pub(super) struct RedisRunStore {
     end_run: Script,
     pause: Script,
     decide: Script,
+    decided: Script,
     stale_decisions: Script,
 }
 
@@ -163,7 +196,8 @@ impl RedisRunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
             next_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{NEXT_EPOCH}")),
             end_run: Script::new(END_RUN),
-            pause: Script::new(PAUSE),
+            pause: Script::new(&format!("{STEP_FNS}{PAUSE}")),
+            decided: Script::new(&format!("{STEP_FNS}{DECIDED}")),
             decide: Script::new(DECIDE),
             stale_decisions: Script::new(STALE_DECISIONS),
             conn,
@@ -317,9 +351,11 @@ impl RunStore for RedisRunStore {
         entry.map(|e| parse_deciding(job_id, &e)).transpose()
     }
 
-    async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError> {
+    async fn decided(&self, q: &QueueNames, job_id: &str, step: u64) -> Result<(), QueueError> {
+        let mut inv = self.decided.prepare_invoke();
+        inv.key(deciding_key(q)).arg(job_id).arg(step);
         let mut conn = self.conn.clone();
-        let _: i64 = conn.hdel(deciding_key(q), job_id).await?;
+        let _: i64 = inv.invoke_async(&mut conn).await?;
         Ok(())
     }
 

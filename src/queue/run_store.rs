@@ -28,6 +28,14 @@ pub struct Deciding {
     pub props: String,
 }
 
+/// Whether a decision on its way (its `deciding` entry's pending record) answered an earlier
+/// halt than the pause now asked for: then it was applied, and the new pause stands. A pause
+/// at the same halt is a copy of the job that a human has already answered.
+pub(super) fn answered_earlier(decided_pending: &[u8], new_pending: &[u8]) -> bool {
+    use crate::durable::pending::step_of;
+    matches!((step_of(decided_pending), step_of(new_pending)), (Some(d), Some(n)) if n > d)
+}
+
 /// The contract of a run store. Every write is fenced on the claim's epoch; `pending` and
 /// `deciding` hold a paused job in exactly one of them until its resume message is out.
 #[async_trait]
@@ -80,7 +88,9 @@ pub trait RunStore: Send + Sync {
     ) -> Result<Option<Deciding>, QueueError>;
 
     /// The broker holds the job's resume message: the decision is delivered.
-    async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError>;
+    /// Removes the `deciding` entry only if it still answers the halt at `step`: a late
+    /// confirm must not remove the entry of a later decision of the same job.
+    async fn decided(&self, q: &QueueNames, job_id: &str, step: u64) -> Result<(), QueueError>;
 
     /// Decisions older than `stale_after` whose resume message may never have reached the
     /// broker (a crash between the store and the publish), stamped anew, to publish again.

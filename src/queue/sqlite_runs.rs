@@ -2,9 +2,9 @@
 //! as the Redis store (`redis_runs`), each operation one transaction. Every replica of the
 //! host opens the same file; replicas on other hosts need the Redis store.
 
-use super::run_store::{Deciding, Paused, RunStore};
+use super::run_store::{answered_earlier, Deciding, Paused, RunStore};
 use super::{now_ms, Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
-use crate::durable::pending::waits_at;
+use crate::durable::pending::{step_of, waits_at};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
@@ -339,12 +339,18 @@ impl RunStore for SqliteRunStore {
             if !holds(&tx, &queue, &job_id, epoch)? {
                 return Ok(Paused::Fenced);
             }
-            let deciding: Option<i64> = tx
-                .prepare_cached("SELECT 1 FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+            let deciding: Option<String> = tx
+                .prepare_cached("SELECT pending FROM deciding WHERE queue = ?1 AND job_id = ?2")?
                 .query_row(params![queue, job_id], |r| r.get(0))
                 .optional()?;
-            if deciding.is_some() {
-                return Ok(Paused::AlreadyDecided);
+            if let Some(decided) = deciding {
+                if !answered_earlier(decided.as_bytes(), &pending) {
+                    return Ok(Paused::AlreadyDecided);
+                }
+                // The decision on its way answered an earlier halt and was applied (this run
+                // moved past it): its entry only waited for the broker's confirm.
+                tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                    .execute(params![queue, job_id])?;
             }
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO pending (queue, job_id, record, props, created_at)
@@ -423,11 +429,19 @@ impl RunStore for SqliteRunStore {
         .await
     }
 
-    async fn decided(&self, q: &QueueNames, job_id: &str) -> Result<(), QueueError> {
+    async fn decided(&self, q: &QueueNames, job_id: &str, step: u64) -> Result<(), QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn| {
-            conn.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                .execute(params![queue, job_id])?;
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let entry: Option<String> = tx
+                .prepare_cached("SELECT pending FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |r| r.get(0))
+                .optional()?;
+            if entry.is_some_and(|p| step_of(p.as_bytes()).is_none_or(|s| s == step)) {
+                tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                    .execute(params![queue, job_id])?;
+            }
+            tx.commit()?;
             Ok(())
         })
         .await
