@@ -272,6 +272,72 @@ async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> Que
     q
 }
 
+/// A copy of a paused job (its id sent again) pauses again at the same halt after the
+/// decision went out: the resumed run ends, and that stale pending record goes with it.
+async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
+    let q = names();
+    let job = "job-3";
+    let first = claim(job, store.next_epoch(&q, job).await.unwrap());
+    assert_eq!(
+        store
+            .save_step(&q, &first, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    assert_eq!(
+        store
+            .pause(&q, &first, &pending(job, 1), "{}")
+            .await
+            .unwrap(),
+        Paused::Stored
+    );
+    assert!(store
+        .decide(&q, job, Some(1), "{}")
+        .await
+        .unwrap()
+        .is_some());
+    store.decided(&q, job, 1).await.unwrap();
+    let copy = claim(job, store.next_epoch(&q, job).await.unwrap());
+    assert_eq!(
+        store
+            .pause(&q, &copy, &pending(job, 1), "{}")
+            .await
+            .unwrap(),
+        Paused::Stored
+    );
+    let resumed = claim(job, store.next_epoch(&q, job).await.unwrap());
+    for i in 1..3 {
+        assert_eq!(
+            store
+                .save_step(&q, &resumed, step(i, b"r", b"c"))
+                .await
+                .unwrap(),
+            Fenced::Done
+        );
+    }
+    assert!(store.end_run(&q, &resumed).await.unwrap());
+    assert!(store.get_pending(&q, job).await.unwrap().is_none());
+    assert!(store.load_run(&q, job).await.unwrap().is_none());
+    q
+}
+
+#[tokio::test]
+async fn redis_store_drops_a_stale_pause() {
+    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
+    let q = a_stale_pause_goes_with_the_run(store.as_ref()).await;
+    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_drops_a_stale_pause() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
+        .await
+        .unwrap();
+    a_stale_pause_goes_with_the_run(store.as_ref()).await;
+}
+
 #[tokio::test]
 async fn redis_store_keeps_a_later_pause() {
     let store = open("redis://127.0.0.1:6379/0").await.unwrap();

@@ -682,3 +682,102 @@ async fn embedded_a_decision_for_an_earlier_halt_takes_nothing() {
     let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
     a_decision_for_an_earlier_halt_takes_nothing(&b, &names()).await;
 }
+
+/// A producer re-sends a paused job's id; while that copy runs (and pauses again at the same
+/// halt), a human decides. The copy's pause re-creates the pending record; the resumed run
+/// then ends and publishes. That stale record must go with the run: otherwise a second
+/// decision (or its expiry) would resume the ended run and publish a second result.
+async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueNames) {
+    let job = br#"{"id":"copied-job","input":{}}"#;
+    let pending = br#"{"job_id":"copied-job","step":1}"#.to_vec();
+    b.enqueue(q, job).await.unwrap();
+    let first = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(
+        b.save_step(q, &first, step(0, b"r0", b"c0")).await.unwrap(),
+        Fenced::Done
+    );
+    let pause = |pending: &Vec<u8>| Finish::Pause {
+        result: b"awaiting".to_vec(),
+        pending: pending.clone(),
+    };
+    assert_eq!(
+        b.finish(q, &first, pause(&pending)).await.unwrap(),
+        Fenced::Done
+    );
+    b.enqueue(q, job).await.unwrap();
+    let copy = claim_all(b, q, 1).await.remove(0);
+    let decision = lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: String::new(),
+        decided_by: "a@x".into(),
+        role: None,
+        step: Some(1),
+        signature: None,
+    };
+    // Redis takes the decision now; the embedded file (unique job ids) refuses it while the
+    // copy holds the id, with a reason, and takes it once the copy is done.
+    let taken_now = match b.submit_decision(q, "copied-job", job, &decision).await {
+        Ok(taken) => {
+            assert!(taken, "the job is pending");
+            true
+        }
+        Err(e) => {
+            assert!(
+                e.to_string()
+                    .contains("decide again once that copy is done"),
+                "{e}"
+            );
+            false
+        }
+    };
+    assert_eq!(
+        b.finish(q, &copy, pause(&pending)).await.unwrap(),
+        Fenced::Done
+    );
+    if !taken_now {
+        assert!(b
+            .submit_decision(q, "copied-job", job, &decision)
+            .await
+            .unwrap());
+    }
+    let resumed = claim_all(b, q, 1).await.remove(0);
+    assert!(resumed.decision.is_some());
+    for i in 1..3 {
+        assert_eq!(
+            b.save_step(q, &resumed, step(i, b"r", b"c")).await.unwrap(),
+            Fenced::Done
+        );
+    }
+    let done = Finish::Publish {
+        result: b"final".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &resumed, done).await.unwrap(), Fenced::Done);
+    assert!(
+        b.get_pending(q, "copied-job").await.unwrap().is_none(),
+        "a stale pending record is left"
+    );
+    assert!(b.load_run(q, "copied-job").await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn redis_a_stale_pause_from_a_copy_goes_with_the_run() {
+    let q = names();
+    let worker = format!("test-stale-{}", uuid::Uuid::new_v4().simple());
+    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
+        .await
+        .unwrap();
+    a_stale_pause_from_a_copy_goes_with_the_run(&b, &q).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+#[tokio::test]
+async fn embedded_a_stale_pause_from_a_copy_goes_with_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let q = names();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
+        .unwrap()
+        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
+    a_stale_pause_from_a_copy_goes_with_the_run(&b, &q).await;
+}

@@ -597,6 +597,17 @@ impl Backend for EmbeddedBackend {
             let Some((epoch, _)) = row.filter(|(_, record)| waits_at(record, step)) else {
                 return Ok(false);
             };
+            // Job ids are unique in the file: a copy of the job (its id sent again) queued or
+            // being worked on holds it until it ends.
+            let copy: Option<i64> = tx
+                .prepare_cached("SELECT 1 FROM jobs WHERE job_id = ?1")?
+                .query_row(params![job_id], |r| r.get(0))
+                .optional()?;
+            if copy.is_some() {
+                return Err(QueueError::Other(format!(
+                    "job {job_id} has a copy queued or being worked on (its id was sent again): the decision is not recorded; decide again once that copy is done"
+                )));
+            }
             tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
                 .execute(params![queue, job_id])?;
             insert_job(

@@ -136,7 +136,10 @@ return out
 /// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead and dead_keep (a = entry; dead_keep keeps the run for a redrive to resume), release (a = stored message), pause (a = awaiting_decision
 /// result, b = pending record). Every mode but release, pause, retry_keep and dead_keep ends the run: its checkpoint
 /// and journal go, unless the job waits for a human (a pending record): then this claim was a
-/// copy of the paused job (a producer sent its id again), and the paused run is not its to end. A pause keeps the job's epoch, so the claim that resumes it gets a newer
+/// copy of the paused job (a producer sent its id again), and the paused run is not its to end.
+/// A pending record whose halt the journal shows answered is stale (a copy of the job paused
+/// again while the decision was on its way): it goes with the run, or a later decision of it
+/// would resume the ended run and publish a second result. A pause keeps the job's epoch, so the claim that resumes it gets a newer
 /// one than any earlier holder (a holder whose lease expired stays fenced off).
 /// The claim is looked for from the processing list's tail: claims are pushed at its head, and
 /// jobs end roughly in the order they were claimed, so a finish meets its entry near the tail
@@ -144,7 +147,14 @@ return out
 const FINISH: &str = r#"
 if redis.call('HGET', K[5], A[1]) ~= A[2] then return 0 end
 local function forget_run()
-  if redis.call('HEXISTS', K[11], A[1]) == 0 then redis.call('DEL', K[10]) end
+  local p = redis.call('HGET', K[11], A[1])
+  if p then
+    local ok, rec = pcall(cjson.decode, p)
+    local s = ok and type(rec) == 'table' and tonumber(rec.step)
+    if not (s and redis.call('HEXISTS', K[10], string.format('%d', s)) == 1) then return end
+    redis.call('HDEL', K[11], A[1])
+  end
+  redis.call('DEL', K[10])
 end
 local stored = redis.call('HGET', K[3], A[1])
 if not stored then return 0 end

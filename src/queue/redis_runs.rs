@@ -54,10 +54,20 @@ return epoch
 
 /// KEYS: epochs, run, pending, deciding. ARGV: id, epoch. Forgets a finished run, if `epoch`
 /// still holds the job. A run waiting for a human (pending, or decided with its resume message
-/// on the way) is kept: the claim that ended was a copy of the paused job.
+/// on the way) is kept: the claim that ended was a copy of the paused job. A pending or
+/// deciding entry whose halt the journal shows answered is stale and goes with the run (see
+/// the redis backend's FINISH).
 const END_RUN: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-if redis.call('HEXISTS', KEYS[3], ARGV[1]) == 0 and redis.call('HEXISTS', KEYS[4], ARGV[1]) == 0 then
+local function answered(s)
+  return s and redis.call('HEXISTS', KEYS[2], string.format('%d', s)) == 1
+end
+local p = redis.call('HGET', KEYS[3], ARGV[1])
+local d = redis.call('HGET', KEYS[4], ARGV[1])
+local live = (p and not answered(step_of(p))) or (d and not answered(decided_step(d)))
+if not live then
+  if p then redis.call('HDEL', KEYS[3], ARGV[1]) end
+  if d then redis.call('HDEL', KEYS[4], ARGV[1]) end
   redis.call('DEL', KEYS[2])
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -195,7 +205,7 @@ impl RedisRunStore {
         RedisRunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
             next_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{NEXT_EPOCH}")),
-            end_run: Script::new(END_RUN),
+            end_run: Script::new(&format!("{STEP_FNS}{END_RUN}")),
             pause: Script::new(&format!("{STEP_FNS}{PAUSE}")),
             decided: Script::new(&format!("{STEP_FNS}{DECIDED}")),
             decide: Script::new(DECIDE),

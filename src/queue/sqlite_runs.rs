@@ -210,8 +210,15 @@ pub(super) fn forget_run(
     queue: &str,
     job_id: &str,
 ) -> Result<(), QueueError> {
-    if has_row(tx, "pending", queue, job_id)? {
-        return Ok(());
+    // A pending record whose halt the journal shows answered is stale (a copy of the job
+    // paused again while the decision was on its way): it goes with the run, or a later
+    // decision of it would resume the ended run and publish a second result.
+    if let Some(record) = row_of(tx, "pending", "record", queue, job_id)? {
+        if !answered(tx, queue, job_id, &record)? {
+            return Ok(());
+        }
+        tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
+            .execute(params![queue, job_id])?;
     }
     for table in ["runs", "run_steps"] {
         tx.prepare_cached(&format!(
@@ -222,27 +229,52 @@ pub(super) fn forget_run(
     Ok(())
 }
 
-/// Whether `table` (keyed by queue and job id) holds a row for the job.
-fn has_row(
+/// `column` of the job's row in `table` (keyed by queue and job id), if it has one.
+fn row_of(
     tx: &rusqlite::Transaction<'_>,
     table: &str,
+    column: &str,
     queue: &str,
     job_id: &str,
-) -> Result<bool, QueueError> {
+) -> Result<Option<Vec<u8>>, QueueError> {
     Ok(tx
         .prepare_cached(&format!(
-            "SELECT 1 FROM {table} WHERE queue = ?1 AND job_id = ?2"
+            "SELECT CAST({column} AS BLOB) FROM {table} WHERE queue = ?1 AND job_id = ?2"
         ))?
-        .query_row(params![queue, job_id], |_| Ok(()))
+        .query_row(params![queue, job_id], |r| r.get(0))
+        .optional()?)
+}
+
+/// Whether the halt a pending record (or a deciding entry's) waits at is already journaled:
+/// its decision was applied, so the record is stale.
+fn answered(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+    pending: &[u8],
+) -> Result<bool, QueueError> {
+    let Some(step) = step_of(pending) else {
+        return Ok(false);
+    };
+    Ok(tx
+        .prepare_cached("SELECT 1 FROM run_steps WHERE queue = ?1 AND job_id = ?2 AND idx = ?3")?
+        .query_row(params![queue, job_id, step as i64], |_| Ok(()))
         .optional()?
         .is_some())
 }
 
 /// Forgets a run and its epoch: the job is done with.
 fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
-    // A decision on its way to the broker needs the run as much as a pending one.
-    if !has_row(tx, "deciding", queue, job_id)? {
-        forget_run(tx, queue, job_id)?;
+    // A decision on its way to the broker needs the run as much as a pending one, unless
+    // the journal shows it applied.
+    match row_of(tx, "deciding", "pending", queue, job_id)? {
+        Some(p) if !answered(tx, queue, job_id, &p)? => {}
+        Some(_) => {
+            tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                .execute(params![queue, job_id])?;
+            forget_run(tx, queue, job_id)?;
+        }
+        None => forget_run(tx, queue, job_id)?,
     }
     tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
         .execute(params![queue, job_id])?;
