@@ -509,12 +509,12 @@ fn dead_letters_show_and_redrive_keep_the_payload() {
     assert!(out.contains("invalid JSON"), "{out}");
     let (code, _) = cli(&["dead-letters", "redrive", &job_id]);
     assert_eq!(code, Some(0));
-    let back: Vec<String> = r.lrange(&queue, 0, -1).unwrap();
-    assert_eq!(
-        back,
-        vec![bad.to_string()],
-        "the payload is back, byte for byte"
-    );
+    // Back under its own id (wrapped as claims keep it), the producer's bytes untouched.
+    let back: Vec<Vec<u8>> = r.lrange(&queue, 0, -1).unwrap();
+    assert_eq!(back.len(), 1);
+    let (wrapped, raw) = lar_worker::queue::wrapper::unwrap_bytes(&back[0]).expect("wrapped");
+    assert_eq!(wrapped.id, job_id);
+    assert_eq!(raw, bad.as_bytes(), "the payload is back, byte for byte");
     let d: u64 = r.llen(format!("{queue}:dead")).unwrap();
     assert_eq!(d, 0);
     let (code, _) = cli(&["dead-letters", "redrive", &job_id]);

@@ -559,32 +559,31 @@ async fn embedded_a_copy_of_a_paused_job_leaves_its_run() {
 async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
     b: &dyn Backend,
     q: &QueueNames,
+    payload: &[u8],
 ) {
-    b.enqueue(q, br#"{"id":"stuck","input":{}}"#).await.unwrap();
+    b.enqueue(q, payload).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
+    let id = c.job_id.clone();
     assert_eq!(
         b.save_step(q, &c, step(0, b"r0", b"c0")).await.unwrap(),
         Fenced::Done
     );
     let dead = Finish::DeadLetter(lar_worker::queue::DeadLetter {
-        job_id: c.job_id.clone(),
+        job_id: id.clone(),
         reason: "gave up after 3 attempts: the audit disk is full".into(),
         attempts: Vec::new(),
         keep_run: true,
     });
     assert_eq!(b.finish(q, &c, dead).await.unwrap(), Fenced::Done);
     assert_eq!(b.depth(q).await.unwrap().dead, 1);
-    let kept = b
-        .load_run(q, "stuck")
-        .await
-        .unwrap()
-        .expect("the run is kept");
+    let kept = b.load_run(q, &id).await.unwrap().expect("the run is kept");
     assert_eq!(kept.journal, vec![b"r0".to_vec()]);
-    assert!(b.redrive_dead_letter(q, "stuck").await.unwrap());
+    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
     let again = claim_all(b, q, 1).await.remove(0);
-    assert_eq!(again.job_id, "stuck");
+    assert_eq!(again.job_id, id, "the redriven job keeps its id");
+    assert_eq!(again.payload, payload, "and its bytes");
     assert!(
-        b.load_run(q, "stuck").await.unwrap().is_some(),
+        b.load_run(q, &id).await.unwrap().is_some(),
         "the redriven job can resume"
     );
     let publish = Finish::Publish {
@@ -592,7 +591,7 @@ async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
         dead_letter: None,
     };
     assert_eq!(b.finish(q, &again, publish).await.unwrap(), Fenced::Done);
-    assert!(b.load_run(q, "stuck").await.unwrap().is_none());
+    assert!(b.load_run(q, &id).await.unwrap().is_none());
 }
 
 #[tokio::test]
@@ -602,7 +601,21 @@ async fn redis_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
     let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
         .await
         .unwrap();
-    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q).await;
+    let envelope = br#"{"id":"stuck","input":{}}"#;
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q, envelope).await;
+    b.deregister(&q).await.unwrap();
+    cleanup_redis(&q).await;
+}
+
+/// The same on a `state` queue, where the id is given at the first claim: the redrive keeps it.
+#[tokio::test]
+async fn redis_a_redriven_state_job_keeps_its_id_and_run() {
+    let q = names();
+    let worker = format!("test-stuck-{}", uuid::Uuid::new_v4().simple());
+    let b = RedisBackend::connect(REDIS, worker, Vec::new())
+        .await
+        .unwrap();
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q, br#"{"x":1}"#).await;
     b.deregister(&q).await.unwrap();
     cleanup_redis(&q).await;
 }
@@ -614,7 +627,15 @@ async fn embedded_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
     let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
         .unwrap()
         .with_envelope_queues([q.jobs.clone()].into_iter().collect());
-    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q).await;
+    let envelope = br#"{"id":"stuck","input":{}}"#;
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q, envelope).await;
+}
+
+#[tokio::test]
+async fn embedded_a_redriven_state_job_keeps_its_id_and_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &names(), br#"{"x":1}"#).await;
 }
 
 /// A decision is validated against the pending record read first (the halt at step 1 here).

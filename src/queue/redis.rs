@@ -743,8 +743,24 @@ impl Backend for RedisBackend {
                     "dead letter {job_id} keeps no payload"
                 )));
             };
+            // Back under its own id: a bare message would be claimed under a new one, and a
+            // run kept for the redrive (`keep_run`) would be run again from its first step.
+            // The producer's bytes travel untouched inside the wrapper; bytes that are not
+            // UTF-8 cannot be wrapped and go back bare (they are refused again anyway).
+            let message = match String::from_utf8(payload) {
+                Ok(text) => Wrapped {
+                    lar_worker: 1,
+                    id: job_id.to_string(),
+                    attempt: 0,
+                    history: Vec::new(),
+                    raw: text,
+                    decision: None,
+                }
+                .encode(),
+                Err(e) => e.into_bytes(),
+            };
             let mut inv = self.scripts.redrive.prepare_invoke();
-            inv.key(&k.dead).key(&k.queue).arg(raw).arg(payload);
+            inv.key(&k.dead).key(&k.queue).arg(raw).arg(message);
             let done: i64 = inv.invoke_async(&mut conn).await?;
             return Ok(done == 1);
         }
