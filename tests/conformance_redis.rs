@@ -32,6 +32,17 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
     let mut r = client.get_multiplexed_async_connection().await.unwrap();
     let processing = format!("{jobs}:processing:w-adopt");
     let raw = br#"{"ticket":"stranded"}"#.to_vec();
+    // A wrapped message (a retry, a hand-back, a decided job) left behind the same way.
+    let wrapped_raw = br#"{"ticket":"stranded-retry"}"#.to_vec();
+    let wrapped = lar_worker::queue::wrapper::Wrapped {
+        lar_worker: 1,
+        id: "retry/7".into(),
+        attempt: 1,
+        history: Vec::new(),
+        raw: String::from_utf8(wrapped_raw.clone()).unwrap(),
+        decision: None,
+    }
+    .encode();
     // What the BLMOVE left behind, next to a message this worker really holds.
     let _: () = redis::AsyncCommands::rpush(&mut r, &jobs, b"{\"ticket\":\"held\"}".to_vec())
         .await
@@ -44,9 +55,12 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
     let _: () = redis::AsyncCommands::lpush(&mut r, &processing, raw.clone())
         .await
         .unwrap();
+    let _: () = redis::AsyncCommands::lpush(&mut r, &processing, wrapped)
+        .await
+        .unwrap();
 
     let moved = backend.recover(&names).await.unwrap();
-    assert_eq!(moved, 1, "only the raw message goes back");
+    assert_eq!(moved, 2, "the raw and the unheld wrapped message go back");
     let left: Vec<Vec<u8>> = redis::AsyncCommands::lrange(&mut r, &processing, 0, -1)
         .await
         .unwrap();
@@ -57,8 +71,13 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
         .claim(&names, 5, Duration::from_secs(30), Duration::ZERO)
         .await
         .unwrap();
-    assert_eq!(again.len(), 1);
-    assert_eq!(again[0].payload, raw);
+    assert_eq!(again.len(), 2);
+    let retried = again
+        .iter()
+        .find(|c| c.job_id == "retry/7")
+        .expect("the wrapped one keeps its id");
+    assert_eq!(retried.payload, wrapped_raw);
+    assert!(again.iter().any(|c| c.payload == raw));
 
     let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
         .await

@@ -186,16 +186,29 @@ return 1
 
 /// KEYS: queue, leases, claims, owners, delayed, workers, epochs, own processing list.
 /// ARGV: now, processing-list prefix, heartbeat prefix.
-/// Besides expired leases, dead workers' lists and due retries, it hands back any raw message
-/// in the caller's own processing list: one a BLMOVE moved whose ADOPT never ran (the
-/// connection dropped in between). Only ADOPT wraps, and only a wrapped message is ever worked
-/// on, so a raw one there is held by nobody; an ADOPT that comes later finds it gone and
+/// Besides expired leases, dead workers' lists and due retries, it hands back any message in
+/// the caller's own processing list that no claim holds: one a BLMOVE moved whose ADOPT never
+/// ran (the connection dropped in between, or its reply timed out first). A raw message there
+/// is held by nobody (only ADOPT wraps); a wrapped one (a retry, a hand-back, a decided job)
+/// is held only if `claims` holds exactly it. An ADOPT that comes later finds it gone and
 /// claims nothing.
 const RECOVER: &str = r#"
 local PREFIX = '{"lar_worker":1,'
+local function wrapped_id(item)
+  local id = string.match(item, '^{"lar_worker":1,"id":"([^"\\]*)",')
+  if id then return id end
+  local ok, obj = pcall(cjson.decode, item)
+  if ok and type(obj) == 'table' and type(obj.id) == 'string' then return obj.id end
+  return nil
+end
 local moved = 0
 for _, item in ipairs(redis.call('LRANGE', KEYS[8], 0, -1)) do
-  if string.sub(item, 1, #PREFIX) ~= PREFIX then
+  local held = false
+  if string.sub(item, 1, #PREFIX) == PREFIX then
+    local id = wrapped_id(item)
+    held = id ~= nil and redis.call('HGET', KEYS[3], id) == item
+  end
+  if not held then
     redis.call('LREM', KEYS[8], 1, item)
     redis.call('LPUSH', KEYS[1], item)
     moved = moved + 1
