@@ -503,7 +503,7 @@ fn tampered_checkpoint_is_refused(kind: Kind) {
 }
 
 /// One byte of the state the run resumes from (the jury step's `state_after` in the journal)
-/// changed: the chain catches it, the job is dead-lettered.
+/// changed: the chain catches it, the job is dead-lettered, the tampered run kept as evidence.
 fn tampered_state_is_refused(kind: Kind) {
     tampered_run_is_refused(
         kind,
@@ -529,6 +529,9 @@ fn tampered_run_is_refused(kind: Kind, tamper: impl FnOnce(&mut Env, &str), expe
         env.results_now().is_empty(),
         "nothing published from a tampered checkpoint"
     );
+    // The stored run stays: its journal is the only evidence of the steps taken (and of the
+    // tampering), and a redrive once the cause is fixed resumes it.
+    assert_eq!(env.checkpoints_left(), 1, "the refused run is kept");
 }
 
 const SIDE_EFFECT_TOOL: &str = r#"

@@ -111,20 +111,14 @@ impl Worker {
             Ok(j) => j,
             Err(reason) => {
                 warn!(job_id = %claim.job_id, %reason, "bad message: dead-lettered");
-                return (
-                    Finish::DeadLetter(self.dead_letter(claim, &reason)),
-                    Verdict::DeadLetter,
-                );
+                return self.refused(claim, &reason);
             }
         };
         let (mut run, mut log) = match self.start_or_resume(qi, claim, &job).await {
             Ok(pair) => pair,
             Err(Start::Dead(reason)) => {
                 warn!(job_id = %claim.job_id, %reason, "cannot resume: dead-lettered");
-                return (
-                    Finish::DeadLetter(self.dead_letter(claim, &reason)),
-                    Verdict::DeadLetter,
-                );
+                return self.refused(claim, &reason);
             }
             Err(Start::Store(error)) => return self.retry_or_dead(claim, error, true),
         };
@@ -168,10 +162,7 @@ impl Worker {
                     // The decide command checks choices; a stale or forged decision lands here.
                     let reason = format!("decision refused: {e}");
                     warn!(job_id = %claim.job_id, %reason, "decision refused");
-                    return (
-                        Finish::DeadLetter(self.dead_letter(claim, &reason)),
-                        Verdict::DeadLetter,
-                    );
+                    return self.refused(claim, &reason);
                 }
             }
         }
@@ -525,6 +516,19 @@ impl Worker {
             dead.keep_run = keep_run && self.durable();
             (Finish::DeadLetter(dead), Verdict::DeadLetter)
         }
+    }
+
+    /// A message the worker cannot start or resume (unreadable, a checkpoint or journal that
+    /// fails verification, a graph changed under a run, a refused decision): a dead letter
+    /// that keeps the job's stored run. The journal is the only evidence of the steps already
+    /// taken (no final log exists), of tampering too, and a redrive after the cause is fixed
+    /// resumes after the last finished step instead of running them again.
+    fn refused(&self, claim: &Claim, reason: &str) -> (Finish, Verdict) {
+        let dead = DeadLetter {
+            keep_run: self.durable(),
+            ..self.dead_letter(claim, reason)
+        };
+        (Finish::DeadLetter(dead), Verdict::DeadLetter)
     }
 
     fn dead_letter(&self, claim: &Claim, reason: &str) -> DeadLetter {
