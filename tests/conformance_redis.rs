@@ -86,3 +86,55 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
         let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
     }
 }
+
+/// A worker that stopped cleanly stays registered (without a heartbeat) until a reaper finds
+/// its processing list empty: a message a BLMOVE still blocked in Redis landed there after the
+/// worker stopped claiming goes back to the queue instead of sitting in a list nobody reaps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_landing_after_a_clean_stop_is_reaped() {
+    use lar_worker::queue::redis::RedisBackend;
+    use lar_worker::queue::{Backend, QueueNames};
+    use std::time::Duration;
+
+    let jobs = format!("lar-test-late-{}", uuid::Uuid::new_v4());
+    let names = QueueNames {
+        jobs: jobs.clone(),
+        results: format!("{jobs}:results"),
+    };
+    let url = conformance::redis_url();
+    let gone = RedisBackend::connect(&url, "w-gone".into(), vec![])
+        .await
+        .unwrap();
+    gone.heartbeat(&names, Duration::from_secs(30))
+        .await
+        .unwrap();
+    gone.deregister(&names).await.unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    let late = br#"{"ticket":"late"}"#.to_vec();
+    let _: () =
+        redis::AsyncCommands::lpush(&mut r, format!("{jobs}:processing:w-gone"), late.clone())
+            .await
+            .unwrap();
+    let other = RedisBackend::connect(&url, "w-other".into(), vec![])
+        .await
+        .unwrap();
+    assert_eq!(other.recover(&names).await.unwrap(), 1);
+    let claimed = other
+        .claim(&names, 5, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].payload, late);
+    let workers: Vec<String> = redis::AsyncCommands::smembers(&mut r, format!("{jobs}:workers"))
+        .await
+        .unwrap();
+    assert!(!workers.contains(&"w-gone".to_string()), "{workers:?}");
+
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
+    }
+}

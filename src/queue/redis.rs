@@ -843,19 +843,15 @@ impl Backend for RedisBackend {
     }
 
     async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
+        // The heartbeat goes; the registration stays for the reapers: they find this worker
+        // dead, hand back whatever its processing list still holds (a BLMOVE that was still
+        // blocked in Redis can land a message there after the worker stopped claiming), and
+        // only then drop it from `Q:workers`.
         let k = keys(q, &self.worker_id);
         let mut conn = self.conn.clone();
-        // Only when nothing is left in the processing list (else the reaper must see it).
-        let left: u64 = conn.llen(&k.processing).await?;
-        if left == 0 {
-            let _: () = ::redis::pipe()
-                .del(format!("{}{}", k.heartbeat_prefix, self.worker_id))
-                .ignore()
-                .srem(&k.workers, &self.worker_id)
-                .ignore()
-                .query_async(&mut conn)
-                .await?;
-        }
+        let _: i64 = conn
+            .del(format!("{}{}", k.heartbeat_prefix, self.worker_id))
+            .await?;
         Ok(())
     }
 }
