@@ -51,10 +51,37 @@ impl Worker {
                 } else {
                     self.decide_from_message(qi, claim).await
                 };
-                if let Err(e) = self.backend.finish(&dq, claim, finish).await {
-                    warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; it will be redelivered");
-                }
+                self.finish_decision(&dq, claim, finish, &shutdown).await;
                 drop(holding);
+            }
+        }
+    }
+
+    /// Finishes a decision message, trying again on a store error while the claim is held
+    /// (its lease renewed): a decision taken but whose message came back would be tried again
+    /// and answered "rejected: already decided".
+    async fn finish_decision(
+        &self,
+        dq: &crate::queue::QueueNames,
+        claim: &Claim,
+        finish: Finish,
+        shutdown: &CancellationToken,
+    ) {
+        const TRIES: u32 = 4;
+        for tries in 1..=TRIES {
+            match self.backend.finish(dq, claim, finish.clone()).await {
+                Ok(_) => return,
+                Err(e) if tries == TRIES || shutdown.is_cancelled() => {
+                    warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; it will be redelivered");
+                    return;
+                }
+                Err(e) => {
+                    warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(crate::backoff::Backoff::reconnect().delay(tries)) => {}
+                    }
+                }
             }
         }
     }
