@@ -322,6 +322,57 @@ async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
     q
 }
 
+/// A dead letter that keeps its run (for a redrive) releases only the job's epoch: the run
+/// stays, the released holder is fenced off, the next delivery resumes with a new epoch.
+async fn release_keeps_the_run(store: &dyn RunStore) -> QueueNames {
+    let q = names();
+    let job = "job-4";
+    let held = claim(job, store.next_epoch(&q, job).await.unwrap());
+    assert_eq!(
+        store
+            .save_step(&q, &held, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    assert!(store.release(&q, &held).await.unwrap());
+    assert!(!store.release(&q, &held).await.unwrap(), "released once");
+    assert!(store.load_run(&q, job).await.unwrap().is_some());
+    assert_eq!(
+        store
+            .save_step(&q, &held, step(1, b"r1", b"c1"))
+            .await
+            .unwrap(),
+        Fenced::Lost
+    );
+    let next = claim(job, store.next_epoch(&q, job).await.unwrap());
+    assert_eq!(
+        store
+            .save_step(&q, &next, step(1, b"r1", b"c1"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    assert!(store.end_run(&q, &next).await.unwrap());
+    q
+}
+
+#[tokio::test]
+async fn redis_store_release_keeps_the_run() {
+    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
+    let q = release_keeps_the_run(store.as_ref()).await;
+    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_release_keeps_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
+        .await
+        .unwrap();
+    release_keeps_the_run(store.as_ref()).await;
+}
+
 #[tokio::test]
 async fn redis_store_drops_a_stale_pause() {
     let store = open("redis://127.0.0.1:6379/0").await.unwrap();

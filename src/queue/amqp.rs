@@ -118,6 +118,8 @@ const MARKER_TTL_SECS: u64 = 86_400;
 /// Done markers remembered in this process.
 const MEMO_CAP: usize = 200_000;
 const PERSISTENT: u8 = 2;
+/// Where this process's delivery numbers start (see `Shared::epoch`).
+const LOCAL_EPOCHS: u64 = 1 << 63;
 /// The header that carries a human decision on a resumed job's message.
 const DECISION_HEADER: &str = "x-lar-decision";
 /// Stamped by each dead-lettering: a redriven copy is a new life of its job (see `memo_key`).
@@ -461,6 +463,10 @@ struct Shared {
     buffers: StdMutex<HashMap<String, Arc<Buffer>>>,
     /// Deliveries handed out, by (job id, epoch).
     held: StdMutex<HashMap<(String, u64), Held>>,
+    /// This process's delivery numbers, the epoch of a claim until the store gives it one
+    /// (`fence`). They start at [`LOCAL_EPOCHS`], apart from every store epoch (below 2^63:
+    /// SQLite's are i64), so a copy's number can never be another copy's store epoch in
+    /// `held` (its finish would settle the other's delivery).
     epoch: AtomicU64,
     dedupe: Option<::redis::aio::ConnectionManager>,
     /// Checkpoints and journals, with each job's epoch, when a store is configured.
@@ -501,7 +507,7 @@ impl AmqpBackend {
             wanted: StdMutex::new(HashMap::new()),
             buffers: StdMutex::new(HashMap::new()),
             held: StdMutex::new(HashMap::new()),
-            epoch: AtomicU64::new(0),
+            epoch: AtomicU64::new(LOCAL_EPOCHS),
             dedupe,
             runs,
             memo: StdMutex::new(Memo::default()),
@@ -1810,6 +1816,7 @@ impl Backend for AmqpBackend {
             Finish::DeadLetter(dl) => !dl.keep_run,
             _ => false,
         };
+        let keeps_run = matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
@@ -1836,6 +1843,11 @@ impl Backend for AmqpBackend {
             // After the ack: a crash in between leaves an orphan run hash, never a lost job.
             if let Err(e) = runs.end_run(q, claim).await {
                 warn!(job_id = %claim.job_id, error = %e, "cannot remove the finished run's checkpoint");
+            }
+        }
+        if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, keeps_run) {
+            if let Err(e) = runs.release(q, claim).await {
+                warn!(job_id = %claim.job_id, error = %e, "cannot drop the dead-lettered job's epoch entry");
             }
         }
         out

@@ -88,6 +88,13 @@ local function decided_step(entry)
 end
 "#;
 
+/// KEYS: epochs. ARGV: id, epoch. Forgets the job's epoch entry if `epoch` still holds it.
+const RELEASE: &str = r#"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return 1
+"#;
+
 /// K: epochs, pending, deciding, run. A: id, epoch, pending record, delivery properties (JSON).
 /// 1 paused, 0 fenced off (a newer delivery holds the job), 2 a decision is already on its way
 /// for this halt (a copy of the job raced a human: nothing to pause). A decision on its way
@@ -193,6 +200,7 @@ pub(super) struct RedisRunStore {
     save_step: BatchedScript,
     next_epoch: Script,
     end_run: Script,
+    release: Script,
     pause: Script,
     decide: Script,
     decided: Script,
@@ -206,6 +214,7 @@ impl RedisRunStore {
             save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
             next_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{NEXT_EPOCH}")),
             end_run: Script::new(&format!("{STEP_FNS}{END_RUN}")),
+            release: Script::new(RELEASE),
             pause: Script::new(&format!("{STEP_FNS}{PAUSE}")),
             decided: Script::new(&format!("{STEP_FNS}{DECIDED}")),
             decide: Script::new(DECIDE),
@@ -297,6 +306,14 @@ impl RunStore for RedisRunStore {
             .key(deciding_key(q))
             .arg(&claim.job_id)
             .arg(claim.epoch);
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(done == 1)
+    }
+
+    async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
+        let mut inv = self.release.prepare_invoke();
+        inv.key(epochs_key(q)).arg(&claim.job_id).arg(claim.epoch);
         let mut conn = self.conn.clone();
         let done: i64 = inv.invoke_async(&mut conn).await?;
         Ok(done == 1)

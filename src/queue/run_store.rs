@@ -57,6 +57,11 @@ pub trait RunStore: Send + Sync {
     /// Forgets a run that ended, while `claim` still holds it; `false` when it does not.
     async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
 
+    /// The claim ended and the run stays (a dead letter that keeps it for a redrive): forgets
+    /// only the job's epoch entry, while `claim` still holds it. The next delivery takes a new
+    /// epoch from the sequence, so every earlier holder stays fenced off.
+    async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
+
     /// Stores a paused run's pending record and the delivery properties its resume message
     /// carries, while `claim` still holds the job.
     async fn pause(

@@ -357,6 +357,21 @@ impl RunStore for SqliteRunStore {
         .await
     }
 
+    async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !holds(&tx, &queue, &job_id, epoch)? {
+                return Ok(false);
+            }
+            tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
+                .execute(params![queue, job_id])?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn pause(
         &self,
         q: &QueueNames,
