@@ -51,6 +51,7 @@ impl Worker {
                 } else {
                     self.decide_from_message(qi, claim).await
                 };
+                self.finishing(qi, super::Lane::Decisions, claim);
                 self.finish_decision(&dq, claim, finish, &shutdown).await;
                 drop(holding);
             }

@@ -17,7 +17,7 @@ use crate::queue::{Backend, Claim, Fenced, Finish};
 use crate::tools::Registry;
 use process::Verdict;
 use stats::Stats;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -69,7 +69,9 @@ pub struct Worker {
     /// (queue index, lane, job id, epoch) of every claim held, for lease renewal. The epoch is part
     /// of the key: two copies of one job id held at once (a producer sent it twice) are two
     /// claims, and the first to end must not stop the other's renewals.
-    in_flight: Mutex<HashSet<Held>>,
+    /// The value: whether the claim is finishing (its finish sent), so a renewal that finds
+    /// it gone is not reported as a lost lease (the finish took it).
+    in_flight: Mutex<HashMap<Held, bool>>,
 }
 
 /// Options that are not part of workers.toml.
@@ -102,7 +104,7 @@ impl Worker {
             progress_ms: AtomicU64::new(0),
             started: Instant::now(),
             notifier: Notifier::from_env(),
-            in_flight: Mutex::new(HashSet::new()),
+            in_flight: Mutex::new(HashMap::new()),
         })
     }
 
@@ -186,14 +188,15 @@ impl Worker {
         )
     }
 
-    fn in_flight_of(&self, qi: usize, lane: Lane) -> Vec<(String, u64)> {
+    /// The claims of one lane, every one (`finishing` too) or only those not finishing.
+    fn in_flight_of(&self, qi: usize, lane: Lane, finishing: bool) -> Vec<(String, u64)> {
         let held = match self.in_flight.lock() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
         held.iter()
-            .filter(|h| h.qi == qi && h.lane == lane)
-            .map(|h| (h.job_id.clone(), h.epoch))
+            .filter(|(h, f)| h.qi == qi && h.lane == lane && (finishing || !**f))
+            .map(|(h, _)| (h.job_id.clone(), h.epoch))
             .collect()
     }
 
@@ -203,9 +206,26 @@ impl Worker {
             Err(p) => p.into_inner(),
         };
         if held {
-            m.insert(claim);
+            m.insert(claim, false);
         } else {
             m.remove(&claim);
+        }
+    }
+
+    /// Marks a held claim as finishing (its finish is about to be sent).
+    fn finishing(&self, qi: usize, lane: Lane, claim: &Claim) {
+        let mut m = match self.in_flight.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let key = Held {
+            qi,
+            lane,
+            job_id: claim.job_id.clone(),
+            epoch: claim.epoch,
+        };
+        if let Some(f) = m.get_mut(&key) {
+            *f = true;
         }
     }
 
@@ -457,6 +477,7 @@ impl Worker {
         hard_stop: CancellationToken,
     ) {
         let (finish, verdict) = self.process(qi, &claim, &shutdown, &hard_stop).await;
+        self.finishing(qi, Lane::Jobs, &claim);
         let names = &self.queues[qi].names;
         let mut tries = 0u32;
         let outcome = loop {
@@ -592,15 +613,15 @@ impl Worker {
     }
 
     async fn extend_lane(&self, qi: usize, lane: Lane, names: &crate::queue::QueueNames) {
-        let held = self.in_flight_of(qi, lane);
+        let held = self.in_flight_of(qi, lane, true);
         if held.is_empty() {
             return;
         }
         match self.backend.extend(names, &held, self.cfg.lease()).await {
             Ok(flags) => {
-                let still = self.in_flight_of(qi, lane);
+                let still = self.in_flight_of(qi, lane, false);
                 for ((id, epoch), ok) in held.iter().zip(flags) {
-                    // A claim that ended since the snapshot is not a lost lease.
+                    // A claim that ended (or is ending) since the snapshot is not a lost lease.
                     if !ok && still.iter().any(|(i, e)| i == id && e == epoch) {
                         warn!(queue = %names.jobs, job_id = %id, epoch, "lease lost: another worker may take this message over");
                     }
