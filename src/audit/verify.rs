@@ -4,7 +4,7 @@
 
 use super::runlog::chain_link;
 use super::secret::Secret;
-use crate::json::to_canonical_vec;
+use crate::json::canonical::canonical_without;
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -95,9 +95,7 @@ pub fn verify_value(doc: &Value, secret: &Secret) -> Verdict {
             let run_id = map.get("run_id").and_then(Value::as_str).unwrap_or("");
             check_chain(steps, run_id, secret).or_else(|| check_count(map, steps.len()))
         });
-    let mut unsigned = map.clone();
-    unsigned.shift_remove("signature");
-    let canonical = to_canonical_vec(&Value::Object(unsigned));
+    let canonical = canonical_without(map, "signature");
     if !secret.verify_hex(&canonical, sig) {
         let mut reason = "signature mismatch: the content was changed after signing, or it was signed with another secret".to_string();
         if let Some(p) = chain_problem {
@@ -197,9 +195,7 @@ pub(crate) fn check_chain(steps: &[Value], run_id: &str, secret: &Secret) -> Opt
         let Some(Value::String(link)) = rec.get("chain") else {
             return Some(format!("step {pos} has no chain link"));
         };
-        let mut body = rec.clone();
-        body.shift_remove("chain");
-        let expect = chain_link(secret, &prev, &to_canonical_vec(&Value::Object(body)));
+        let expect = chain_link(secret, &prev, &canonical_without(rec, "chain"));
         if &expect != link {
             return Some(format!(
                 "chain broken at step {pos}: the record was altered, or the step before it is missing"
