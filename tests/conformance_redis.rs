@@ -138,3 +138,68 @@ async fn a_message_landing_after_a_clean_stop_is_reaped() {
         let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
     }
 }
+
+/// A claim cut off at shutdown leaves its BLMOVE blocked inside Redis, where it can still move
+/// a message into the stopped worker's list. Deregistration waits that BLMOVE out before the
+/// heartbeat goes, so no reaper can drop the worker while its list may still fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blmove_cut_off_at_shutdown_strands_nothing() {
+    use lar_worker::queue::redis::RedisBackend;
+    use lar_worker::queue::{Backend, QueueNames};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    let jobs = format!("lar-test-blocked-{}", uuid::Uuid::new_v4());
+    let names = QueueNames {
+        jobs: jobs.clone(),
+        results: format!("{jobs}:results"),
+    };
+    let url = conformance::redis_url();
+    let gone = Arc::new(
+        RedisBackend::connect(&url, "w-blocked".into(), vec![])
+            .await
+            .unwrap(),
+    );
+    gone.heartbeat(&names, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let waiting = {
+        let (b, q) = (Arc::clone(&gone), names.clone());
+        tokio::spawn(async move {
+            b.claim(&q, 1, Duration::from_secs(30), Duration::from_secs(1))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    waiting.abort(); // the stop cut the claim off; its BLMOVE is still blocked in Redis
+    gone.deregister(&names).await.unwrap();
+    let other = RedisBackend::connect(&url, "w-other".into(), vec![])
+        .await
+        .unwrap();
+    other.recover(&names).await.unwrap();
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut r = client.get_multiplexed_async_connection().await.unwrap();
+    let job = br#"{"ticket":"after-the-stop"}"#.to_vec();
+    let _: () = redis::AsyncCommands::rpush(&mut r, &jobs, job.clone())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    other.recover(&names).await.unwrap();
+    let claimed = other
+        .claim(&names, 5, Duration::from_secs(30), Duration::ZERO)
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.len(),
+        1,
+        "the job is stranded in the stopped worker's list"
+    );
+    assert_eq!(claimed[0].payload, job);
+
+    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
+        .await
+        .unwrap();
+    if !keys.is_empty() {
+        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
+    }
+}

@@ -281,6 +281,10 @@ pub struct RedisBackend {
     conn: ConnectionManager,
     /// Its own connection for BLMOVE, which would otherwise stall the multiplexed one.
     blocking: Mutex<ConnectionManager>,
+    /// Until when a BLMOVE sent on `blocking` may still be waiting inside Redis. A claim cut
+    /// off at shutdown leaves its BLMOVE blocked there, and it can still move a message into
+    /// this worker's processing list: `deregister` waits this out before dropping the heartbeat.
+    blocked_until: std::sync::Mutex<Option<std::time::Instant>>,
     envelope_queues: Arc<std::collections::HashSet<String>>,
     scripts: Scripts,
     /// Checkpoints and journals (`Q:run:<job>`), fenced on `Q:epochs`.
@@ -362,6 +366,7 @@ impl RedisBackend {
             runs: RedisRunStore::new(conn.clone()),
             conn: conn.clone(),
             blocking: Mutex::new(blocking),
+            blocked_until: std::sync::Mutex::new(None),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
             scripts: Scripts {
                 claim: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
@@ -505,6 +510,10 @@ impl Backend for RedisBackend {
         // Nothing ready: block on the queue without spinning.
         let raw: Option<Vec<u8>> = {
             let mut b = self.blocking.lock().await;
+            let until = std::time::Instant::now() + wait + Duration::from_millis(200);
+            if let Ok(mut t) = self.blocked_until.lock() {
+                *t = Some(t.map_or(until, |prev| prev.max(until)));
+            }
             ::redis::cmd("BLMOVE")
                 .arg(&k.queue)
                 .arg(&k.processing)
@@ -844,9 +853,15 @@ impl Backend for RedisBackend {
 
     async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
         // The heartbeat goes; the registration stays for the reapers: they find this worker
-        // dead, hand back whatever its processing list still holds (a BLMOVE that was still
-        // blocked in Redis can land a message there after the worker stopped claiming), and
-        // only then drop it from `Q:workers`.
+        // dead, hand back whatever its processing list still holds, and only then drop it
+        // from `Q:workers`. A BLMOVE still blocked in Redis could land a message there after
+        // a reaper looked: the heartbeat goes only once none can be.
+        let blocked = self.blocked_until.lock().ok().and_then(|t| *t);
+        if let Some(left) =
+            blocked.and_then(|t| t.checked_duration_since(std::time::Instant::now()))
+        {
+            tokio::time::sleep(left).await;
+        }
         let k = keys(q, &self.worker_id);
         let mut conn = self.conn.clone();
         let _: i64 = conn
