@@ -193,7 +193,14 @@ pub fn enqueue(a: EnqueueArgs) -> u8 {
 }
 
 pub fn results(a: ResultsArgs) -> u8 {
-    with_backend(&a.q, Scope::Whole, |backend, q| async move {
+    // Taking removes the results on the server: giving up before its answer arrives would lose
+    // them, so `--take` waits for it (the connection is still bounded by `--timeout`).
+    let scope = if a.take {
+        Scope::PerOperation
+    } else {
+        Scope::Whole
+    };
+    with_backend(&a.q, scope, |backend, q| async move {
         match backend.results(&q.names, a.max, a.take).await {
             Ok(items) => {
                 for r in items {
