@@ -11,11 +11,16 @@ pub const EVAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The most evaluations running at once, process-wide. A thread cannot be cancelled, so one
 /// past its budget runs on to its end holding its slot: a flood of hostile jobs fills these
-/// slots, and then routes fail fast ("busy"), instead of filling tokio's blocking pool (512
-/// threads, shared with log writes and SQLite) and starving them.
+/// slots, and then routes wait for one (see [`SLOT_WAIT`]), instead of filling tokio's
+/// blocking pool (512 threads, shared with log writes and SQLite) and starving them.
 pub const EVAL_SLOTS: usize = 32;
 
 static SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(EVAL_SLOTS);
+
+/// How long an evaluation waits for a slot (apart from its own budget): ordinary evaluations
+/// free theirs in microseconds, so only a flood of runaways makes a route wait, and fail past
+/// this.
+pub const SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A compiled CEL expression; every top-level state key is a variable.
 pub struct Expr {
@@ -48,24 +53,26 @@ impl Expr {
     /// renew leases) within [`EVAL_TIMEOUT`]; one past it keeps its thread until it ends, but
     /// the run goes on without it.
     pub async fn route_key(&self, state: &Map<String, Value>) -> Result<String, String> {
-        self.route_key_within(state, &SLOTS, EVAL_TIMEOUT).await
+        self.route_key_within(state, &SLOTS, SLOT_WAIT, EVAL_TIMEOUT)
+            .await
     }
 
-    /// [`Expr::route_key`] with its slots and budget given (tests use small ones). Waiting for
-    /// a slot counts against the budget.
+    /// [`Expr::route_key`] with its slots, slot wait and budget given (tests use small ones).
     async fn route_key_within(
         &self,
         state: &Map<String, Value>,
         slots: &'static tokio::sync::Semaphore,
+        slot_wait: std::time::Duration,
         budget: std::time::Duration,
     ) -> Result<String, String> {
-        let deadline = tokio::time::Instant::now() + budget;
-        let Ok(Ok(slot)) = tokio::time::timeout_at(deadline, slots.acquire()).await else {
+        let Ok(Ok(slot)) = tokio::time::timeout(slot_wait, slots.acquire()).await else {
             return Err(format!(
-                "expression `{}` not evaluated: every evaluation slot is held by an expression past its budget",
-                self.source
+                "expression `{}` not evaluated: no evaluation slot came free within {} s (each held by an expression running past its budget)",
+                self.source,
+                slot_wait.as_secs_f64()
             ));
         };
+        let deadline = tokio::time::Instant::now() + budget;
         let vars: Vec<(String, cel::Value)> =
             state.iter().map(|(k, v)| (k.clone(), to_cel(v))).collect();
         let program = Arc::clone(&self.program);
@@ -144,8 +151,9 @@ mod tests {
         }
     }
 
-    /// A runaway holds its slot past its budget; the next evaluation fails fast as busy
-    /// instead of starting another thread; once the runaway ends, its slot serves again.
+    /// A runaway holds its slot past its budget; the next evaluation waits for a slot, fails
+    /// past its slot wait instead of starting another thread; once the runaway ends, its slot
+    /// serves again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_runaway_holds_its_slot_and_the_next_evaluation_is_refused_as_busy() {
         static ONE_SLOT: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(1);
@@ -155,7 +163,7 @@ mod tests {
         let quadratic =
             Expr::compile(r#"items.exists(a, items.exists(b, a + b == -1)) ? "a" : "b""#).unwrap();
         let err = quadratic
-            .route_key_within(&big, &ONE_SLOT, budget)
+            .route_key_within(&big, &ONE_SLOT, budget, budget)
             .await
             .unwrap_err();
         assert!(err.contains("took more than 0.1 s"), "{err}");
@@ -163,10 +171,13 @@ mod tests {
         let simple = Expr::compile(r#"kind == "x" ? "yes" : "no""#).unwrap();
         let small = state(json!({"kind": "x"}));
         let err = simple
-            .route_key_within(&small, &ONE_SLOT, budget)
+            .route_key_within(&small, &ONE_SLOT, budget, budget)
             .await
             .unwrap_err();
-        assert!(err.contains("every evaluation slot is held"), "{err}");
+        assert!(
+            err.contains("no evaluation slot came free within 0.1 s"),
+            "{err}"
+        );
 
         let started = Instant::now();
         while ONE_SLOT.available_permits() == 0 {
@@ -177,7 +188,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         assert_eq!(
-            simple.route_key_within(&small, &ONE_SLOT, budget).await,
+            simple
+                .route_key_within(&small, &ONE_SLOT, budget, budget)
+                .await,
             Ok("yes".to_string())
         );
     }
