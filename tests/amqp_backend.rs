@@ -1580,7 +1580,11 @@ async fn a_later_pause_is_kept_while_the_earlier_decision_awaits_its_confirm() {
     };
     assert_eq!(b.finish(q, &first, pause).await.unwrap(), Fenced::Done);
     assert!(b
-        .submit_decision(q, &id, payload.as_bytes(), &yes_at(1))
+        .submit_decision(
+            q,
+            &serde_json::from_slice(&pause_record(&id, 1, payload)).unwrap(),
+            &yes_at(1)
+        )
         .await
         .unwrap());
     // As if the confirm had not been seen yet: the entry is still in `deciding`.
@@ -1674,7 +1678,11 @@ async fn a_redriven_job_that_pauses_publishes_its_final_result() {
     };
     assert_eq!(b.finish(q, &second, pause).await.unwrap(), Fenced::Done);
     assert!(b
-        .submit_decision(q, &id, payload.as_bytes(), &yes_at(1))
+        .submit_decision(
+            q,
+            &serde_json::from_slice(&pause_record(&id, 1, payload)).unwrap(),
+            &yes_at(1)
+        )
         .await
         .unwrap());
     let resumed = claim_one(&b, q, Duration::from_secs(10)).await;

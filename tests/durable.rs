@@ -1342,3 +1342,109 @@ fn a_dead_workers_decision_messages_come_back() {
     assert_eq!(results[0]["status"], "completed");
     assert_eq!(results[0]["state"]["paid"], true);
 }
+
+const FAILS_AFTER_JURY: &str = r#"
+name = "loan-fail"
+entry = "score"
+[[nodes]]
+id = "score"
+type = "set"
+key = "risk"
+value = 0.82
+next = "jury"
+[[nodes]]
+id = "jury"
+type = "human_jury"
+prompt = "Approve payout?"
+choices = ["approve", "reject"]
+context = ["amount", "risk"]
+next = "boom"
+[[nodes]]
+id = "boom"
+type = "set"
+key = "last_error"
+value = "payout service refused"
+"#;
+
+/// A run that fails after its decision is retried from its first step (`retry_failed_runs`),
+/// so the retry asks its human again: it must not carry the decision, which would answer a
+/// run that is gone (it was dead-lettered as "a decision arrived for a job with no
+/// checkpoint", and the producer never saw a final result).
+fn a_run_failing_after_its_decision_is_retried_and_asks_again(kind: Kind) {
+    let mut env = Env::new(kind, FAILS_AFTER_JURY, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-rf","input":{"amount":5000}}"#);
+    let w = env.worker();
+    let job = pending_job_id(&mut env);
+    let decide = |env: &Env| env.cli(&["decide", &job, "--choice", "approve", "--by", "cfo@x"]);
+    let (code, out, err) = decide(&env);
+    assert_eq!(code, 0, "{out}{err}");
+    let again = env.wait_results(1, Duration::from_secs(20));
+    assert_eq!(again.len(), 1, "{again:?}");
+    assert_eq!(again[0]["status"], "awaiting_decision", "{again:?}");
+    assert!(env.dead().is_empty(), "{:?}", env.dead());
+    env.clear_results();
+    let (code, out, err) = decide(&env);
+    assert_eq!(code, 0, "{out}{err}");
+    let last = env.wait_results(1, Duration::from_secs(20));
+    let dead = env.wait_dead(Duration::from_secs(10));
+    stop(w);
+    assert_eq!(last[0]["status"], "failed", "{last:?}");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0]["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("payout service refused"), "{reason}");
+}
+
+/// A producer re-sends a paused job's id and a human decides before the copy is worked on
+/// (Redis takes the decision; the embedded file refuses it while the copy holds the id). The
+/// copy must not pause the job again: a second decision would override the first.
+fn a_copy_racing_a_decision_does_not_reopen_the_pause(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    let msg = r#"{"id":"loan-cp","input":{"amount":5000}}"#;
+    env.push(msg);
+    let w = env.worker();
+    let job = pending_job_id(&mut env);
+    stop(w);
+    env.push(msg);
+    let (code, out, err) = env.cli(&["decide", &job, "--choice", "approve", "--by", "first@x"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let w = env.worker();
+    let finished = env.wait_results(1, Duration::from_secs(30));
+    let (code2, _, err2) = env.cli(&["decide", &job, "--choice", "reject", "--by", "second@x"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let results = env.results_now();
+    let dead = env.dead();
+    let (_, pending, _) = env.cli(&["pending"]);
+    stop(w);
+    assert_eq!(code2, 2, "the second decision is refused: {err2}");
+    assert_eq!(finished[0]["status"], "completed", "{results:?}");
+    assert_eq!(
+        results.len(),
+        1,
+        "no second awaiting_decision, no second result: {results:?}"
+    );
+    assert_eq!(
+        results[0]["state"]["paid"], true,
+        "the first decision was applied"
+    );
+    assert!(dead.is_empty(), "{dead:?}");
+    assert!(pending.trim().is_empty(), "{pending}");
+}
+
+mod decisions_and_retries {
+    #[test]
+    fn redis_failed_after_decision() {
+        super::a_run_failing_after_its_decision_is_retried_and_asks_again(super::Kind::Redis)
+    }
+    #[test]
+    fn embedded_failed_after_decision() {
+        super::a_run_failing_after_its_decision_is_retried_and_asks_again(super::Kind::Embedded)
+    }
+    #[test]
+    fn amqp_failed_after_decision() {
+        super::a_run_failing_after_its_decision_is_retried_and_asks_again(super::Kind::Amqp)
+    }
+    #[test]
+    fn redis_copy_racing_a_decision() {
+        super::a_copy_racing_a_decision_does_not_reopen_the_pause(super::Kind::Redis)
+    }
+}

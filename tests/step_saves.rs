@@ -30,6 +30,16 @@ fn step<'a>(index: u64, record: &'a [u8], checkpoint: &'a [u8]) -> StepWrite<'a>
     }
 }
 
+/// A pending record as `decide` reads it, for `submit_decision`.
+fn waiting(job_id: &str, payload: &[u8], step: u64) -> lar_worker::durable::Pending {
+    serde_json::from_value(serde_json::json!({
+        "job_id": job_id, "run_id": "r", "queue": "q", "node": "jury", "step": step,
+        "request": {"prompt": "ok?", "choices": ["approve"], "context": {}, "output": "d"},
+        "awaiting_since": "now", "payload": String::from_utf8_lossy(payload),
+    }))
+    .unwrap()
+}
+
 async fn claim_all(b: &dyn Backend, q: &QueueNames, n: usize) -> Vec<Claim> {
     let mut out = Vec::new();
     while out.len() < n {
@@ -278,7 +288,7 @@ async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Backend, q: &QueueNames) {
         signature: None,
     };
     assert!(b
-        .submit_decision(q, &holder.job_id, &holder.payload, &decision)
+        .submit_decision(q, &waiting(&holder.job_id, &holder.payload, 1), &decision)
         .await
         .unwrap());
     let resumed = claim_all(b, q, 1).await.remove(0);
@@ -665,7 +675,7 @@ async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &Queue
         signature: None,
     };
     assert!(!b
-        .submit_decision(q, &c.job_id, &c.payload, &decision(1))
+        .submit_decision(q, &waiting(&c.job_id, &c.payload, 1), &decision(1))
         .await
         .unwrap());
     assert_eq!(b.list_pending(q).await.unwrap().len(), 1, "still pending");
@@ -675,7 +685,7 @@ async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &Queue
         .unwrap()
         .is_empty());
     assert!(b
-        .submit_decision(q, &c.job_id, &c.payload, &decision(3))
+        .submit_decision(q, &waiting(&c.job_id, &c.payload, 3), &decision(3))
         .await
         .unwrap());
     assert!(b.list_pending(q).await.unwrap().is_empty());
@@ -737,7 +747,10 @@ async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueN
     };
     // Redis takes the decision now; the embedded file (unique job ids) refuses it while the
     // copy holds the id, with a reason, and takes it once the copy is done.
-    let taken_now = match b.submit_decision(q, "copied-job", job, &decision).await {
+    let taken_now = match b
+        .submit_decision(q, &waiting("copied-job", job, 1), &decision)
+        .await
+    {
         Ok(taken) => {
             assert!(taken, "the job is pending");
             true
@@ -757,7 +770,7 @@ async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueN
     );
     if !taken_now {
         assert!(b
-            .submit_decision(q, "copied-job", job, &decision)
+            .submit_decision(q, &waiting("copied-job", job, 1), &decision)
             .await
             .unwrap());
     }

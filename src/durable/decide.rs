@@ -77,10 +77,7 @@ pub async fn submit_for(
     if let Some(secret) = secret {
         decision.sign(&pending.job_id, secret);
     }
-    if backend
-        .submit_decision(q, &pending.job_id, pending.payload.as_bytes(), &decision)
-        .await?
-    {
+    if backend.submit_decision(q, pending, &decision).await? {
         Ok(())
     } else {
         Err(Refusal::NotPending(pending.job_id.clone()))

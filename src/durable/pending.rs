@@ -18,6 +18,12 @@ pub struct Pending {
     /// When the default path runs (ms since the epoch), if the node has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expires_at_ms: Option<i64>,
+    /// Failed attempts before the pause, and their history: the resumed job carries them on,
+    /// so `worker.retry.attempts` bounds a job's whole life (a decision does not reset it).
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<crate::queue::AttemptRecord>,
 }
 
 impl Pending {

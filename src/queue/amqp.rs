@@ -1526,6 +1526,17 @@ impl Shared {
         let props: serde_json::Value = serde_json::from_str(&entry.props).unwrap_or_default();
         let mut headers = FieldTable::default();
         headers.insert(DECISION_HEADER.into(), text(&entry.decision));
+        // The failed attempts before the pause go on with the job.
+        headers.insert(
+            "x-attempt".into(),
+            AMQPValue::LongLongInt(i64::from(pending.attempt)),
+        );
+        if !pending.history.is_empty() {
+            headers.insert(
+                "x-lar-history".into(),
+                text(&serde_json::to_string(&pending.history).unwrap_or_else(|_| "[]".into())),
+            );
+        }
         if let Some(at) = props.get("failed_at").and_then(|v| v.as_str()) {
             headers.insert(FAILED_AT_HEADER.into(), text(at));
         }
@@ -1563,6 +1574,7 @@ impl Shared {
         h: &Held,
         delay: Duration,
         error: String,
+        keep_run: bool,
     ) -> Result<Fenced, QueueError> {
         let mut history = claim.history.clone();
         history.push(AttemptRecord {
@@ -1571,6 +1583,17 @@ impl Shared {
             error,
         });
         let mut headers = carried_headers(&h.props);
+        if !keep_run {
+            // A retry from the first step asks its human again: a decision kept on the job
+            // would answer a run that is gone.
+            let mut without = FieldTable::default();
+            for (k, v) in headers.inner() {
+                if k.as_str() != DECISION_HEADER {
+                    without.insert(k.clone(), v.clone());
+                }
+            }
+            headers = without;
+        }
         headers.insert(
             "x-attempt".into(),
             AMQPValue::LongLongInt(i64::from(claim.attempt)),
@@ -1826,9 +1849,11 @@ impl Backend for AmqpBackend {
                     result,
                     dead_letter,
                 } => s.finish_publish(q, claim, &h, result, dead_letter).await,
-                Finish::Retry { delay, error, .. } => {
-                    s.finish_retry(q, claim, &h, delay, error).await
-                }
+                Finish::Retry {
+                    delay,
+                    error,
+                    keep_run,
+                } => s.finish_retry(q, claim, &h, delay, error, keep_run).await,
                 Finish::DeadLetter(dl) => s.finish_dead(q, claim, &h, dl).await,
                 Finish::Release => Ok(s.requeue(&h).await),
                 Finish::Pause { result, pending } => {
@@ -1933,10 +1958,10 @@ impl Backend for AmqpBackend {
     async fn submit_decision(
         &self,
         q: &QueueNames,
-        job_id: &str,
-        _payload: &[u8],
+        pending: &crate::durable::Pending,
         decision: &crate::exec::Decision,
     ) -> Result<bool, QueueError> {
+        let job_id = pending.job_id.as_str();
         let s = &self.shared;
         let Some(runs) = &s.runs else {
             return Err(QueueError::Other(

@@ -424,7 +424,11 @@ fn finish_once(
                 insert_dead_letter(&tx, &q.jobs, dl, &payload, now)?;
             }
         }
-        Finish::Retry { delay, error, .. } => {
+        Finish::Retry {
+            delay,
+            error,
+            keep_run,
+        } => {
             let failed = attempt.saturating_add(1);
             let mut history = parse_history(job_id, &history);
             history.push(AttemptRecord {
@@ -433,15 +437,19 @@ fn finish_once(
                 error,
             });
             let history = to_json_text(&history)?;
+            // A retry from the first step asks its human again: a decision kept on the job
+            // would answer a run that is gone.
             tx.prepare_cached(
                 "UPDATE jobs SET state = 'ready', available_at = ?2, attempt = ?3, history = ?4,
-                 owner = NULL, lease_until = NULL WHERE seq = ?1",
+                 owner = NULL, lease_until = NULL,
+                 decision = CASE WHEN ?5 THEN decision ELSE NULL END WHERE seq = ?1",
             )?
             .execute(params![
                 seq,
                 now.saturating_add(millis(delay)),
                 failed,
-                history
+                history,
+                keep_run
             ])?;
         }
         Finish::DeadLetter(dl) => {
@@ -579,11 +587,12 @@ impl Backend for EmbeddedBackend {
     async fn submit_decision(
         &self,
         q: &QueueNames,
-        job_id: &str,
-        payload: &[u8],
+        pending: &crate::durable::Pending,
         decision: &crate::exec::Decision,
     ) -> Result<bool, QueueError> {
-        let (queue, job_id, payload) = (q.jobs.clone(), job_id.to_string(), payload.to_vec());
+        let (queue, job_id) = (q.jobs.clone(), pending.job_id.clone());
+        let payload = pending.payload.clone().into_bytes();
+        let (attempt, history) = (pending.attempt, to_json_text(&pending.history)?);
         let step = decision.step;
         let decision = to_json_text(decision)?;
         self.with_conn(move |conn, _| {
@@ -618,6 +627,11 @@ impl Backend for EmbeddedBackend {
                 Some(&decision),
                 (epoch, now_ms()),
             )?;
+            // The failed attempts before the pause go on with the job.
+            tx.prepare_cached(
+                "UPDATE jobs SET attempt = ?3, history = ?4 WHERE queue = ?1 AND job_id = ?2",
+            )?
+            .execute(params![queue, job_id, attempt, history])?;
             tx.commit()?;
             Ok(true)
         })

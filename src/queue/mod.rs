@@ -288,8 +288,7 @@ pub trait Backend: Send + Sync + 'static {
     async fn submit_decision(
         &self,
         _q: &QueueNames,
-        _job_id: &str,
-        _payload: &[u8],
+        _pending: &crate::durable::Pending,
         _decision: &crate::exec::Decision,
     ) -> Result<bool, QueueError> {
         Err(QueueError::Other(format!(

@@ -9,7 +9,8 @@
 //! id→stored message · `Q:owners` hash id→worker · `Q:epochs` hash id→epoch, drawn from `Q:epoch_seq` · `Q:delayed` zset
 //! of retries by due time · `Q:dead` dead letters · `Q:workers` set · `Q:hb:<worker>` heartbeat ·
 //! `Q:run:<job>` hash of a durable run (`ckpt` its checkpoint, `0`, `1`, … its step records) ·
-//! `Q:pending` hash of jobs waiting for a human.
+//! `Q:pending` hash of jobs waiting for a human · `Q:decided` hash id→halt step of a decision on
+//! its way (until its message ends).
 //! The reaper touches other workers' processing lists by name, so this backend needs a
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
@@ -131,7 +132,8 @@ return out
 "#;
 
 /// Run per job in batches (`redis_batch`). K: processing, leases, claims, owners, epochs,
-/// results, dead, queue, delayed, run (checkpoint + journal), pending. A: id, epoch, mode, a, b.
+/// results, dead, queue, delayed, run (checkpoint + journal), pending, decided. A: id, epoch,
+/// mode, a, b, '1' when the claim carries a decision (else '').
 /// Modes: publish (a = result or '', b = dead entry or ''), retry and retry_keep (a = new
 /// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead and dead_keep (a = entry; dead_keep keeps the run for a redrive to resume), release (a = stored message), pause (a = awaiting_decision
 /// result, b = pending record). Every mode but release, pause, retry_keep and dead_keep ends the run: its checkpoint
@@ -141,12 +143,19 @@ return out
 /// again while the decision was on its way): it goes with the run, or a later decision of it
 /// would resume the ended run and publish a second result. A pause keeps the job's epoch, so the claim that resumes it gets a newer
 /// one than any earlier holder (a holder whose lease expired stays fenced off).
+/// While a decision is on its way (`decided`, set by SUBMIT_DECISION), a copy of the job that
+/// pauses again at that halt asks nobody, and no other claim ends the run the decision needs;
+/// the decision's own claim clears the mark when it ends (a hand-back and a retry that keeps
+/// the run carry the decision on).
 /// The claim is looked for from the processing list's tail: claims are pushed at its head, and
 /// jobs end roughly in the order they were claimed, so a finish meets its entry near the tail
 /// instead of comparing itself with every job in flight (perf: 7 % of Redis's CPU at 256).
 const FINISH: &str = r#"
 if redis.call('HGET', K[5], A[1]) ~= A[2] then return 0 end
 local function forget_run()
+  -- A decision on its way (another claim's message) needs the run to resume.
+  if A[6] == '1' then redis.call('HDEL', K[12], A[1])
+  elseif redis.call('HEXISTS', K[12], A[1]) == 1 then return end
   local p = redis.call('HGET', K[11], A[1])
   if p then
     local ok, rec = pcall(cjson.decode, p)
@@ -163,6 +172,11 @@ redis.call('ZREM', K[2], A[1])
 redis.call('HDEL', K[3], A[1])
 redis.call('HDEL', K[4], A[1])
 local mode = A[3]
+-- The claim carried the decision on its way (`decided`): ending it any way but a hand-back
+-- or a retry that keeps the run means no decision is on its way any more.
+if A[6] == '1' and (mode == 'dead' or mode == 'dead_keep' or mode == 'retry') then
+  redis.call('HDEL', K[12], A[1])
+end
 if mode == 'publish' then
   if A[4] ~= '' then redis.call('RPUSH', K[6], A[4]) end
   if A[5] ~= '' then redis.call('RPUSH', K[7], A[5]) end
@@ -178,6 +192,16 @@ elseif mode == 'dead' or mode == 'dead_keep' then
 elseif mode == 'release' then
   redis.call('LPUSH', K[8], A[4])
 elseif mode == 'pause' then
+  local d = tonumber(redis.call('HGET', K[12], A[1]))
+  if d then
+    local ok, rec = pcall(cjson.decode, A[5])
+    local s = ok and type(rec) == 'table' and tonumber(rec.step)
+    -- A copy of the job pausing again at a halt whose decision is on its way: nothing to
+    -- ask, the decision's message resumes the run. (The decision's own claim pausing there
+    -- did not apply it, an unsigned one say: its pause stands.)
+    if s and s <= d and A[6] ~= '1' then return 1 end
+    redis.call('HDEL', K[12], A[1])
+  end
   redis.call('RPUSH', K[6], A[4])
   redis.call('HSET', K[11], A[1], A[5])
 end
@@ -261,15 +285,17 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 "#;
 
-/// KEYS: pending, queue. ARGV: id, message, the halt's step ('' for any: see
-/// `pending::waits_at`).
+/// KEYS: pending, queue, decided. ARGV: id, message, the halt's step ('' for any: see
+/// `pending::waits_at`). Marks the job's decision as on its way (`decided`: id → step) until
+/// its message ends: a copy of the job (its id sent again) that pauses again at that halt in
+/// the meantime asks nobody (FINISH `pause`), or a second decision could override this one.
 const SUBMIT_DECISION: &str = r#"
 local p = redis.call('HGET', KEYS[1], ARGV[1])
 if not p then return 0 end
-if ARGV[3] ~= '' then
-  local ok, rec = pcall(cjson.decode, p)
-  if not ok or type(rec) ~= 'table' or tonumber(rec.step) ~= tonumber(ARGV[3]) then return 0 end
-end
+local ok, rec = pcall(cjson.decode, p)
+local step = ok and type(rec) == 'table' and tonumber(rec.step)
+if ARGV[3] ~= '' and step ~= tonumber(ARGV[3]) then return 0 end
+if step then redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', step)) end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
@@ -318,6 +344,7 @@ fn keys(q: &QueueNames, worker: &str) -> Keys {
         workers: format!("{p}:workers"),
         heartbeat_prefix: format!("{p}:hb:"),
         pending: format!("{p}:pending"),
+        decided: format!("{p}:decided"),
         results: q.results.clone(),
     }
 }
@@ -336,6 +363,7 @@ struct Keys {
     workers: String,
     heartbeat_prefix: String,
     pending: String,
+    decided: String,
     results: String,
 }
 
@@ -372,7 +400,7 @@ impl RedisBackend {
                 claim: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
                 adopt: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{ADOPT}")),
                 extend: Script::new(EXTEND),
-                finish: BatchedScript::start("finish", FINISH, 11, 5, conn.clone()),
+                finish: BatchedScript::start("finish", FINISH, 12, 6, conn.clone()),
                 recover: Script::new(RECOVER),
                 submit_decision: Script::new(SUBMIT_DECISION),
                 redrive: Script::new(REDRIVE),
@@ -470,14 +498,21 @@ impl RedisBackend {
     }
 
     /// The stored message again, with a changed attempt count and history.
-    fn rewrap(claim: &Claim, attempt: u32, history: Vec<AttemptRecord>) -> Vec<u8> {
+    /// `keeps_decision`: false for a retry from the first step, which asks its human again (a
+    /// decision kept on the job would answer a run that is gone).
+    fn rewrap(
+        claim: &Claim,
+        attempt: u32,
+        history: Vec<AttemptRecord>,
+        keeps_decision: bool,
+    ) -> Vec<u8> {
         Wrapped {
             lar_worker: 1,
             id: claim.job_id.clone(),
             attempt,
             history,
             raw: String::from_utf8_lossy(&claim.payload).into_owned(),
-            decision: claim.decision.clone(),
+            decision: claim.decision.clone().filter(|_| keeps_decision),
         }
         .encode()
     }
@@ -590,7 +625,7 @@ impl Backend for RedisBackend {
                 let due = now_ms() + delay.as_millis() as i64;
                 (
                     if keep_run { "retry_keep" } else { "retry" },
-                    Self::rewrap(claim, claim.attempt, history),
+                    Self::rewrap(claim, claim.attempt, history, keep_run),
                     due.to_string().into_bytes(),
                 )
             }
@@ -607,6 +642,7 @@ impl Backend for RedisBackend {
                     claim,
                     claim.attempt.saturating_sub(1),
                     claim.history.clone(),
+                    true,
                 ),
                 Vec::new(),
             ),
@@ -624,6 +660,7 @@ impl Backend for RedisBackend {
             k.delayed,
             run_key(q, &claim.job_id),
             k.pending,
+            k.decided,
         ];
         let args = vec![
             claim.job_id.clone().into_bytes(),
@@ -631,6 +668,11 @@ impl Backend for RedisBackend {
             mode.as_bytes().to_vec(),
             a,
             b,
+            if claim.decision.is_some() {
+                b"1".to_vec()
+            } else {
+                Vec::new()
+            },
         ];
         let done = self.scripts.finish.call(keys, args).await?;
         Ok(if done == 1 {
@@ -825,17 +867,17 @@ impl Backend for RedisBackend {
     async fn submit_decision(
         &self,
         q: &QueueNames,
-        job_id: &str,
-        payload: &[u8],
+        pending: &crate::durable::Pending,
         decision: &crate::exec::Decision,
     ) -> Result<bool, QueueError> {
         let k = keys(q, &self.worker_id);
+        let job_id = pending.job_id.as_str();
         let msg = Wrapped {
             lar_worker: 1,
             id: job_id.to_string(),
-            attempt: 0,
-            history: Vec::new(),
-            raw: String::from_utf8_lossy(payload).into_owned(),
+            attempt: pending.attempt,
+            history: pending.history.clone(),
+            raw: pending.payload.clone(),
             decision: Some(decision.clone()),
         }
         .encode();
@@ -843,6 +885,7 @@ impl Backend for RedisBackend {
         let step = decision.step.map(|s| s.to_string()).unwrap_or_default();
         inv.key(&k.pending)
             .key(&k.queue)
+            .key(&k.decided)
             .arg(job_id)
             .arg(msg)
             .arg(step);

@@ -351,6 +351,8 @@ impl Worker {
             awaiting_since: crate::exec::run::now_utc(),
             payload: String::from_utf8_lossy(&claim.payload).into_owned(),
             expires_at_ms: request_expiry(&report.last_step),
+            attempt: claim.attempt.saturating_sub(1),
+            history: claim.history.clone(),
         })
     }
 
