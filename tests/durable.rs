@@ -1395,8 +1395,8 @@ fn a_run_failing_after_its_decision_is_retried_and_asks_again(kind: Kind) {
 }
 
 /// A producer re-sends a paused job's id and a human decides before the copy is worked on
-/// (Redis takes the decision; the embedded file refuses it while the copy holds the id). The
-/// copy must not pause the job again: a second decision would override the first.
+/// (Redis and AMQP take the decision; the embedded file refuses it while the copy holds the
+/// id). The copy must not pause the job again: a second decision would override the first.
 fn a_copy_racing_a_decision_does_not_reopen_the_pause(kind: Kind) {
     let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
     let msg = r#"{"id":"loan-cp","input":{"amount":5000}}"#;
@@ -1446,5 +1446,13 @@ mod decisions_and_retries {
     #[test]
     fn redis_copy_racing_a_decision() {
         super::a_copy_racing_a_decision_does_not_reopen_the_pause(super::Kind::Redis)
+    }
+    #[test]
+    fn amqp_copy_racing_a_decision() {
+        super::a_copy_racing_a_decision_does_not_reopen_the_pause(super::Kind::Amqp)
+    }
+    #[test]
+    fn amqp_sqlite_copy_racing_a_decision() {
+        super::a_copy_racing_a_decision_does_not_reopen_the_pause(super::Kind::AmqpSqlite)
     }
 }

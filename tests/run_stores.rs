@@ -90,13 +90,16 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
 
     // The pause is fenced too.
     assert_eq!(
-        store.pause(&q, &old, &pending(job, 2), "{}").await.unwrap(),
+        store
+            .pause(&q, &old, &pending(job, 2), "{}", false)
+            .await
+            .unwrap(),
         Paused::Fenced
     );
     let props = r#"{"reply_to":"caller","correlation_id":"c-9"}"#;
     assert_eq!(
         store
-            .pause(&q, &cur, &pending(job, 2), props)
+            .pause(&q, &cur, &pending(job, 2), props, false)
             .await
             .unwrap(),
         Paused::Stored
@@ -141,7 +144,7 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
     let copy = claim(job, e3);
     assert_eq!(
         store
-            .pause(&q, &copy, &pending(job, 2), "{}")
+            .pause(&q, &copy, &pending(job, 2), "{}", false)
             .await
             .unwrap(),
         Paused::AlreadyDecided
@@ -226,7 +229,7 @@ async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> Que
     );
     assert_eq!(
         store
-            .pause(&q, &first, &pending(job, 1), "{}")
+            .pause(&q, &first, &pending(job, 1), "{}", false)
             .await
             .unwrap(),
         Paused::Stored
@@ -246,7 +249,7 @@ async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> Que
     }
     assert_eq!(
         store
-            .pause(&q, &resumed, &pending(job, 3), "{}")
+            .pause(&q, &resumed, &pending(job, 3), "{}", false)
             .await
             .unwrap(),
         Paused::Stored,
@@ -273,7 +276,8 @@ async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> Que
 }
 
 /// A copy of a paused job (its id sent again) pauses again at the same halt after the
-/// decision went out: the resumed run ends, and that stale pending record goes with it.
+/// decision went out (confirmed by the broker): it asks nobody, and the resumed run's end
+/// takes the decision's entry with it.
 async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let job = "job-3";
@@ -287,7 +291,7 @@ async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
     );
     assert_eq!(
         store
-            .pause(&q, &first, &pending(job, 1), "{}")
+            .pause(&q, &first, &pending(job, 1), "{}", false)
             .await
             .unwrap(),
         Paused::Stored
@@ -298,13 +302,23 @@ async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
         .unwrap()
         .is_some());
     store.decided(&q, job, 1).await.unwrap();
+    // The confirmed decision is still on its way: the copy asks nobody.
     let copy = claim(job, store.next_epoch(&q, job).await.unwrap());
     assert_eq!(
         store
-            .pause(&q, &copy, &pending(job, 1), "{}")
+            .pause(&q, &copy, &pending(job, 1), "{}", false)
             .await
             .unwrap(),
-        Paused::Stored
+        Paused::AlreadyDecided
+    );
+    assert!(store.get_pending(&q, job).await.unwrap().is_none());
+    assert!(
+        store
+            .stale_decisions(&q, Duration::ZERO)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a confirmed decision is not published again"
     );
     let resumed = claim(job, store.next_epoch(&q, job).await.unwrap());
     for i in 1..3 {
@@ -371,6 +385,81 @@ async fn sqlite_store_release_keeps_the_run() {
         .await
         .unwrap();
     release_keeps_the_run(store.as_ref()).await;
+}
+
+/// The decision's own claim pausing at its halt did not apply it (an unsigned one, say): its
+/// pause stands. A decision whose message ends without applying it is dropped.
+async fn an_unapplied_decision_neither_blocks_nor_lingers(store: &dyn RunStore) -> QueueNames {
+    let q = names();
+    let job = "job-5";
+    let first = claim(job, store.next_epoch(&q, job).await.unwrap());
+    assert_eq!(
+        store
+            .save_step(&q, &first, step(0, b"r0", b"c0"))
+            .await
+            .unwrap(),
+        Fenced::Done
+    );
+    let paused = store
+        .pause(&q, &first, &pending(job, 1), "{}", false)
+        .await
+        .unwrap();
+    assert_eq!(paused, Paused::Stored);
+    assert!(store
+        .decide(&q, job, Some(1), "{}")
+        .await
+        .unwrap()
+        .is_some());
+    store.decided(&q, job, 1).await.unwrap();
+    let carrier = claim(job, store.next_epoch(&q, job).await.unwrap());
+    let again = store
+        .pause(&q, &carrier, &pending(job, 1), "{}", true)
+        .await
+        .unwrap();
+    assert_eq!(again, Paused::Stored, "the carrier's pause stands");
+    assert!(store.get_pending(&q, job).await.unwrap().is_some());
+    assert!(store
+        .decide(&q, job, Some(1), "{}")
+        .await
+        .unwrap()
+        .is_some());
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let waiting = store.stale_decisions(&q, Duration::ZERO).await.unwrap();
+    assert_eq!(waiting.len(), 1, "not confirmed yet: published again");
+    store.drop_decision(&q, job, Some(2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(
+        store
+            .stale_decisions(&q, Duration::ZERO)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "another halt's drop leaves it"
+    );
+    store.drop_decision(&q, job, Some(1)).await.unwrap();
+    assert!(store
+        .stale_decisions(&q, Duration::ZERO)
+        .await
+        .unwrap()
+        .is_empty());
+    q
+}
+
+#[tokio::test]
+async fn redis_store_unapplied_decisions() {
+    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
+    let q = an_unapplied_decision_neither_blocks_nor_lingers(store.as_ref()).await;
+    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
+}
+
+#[tokio::test]
+async fn sqlite_store_unapplied_decisions() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
+        .await
+        .unwrap();
+    an_unapplied_decision_neither_blocks_nor_lingers(store.as_ref()).await;
 }
 
 #[tokio::test]

@@ -1479,7 +1479,10 @@ impl Shared {
             "failed_at": failed_at,
         })
         .to_string();
-        match runs.pause(q, claim, &pending, &props).await? {
+        match runs
+            .pause(q, claim, &pending, &props, claim.decision.is_some())
+            .await?
+        {
             Paused::Stored => {}
             Paused::AlreadyDecided => {
                 // This delivery is a copy of a job a human has already answered; the
@@ -1840,6 +1843,17 @@ impl Backend for AmqpBackend {
             _ => false,
         };
         let keeps_run = matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
+        // The decision this claim carried is no longer on its way once its message ends
+        // without applying it (see `RunStore::drop_decision`).
+        let drops_decision = claim.decision.is_some()
+            && matches!(
+                &how,
+                Finish::DeadLetter(_)
+                    | Finish::Retry {
+                        keep_run: false,
+                        ..
+                    }
+            );
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
@@ -1868,6 +1882,12 @@ impl Backend for AmqpBackend {
             // After the ack: a crash in between leaves an orphan run hash, never a lost job.
             if let Err(e) = runs.end_run(q, claim).await {
                 warn!(job_id = %claim.job_id, error = %e, "cannot remove the finished run's checkpoint");
+            }
+        }
+        if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, drops_decision) {
+            let step = claim.decision.as_ref().and_then(|d| d.step);
+            if let Err(e) = runs.drop_decision(q, &claim.job_id, step).await {
+                warn!(job_id = %claim.job_id, error = %e, "cannot drop the ended decision's entry");
             }
         }
         if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, keeps_run) {

@@ -95,7 +95,8 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// K: epochs, pending, deciding, run. A: id, epoch, pending record, delivery properties (JSON).
+/// K: epochs, pending, deciding, run. A: id, epoch, pending record, delivery properties (JSON),
+/// '1' when the pausing claim carried the decision (see `RunStore::pause`).
 /// 1 paused, 0 fenced off (a newer delivery holds the job), 2 a decision is already on its way
 /// for this halt (a copy of the job raced a human: nothing to pause). A decision on its way
 /// for an earlier halt was applied (the run moved past it; its entry only waited for the
@@ -105,7 +106,7 @@ if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local d = redis.call('HGET', KEYS[3], ARGV[1])
 if d then
   local ds, ns = decided_step(d), step_of(ARGV[3])
-  if not (ds and ns and ns > ds) then return 2 end
+  if not ((ds and ns and ns > ds) or ARGV[5] == '1') then return 2 end
   redis.call('HDEL', KEYS[3], ARGV[1])
 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
@@ -113,13 +114,28 @@ redis.call('HSET', KEYS[4], 'amqp', ARGV[4])
 return 1
 "#;
 
-/// K: deciding. A: id, step. Drops the job's `deciding` entry if it answers the halt at `step`
-/// (or has no readable step): a late confirm never drops a later decision's entry.
+/// K: deciding. A: id, step. Marks the job's `deciding` entry confirmed (the broker holds its
+/// message: see `RunStore::decided`) if it answers the halt at `step` (or has no readable
+/// step): a late confirm never touches a later decision's entry.
 const DECIDED: &str = r#"
 local d = redis.call('HGET', KEYS[1], ARGV[1])
 if not d then return 0 end
+local ok, e = pcall(cjson.decode, d)
+if not ok or type(e) ~= 'table' then return 0 end
 local ds = decided_step(d)
 if ds and ds ~= tonumber(ARGV[2]) then return 0 end
+e.confirmed = true
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(e))
+return 1
+"#;
+
+/// K: deciding. A: id, step ('' for any). Drops the job's `deciding` entry if it answers the
+/// halt at `step`: its message ended without applying it.
+const DROP_DECISION: &str = r#"
+local d = redis.call('HGET', KEYS[1], ARGV[1])
+if not d then return 0 end
+local ds = decided_step(d)
+if ARGV[2] ~= '' and ds and ds ~= tonumber(ARGV[2]) then return 0 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
@@ -157,6 +173,8 @@ for i = 1, #all, 2 do
     local step = okp and type(p) == 'table' and tonumber(p.step)
     if redis.call('EXISTS', run) == 0 or (step and redis.call('HEXISTS', run, string.format('%d', step)) == 1) then
       redis.call('HDEL', KEYS[1], id)
+    elseif e.confirmed then
+      -- The broker holds its message: it waits to be applied, not sent again.
     else
       e.at = now
       raw = cjson.encode(e)
@@ -204,6 +222,7 @@ pub(super) struct RedisRunStore {
     pause: Script,
     decide: Script,
     decided: Script,
+    drop_decision: Script,
     stale_decisions: Script,
 }
 
@@ -217,6 +236,7 @@ impl RedisRunStore {
             release: Script::new(RELEASE),
             pause: Script::new(&format!("{STEP_FNS}{PAUSE}")),
             decided: Script::new(&format!("{STEP_FNS}{DECIDED}")),
+            drop_decision: Script::new(&format!("{STEP_FNS}{DROP_DECISION}")),
             decide: Script::new(DECIDE),
             stale_decisions: Script::new(STALE_DECISIONS),
             conn,
@@ -325,6 +345,7 @@ impl RunStore for RedisRunStore {
         claim: &Claim,
         pending: &[u8],
         props: &str,
+        carries_decision: bool,
     ) -> Result<Paused, QueueError> {
         let mut inv = self.pause.prepare_invoke();
         inv.key(epochs_key(q))
@@ -334,7 +355,8 @@ impl RunStore for RedisRunStore {
             .arg(&claim.job_id)
             .arg(claim.epoch)
             .arg(pending)
-            .arg(props);
+            .arg(props)
+            .arg(if carries_decision { "1" } else { "" });
         let mut conn = self.conn.clone();
         let n: i64 = inv.invoke_async(&mut conn).await?;
         Ok(match n {
@@ -376,6 +398,21 @@ impl RunStore for RedisRunStore {
         let mut conn = self.conn.clone();
         let entry: Option<Vec<u8>> = inv.invoke_async(&mut conn).await?;
         entry.map(|e| parse_deciding(job_id, &e)).transpose()
+    }
+
+    async fn drop_decision(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        step: Option<u64>,
+    ) -> Result<(), QueueError> {
+        let mut inv = self.drop_decision.prepare_invoke();
+        inv.key(deciding_key(q))
+            .arg(job_id)
+            .arg(step.map(|s| s.to_string()).unwrap_or_default());
+        let mut conn = self.conn.clone();
+        let _: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(())
     }
 
     async fn decided(&self, q: &QueueNames, job_id: &str, step: u64) -> Result<(), QueueError> {

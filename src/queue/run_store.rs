@@ -63,13 +63,17 @@ pub trait RunStore: Send + Sync {
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
 
     /// Stores a paused run's pending record and the delivery properties its resume message
-    /// carries, while `claim` still holds the job.
+    /// carries, while `claim` still holds the job. While a decision for this halt (or a later
+    /// one) is on its way, a copy of the job pausing again asks nobody
+    /// ([`Paused::AlreadyDecided`]); the decision's own claim (`carries_decision`) pausing
+    /// there did not apply it, and its pause stands.
     async fn pause(
         &self,
         q: &QueueNames,
         claim: &Claim,
         pending: &[u8],
         props: &str,
+        carries_decision: bool,
     ) -> Result<Paused, QueueError>;
 
     /// Pending records, oldest first.
@@ -92,10 +96,22 @@ pub trait RunStore: Send + Sync {
         decision: &str,
     ) -> Result<Option<Deciding>, QueueError>;
 
-    /// The broker holds the job's resume message: the decision is delivered.
-    /// Removes the `deciding` entry only if it still answers the halt at `step`: a late
-    /// confirm must not remove the entry of a later decision of the same job.
+    /// The broker holds the job's resume message (its confirm came): the `deciding` entry of
+    /// the halt at `step` stays, marked so it is not published again, until the decision is
+    /// applied (its step journaled, or a later pause) or its message ends without applying
+    /// it ([`RunStore::drop_decision`]). Meanwhile it keeps the run and stops a copy of the job
+    /// from pausing again. An entry of another halt is left alone: a late confirm never
+    /// touches a later decision.
     async fn decided(&self, q: &QueueNames, job_id: &str, step: u64) -> Result<(), QueueError>;
+
+    /// The decision's message ended without applying it (dead-lettered, or retried from the
+    /// first step): its `deciding` entry (for the halt at `step`, or any) goes.
+    async fn drop_decision(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        step: Option<u64>,
+    ) -> Result<(), QueueError>;
 
     /// Decisions older than `stale_after` whose resume message may never have reached the
     /// broker (a crash between the store and the publish), stamped anew, to publish again.

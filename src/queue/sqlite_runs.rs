@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS deciding (
     at       INTEGER NOT NULL,
     PRIMARY KEY (queue, job_id)
 );
+CREATE TABLE IF NOT EXISTS deciding_confirmed (
+    queue  TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    PRIMARY KEY (queue, job_id)
+);
 ";
 
 /// The checkpoint and journal tables, shared with the embedded backend's file.
@@ -229,6 +234,21 @@ pub(super) fn forget_run(
     Ok(())
 }
 
+/// Removes a job's `deciding` entry and its confirmed mark.
+fn delete_deciding(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+) -> Result<(), QueueError> {
+    for table in ["deciding", "deciding_confirmed"] {
+        tx.prepare_cached(&format!(
+            "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
+        ))?
+        .execute(params![queue, job_id])?;
+    }
+    Ok(())
+}
+
 /// `column` of the job's row in `table` (keyed by queue and job id), if it has one.
 fn row_of(
     tx: &rusqlite::Transaction<'_>,
@@ -270,8 +290,7 @@ fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Resu
     match row_of(tx, "deciding", "pending", queue, job_id)? {
         Some(p) if !answered(tx, queue, job_id, &p)? => {}
         Some(_) => {
-            tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                .execute(params![queue, job_id])?;
+            delete_deciding(tx, queue, job_id)?;
             forget_run(tx, queue, job_id)?;
         }
         None => forget_run(tx, queue, job_id)?,
@@ -378,6 +397,7 @@ impl RunStore for SqliteRunStore {
         claim: &Claim,
         pending: &[u8],
         props: &str,
+        carries_decision: bool,
     ) -> Result<Paused, QueueError> {
         let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
         let (pending, props) = (pending.to_vec(), props.to_string());
@@ -391,13 +411,12 @@ impl RunStore for SqliteRunStore {
                 .query_row(params![queue, job_id], |r| r.get(0))
                 .optional()?;
             if let Some(decided) = deciding {
-                if !answered_earlier(decided.as_bytes(), &pending) {
+                if !carries_decision && !answered_earlier(decided.as_bytes(), &pending) {
                     return Ok(Paused::AlreadyDecided);
                 }
                 // The decision on its way answered an earlier halt and was applied (this run
-                // moved past it): its entry only waited for the broker's confirm.
-                tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                    .execute(params![queue, job_id])?;
+                // moved past it), or this claim carried it and did not apply it.
+                delete_deciding(&tx, &queue, &job_id)?;
             }
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO pending (queue, job_id, record, props, created_at)
@@ -458,6 +477,7 @@ impl RunStore for SqliteRunStore {
             tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
                 .execute(params![queue, job_id])?;
             let entry = to_deciding(decision, pending, props);
+            delete_deciding(&tx, &queue, &job_id)?;
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO deciding (queue, job_id, decision, pending, props, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -485,8 +505,36 @@ impl RunStore for SqliteRunStore {
                 .query_row(params![queue, job_id], |r| r.get(0))
                 .optional()?;
             if entry.is_some_and(|p| step_of(p.as_bytes()).is_none_or(|s| s == step)) {
-                tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                    .execute(params![queue, job_id])?;
+                tx.prepare_cached(
+                    "INSERT OR IGNORE INTO deciding_confirmed (queue, job_id) VALUES (?1, ?2)",
+                )?
+                .execute(params![queue, job_id])?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn drop_decision(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+        step: Option<u64>,
+    ) -> Result<(), QueueError> {
+        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let entry: Option<String> = tx
+                .prepare_cached("SELECT pending FROM deciding WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |r| r.get(0))
+                .optional()?;
+            let matches = |p: &String| match (step, step_of(p.as_bytes())) {
+                (Some(want), Some(s)) => s == want,
+                _ => true,
+            };
+            if entry.as_ref().is_some_and(matches) {
+                delete_deciding(&tx, &queue, &job_id)?;
             }
             tx.commit()?;
             Ok(())
@@ -503,17 +551,19 @@ impl RunStore for SqliteRunStore {
         let before = now_ms().saturating_sub(i64::try_from(stale_after.as_millis()).unwrap_or(0));
         self.with_conn(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let rows: Vec<(String, String, String, String)> = tx
+            let rows: Vec<(String, String, String, String, bool)> = tx
                 .prepare_cached(
-                    "SELECT job_id, decision, pending, props FROM deciding
-                     WHERE queue = ?1 AND at < ?2",
+                    "SELECT d.job_id, d.decision, d.pending, d.props, c.job_id IS NOT NULL
+                     FROM deciding d LEFT JOIN deciding_confirmed c
+                       ON c.queue = d.queue AND c.job_id = d.job_id
+                     WHERE d.queue = ?1 AND d.at < ?2",
                 )?
                 .query_map(params![queue, before], |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
                 })?
                 .collect::<Result<Vec<_>, _>>()?;
             let mut out = Vec::new();
-            for (job_id, decision, pending, props) in rows {
+            for (job_id, decision, pending, props, confirmed) in rows {
                 // The decision step's index is the step count at the pause.
                 let step = serde_json::from_str::<serde_json::Value>(&pending)
                     .ok()
@@ -534,8 +584,9 @@ impl RunStore for SqliteRunStore {
                     None => false,
                 };
                 if !run_exists || applied {
-                    tx.prepare_cached("DELETE FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                        .execute(params![queue, job_id])?;
+                    delete_deciding(&tx, &queue, &job_id)?;
+                } else if confirmed {
+                    // The broker holds its message: it waits to be applied, not sent again.
                 } else {
                     tx.prepare_cached(
                         "UPDATE deciding SET at = ?3 WHERE queue = ?1 AND job_id = ?2",
