@@ -348,7 +348,7 @@ impl Worker {
             node,
             step: report.steps as u64,
             request,
-            awaiting_since: crate::exec::run::now_utc(),
+            awaiting_since: halted_at(&report.last_step).unwrap_or_else(crate::exec::run::now_utc),
             payload: String::from_utf8_lossy(&claim.payload).into_owned(),
             expires_at_ms: request_expiry(&report.last_step),
             attempt: claim.attempt.saturating_sub(1),
@@ -575,13 +575,48 @@ fn already_applied(log: &RunLog, d: &Decision) -> bool {
 }
 
 /// When a halted run's default path is due, from its halt marker.
+/// Counted from the halt step itself, not from this pause: a job paused again at the same
+/// halt (a copy of it, an ignored unsigned decision) keeps its deadline, or repeated copies
+/// would postpone the default path for ever.
 fn request_expiry(last_step: &Option<Map<String, Value>>) -> Option<i64> {
     let after = last_step
         .as_ref()?
         .get("halt")?
         .get("expires_after_ms")?
         .as_u64()?;
-    Some(crate::queue::now_ms().saturating_add(i64::try_from(after).unwrap_or(i64::MAX)))
+    let since = halted_at(last_step)
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+        .map_or_else(crate::queue::now_ms, |t| t.timestamp_millis());
+    Some(since.saturating_add(i64::try_from(after).unwrap_or(i64::MAX)))
+}
+
+/// When the halt step ran (its `started_at`), for a halted run's last step.
+fn halted_at(last_step: &Option<Map<String, Value>>) -> Option<String> {
+    let step = last_step.as_ref()?;
+    step.get("halt")?;
+    step.get("started_at")?.as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_expiry;
+    use serde_json::json;
+
+    #[test]
+    fn the_expiry_counts_from_the_halt_step_not_from_each_pause() {
+        let halt = json!({"started_at": "2026-01-01T00:00:00.000000Z",
+                          "halt": {"expires_after_ms": 60000}});
+        let step = halt.as_object().cloned();
+        // 2026-01-01T00:00:00Z is 1767225600000 ms since the epoch.
+        assert_eq!(request_expiry(&step), Some(1_767_225_600_000 + 60_000));
+        assert_eq!(
+            request_expiry(&step),
+            request_expiry(&step),
+            "the same at every pause"
+        );
+        let no_expiry = json!({"started_at": "2026-01-01T00:00:00Z", "halt": {}});
+        assert_eq!(request_expiry(&no_expiry.as_object().cloned()), None);
+    }
 }
 
 /// Why a run could not be started or resumed.
