@@ -597,6 +597,14 @@ fn halted_at(last_step: &Option<Map<String, Value>>) -> Option<String> {
     step.get("started_at")?.as_str().map(str::to_string)
 }
 
+/// Why a run could not be started or resumed.
+enum Start {
+    /// The stored run cannot be trusted or used: dead-letter with the reason.
+    Dead(String),
+    /// The store did not answer: retry later.
+    Store(String),
+}
+
 #[cfg(test)]
 mod tests {
     use super::request_expiry;
@@ -617,12 +625,4 @@ mod tests {
         let no_expiry = json!({"started_at": "2026-01-01T00:00:00Z", "halt": {}});
         assert_eq!(request_expiry(&no_expiry.as_object().cloned()), None);
     }
-}
-
-/// Why a run could not be started or resumed.
-enum Start {
-    /// The stored run cannot be trusted or used: dead-letter with the reason.
-    Dead(String),
-    /// The store did not answer: retry later.
-    Store(String),
 }
