@@ -460,3 +460,76 @@ value = "done"
     // Without the budget the expression runs for minutes (36 million comparisons).
     assert!(took < std::time::Duration::from_secs(30), "took {took:?}");
 }
+
+/// One job id waiting for a decision on two queues (two producers chose the same envelope id):
+/// `decide` without `--queue` names both and decides nothing; with `--queue` it decides that one.
+#[test]
+fn decide_asks_for_the_queue_when_a_job_id_waits_on_two() {
+    use lar_worker::queue::embedded::EmbeddedBackend;
+    use lar_worker::queue::{Backend, Finish, QueueNames};
+    let dir = TempDir::new().unwrap();
+    let graph = write(dir.path(), "g.toml", SIMPLE);
+    let config = write(
+        dir.path(),
+        "workers.toml",
+        &format!(
+            "[backend]\nkind = \"embedded\"\npath = \"q.db\"\n\
+             [[queues]]\nname = \"first\"\nresults = \"first:out\"\npayload = \"envelope\"\ngraph = {g:?}\n\
+             [[queues]]\nname = \"second\"\nresults = \"second:out\"\npayload = \"envelope\"\ngraph = {g:?}\n",
+            g = graph.display().to_string()
+        ),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
+            .unwrap()
+            .with_envelope_queues(["first".into(), "second".into()].into_iter().collect());
+        for name in ["first", "second"] {
+            let q = QueueNames {
+                jobs: name.into(),
+                results: format!("{name}:out"),
+            };
+            let job = br#"{"id":"same-id","input":{}}"#;
+            b.enqueue(&q, job).await.unwrap();
+            let c = b
+                .claim(
+                    &q,
+                    1,
+                    std::time::Duration::from_secs(30),
+                    std::time::Duration::ZERO,
+                )
+                .await
+                .unwrap()
+                .remove(0);
+            let pending = json!({"job_id": "same-id", "run_id": "r", "queue": name, "node": "jury",
+                "step": 1, "request": {"prompt": "ok?", "choices": ["approve"], "context": {},
+                "output": "d"}, "awaiting_since": "now", "payload": String::from_utf8_lossy(job)});
+            let pause = Finish::Pause {
+                result: b"{}".to_vec(),
+                pending: pending.to_string().into_bytes(),
+            };
+            b.finish(&q, &c, pause).await.unwrap();
+        }
+    });
+    let decide = |queue: Option<&str>| {
+        let mut cmd = bin();
+        cmd.env("HMAC_SECRET", SECRET)
+            .args([
+                "decide", "same-id", "--choice", "approve", "--by", "a@x", "--config",
+            ])
+            .arg(&config);
+        if let Some(q) = queue {
+            cmd.args(["--queue", q]);
+        }
+        run(&mut cmd)
+    };
+    let (code, _, err) = decide(None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("several queues (first, second)"), "{err}");
+    let (code, out, err) = decide(Some("second"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("decision 'approve' recorded for job same-id"),
+        "{out}"
+    );
+}

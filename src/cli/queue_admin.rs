@@ -428,17 +428,38 @@ pub fn decide(a: DecideArgs) -> u8 {
             step: None,
             signature: None,
         };
+        // Every queue the job waits on first: one id pending on two queues (two producers
+        // chose the same envelope id) must be named, not decided on whichever comes first.
+        let mut waiting = Vec::new();
         for q in &queues {
             if a.q.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
-            let result = match pending_of(backend.as_ref(), &q.names, &a.job_id).await {
-                Ok(None) => continue,
-                Ok(Some(p)) => {
-                    submit_for(backend.as_ref(), &q.names, &p, &decision, secret.as_ref()).await
+            match pending_of(backend.as_ref(), &q.names, &a.job_id).await {
+                Ok(None) => {}
+                Ok(Some(p)) => waiting.push((q, p)),
+                Err(Refusal::Store(e)) => {
+                    eprintln!("error: {e}");
+                    return exit::ERROR;
                 }
-                Err(e) => Err(e),
-            };
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return exit::USAGE;
+                }
+            }
+        }
+        if waiting.len() > 1 {
+            let names: Vec<&str> = waiting.iter().map(|(q, _)| q.names.jobs.as_str()).collect();
+            eprintln!(
+                "error: job {} waits for a decision on several queues ({}): name one with --queue",
+                a.job_id,
+                names.join(", ")
+            );
+            return exit::USAGE;
+        }
+        if let Some((q, p)) = waiting.pop() {
+            let result =
+                submit_for(backend.as_ref(), &q.names, &p, &decision, secret.as_ref()).await;
             return match result {
                 Ok(()) => {
                     println!(
