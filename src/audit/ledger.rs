@@ -62,7 +62,11 @@ pub fn ledger_document(records: &[Value], secret: Option<&Secret>) -> Value {
     Value::Object(doc)
 }
 
-/// Writes one decision's ledger file, `authority_<run_id>_<step>.json`, atomically.
+/// Writes one decision's ledger file, `authority_<run_id>_<step>.json`, atomically. The same
+/// decision written again (a retry after a crash) rewrites its file. A different decision for
+/// the same step (the first was never applied: its step could not be saved, and a human
+/// decided again after a redrive) goes to `authority_<run_id>_<step>_<n>.json`, so no
+/// recorded decision is ever overwritten; the run log shows which one was applied.
 pub fn write_ledger_record(
     dir: &Path,
     record: &AuthorityRecord,
@@ -72,6 +76,71 @@ pub fn write_ledger_record(
     let doc = ledger_document(&[record.to_value()], secret);
     let mut bytes = to_python_json_vec(&doc);
     bytes.push(b'\n');
-    let name = format!("authority_{}_{}.json", record.run_id, record.step);
+    let base = format!("authority_{}_{}", record.run_id, record.step);
+    let mut name = format!("{base}.json");
+    let mut n = 1;
+    while let Ok(existing) = std::fs::read(dir.join(&name)) {
+        if records_same_decision(&existing, record) {
+            break;
+        }
+        n += 1;
+        name = format!("{base}_{n}.json");
+    }
     write_atomic(dir, &name, &bytes, durable)
+}
+
+/// Whether a ledger file holds this very decision (who, what, why); an unreadable one does
+/// not, so it is never overwritten.
+fn records_same_decision(file: &[u8], record: &AuthorityRecord) -> bool {
+    let Ok(doc) = serde_json::from_slice::<Value>(file) else {
+        return false;
+    };
+    let Some(first) = doc.get("records").and_then(|r| r.get(0)) else {
+        return false;
+    };
+    let text = |k: &str| first.get(k).and_then(Value::as_str);
+    text("decision") == Some(record.decision.as_str())
+        && text("stakeholder_id") == Some(record.stakeholder_id.as_str())
+        && text("rationale") == Some(record.rationale.as_str())
+        && text("stakeholder_role") == record.stakeholder_role.as_deref()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(decision: &str) -> AuthorityRecord {
+        AuthorityRecord {
+            timestamp: "2026-01-01T00:00:00Z".into(),
+            action_description: "Approve payout?".into(),
+            stakeholder_id: "cfo@example.com".into(),
+            stakeholder_role: Some("CFO".into()),
+            decision: decision.into(),
+            rationale: "ok".into(),
+            risk_score_at_decision: Value::Null,
+            context_snapshot_keys: vec![],
+            job_id: "j".into(),
+            run_id: "r".into(),
+            step: 2,
+        }
+    }
+
+    #[test]
+    fn a_different_decision_for_the_same_step_never_overwrites_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = write_ledger_record(dir.path(), &record("approve"), None, false).unwrap();
+        let again = write_ledger_record(dir.path(), &record("approve"), None, false).unwrap();
+        assert_eq!(first, again, "the same decision rewrites its file");
+        let other = write_ledger_record(dir.path(), &record("reject"), None, false).unwrap();
+        assert_ne!(first, other);
+        assert!(
+            other.ends_with("authority_r_2_2.json"),
+            "{}",
+            other.display()
+        );
+        let kept = std::fs::read_to_string(&first).unwrap();
+        assert!(kept.contains("\"decision\":\"approve\""), "{kept}");
+        let third = write_ledger_record(dir.path(), &record("reject"), None, false).unwrap();
+        assert_eq!(third, other);
+    }
 }
