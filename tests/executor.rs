@@ -1110,3 +1110,51 @@ fn a_decision_signature_covers_every_field_and_the_job() {
         assert!(!altered.verify("job-1", &secret), "{altered:?}");
     }
 }
+
+/// A command tool's exit ends the call, not its pipes: a tool with chatty stderr, one that
+/// leaves a background child holding stdout, and one that floods stdout each get their true
+/// outcome at once instead of a timeout (they used to block on a full pipe or wait for an end
+/// of file that never came, until the step's timeout).
+#[tokio::test]
+async fn command_tools_end_with_the_tool_not_with_its_pipes() {
+    use lar_worker::tools::command::{run_command, CommandCall};
+    use lar_worker::tools::ToolContext;
+    let ctx = ToolContext {
+        job_id: "j".into(),
+        run_id: "r".into(),
+        step: 0,
+        scope: None,
+    };
+    let env = std::collections::BTreeMap::new();
+    let (env, ctx) = (&env, &ctx);
+    let call = |script: &'static str| async move {
+        let argv = vec!["sh".to_string(), "-c".to_string(), script.to_string()];
+        let started = Instant::now();
+        let out = run_command(
+            CommandCall {
+                tool: "t",
+                argv: &argv,
+                timeout: Duration::from_secs(20),
+                env,
+                cwd: None,
+            },
+            &serde_json::Map::new(),
+            ctx,
+        )
+        .await;
+        (out, started.elapsed())
+    };
+    let (chatty, took) =
+        call("head -c 6000000 /dev/zero | tr '\\0' x >&2; echo '{\"ok\":1}'").await;
+    assert_eq!(chatty.map_err(|e| e.0), Ok(json!({"ok": 1})));
+    assert!(took < Duration::from_secs(10), "{took:?}");
+
+    let (background, took) = call("(sleep 100 &); echo '{\"ok\":2}'").await;
+    assert_eq!(background.map_err(|e| e.0), Ok(json!({"ok": 2})));
+    assert!(took < Duration::from_secs(10), "{took:?}");
+
+    let (flood, took) = call("head -c 20000000 /dev/zero | tr '\\0' 1").await;
+    let err = flood.expect_err("too much stdout").0;
+    assert!(err.contains("wrote more than"), "{err}");
+    assert!(took < Duration::from_secs(10), "{took:?}");
+}

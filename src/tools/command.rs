@@ -8,12 +8,51 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 /// Stdout beyond this is refused (a runaway tool must not exhaust memory).
 const MAX_STDOUT: usize = 16 * 1024 * 1024;
-/// How much of stderr is kept for `last_error`.
+/// How much of stderr is kept for `last_error` (characters), and how many bytes of its end are
+/// kept while it is read to its end.
 const STDERR_TAIL: usize = 2000;
+const STDERR_KEEP: usize = 16 * 1024;
+/// How long the pipes are read after the tool exited and its group was killed.
+const DRAIN_GRACE: Duration = Duration::from_secs(1);
+
+/// Stdout went past [`MAX_STDOUT`].
+struct Overflow;
+
+/// Reads `r` to its end into `buf`; `true` (and stops) once `buf` holds more than `cap`.
+async fn read_capped(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>, cap: usize) -> bool {
+    let mut chunk = [0u8; 8192];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > cap {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// Reads `r` to its end, keeping only about its last `keep` bytes in `buf`.
+async fn read_tail(r: &mut (impl AsyncRead + Unpin), buf: &mut Vec<u8>, keep: usize) {
+    let mut chunk = [0u8; 8192];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() > 2 * keep {
+                    buf.drain(..buf.len() - keep);
+                }
+            }
+        }
+    }
+}
 /// Environment variables a tool must never see.
 const SCRUBBED_ENV: &[&str] = &["HMAC_SECRET", "LAR_WORKER_SECRET"];
 
@@ -62,7 +101,11 @@ pub async fn run_command(
     let mut stdin = child.stdin.take();
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
-    let io = async {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    // The tool's exit ends the call, not its pipes reaching their end: a child it left in the
+    // background may hold them open, and stderr is read to its end (keeping the tail) so a
+    // chatty tool never blocks on a full pipe.
+    let finished = {
         let write = async {
             if let Some(mut s) = stdin.take() {
                 // A tool that exits without reading its input is not an error by itself.
@@ -71,25 +114,59 @@ pub async fn run_command(
             }
         };
         let read_out = async {
-            let mut buf = Vec::new();
-            if let Some(s) = stdout.as_mut() {
-                let _ = s.take(MAX_STDOUT as u64 + 1).read_to_end(&mut buf).await;
+            match stdout.as_mut() {
+                Some(s) => read_capped(s, &mut out, MAX_STDOUT).await,
+                None => false,
             }
-            buf
         };
         let read_err = async {
-            let mut buf = Vec::new();
             if let Some(s) = stderr.as_mut() {
-                let _ = s.take(4 * 1024 * 1024).read_to_end(&mut buf).await;
+                read_tail(s, &mut err, STDERR_KEEP).await;
             }
-            buf
         };
-        let ((), out, err) = tokio::join!(write, read_out, read_err);
-        let status = child.wait().await;
-        (out, err, status)
+        tokio::pin!(write, read_out, read_err);
+        let run = async {
+            let (mut wrote, mut out_done, mut err_done) = (false, false, false);
+            let status = loop {
+                tokio::select! {
+                    status = child.wait() => break Ok(status),
+                    overflow = &mut read_out, if !out_done => {
+                        out_done = true;
+                        if overflow {
+                            break Err(Overflow);
+                        }
+                    }
+                    () = &mut read_err, if !err_done => err_done = true,
+                    () = &mut write, if !wrote => wrote = true,
+                }
+            };
+            if status.is_ok() {
+                // Children the tool left behind in its group go too; then what the pipes
+                // still hold is read, briefly (one that escaped the group cannot hold us).
+                kill_group(pid);
+                let _ = tokio::time::timeout(DRAIN_GRACE, async {
+                    if !out_done {
+                        (&mut read_out).await;
+                    }
+                    if !err_done {
+                        (&mut read_err).await;
+                    }
+                })
+                .await;
+            }
+            status
+        };
+        tokio::time::timeout(call.timeout, run).await
     };
-    let (out, err, status) = match tokio::time::timeout(call.timeout, io).await {
-        Ok(done) => done,
+    let status = match finished {
+        Ok(Ok(status)) => status,
+        Ok(Err(Overflow)) => {
+            kill_group(pid);
+            return Err(ToolFailure(format!(
+                "tool '{tool}': wrote more than {MAX_STDOUT} bytes to stdout (process group killed){}",
+                stderr_tail(&err)
+            )));
+        }
         Err(_) => {
             kill_group(pid);
             return Err(ToolFailure(format!(
@@ -98,8 +175,6 @@ pub async fn run_command(
             )));
         }
     };
-    // Children the tool left behind in its group go too.
-    kill_group(pid);
     let tail = stderr_tail(&err);
     let status = status.map_err(|e| ToolFailure(format!("tool '{tool}': wait failed: {e}")))?;
     if !status.success() {
