@@ -1158,3 +1158,45 @@ async fn command_tools_end_with_the_tool_not_with_its_pipes() {
     assert!(err.contains("wrote more than"), "{err}");
     assert!(took < Duration::from_secs(10), "{took:?}");
 }
+
+/// A failing command tool's stderr goes into `last_error`, the step record and the result:
+/// the value of every secret a loaded graph uses (here an `env:` header) is redacted from it,
+/// since a tool inherits the worker's environment.
+#[tokio::test]
+async fn a_failing_tool_cannot_put_a_graph_secret_into_the_evidence() {
+    use lar_worker::net::secret::HeaderSpec;
+    use lar_worker::tools::command::{run_command, CommandCall};
+    use lar_worker::tools::ToolContext;
+    let var = format!("LAR_TEST_TOOL_KEY_{}", std::process::id());
+    let value = "sk-test-0123456789abcdef";
+    std::env::set_var(&var, value);
+    HeaderSpec::parse("Authorization", &format!("env:{var}"), Path::new("/")).unwrap();
+    let ctx = ToolContext {
+        job_id: "j".into(),
+        run_id: "r".into(),
+        step: 0,
+        scope: None,
+    };
+    let argv = vec![
+        "sh".to_string(),
+        "-c".to_string(),
+        format!("echo \"key is ${var}\" >&2; exit 3"),
+    ];
+    let err = run_command(
+        CommandCall {
+            tool: "t",
+            argv: &argv,
+            timeout: Duration::from_secs(10),
+            env: &std::collections::BTreeMap::new(),
+            cwd: None,
+        },
+        &serde_json::Map::new(),
+        &ctx,
+    )
+    .await
+    .expect_err("the tool fails")
+    .0;
+    assert!(err.contains("exited with status 3"), "{err}");
+    assert!(err.contains("key is [redacted]"), "{err}");
+    assert!(!err.contains(value), "{err}");
+}

@@ -516,6 +516,9 @@ fn parse_provider(
             None
         }
     };
+    if let Some(key) = &api_key {
+        crate::net::secret::register_graph_secret(key);
+    }
     let headers = read_headers(&mut r, base_dir);
     let timeout_ms = r.opt_u64("timeout_ms");
     if timeout_ms == Some(0) {

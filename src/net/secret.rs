@@ -116,6 +116,9 @@ impl HeaderSpec {
                 HeaderValueSpec::Plain(value.to_string())
             }
         };
+        if let HeaderValueSpec::Secret(s) = &value {
+            register_graph_secret(s);
+        }
         Ok(HeaderSpec {
             name: name.to_string(),
             value,
@@ -165,6 +168,38 @@ pub fn secret_header_value(text: &str, source: &str) -> Result<HeaderValue, Secr
         .map_err(|_| SecretRefError::BadHeaderValue(source.to_string()))?;
     v.set_sensitive(true);
     Ok(v)
+}
+
+/// Where the loaded graphs keep their secrets (`api_key_env`, `env:`/`file:` header values),
+/// process-wide: a command tool inherits the worker's environment (trusted code, see the
+/// README), and what it prints on failure goes into `last_error`, the step record and the
+/// result, so those texts are redacted against every one of them ([`redact_graph_secrets`]).
+static GRAPH_SECRETS: std::sync::Mutex<Vec<SecretRef>> = std::sync::Mutex::new(Vec::new());
+
+/// Remembers a secret source a graph uses (called as graphs load).
+pub fn register_graph_secret(source: &SecretRef) {
+    let mut known = match GRAPH_SECRETS.lock() {
+        Ok(k) => k,
+        Err(p) => p.into_inner(),
+    };
+    if !known.contains(source) {
+        known.push(source.clone());
+    }
+}
+
+/// `text` with the current value of every registered graph secret replaced by `[redacted]`.
+pub fn redact_graph_secrets(text: &str) -> String {
+    let sources = match GRAPH_SECRETS.lock() {
+        Ok(k) => k.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    let mut redactor = Redactor::default();
+    for s in &sources {
+        if let Ok(value) = s.read() {
+            redactor.add(value.trim());
+        }
+    }
+    redactor.redact_str(text)
 }
 
 /// Replaces known secret values with `[redacted]` in text we keep (answers, error excerpts).

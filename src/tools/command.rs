@@ -196,8 +196,10 @@ pub async fn run_command(
     })
 }
 
+/// The end of what the tool wrote to stderr, for `last_error`, with every graph secret value
+/// redacted (a tool inherits the worker's environment, and a failing one may print it).
 fn stderr_tail(err: &[u8]) -> String {
-    let text = String::from_utf8_lossy(err);
+    let text = crate::net::secret::redact_graph_secrets(&String::from_utf8_lossy(err));
     let text = text.trim_end();
     if text.is_empty() {
         return String::new();
