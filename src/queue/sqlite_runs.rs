@@ -222,10 +222,19 @@ pub(super) fn forget_run(
         if !answered(tx, queue, job_id, &record)? {
             return Ok(());
         }
-        tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
-            .execute(params![queue, job_id])?;
+        delete_rows(tx, &["pending"], queue, job_id)?;
     }
-    for table in ["runs", "run_steps"] {
+    delete_rows(tx, &["runs", "run_steps"], queue, job_id)
+}
+
+/// Deletes the job's rows in each of `tables` (keyed by queue and job id).
+fn delete_rows(
+    tx: &rusqlite::Transaction<'_>,
+    tables: &[&str],
+    queue: &str,
+    job_id: &str,
+) -> Result<(), QueueError> {
+    for table in tables {
         tx.prepare_cached(&format!(
             "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
         ))?
@@ -234,19 +243,25 @@ pub(super) fn forget_run(
     Ok(())
 }
 
-/// Removes a job's `deciding` entry and its confirmed mark.
-fn delete_deciding(
+/// A job's `deciding` entry and its confirmed mark.
+const DECIDING_TABLES: &[&str] = &["deciding", "deciding_confirmed"];
+
+/// The pending record inside the job's `deciding` entry, if it has one.
+fn deciding_of(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     job_id: &str,
-) -> Result<(), QueueError> {
-    for table in ["deciding", "deciding_confirmed"] {
-        tx.prepare_cached(&format!(
-            "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
-        ))?
-        .execute(params![queue, job_id])?;
+) -> Result<Option<Vec<u8>>, QueueError> {
+    row_of(tx, "deciding", "pending", queue, job_id)
+}
+
+/// Whether a `deciding` entry's pending record answers the halt at `step` (any, when `None`;
+/// an entry without a readable step answers any).
+fn answers_halt(pending: &[u8], step: Option<u64>) -> bool {
+    match (step, step_of(pending)) {
+        (Some(want), Some(s)) => s == want,
+        _ => true,
     }
-    Ok(())
 }
 
 /// `column` of the job's row in `table` (keyed by queue and job id), if it has one.
@@ -287,17 +302,15 @@ fn answered(
 fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
     // A decision on its way to the broker needs the run as much as a pending one, unless
     // the journal shows it applied.
-    match row_of(tx, "deciding", "pending", queue, job_id)? {
+    match deciding_of(tx, queue, job_id)? {
         Some(p) if !answered(tx, queue, job_id, &p)? => {}
         Some(_) => {
-            delete_deciding(tx, queue, job_id)?;
+            delete_rows(tx, DECIDING_TABLES, queue, job_id)?;
             forget_run(tx, queue, job_id)?;
         }
         None => forget_run(tx, queue, job_id)?,
     }
-    tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
-        .execute(params![queue, job_id])?;
-    Ok(())
+    delete_rows(tx, &["epochs"], queue, job_id)
 }
 
 fn to_deciding(decision: String, pending: Vec<u8>, props: String) -> Deciding {
@@ -383,8 +396,7 @@ impl RunStore for SqliteRunStore {
             if !holds(&tx, &queue, &job_id, epoch)? {
                 return Ok(false);
             }
-            tx.prepare_cached("DELETE FROM epochs WHERE queue = ?1 AND job_id = ?2")?
-                .execute(params![queue, job_id])?;
+            delete_rows(&tx, &["epochs"], &queue, &job_id)?;
             tx.commit()?;
             Ok(true)
         })
@@ -406,17 +418,13 @@ impl RunStore for SqliteRunStore {
             if !holds(&tx, &queue, &job_id, epoch)? {
                 return Ok(Paused::Fenced);
             }
-            let deciding: Option<String> = tx
-                .prepare_cached("SELECT pending FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |r| r.get(0))
-                .optional()?;
-            if let Some(decided) = deciding {
-                if !carries_decision && !answered_earlier(decided.as_bytes(), &pending) {
+            if let Some(decided) = deciding_of(&tx, &queue, &job_id)? {
+                if !carries_decision && !answered_earlier(&decided, &pending) {
                     return Ok(Paused::AlreadyDecided);
                 }
                 // The decision on its way answered an earlier halt and was applied (this run
                 // moved past it), or this claim carried it and did not apply it.
-                delete_deciding(&tx, &queue, &job_id)?;
+                delete_rows(&tx, DECIDING_TABLES, &queue, &job_id)?;
             }
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO pending (queue, job_id, record, props, created_at)
@@ -474,10 +482,9 @@ impl RunStore for SqliteRunStore {
             let Some((pending, props)) = row.filter(|(record, _)| waits_at(record, step)) else {
                 return Ok(None);
             };
-            tx.prepare_cached("DELETE FROM pending WHERE queue = ?1 AND job_id = ?2")?
-                .execute(params![queue, job_id])?;
+            delete_rows(&tx, &["pending"], &queue, &job_id)?;
+            delete_rows(&tx, DECIDING_TABLES, &queue, &job_id)?;
             let entry = to_deciding(decision, pending, props);
-            delete_deciding(&tx, &queue, &job_id)?;
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO deciding (queue, job_id, decision, pending, props, at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -500,11 +507,8 @@ impl RunStore for SqliteRunStore {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let entry: Option<String> = tx
-                .prepare_cached("SELECT pending FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |r| r.get(0))
-                .optional()?;
-            if entry.is_some_and(|p| step_of(p.as_bytes()).is_none_or(|s| s == step)) {
+            let entry = deciding_of(&tx, &queue, &job_id)?;
+            if entry.is_some_and(|p| answers_halt(&p, Some(step))) {
                 tx.prepare_cached(
                     "INSERT OR IGNORE INTO deciding_confirmed (queue, job_id) VALUES (?1, ?2)",
                 )?
@@ -525,16 +529,9 @@ impl RunStore for SqliteRunStore {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let entry: Option<String> = tx
-                .prepare_cached("SELECT pending FROM deciding WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |r| r.get(0))
-                .optional()?;
-            let matches = |p: &String| match (step, step_of(p.as_bytes())) {
-                (Some(want), Some(s)) => s == want,
-                _ => true,
-            };
-            if entry.as_ref().is_some_and(matches) {
-                delete_deciding(&tx, &queue, &job_id)?;
+            let entry = deciding_of(&tx, &queue, &job_id)?;
+            if entry.is_some_and(|p| answers_halt(&p, step)) {
+                delete_rows(&tx, DECIDING_TABLES, &queue, &job_id)?;
             }
             tx.commit()?;
             Ok(())
@@ -564,27 +561,10 @@ impl RunStore for SqliteRunStore {
                 .collect::<Result<Vec<_>, _>>()?;
             let mut out = Vec::new();
             for (job_id, decision, pending, props, confirmed) in rows {
-                // The decision step's index is the step count at the pause.
-                let step = serde_json::from_str::<serde_json::Value>(&pending)
-                    .ok()
-                    .and_then(|p| p.get("step").and_then(serde_json::Value::as_i64));
-                let run_exists: bool = tx
-                    .prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?
-                    .query_row(params![queue, job_id], |_| Ok(true))
-                    .optional()?
-                    .unwrap_or(false);
-                let applied: bool = match step {
-                    Some(idx) => tx
-                        .prepare_cached(
-                            "SELECT 1 FROM run_steps WHERE queue = ?1 AND job_id = ?2 AND idx = ?3",
-                        )?
-                        .query_row(params![queue, job_id, idx], |_| Ok(true))
-                        .optional()?
-                        .unwrap_or(false),
-                    None => false,
-                };
+                let run_exists = row_of(&tx, "runs", "checkpoint", &queue, &job_id)?.is_some();
+                let applied = answered(&tx, &queue, &job_id, pending.as_bytes())?;
                 if !run_exists || applied {
-                    delete_deciding(&tx, &queue, &job_id)?;
+                    delete_rows(&tx, DECIDING_TABLES, &queue, &job_id)?;
                 } else if confirmed {
                     // The broker holds its message: it waits to be applied, not sent again.
                 } else {
