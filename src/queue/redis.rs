@@ -15,7 +15,9 @@
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 
 use super::redis_batch::BatchedScript;
-use super::redis_runs::{epoch_seq_key, epochs_key, run_key, RedisRunStore, NEXT_EPOCH_FN};
+use super::redis_runs::{
+    epoch_seq_key, epochs_key, run_key, RedisRunStore, NEXT_EPOCH_FN, STEP_FNS,
+};
 use super::run_store::RunStore;
 use super::wrapper::{unwrap_bytes, Wrapped};
 use super::*;
@@ -158,8 +160,7 @@ local function forget_run()
   elseif redis.call('HEXISTS', K[12], A[1]) == 1 then return end
   local p = redis.call('HGET', K[11], A[1])
   if p then
-    local ok, rec = pcall(cjson.decode, p)
-    local s = ok and type(rec) == 'table' and tonumber(rec.step)
+    local s = step_of(p)
     if not (s and redis.call('HEXISTS', K[10], string.format('%d', s)) == 1) then return end
     redis.call('HDEL', K[11], A[1])
   end
@@ -194,8 +195,7 @@ elseif mode == 'release' then
 elseif mode == 'pause' then
   local d = tonumber(redis.call('HGET', K[12], A[1]))
   if d then
-    local ok, rec = pcall(cjson.decode, A[5])
-    local s = ok and type(rec) == 'table' and tonumber(rec.step)
+    local s = step_of(A[5])
     -- A copy of the job pausing again at a halt whose decision is on its way: nothing to
     -- ask, the decision's message resumes the run. (The decision's own claim pausing there
     -- did not apply it, an unsigned one say: its pause stands.)
@@ -292,8 +292,7 @@ return 1
 const SUBMIT_DECISION: &str = r#"
 local p = redis.call('HGET', KEYS[1], ARGV[1])
 if not p then return 0 end
-local ok, rec = pcall(cjson.decode, p)
-local step = ok and type(rec) == 'table' and tonumber(rec.step)
+local step = step_of(p)
 if ARGV[3] ~= '' and step ~= tonumber(ARGV[3]) then return 0 end
 if step then redis.call('HSET', KEYS[3], ARGV[1], string.format('%d', step)) end
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -400,9 +399,9 @@ impl RedisBackend {
                 claim: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
                 adopt: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{ADOPT}")),
                 extend: Script::new(EXTEND),
-                finish: BatchedScript::start("finish", FINISH, 12, 6, conn.clone()),
+                finish: BatchedScript::start("finish", STEP_FNS, FINISH, 12, 6, conn.clone()),
                 recover: Script::new(RECOVER),
-                submit_decision: Script::new(SUBMIT_DECISION),
+                submit_decision: Script::new(&format!("{STEP_FNS}{SUBMIT_DECISION}")),
                 redrive: Script::new(REDRIVE),
             },
         })

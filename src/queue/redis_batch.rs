@@ -37,15 +37,17 @@ pub(super) struct BatchedScript {
 
 impl BatchedScript {
     /// `keys` and `args`: how many of each one job's call has (checked on every call).
+    /// `prelude`: Lua functions the body calls, defined once per script call.
     pub fn start(
         name: &'static str,
+        prelude: &str,
         body: &str,
         keys: usize,
         args: usize,
         conn: ConnectionManager,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let script = Script::new(&wrap(body));
+        let script = Script::new(&format!("{prelude}{}", wrap(body)));
         tokio::spawn(run(script, (keys, args), conn, rx));
         BatchedScript { tx, name }
     }

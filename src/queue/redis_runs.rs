@@ -74,8 +74,9 @@ redis.call('HDEL', KEYS[1], ARGV[1])
 return 1
 "#;
 
-/// The step of a stored pending record (JSON), or of the one inside a `deciding` entry.
-const STEP_FNS: &str = r#"
+/// The step of a stored pending record (JSON), or of the one inside a `deciding` entry; shared
+/// with the redis backend's scripts.
+pub(super) const STEP_FNS: &str = r#"
 local function step_of(record)
   local ok, p = pcall(cjson.decode, record)
   if ok and type(p) == 'table' then return tonumber(p.step) end
@@ -146,10 +147,7 @@ return 1
 const DECIDE: &str = r#"
 local p = redis.call('HGET', KEYS[1], ARGV[1])
 if not p then return false end
-if ARGV[4] ~= '' then
-  local ok, rec = pcall(cjson.decode, p)
-  if not ok or type(rec) ~= 'table' or tonumber(rec.step) ~= tonumber(ARGV[4]) then return false end
-end
+if ARGV[4] ~= '' and step_of(p) ~= tonumber(ARGV[4]) then return false end
 local entry = cjson.encode({at = tonumber(ARGV[3]), decision = ARGV[2], pending = p,
   props = redis.call('HGET', KEYS[3], 'amqp') or '{}'})
 redis.call('HDEL', KEYS[1], ARGV[1])
@@ -169,8 +167,7 @@ for i = 1, #all, 2 do
   local ok, e = pcall(cjson.decode, raw)
   if ok and type(e) == 'table' and tonumber(e.at) and tonumber(e.at) + tonumber(ARGV[2]) < now then
     local run = ARGV[3] .. id
-    local okp, p = pcall(cjson.decode, e.pending)
-    local step = okp and type(p) == 'table' and tonumber(p.step)
+    local step = type(e.pending) == 'string' and step_of(e.pending)
     if redis.call('EXISTS', run) == 0 or (step and redis.call('HEXISTS', run, string.format('%d', step)) == 1) then
       redis.call('HDEL', KEYS[1], id)
     elseif e.confirmed then
@@ -230,15 +227,15 @@ impl RedisRunStore {
     /// Must be called inside the tokio runtime (the step writer is a task).
     pub fn new(conn: ConnectionManager) -> Self {
         RedisRunStore {
-            save_step: BatchedScript::start("step", SAVE_STEP, 2, 6, conn.clone()),
+            save_step: BatchedScript::start("step", "", SAVE_STEP, 2, 6, conn.clone()),
             next_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{NEXT_EPOCH}")),
             end_run: Script::new(&format!("{STEP_FNS}{END_RUN}")),
             release: Script::new(RELEASE),
             pause: Script::new(&format!("{STEP_FNS}{PAUSE}")),
             decided: Script::new(&format!("{STEP_FNS}{DECIDED}")),
             drop_decision: Script::new(&format!("{STEP_FNS}{DROP_DECISION}")),
-            decide: Script::new(DECIDE),
-            stale_decisions: Script::new(STALE_DECISIONS),
+            decide: Script::new(&format!("{STEP_FNS}{DECIDE}")),
+            stale_decisions: Script::new(&format!("{STEP_FNS}{STALE_DECISIONS}")),
             conn,
         }
     }
