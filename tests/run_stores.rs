@@ -9,6 +9,8 @@ use lar_worker::queue::run_store::{open, Paused, RunStore};
 use lar_worker::queue::{Claim, ClaimHandle, Fenced, QueueNames, StepWrite};
 use std::time::Duration;
 
+const REDIS: &str = "redis://127.0.0.1:6379/0";
+
 fn names() -> QueueNames {
     let id = uuid::Uuid::new_v4().simple().to_string();
     QueueNames {
@@ -212,6 +214,15 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
     q
 }
 
+/// A job claimed, its step 0 saved, paused at step 1 (the halt a decision answers).
+async fn paused_at_step_1(store: &dyn RunStore, q: &QueueNames, job: &str) {
+    let first = claim(job, store.next_epoch(q, job).await.unwrap());
+    let saved = store.save_step(q, &first, step(0, b"r0", b"c0")).await;
+    assert_eq!(saved.unwrap(), Fenced::Done);
+    let paused = store.pause(q, &first, &pending(job, 1), "{}", false).await;
+    assert_eq!(paused.unwrap(), Paused::Stored);
+}
+
 /// A decision's `deciding` entry waits for the broker's confirm of its resume message; the
 /// resumed run can be faster and halt at a later jury first. That later pause must stand (the
 /// entry answered an earlier halt, so it was applied), and the late confirm must not remove
@@ -219,21 +230,7 @@ async fn contract(store: &dyn RunStore) -> QueueNames {
 async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let job = "job-2";
-    let first = claim(job, store.next_epoch(&q, job).await.unwrap());
-    assert_eq!(
-        store
-            .save_step(&q, &first, step(0, b"r0", b"c0"))
-            .await
-            .unwrap(),
-        Fenced::Done
-    );
-    assert_eq!(
-        store
-            .pause(&q, &first, &pending(job, 1), "{}", false)
-            .await
-            .unwrap(),
-        Paused::Stored
-    );
+    paused_at_step_1(store, &q, job).await;
     let d = r#"{"choice":"approve"}"#;
     assert!(store.decide(&q, job, Some(1), d).await.unwrap().is_some());
     // The resume message is delivered before the confirm reaches the submitter.
@@ -281,21 +278,7 @@ async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> Que
 async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let job = "job-3";
-    let first = claim(job, store.next_epoch(&q, job).await.unwrap());
-    assert_eq!(
-        store
-            .save_step(&q, &first, step(0, b"r0", b"c0"))
-            .await
-            .unwrap(),
-        Fenced::Done
-    );
-    assert_eq!(
-        store
-            .pause(&q, &first, &pending(job, 1), "{}", false)
-            .await
-            .unwrap(),
-        Paused::Stored
-    );
+    paused_at_step_1(store, &q, job).await;
     assert!(store
         .decide(&q, job, Some(1), "{}")
         .await
@@ -371,40 +354,12 @@ async fn release_keeps_the_run(store: &dyn RunStore) -> QueueNames {
     q
 }
 
-#[tokio::test]
-async fn redis_store_release_keeps_the_run() {
-    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
-    let q = release_keeps_the_run(store.as_ref()).await;
-    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
-}
-
-#[tokio::test]
-async fn sqlite_store_release_keeps_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
-        .await
-        .unwrap();
-    release_keeps_the_run(store.as_ref()).await;
-}
-
 /// The decision's own claim pausing at its halt did not apply it (an unsigned one, say): its
 /// pause stands. A decision whose message ends without applying it is dropped.
 async fn an_unapplied_decision_neither_blocks_nor_lingers(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let job = "job-5";
-    let first = claim(job, store.next_epoch(&q, job).await.unwrap());
-    assert_eq!(
-        store
-            .save_step(&q, &first, step(0, b"r0", b"c0"))
-            .await
-            .unwrap(),
-        Fenced::Done
-    );
-    let paused = store
-        .pause(&q, &first, &pending(job, 1), "{}", false)
-        .await
-        .unwrap();
-    assert_eq!(paused, Paused::Stored);
+    paused_at_step_1(store, &q, job).await;
     assert!(store
         .decide(&q, job, Some(1), "{}")
         .await
@@ -446,69 +401,37 @@ async fn an_unapplied_decision_neither_blocks_nor_lingers(store: &dyn RunStore) 
     q
 }
 
-#[tokio::test]
-async fn redis_store_unapplied_decisions() {
-    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
-    let q = an_unapplied_decision_neither_blocks_nor_lingers(store.as_ref()).await;
-    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
+/// Runs each scenario against both stores: the real Redis and a SQLite file in a temp dir.
+macro_rules! on_both_stores {
+    ($($scenario:ident),* $(,)?) => {$(
+        mod $scenario {
+            use lar_worker::queue::run_store::open;
+
+            #[tokio::test]
+            async fn redis() {
+                let store = open(super::REDIS).await.unwrap();
+                let q = super::$scenario(store.as_ref()).await;
+                super::common::delete_redis_keys(super::REDIS, &q.jobs).await;
+            }
+
+            #[tokio::test]
+            async fn sqlite() {
+                let dir = tempfile::tempdir().unwrap();
+                let spec = format!("sqlite:{}", dir.path().join("runs.db").display());
+                let store = open(&spec).await.unwrap();
+                super::$scenario(store.as_ref()).await;
+            }
+        }
+    )*};
 }
 
-#[tokio::test]
-async fn sqlite_store_unapplied_decisions() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
-        .await
-        .unwrap();
-    an_unapplied_decision_neither_blocks_nor_lingers(store.as_ref()).await;
-}
-
-#[tokio::test]
-async fn redis_store_drops_a_stale_pause() {
-    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
-    let q = a_stale_pause_goes_with_the_run(store.as_ref()).await;
-    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
-}
-
-#[tokio::test]
-async fn sqlite_store_drops_a_stale_pause() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
-        .await
-        .unwrap();
-    a_stale_pause_goes_with_the_run(store.as_ref()).await;
-}
-
-#[tokio::test]
-async fn redis_store_keeps_a_later_pause() {
-    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
-    let q = a_later_pause_outlives_an_applied_decision(store.as_ref()).await;
-    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
-}
-
-#[tokio::test]
-async fn sqlite_store_keeps_a_later_pause() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
-        .await
-        .unwrap();
-    a_later_pause_outlives_an_applied_decision(store.as_ref()).await;
-}
-
-#[tokio::test]
-async fn redis_store_meets_the_contract() {
-    let store = open("redis://127.0.0.1:6379/0").await.unwrap();
-    let q = contract(store.as_ref()).await;
-    common::delete_redis_keys("redis://127.0.0.1:6379/0", &q.jobs).await;
-}
-
-#[tokio::test]
-async fn sqlite_store_meets_the_contract() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(&format!("sqlite:{}", dir.path().join("runs.db").display()))
-        .await
-        .unwrap();
-    contract(store.as_ref()).await;
-}
+on_both_stores!(
+    contract,
+    a_later_pause_outlives_an_applied_decision,
+    a_stale_pause_goes_with_the_run,
+    release_keeps_the_run,
+    an_unapplied_decision_neither_blocks_nor_lingers,
+);
 
 #[tokio::test]
 async fn an_unknown_store_is_refused_without_its_password() {
