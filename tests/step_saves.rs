@@ -212,15 +212,6 @@ async fn cleanup_redis(q: &QueueNames) {
     common::delete_redis_keys(REDIS, &q.jobs).await;
 }
 
-#[tokio::test]
-async fn redis_save_step_contract() {
-    let q = names();
-    let b = redis().await;
-    save_step_contract(&b, &q).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_concurrent_saves_are_answered_one_by_one() {
     let q = names();
@@ -228,13 +219,6 @@ async fn redis_concurrent_saves_are_answered_one_by_one() {
     concurrent_saves(Arc::clone(&b), &q).await;
     b.deregister(&q).await.unwrap();
     cleanup_redis(&q).await;
-}
-
-#[tokio::test]
-async fn embedded_save_step_contract() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
-    save_step_contract(&b, &names()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,22 +303,6 @@ async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Backend, q: &QueueNames) {
         2,
         "awaiting + final"
     );
-}
-
-#[tokio::test]
-async fn redis_zombie_stays_fenced_across_a_pause() {
-    let q = names();
-    let b = redis().await;
-    a_zombie_stays_fenced_across_a_pause(&b, &q).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
-}
-
-#[tokio::test]
-async fn embedded_zombie_stays_fenced_across_a_pause() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
-    a_zombie_stays_fenced_across_a_pause(&b, &names()).await;
 }
 
 /// A holder cut off past its lease (a zombie), then two more claims of the same job id (the
@@ -541,28 +509,6 @@ async fn a_copy_of_a_paused_job_leaves_its_run(b: &dyn Backend, q: &QueueNames) 
     );
 }
 
-#[tokio::test]
-async fn redis_a_copy_of_a_paused_job_leaves_its_run() {
-    let q = names();
-    let worker = format!("test-paused-{}", uuid::Uuid::new_v4().simple());
-    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
-        .await
-        .unwrap();
-    a_copy_of_a_paused_job_leaves_its_run(&b, &q).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
-}
-
-#[tokio::test]
-async fn embedded_a_copy_of_a_paused_job_leaves_its_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = names();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
-        .unwrap()
-        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
-    a_copy_of_a_paused_job_leaves_its_run(&b, &q).await;
-}
-
 /// A job dead-lettered because infrastructure gave out (its attempts spent on a failing store
 /// or audit disk, `keep_run`) keeps its checkpoint and journal: a redrive resumes after its
 /// last finished step instead of running the finished ones again. Its normal end forgets them.
@@ -602,50 +548,6 @@ async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
     };
     assert_eq!(b.finish(q, &again, publish).await.unwrap(), Fenced::Done);
     assert!(b.load_run(q, &id).await.unwrap().is_none());
-}
-
-#[tokio::test]
-async fn redis_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
-    let q = names();
-    let worker = format!("test-stuck-{}", uuid::Uuid::new_v4().simple());
-    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
-        .await
-        .unwrap();
-    let envelope = br#"{"id":"stuck","input":{}}"#;
-    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q, envelope).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
-}
-
-/// The same on a `state` queue, where the id is given at the first claim: the redrive keeps it.
-#[tokio::test]
-async fn redis_a_redriven_state_job_keeps_its_id_and_run() {
-    let q = names();
-    let worker = format!("test-stuck-{}", uuid::Uuid::new_v4().simple());
-    let b = RedisBackend::connect(REDIS, worker, Vec::new())
-        .await
-        .unwrap();
-    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q, br#"{"x":1}"#).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
-}
-
-#[tokio::test]
-async fn embedded_a_dead_letter_after_infrastructure_failures_keeps_its_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = names();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
-        .unwrap()
-        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
-    let envelope = br#"{"id":"stuck","input":{}}"#;
-    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &q, envelope).await;
-}
-
-#[tokio::test]
-async fn embedded_a_redriven_state_job_keeps_its_id_and_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
-    a_dead_letter_after_infrastructure_failures_keeps_its_run(&b, &names(), br#"{"x":1}"#).await;
 }
 
 /// A decision is validated against the pending record read first (the halt at step 1 here).
@@ -696,22 +598,6 @@ async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &Queue
         dead_letter: None,
     };
     assert_eq!(b.finish(q, &resumed, done).await.unwrap(), Fenced::Done);
-}
-
-#[tokio::test]
-async fn redis_a_decision_for_an_earlier_halt_takes_nothing() {
-    let q = names();
-    let b = redis().await;
-    a_decision_for_an_earlier_halt_takes_nothing(&b, &q).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
-}
-
-#[tokio::test]
-async fn embedded_a_decision_for_an_earlier_halt_takes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap();
-    a_decision_for_an_earlier_halt_takes_nothing(&b, &names()).await;
 }
 
 /// A producer re-sends a paused job's id; while that copy runs (and pauses again at the same
@@ -794,24 +680,70 @@ async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueN
     assert!(b.load_run(q, "copied-job").await.unwrap().is_none());
 }
 
-#[tokio::test]
-async fn redis_a_stale_pause_from_a_copy_goes_with_the_run() {
-    let q = names();
-    let worker = format!("test-stale-{}", uuid::Uuid::new_v4().simple());
-    let b = RedisBackend::connect(REDIS, worker, vec![q.jobs.clone()])
-        .await
-        .unwrap();
-    a_stale_pause_from_a_copy_goes_with_the_run(&b, &q).await;
-    b.deregister(&q).await.unwrap();
-    cleanup_redis(&q).await;
+/// The same dead letter on an envelope queue, where the job names its id.
+async fn a_dead_letter_keeps_its_run_on_an_envelope_queue(b: &dyn Backend, q: &QueueNames) {
+    let envelope = br#"{"id":"stuck","input":{}}"#;
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(b, q, envelope).await;
 }
 
-#[tokio::test]
-async fn embedded_a_stale_pause_from_a_copy_goes_with_the_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let q = names();
-    let b = EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into())
-        .unwrap()
-        .with_envelope_queues([q.jobs.clone()].into_iter().collect());
-    a_stale_pause_from_a_copy_goes_with_the_run(&b, &q).await;
+/// The same on a `state` queue, where the id is given at the first claim: the redrive keeps it.
+async fn a_redriven_state_job_keeps_its_id_and_run(b: &dyn Backend, q: &QueueNames) {
+    a_dead_letter_after_infrastructure_failures_keeps_its_run(b, q, br#"{"x":1}"#).await;
 }
+
+/// A Redis backend for `q` (its messages envelopes or not), under a worker id of its own.
+async fn redis_for(q: &QueueNames, envelope: bool) -> RedisBackend {
+    let worker = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let envelopes = if envelope {
+        vec![q.jobs.clone()]
+    } else {
+        Vec::new()
+    };
+    RedisBackend::connect(REDIS, worker, envelopes)
+        .await
+        .expect("Redis on 127.0.0.1:6379")
+}
+
+/// An embedded backend for `q` in a file under `dir`.
+fn embedded_for(dir: &std::path::Path, q: &QueueNames, envelope: bool) -> EmbeddedBackend {
+    let b = EmbeddedBackend::open(&dir.join("q.db"), "w1".into()).unwrap();
+    if envelope {
+        b.with_envelope_queues([q.jobs.clone()].into_iter().collect())
+    } else {
+        b
+    }
+}
+
+/// Runs each scenario against the real Redis and an embedded file.
+macro_rules! on_both_backends {
+    ($($scenario:ident: envelope = $envelope:expr),* $(,)?) => {$(
+        mod $scenario {
+            #[tokio::test]
+            async fn redis() {
+                let q = super::names();
+                let b = super::redis_for(&q, $envelope).await;
+                super::$scenario(&b, &q).await;
+                lar_worker::queue::Backend::deregister(&b, &q).await.unwrap();
+                super::cleanup_redis(&q).await;
+            }
+
+            #[tokio::test]
+            async fn embedded() {
+                let dir = tempfile::tempdir().unwrap();
+                let q = super::names();
+                let b = super::embedded_for(dir.path(), &q, $envelope);
+                super::$scenario(&b, &q).await;
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    save_step_contract: envelope = false,
+    a_zombie_stays_fenced_across_a_pause: envelope = false,
+    a_copy_of_a_paused_job_leaves_its_run: envelope = true,
+    a_dead_letter_keeps_its_run_on_an_envelope_queue: envelope = true,
+    a_redriven_state_job_keeps_its_id_and_run: envelope = false,
+    a_decision_for_an_earlier_halt_takes_nothing: envelope = false,
+    a_stale_pause_from_a_copy_goes_with_the_run: envelope = true,
+);
