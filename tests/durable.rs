@@ -1343,35 +1343,22 @@ fn a_dead_workers_decision_messages_come_back() {
     assert_eq!(results[0]["state"]["paid"], true);
 }
 
-const FAILS_AFTER_JURY: &str = r#"
-name = "loan-fail"
-entry = "score"
-[[nodes]]
-id = "score"
-type = "set"
-key = "risk"
-value = 0.82
-next = "jury"
-[[nodes]]
-id = "jury"
-type = "human_jury"
-prompt = "Approve payout?"
-choices = ["approve", "reject"]
-context = ["amount", "risk"]
-next = "boom"
-[[nodes]]
-id = "boom"
-type = "set"
-key = "last_error"
-value = "payout service refused"
-"#;
+/// [`LOAN`] up to its jury, whose approval then fails the run (`last_error` set).
+fn fails_after_jury() -> String {
+    let head = LOAN
+        .split("[[nodes]]\nid = \"route\"")
+        .next()
+        .unwrap_or(LOAN)
+        .replace("next = \"route\"", "next = \"boom\"");
+    format!("{head}[[nodes]]\nid = \"boom\"\ntype = \"set\"\nkey = \"last_error\"\nvalue = \"payout service refused\"\n")
+}
 
 /// A run that fails after its decision is retried from its first step (`retry_failed_runs`),
 /// so the retry asks its human again: it must not carry the decision, which would answer a
 /// run that is gone (it was dead-lettered as "a decision arrived for a job with no
 /// checkpoint", and the producer never saw a final result).
 fn a_run_failing_after_its_decision_is_retried_and_asks_again(kind: Kind) {
-    let mut env = Env::new(kind, FAILS_AFTER_JURY, "envelope", 5000, &[]);
+    let mut env = Env::new(kind, &fails_after_jury(), "envelope", 5000, &[]);
     env.push(r#"{"id":"loan-rf","input":{"amount":5000}}"#);
     let w = env.worker();
     let job = pending_job_id(&mut env);
