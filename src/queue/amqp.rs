@@ -1844,7 +1844,10 @@ impl Backend for AmqpBackend {
         };
         let keeps_run = matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
         // The decision this claim carried is no longer on its way once its message ends
-        // without applying it (see `RunStore::drop_decision`).
+        // without applying it (see `RunStore::drop_decision`). Its entry goes before the ack,
+        // and a store that fails fails the finish: an entry left behind would take a later
+        // redrive of the job, pausing at that halt, for a copy, and ack it with nothing kept.
+        // Dropped too early costs nothing: a redelivered decision applies without its entry.
         let drops_decision = claim.decision.is_some()
             && matches!(
                 &how,
@@ -1854,6 +1857,10 @@ impl Backend for AmqpBackend {
                         ..
                     }
             );
+        if let (true, Some(runs), true) = (drops_decision, &s.runs, s.is_live(&h)) {
+            let step = claim.decision.as_ref().and_then(|d| d.step);
+            runs.drop_decision(q, &claim.job_id, step).await?;
+        }
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
@@ -1882,12 +1889,6 @@ impl Backend for AmqpBackend {
             // After the ack: a crash in between leaves an orphan run hash, never a lost job.
             if let Err(e) = runs.end_run(q, claim).await {
                 warn!(job_id = %claim.job_id, error = %e, "cannot remove the finished run's checkpoint");
-            }
-        }
-        if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, drops_decision) {
-            let step = claim.decision.as_ref().and_then(|d| d.step);
-            if let Err(e) = runs.drop_decision(q, &claim.job_id, step).await {
-                warn!(job_id = %claim.job_id, error = %e, "cannot drop the ended decision's entry");
             }
         }
         if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, keeps_run) {
