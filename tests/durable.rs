@@ -862,6 +862,10 @@ mod amqp_sqlite_store {
             super::Kind::AmqpSqlite,
         )
     }
+    #[test]
+    fn paused_jobs_decided_while_replicas_die() {
+        super::paused_jobs_decided_while_replicas_die(super::Kind::AmqpSqlite)
+    }
 }
 
 /// Every scenario but the frozen worker (AMQP has no lease to expire: a frozen consumer keeps
@@ -919,6 +923,10 @@ mod amqp_backend {
     #[test]
     fn replicas_killed_at_random_lose_no_job_and_replay_no_completed_step() {
         super::replicas_killed_at_random_lose_no_job_and_replay_no_completed_step(super::Kind::Amqp)
+    }
+    #[test]
+    fn paused_jobs_decided_while_replicas_die() {
+        super::paused_jobs_decided_while_replicas_die(super::Kind::Amqp)
     }
 }
 
@@ -1308,13 +1316,15 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
     );
 }
 
-/// The replica scenario's tool: notes that its step started (the idempotency key, `job:step`)
+/// The replica scenarios' tool: notes that its step started (the idempotency key, `job:step`)
 /// before it works, so a step cut off by a kill and run again shows as a second line.
 const NOTING_TOOL: &str = "#!/bin/sh\ncat > /dev/null\necho \"$LAR_IDEMPOTENCY_KEY\" >> \"$SIDE_FILE\"\nsleep 0.04\necho '{\"ok\":true}'\n";
+const NOTING_TOOL_DEF: &str = "[tools.note]\ncommand = [\"sh\", \"$DIR/note.sh\"]\ntimeout_ms = 10000\nenv = { SIDE_FILE = \"$DIR/side.txt\" }\n";
 
 const CHAOS_STEPS: usize = 8;
 const CHAOS_JOBS: usize = 40;
-const CHAOS_REPLICAS: usize = 3;
+/// Env's worker config: the most steps one kill can cut off.
+const CHAOS_CONCURRENCY: usize = 4;
 
 fn chaos_graph() -> String {
     let mut g = String::from("name = \"chaos\"\nentry = \"s0\"\n");
@@ -1328,24 +1338,187 @@ fn chaos_graph() -> String {
             }
         ));
     }
-    g.push_str("[tools.note]\ncommand = [\"sh\", \"$DIR/note.sh\"]\ntimeout_ms = 10000\nenv = { SIDE_FILE = \"$DIR/side.txt\" }\n");
-    g
+    g + NOTING_TOOL_DEF
 }
 
-/// Several replicas of one queue, killed (`kill -9`, now and then a SIGTERM) and restarted at
-/// random while they work through a backlog of multi-step jobs: every job ends with exactly one
-/// result, nothing is dead-lettered, each log holds every step once and verifies, no run is
-/// left behind, and a step runs a second time only where a kill cut it off (at most one per
-/// job a killed replica held, so at most `concurrency` per kill; a SIGTERM cuts off nothing).
-/// The seed is printed; `CHAOS_SEED=n` replays a schedule.
+/// Three replicas of one queue that a seeded schedule kills (`kill -9`, now and then a
+/// SIGTERM) and restarts. The seed is printed; `CHAOS_SEED=n` replays a schedule.
+struct Replicas {
+    live: Vec<Child>,
+    started: usize,
+    kills: usize,
+    terms: usize,
+    seed: u64,
+    rng: rand::rngs::StdRng,
+}
+
+impl Replicas {
+    fn start(env: &Env) -> Replicas {
+        use rand::SeedableRng;
+        let seed = std::env::var("CHAOS_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(rand::random::<u64>);
+        let mut r = Replicas {
+            live: Vec::new(),
+            started: 0,
+            kills: 0,
+            terms: 0,
+            seed,
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+        };
+        for _ in 0..3 {
+            let child = r.spawn(env);
+            r.live.push(child);
+        }
+        r
+    }
+
+    fn spawn(&mut self, env: &Env) -> Child {
+        self.started += 1;
+        let log = env.dir.path().join(format!("replica-{}.log", self.started));
+        Command::new(BIN)
+            .args(["run", "--config"])
+            .arg(&env.config)
+            .env("HMAC_SECRET", SECRET)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits a random while, then kills or stops one replica at random and starts another.
+    fn strike(&mut self, env: &Env) {
+        use rand::Rng;
+        std::thread::sleep(Duration::from_millis(self.rng.random_range(150..450)));
+        let victim = self.rng.random_range(0..self.live.len());
+        let fresh = self.spawn(env);
+        let old = std::mem::replace(&mut self.live[victim], fresh);
+        if self.rng.random_bool(0.25) {
+            self.terms += 1;
+            stop(old);
+        } else {
+            self.kills += 1;
+            kill9(old);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for r in self.live.drain(..) {
+            stop(r);
+        }
+    }
+
+    fn context(&self) -> String {
+        format!(
+            "seed {}, {} kills, {} stops",
+            self.seed, self.kills, self.terms
+        )
+    }
+
+    /// Every replica's stderr, for a failure's message.
+    fn logs(&self, env: &Env) -> String {
+        (1..=self.started)
+            .map(|n| {
+                let file = env.dir.path().join(format!("replica-{n}.log"));
+                let text = std::fs::read_to_string(file).unwrap_or_default();
+                format!("--- replica {n}\n{text}")
+            })
+            .collect()
+    }
+
+    /// The results with `status`, one per job id, after checking how often each repeats. A
+    /// broker has no atomic "publish and ack": a replica killed after the broker confirmed a
+    /// result and before its done marker and ack leaves the delivery to come back and publish
+    /// the same result again (README, "one result per job"). So on AMQP a result may repeat,
+    /// byte for byte, at most once for each job a killed replica held; on Redis and the
+    /// embedded file the finish is atomic and nothing repeats.
+    fn one_per_job<'a>(
+        &self,
+        env: &Env,
+        results: &'a [Value],
+        status: &str,
+    ) -> std::collections::BTreeMap<String, &'a Value> {
+        let mut by_job: std::collections::BTreeMap<String, Vec<&Value>> = Default::default();
+        for r in results.iter().filter(|r| r["status"] == status) {
+            let id = r["job_id"].as_str().unwrap_or("?").to_string();
+            by_job.entry(id).or_default().push(r);
+        }
+        let amqp = matches!(env.kind, Kind::Amqp | Kind::AmqpSqlite);
+        let mut repeated = 0;
+        for (id, rs) in &by_job {
+            repeated += rs.len() - 1;
+            assert!(
+                rs.iter().all(|r| *r == rs[0]) && (amqp || rs.len() == 1),
+                "{}: job {id} has {} {status} results: {rs:?}\n{}",
+                self.context(),
+                rs.len(),
+                self.logs(env)
+            );
+        }
+        assert!(
+            repeated
+                <= if amqp {
+                    self.kills * CHAOS_CONCURRENCY
+                } else {
+                    0
+                },
+            "{}: {repeated} {status} results repeated\n{}",
+            self.context(),
+            self.logs(env)
+        );
+        by_job.into_iter().map(|(id, rs)| (id, rs[0])).collect()
+    }
+
+    /// The side-effect lines: each expected step ran, and a step ran again only where a kill
+    /// cut it off (at most one step per job the killed replica held). Returns the repeats.
+    fn check_side_effects(&self, env: &Env, expected: usize) -> usize {
+        let lines: Vec<String> = std::fs::read_to_string(env.dir.path().join("side.txt"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+        let mut distinct = lines.clone();
+        distinct.sort();
+        distinct.dedup();
+        assert_eq!(
+            distinct.len(),
+            expected,
+            "{}: every step ran",
+            self.context()
+        );
+        let replayed = lines.len() - distinct.len();
+        assert!(
+            replayed <= self.kills * CHAOS_CONCURRENCY,
+            "{}: {replayed} steps ran again, more than the kills could cut off",
+            self.context()
+        );
+        replayed
+    }
+}
+
+/// A final log's steps, after checking it verifies.
+fn verified_steps(log_path: &Path) -> Vec<Value> {
+    let secret = lar_worker::audit::Secret::new(SECRET).unwrap();
+    let v = lar_worker::audit::verify_file(log_path, &secret);
+    assert!(v.is_valid(), "{}: {v:?}", log_path.display());
+    let log: Value = serde_json::from_str(&std::fs::read_to_string(log_path).unwrap()).unwrap();
+    log["steps"].as_array().unwrap().clone()
+}
+
+fn node_ids(steps: &[Value]) -> Vec<&str> {
+    steps
+        .iter()
+        .map(|s| s["node_id"].as_str().unwrap())
+        .collect()
+}
+
+/// Several replicas of one queue, killed and restarted at random while they work through a
+/// backlog of multi-step jobs: every job ends with one result, nothing is dead-lettered, each
+/// log holds every step once and verifies, no run is left behind, and a step runs a second
+/// time only where a kill cut it off (a SIGTERM cuts off nothing).
 fn replicas_killed_at_random_lose_no_job_and_replay_no_completed_step(kind: Kind) {
-    use rand::{Rng, SeedableRng};
-    const CONCURRENCY: usize = 4; // Env's worker config
-    let seed = std::env::var("CHAOS_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(rand::random::<u64>);
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut env = Env::new(
         kind,
         &chaos_graph(),
@@ -1356,143 +1529,163 @@ fn replicas_killed_at_random_lose_no_job_and_replay_no_completed_step(kind: Kind
     for i in 0..CHAOS_JOBS {
         env.push(&format!(r#"{{"id":"chaos-{i}","input":{{"n":{i}}}}}"#));
     }
-    let side = env.dir.path().join("side.txt");
-    let spawn = |env: &Env, n: usize| -> Child {
-        let log = std::fs::File::create(env.dir.path().join(format!("replica-{n}.log"))).unwrap();
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&env.config)
-            .env("HMAC_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap()
-    };
-    let mut started = 0;
-    let mut replicas: Vec<Child> = (0..CHAOS_REPLICAS)
-        .map(|_| {
-            started += 1;
-            spawn(&env, started)
-        })
-        .collect();
-    let (mut kills, mut terms) = (0usize, 0usize);
+    let mut replicas = Replicas::start(&env);
     for _ in 0..10 {
-        std::thread::sleep(Duration::from_millis(rng.random_range(150..450)));
         if env.results_now().len() >= CHAOS_JOBS {
             break;
         }
-        let victim = rng.random_range(0..CHAOS_REPLICAS);
-        started += 1;
-        let fresh = spawn(&env, started);
-        let old = std::mem::replace(&mut replicas[victim], fresh);
-        if rng.random_bool(0.25) {
-            terms += 1;
-            stop(old);
-        } else {
-            kills += 1;
-            kill9(old);
-        }
+        replicas.strike(&env);
     }
-    let results = env.wait_results(CHAOS_JOBS, Duration::from_secs(90));
+    env.wait_results(CHAOS_JOBS, Duration::from_secs(90));
     // Anything still on its way (a second result, a late zombie) has time to show.
     std::thread::sleep(Duration::from_secs(2));
-    let results_after = env.results_now();
-    for r in replicas {
-        stop(r);
-    }
-    let logs = || {
-        (1..=started)
-            .map(|n| {
-                let text = std::fs::read_to_string(env.dir.path().join(format!("replica-{n}.log")))
-                    .unwrap_or_default();
-                format!("--- replica {n}\n{text}")
-            })
-            .collect::<String>()
-    };
-    let context = format!("seed {seed}, {kills} kills, {terms} stops");
-    // Results of one job, by job id. A broker has no atomic "publish and ack": a replica
-    // killed after the broker confirmed a result and before its done marker and ack leaves the
-    // delivery to come back and publish the same result again (README, "one result per job").
-    // So on AMQP a job may repeat its result, byte for byte the same run and signature, at most
-    // once per kill; on Redis and the embedded file the finish is atomic and nothing repeats.
-    let mut by_job: std::collections::BTreeMap<String, Vec<&Value>> = Default::default();
-    for r in &results_after {
-        by_job
-            .entry(r["job_id"].as_str().unwrap_or("?").to_string())
-            .or_default()
-            .push(r);
-    }
-    let repeats: Vec<(&String, &Vec<&Value>)> =
-        by_job.iter().filter(|(_, rs)| rs.len() > 1).collect();
-    let repeated = results_after.len() - by_job.len();
-    assert!(
-        results.len() >= CHAOS_JOBS && by_job.len() == CHAOS_JOBS,
-        "{context}: every job has its result ({} jobs of {CHAOS_JOBS})\n{}",
-        by_job.len(),
-        logs()
-    );
-    let amqp = matches!(kind, Kind::Amqp | Kind::AmqpSqlite);
-    for (id, rs) in &repeats {
-        assert!(
-            amqp && rs.iter().all(|r| *r == rs[0]),
-            "{context}: job {id} has {} different results: {rs:?}\n{}",
-            rs.len(),
-            logs()
-        );
-    }
-    assert!(
-        repeated <= if amqp { kills } else { 0 },
-        "{context}: {repeated} results repeated\n{}",
-        logs()
+    let results = env.results_now();
+    replicas.stop_all();
+    let context = replicas.context();
+    let finals = replicas.one_per_job(&env, &results, "completed");
+    assert_eq!(
+        finals.len(),
+        CHAOS_JOBS,
+        "{context}: every job completed: {results:?}\n{}",
+        replicas.logs(&env)
     );
     assert!(
         env.dead().is_empty(),
-        "{context}: dead letters {:?}\n{}",
-        env.dead(),
-        logs()
+        "{context}: dead letters {:?}",
+        env.dead()
     );
-
-    let secret = lar_worker::audit::Secret::new(SECRET).unwrap();
-    for r in by_job.values().map(|rs| rs[0]) {
-        assert_eq!(r["status"], "completed", "{context}: {r}");
-        let log_path = PathBuf::from(r["audit_log"].as_str().unwrap());
-        let log: Value =
-            serde_json::from_str(&std::fs::read_to_string(&log_path).unwrap()).unwrap();
-        let nodes: Vec<&str> = log["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| s["node_id"].as_str().unwrap())
-            .collect();
-        let expected: Vec<String> = (0..CHAOS_STEPS).map(|i| format!("s{i}")).collect();
-        assert_eq!(nodes, expected, "{context}: every step once, in order");
-        assert!(
-            lar_worker::audit::verify_file(&log_path, &secret).is_valid(),
-            "{context}: {} verifies",
-            log_path.display()
+    let expected: Vec<String> = (0..CHAOS_STEPS).map(|i| format!("s{i}")).collect();
+    for r in finals.values() {
+        let steps = verified_steps(Path::new(r["audit_log"].as_str().unwrap()));
+        assert_eq!(
+            node_ids(&steps),
+            expected,
+            "{context}: every step once, in order"
         );
     }
-    let lines: Vec<String> = std::fs::read_to_string(&side)
-        .unwrap()
-        .lines()
-        .map(String::from)
-        .collect();
-    let mut distinct = lines.clone();
-    distinct.sort();
-    distinct.dedup();
-    assert_eq!(
-        distinct.len(),
-        CHAOS_JOBS * CHAOS_STEPS,
-        "{context}: every step ran"
-    );
-    let replayed = lines.len() - distinct.len();
-    assert!(
-        replayed <= kills * CONCURRENCY,
-        "{context}: {replayed} steps ran again, more than the kills could cut off"
-    );
+    let replayed = replicas.check_side_effects(&env, CHAOS_JOBS * CHAOS_STEPS);
     assert_eq!(env.checkpoints_left(), 0, "{context}: no run left behind");
-    eprintln!("{context}: {replayed} steps ran again, {repeated} results repeated");
+    eprintln!("{context}: {replayed} steps ran again");
+}
+
+/// Jobs that pause for a human while their replicas are killed and restarted at random; the
+/// humans answer as they see each request, half through `lar-worker decide`, half as messages
+/// on the decisions queue (which the replicas under fire consume). Every job asks once (AMQP:
+/// the same request may repeat, see [`Replicas::one_per_job`]), takes its decision once,
+/// completes once on the decided path, and its log (the pause, the decision, the resumed
+/// steps) verifies; nothing stays pending, dead-lettered or stored.
+fn paused_jobs_decided_while_replicas_die(kind: Kind) {
+    const JOBS: usize = 20;
+    let graph = format!(
+        "name = \"chaos-jury\"\nentry = \"s0\"\n\
+         [[nodes]]\nid = \"s0\"\ntype = \"tool\"\ntool = \"note\"\noutput = \"r0\"\nnext = \"jury\"\n\
+         [[nodes]]\nid = \"jury\"\ntype = \"human_jury\"\nprompt = \"Go on?\"\nchoices = [\"approve\", \"reject\"]\nnext = \"route\"\n\
+         [[nodes]]\nid = \"route\"\ntype = \"router\"\non = \"jury_decision\"\nroutes = {{ approve = \"s2\", reject = \"s2\" }}\n\
+         [[nodes]]\nid = \"s2\"\ntype = \"tool\"\ntool = \"note\"\noutput = \"r2\"\nnext = \"s3\"\n\
+         [[nodes]]\nid = \"s3\"\ntype = \"tool\"\ntool = \"note\"\noutput = \"r3\"\n{NOTING_TOOL_DEF}"
+    );
+    let mut env = Env::new(kind, &graph, "envelope", 1500, &[("note.sh", NOTING_TOOL)]);
+    for i in 0..JOBS {
+        env.push(&format!(r#"{{"id":"jury-{i}","input":{{"n":{i}}}}}"#));
+    }
+    let number = |job: &str| -> usize { job.trim_start_matches("jury-").parse().unwrap() };
+    let choice = |job: &str| {
+        if number(job) % 3 == 0 {
+            "reject"
+        } else {
+            "approve"
+        }
+    };
+    let mut replicas = Replicas::start(&env);
+    let mut decided = std::collections::BTreeSet::new();
+    let start = Instant::now();
+    let mut strikes = 0;
+    loop {
+        let results = env.results_now();
+        let done = results
+            .iter()
+            .filter(|r| r["status"] == "completed")
+            .count();
+        if done >= JOBS || start.elapsed() > Duration::from_secs(120) {
+            break;
+        }
+        for r in results
+            .iter()
+            .filter(|r| r["status"] == "awaiting_decision")
+        {
+            let job = r["decision_request"]["job_id"]
+                .as_str()
+                .unwrap()
+                .to_string();
+            if decided.contains(&job) {
+                continue;
+            }
+            let by = format!("officer-{}@example.com", number(&job));
+            if number(&job) % 2 == 0 {
+                let args = [
+                    "decide",
+                    &job,
+                    "--choice",
+                    choice(&job),
+                    "--rationale",
+                    "checked",
+                    "--by",
+                    &by,
+                ];
+                let (code, out, err) = env.cli(&args);
+                assert_eq!(code, 0, "{}: decide {job}: {out}{err}", replicas.context());
+            } else {
+                let msg = format!(
+                    r#"{{"job_id":"{job}","choice":"{}","rationale":"checked","by":"{by}"}}"#,
+                    choice(&job)
+                );
+                env.rt
+                    .block_on(env.backend.enqueue(&env.decisions(), msg.as_bytes()))
+                    .unwrap();
+            }
+            decided.insert(job);
+        }
+        if strikes < 10 {
+            strikes += 1;
+            replicas.strike(&env);
+        } else {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let results = env.results_now();
+    replicas.stop_all();
+    let context = replicas.context();
+    let asked = replicas.one_per_job(&env, &results, "awaiting_decision");
+    let finals = replicas.one_per_job(&env, &results, "completed");
+    assert_eq!(
+        (asked.len(), finals.len()),
+        (JOBS, JOBS),
+        "{context}: every job asked and completed: {results:?}\n{}",
+        replicas.logs(&env)
+    );
+    let expected = ["s0", "jury", "jury", "route", "s2", "s3"];
+    for (job, r) in &finals {
+        assert_eq!(r["state"]["jury_decision"], choice(job), "{context}: {r}");
+        let steps = verified_steps(Path::new(r["audit_log"].as_str().unwrap()));
+        assert_eq!(node_ids(&steps), expected, "{context}: {job}");
+        let decisions: Vec<&Value> = steps.iter().filter_map(|s| s.get("decision")).collect();
+        assert_eq!(decisions.len(), 1, "{context}: {job} took one decision");
+        let by = format!("officer-{}@example.com", number(job));
+        assert_eq!(decisions[0]["decided_by"], by.as_str(), "{context}: {job}");
+    }
+    assert!(
+        env.dead().is_empty(),
+        "{context}: dead letters {:?}",
+        env.dead()
+    );
+    let (code, out, _) = env.cli(&["pending"]);
+    assert_eq!(code, 0);
+    assert!(!out.contains("jury-"), "{context}: still pending: {out}");
+    // s0, s2 and s3 of every job (the idempotency key is job:step index).
+    let replayed = replicas.check_side_effects(&env, JOBS * 3);
+    assert_eq!(env.checkpoints_left(), 0, "{context}: no run left behind");
+    eprintln!("{context}: {replayed} steps ran again");
 }
 
 on_backends!(
@@ -1506,6 +1699,7 @@ on_backends!(
     an_expired_pending_job_takes_the_default_path,
     a_decision_without_its_ledger_record_is_not_applied,
     replicas_killed_at_random_lose_no_job_and_replay_no_completed_step,
+    paused_jobs_decided_while_replicas_die,
 );
 
 /// A replica that dies holding decision messages (here: one left in a dead worker's
