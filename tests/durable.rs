@@ -1688,6 +1688,96 @@ fn paused_jobs_decided_while_replicas_die(kind: Kind) {
     eprintln!("{context}: {replayed} steps ran again");
 }
 
+/// The Redis connections (local `ip:port`) the process `pid` holds to 127.0.0.1:6379, read
+/// from `ss`.
+fn redis_connections_of(pid: u32) -> Vec<String> {
+    let out = Command::new("ss")
+        .args(["-tnpH", "dport = :6379"])
+        .output()
+        .expect("ss (iproute2) lists the replicas' Redis connections");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .filter_map(|l| l.split_whitespace().nth(3).map(String::from))
+        .collect()
+}
+
+/// Redis connections of live replicas cut at random (`CLIENT KILL`) while they work through a
+/// backlog: blocked claims, step saves, heartbeats and finishes lose their connection or their
+/// reply mid-call. Every job still completes once, each log holds every step once and
+/// verifies, and no step runs twice: no process died, so a call whose reply was lost is
+/// retried (every write is idempotent or fenced), not its step.
+#[test]
+fn redis_connections_cut_at_random_lose_nothing() {
+    use rand::Rng;
+    let mut env = Env::new(
+        Kind::Redis,
+        &chaos_graph(),
+        "envelope",
+        1500,
+        &[("note.sh", NOTING_TOOL)],
+    );
+    for i in 0..CHAOS_JOBS {
+        env.push(&format!(r#"{{"id":"cut-{i}","input":{{"n":{i}}}}}"#));
+    }
+    let mut replicas = Replicas::start(&env);
+    let mut cuts = 0;
+    for _ in 0..25 {
+        if env.results_now().len() >= CHAOS_JOBS {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(replicas.rng.random_range(50..250)));
+        let victim = replicas.rng.random_range(0..replicas.live.len());
+        let conns = redis_connections_of(replicas.live[victim].id());
+        if conns.is_empty() {
+            continue;
+        }
+        let addr = &conns[replicas.rng.random_range(0..conns.len())];
+        let killed: Result<i64, _> = redis::cmd("CLIENT")
+            .arg("KILL")
+            .arg("ADDR")
+            .arg(addr)
+            .query(&mut env.redis);
+        cuts += usize::from(killed.is_ok());
+    }
+    env.wait_results(CHAOS_JOBS, Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(2));
+    let results = env.results_now();
+    replicas.stop_all();
+    let context = format!("{}, {cuts} connections cut", replicas.context());
+    assert!(cuts > 0, "{context}: the replicas' connections were found");
+    let finals = replicas.one_per_job(&env, &results, "completed");
+    assert_eq!(
+        finals.len(),
+        CHAOS_JOBS,
+        "{context}: every job completed: {results:?}\n{}",
+        replicas.logs(&env)
+    );
+    assert!(
+        env.dead().is_empty(),
+        "{context}: dead letters {:?}",
+        env.dead()
+    );
+    let expected: Vec<String> = (0..CHAOS_STEPS).map(|i| format!("s{i}")).collect();
+    for r in finals.values() {
+        let steps = verified_steps(Path::new(r["audit_log"].as_str().unwrap()));
+        assert_eq!(
+            node_ids(&steps),
+            expected,
+            "{context}: every step once, in order"
+        );
+    }
+    let replayed = replicas.check_side_effects(&env, CHAOS_JOBS * CHAOS_STEPS);
+    assert_eq!(
+        replayed,
+        0,
+        "{context}: no step ran twice\n{}",
+        replicas.logs(&env)
+    );
+    assert_eq!(env.checkpoints_left(), 0, "{context}: no run left behind");
+    eprintln!("{context}");
+}
+
 on_backends!(
     halt_stop_every_worker_decide_resume_elsewhere,
     tampered_checkpoint_is_refused,

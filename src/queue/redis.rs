@@ -304,16 +304,25 @@ pub struct RedisBackend {
     worker_id: String,
     /// Multiplexed, auto-reconnecting: every non-blocking command of every task.
     conn: ConnectionManager,
-    /// Its own connection for BLMOVE, which would otherwise stall the multiplexed one.
-    blocking: Mutex<ConnectionManager>,
-    /// Until when a BLMOVE sent on `blocking` may still be waiting inside Redis. A claim cut
-    /// off at shutdown leaves its BLMOVE blocked there, and it can still move a message into
-    /// this worker's processing list: `deregister` waits this out before dropping the heartbeat.
-    blocked_until: std::sync::Mutex<Option<std::time::Instant>>,
+    /// Where BLMOVE connections come from.
+    url: String,
+    /// One BLMOVE connection per queue (opened on its first empty claim): a blocking call
+    /// stalls its connection, and queues sharing one would wait in turn, so a job pushed to
+    /// an idle worker would sit behind every other queue's wait (its decisions queue's, say).
+    blocking: std::sync::Mutex<std::collections::HashMap<String, Arc<Blocking>>>,
     envelope_queues: Arc<std::collections::HashSet<String>>,
     scripts: Scripts,
     /// Checkpoints and journals (`Q:run:<job>`), fenced on `Q:epochs`.
     runs: RedisRunStore,
+}
+
+/// A queue's BLMOVE connection.
+struct Blocking {
+    conn: Mutex<ConnectionManager>,
+    /// Until when a BLMOVE sent on `conn` may still be waiting inside Redis. A claim cut off
+    /// at shutdown leaves its BLMOVE blocked there, and it can still move a message into this
+    /// worker's processing list: `deregister` waits this out before dropping the heartbeat.
+    until: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 struct Scripts {
@@ -387,13 +396,12 @@ impl RedisBackend {
         envelope_queues: Vec<String>,
     ) -> Result<Self, QueueError> {
         let conn = connection(url).await?;
-        let blocking = connection(url).await?;
         Ok(RedisBackend {
             worker_id,
             runs: RedisRunStore::new(conn.clone()),
             conn: conn.clone(),
-            blocking: Mutex::new(blocking),
-            blocked_until: std::sync::Mutex::new(None),
+            url: url.to_string(),
+            blocking: Default::default(),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
             scripts: Scripts {
                 claim: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
@@ -409,6 +417,25 @@ impl RedisBackend {
 
     pub fn worker_id(&self) -> &str {
         &self.worker_id
+    }
+
+    /// The queue's BLMOVE connection, opened on first use.
+    async fn blocking(&self, queue: &str) -> Result<Arc<Blocking>, QueueError> {
+        if let Some(b) = self.blocking_of(queue) {
+            return Ok(b);
+        }
+        let fresh = Arc::new(Blocking {
+            conn: Mutex::new(connection(&self.url).await?),
+            until: std::sync::Mutex::new(None),
+        });
+        // A panic elsewhere cannot leave the map half-changed: take it even if poisoned.
+        let mut all = self.blocking.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(all.entry(queue.to_string()).or_insert(fresh).clone())
+    }
+
+    fn blocking_of(&self, queue: &str) -> Option<Arc<Blocking>> {
+        let all = self.blocking.lock().unwrap_or_else(|e| e.into_inner());
+        all.get(queue).cloned()
     }
 
     fn envelope_flag(&self, q: &QueueNames) -> &'static str {
@@ -542,10 +569,11 @@ impl Backend for RedisBackend {
             return Ok(self.decode_claims(items));
         }
         // Nothing ready: block on the queue without spinning.
+        let blocking = self.blocking(&q.jobs).await?;
         let raw: Option<Vec<u8>> = {
-            let mut b = self.blocking.lock().await;
+            let mut b = blocking.conn.lock().await;
             let until = std::time::Instant::now() + wait + Duration::from_millis(200);
-            if let Ok(mut t) = self.blocked_until.lock() {
+            if let Ok(mut t) = blocking.until.lock() {
                 *t = Some(t.map_or(until, |prev| prev.max(until)));
             }
             ::redis::cmd("BLMOVE")
@@ -898,7 +926,9 @@ impl Backend for RedisBackend {
         // dead, hand back whatever its processing list still holds, and only then drop it
         // from `Q:workers`. A BLMOVE still blocked in Redis could land a message there after
         // a reaper looked: the heartbeat goes only once none can be.
-        let blocked = self.blocked_until.lock().ok().and_then(|t| *t);
+        let blocked = self
+            .blocking_of(&q.jobs)
+            .and_then(|b| b.until.lock().ok().and_then(|t| *t));
         if let Some(left) =
             blocked.and_then(|t| t.checked_duration_since(std::time::Instant::now()))
         {
