@@ -402,6 +402,62 @@ async fn an_unapplied_decision_neither_blocks_nor_lingers(store: &dyn RunStore) 
 }
 
 /// Runs each scenario against both stores: the real Redis and a SQLite file in a temp dir.
+/// A finished run is retired before its delivery's ack, so a crash before `end_run` leaves no
+/// run for ever: it goes by itself after its time (Redis expires it; the SQLite store's sweep
+/// forgets it). A redelivery before then takes it back, and a paused run is never retired.
+async fn a_retired_run_goes_unless_taken_back(store: &dyn RunStore) -> QueueNames {
+    let q = names();
+    let saved = |c: &Claim| {
+        let c = c.clone();
+        let q = q.clone();
+        async move {
+            store
+                .save_step(&q, &c, step(0, b"r0", b"c0"))
+                .await
+                .unwrap()
+        }
+    };
+    let keep = Duration::from_millis(300);
+
+    // Retired, then the crash: the run goes once its time is up, not before.
+    let gone = claim("job-r1", store.next_epoch(&q, "job-r1").await.unwrap());
+    assert_eq!(saved(&gone).await, Fenced::Done);
+    assert!(store.retire(&q, &gone, keep).await.unwrap());
+    assert_eq!(store.sweep_retired(&q).await.unwrap(), 0, "not yet");
+    assert!(store.load_run(&q, "job-r1").await.unwrap().is_some());
+
+    // Retired, then the delivery came back: the new holder keeps it.
+    let back = claim("job-r2", store.next_epoch(&q, "job-r2").await.unwrap());
+    assert_eq!(saved(&back).await, Fenced::Done);
+    assert!(store.retire(&q, &back, keep).await.unwrap());
+    let again = claim("job-r2", store.next_epoch(&q, "job-r2").await.unwrap());
+    assert!(!store.retire(&q, &back, keep).await.unwrap(), "fenced off");
+
+    // Paused (waiting for a human): never retired.
+    paused_at_step_1(store, &q, "job-r3").await;
+    let copy = claim("job-r3", store.next_epoch(&q, "job-r3").await.unwrap());
+    assert!(store.retire(&q, &copy, keep).await.unwrap());
+
+    tokio::time::sleep(keep + Duration::from_millis(200)).await;
+    let swept = store.sweep_retired(&q).await.unwrap();
+    assert!(swept <= 1, "only the retired one: {swept}");
+    assert!(
+        store.load_run(&q, "job-r1").await.unwrap().is_none(),
+        "gone"
+    );
+    assert!(
+        store.load_run(&q, "job-r2").await.unwrap().is_some(),
+        "taken back"
+    );
+    assert!(
+        store.load_run(&q, "job-r3").await.unwrap().is_some(),
+        "still paused"
+    );
+    assert!(store.get_pending(&q, "job-r3").await.unwrap().is_some());
+    assert!(store.end_run(&q, &again).await.unwrap());
+    q
+}
+
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {
@@ -431,6 +487,7 @@ on_both_stores!(
     a_stale_pause_goes_with_the_run,
     release_keeps_the_run,
     an_unapplied_decision_neither_blocks_nor_lingers,
+    a_retired_run_goes_unless_taken_back,
 );
 
 #[tokio::test]

@@ -71,8 +71,9 @@
 //!   of one host; `run_store`): each run's checkpoint and journal live there, and every
 //!   delivery bumps the job's epoch there,
 //!   so a redelivered job resumes after its last finished step and a worker cut off from the
-//!   broker cannot write over the newer attempt. A finished run is forgotten after its ack (a
-//!   crash in between leaves an orphan hash, never a lost job); a retried one before the retry
+//!   broker cannot write over the newer attempt. A finished run is retired before its ack (set
+//!   to go a day later, unless a redelivery takes it back) and forgotten after it, so a crash
+//!   in between leaves nothing for ever and loses no job; a retried one before the retry
 //!   is published, since the retry starts from the first step. Without a store a redelivered
 //!   job runs from its first step.
 //! * The human pause needs `checkpoint_store` too (without one a `human_jury` halt is a final
@@ -115,6 +116,9 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a done marker lives in Redis.
 const MARKER_TTL_SECS: u64 = 86_400;
+/// How long a finished run stays after its retirement, in case its delivery was never acked
+/// and comes back to resume it (see `RunStore::retire`): as long as a done marker.
+const RETIRED_RUN_KEPT: Duration = Duration::from_secs(MARKER_TTL_SECS);
 /// Done markers remembered in this process.
 const MEMO_CAP: usize = 200_000;
 const PERSISTENT: u8 = 2;
@@ -1861,6 +1865,13 @@ impl Backend for AmqpBackend {
             let step = claim.decision.as_ref().and_then(|d| d.step);
             runs.drop_decision(q, &claim.job_id, step).await?;
         }
+        if let (true, Some(runs), true) = (ends_run, &s.runs, s.is_live(&h)) {
+            // The run goes after the ack (below); a crash in between must not leave it for
+            // ever. A store that fails here only risks that orphan: the finish goes on.
+            if let Err(e) = runs.retire(q, claim, RETIRED_RUN_KEPT).await {
+                warn!(job_id = %claim.job_id, error = %e, "cannot retire the finished run");
+            }
+        }
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
@@ -1886,7 +1897,8 @@ impl Backend for AmqpBackend {
             lock(&s.held).remove(&key);
         }
         if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, ends_run) {
-            // After the ack: a crash in between leaves an orphan run hash, never a lost job.
+            // After the ack: a crash in between leaves the run retired (above), to expire or be
+            // swept a day later; never a lost job.
             if let Err(e) = runs.end_run(q, claim).await {
                 warn!(job_id = %claim.job_id, error = %e, "cannot remove the finished run's checkpoint");
             }
@@ -1943,6 +1955,10 @@ impl Backend for AmqpBackend {
         let Some(runs) = &s.runs else {
             return Ok(0);
         };
+        let swept = runs.sweep_retired(q).await?;
+        if swept > 0 {
+            info!(queue = %q.jobs, swept, "forgot finished runs a crash left between ack and cleanup");
+        }
         let mut moved = 0;
         for (job_id, entry) in runs.stale_decisions(q, DECISION_REDELIVER_AFTER).await? {
             info!(%job_id, "publishing a decision again: its resume message was never confirmed");

@@ -45,18 +45,21 @@ local function next_epoch(seq)
 end
 "#;
 
-/// KEYS: epochs, epoch sequence. ARGV: id. The job's next epoch (after [`NEXT_EPOCH_FN`]).
+/// KEYS: epochs, epoch sequence, run. ARGV: id. The job's next epoch (after
+/// [`NEXT_EPOCH_FN`]); a retired run (one set to expire) is the new holder's again.
 const NEXT_EPOCH: &str = r#"
 local epoch = next_epoch(KEYS[2])
 redis.call('HSET', KEYS[1], ARGV[1], epoch)
+redis.call('PERSIST', KEYS[3])
 return epoch
 "#;
 
-/// KEYS: epochs, run, pending, deciding. ARGV: id, epoch. Forgets a finished run, if `epoch`
-/// still holds the job. A run waiting for a human (pending, or decided with its resume message
-/// on the way) is kept: the claim that ended was a copy of the paused job. A pending or
-/// deciding entry whose halt the journal shows answered is stale and goes with the run (see
-/// the redis backend's FINISH).
+/// KEYS: epochs, run, pending, deciding. ARGV: id, epoch, '' or ms. Forgets a finished run, if
+/// `epoch` still holds the job; with ms, retires it instead (it expires after ms, the epoch
+/// entry stays for the `end_run` that follows). A run waiting for a human (pending, or decided
+/// with its resume message on the way) is kept: the claim that ended was a copy of the paused
+/// job. A pending or deciding entry whose halt the journal shows answered is stale and goes
+/// with the run (see the redis backend's FINISH).
 const END_RUN: &str = r#"
 if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
 local function answered(s)
@@ -68,9 +71,13 @@ local live = (p and not answered(step_of(p))) or (d and not answered(decided_ste
 if not live then
   if p then redis.call('HDEL', KEYS[3], ARGV[1]) end
   if d then redis.call('HDEL', KEYS[4], ARGV[1]) end
-  redis.call('DEL', KEYS[2])
+  if ARGV[3] == '' then
+    redis.call('DEL', KEYS[2])
+  else
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  end
 end
-redis.call('HDEL', KEYS[1], ARGV[1])
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1
 "#;
 
@@ -246,7 +253,10 @@ impl RunStore for RedisRunStore {
     async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         let mut inv = self.next_epoch.prepare_invoke();
-        inv.key(epochs_key(q)).key(epoch_seq_key(q)).arg(job_id);
+        inv.key(epochs_key(q))
+            .key(epoch_seq_key(q))
+            .key(run_key(q, job_id))
+            .arg(job_id);
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
@@ -316,16 +326,20 @@ impl RunStore for RedisRunStore {
     /// Forgets a run that ended (published, retried from scratch, dead-lettered), while
     /// `claim` still holds it. The redis backend does this inside its finish script instead.
     async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
-        let mut inv = self.end_run.prepare_invoke();
-        inv.key(epochs_key(q))
-            .key(run_key(q, &claim.job_id))
-            .key(pending_key(q))
-            .key(deciding_key(q))
-            .arg(&claim.job_id)
-            .arg(claim.epoch);
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(done == 1)
+        self.end_or_retire(q, claim, None).await
+    }
+
+    async fn retire(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        keep: std::time::Duration,
+    ) -> Result<bool, QueueError> {
+        self.end_or_retire(q, claim, Some(keep)).await
+    }
+
+    async fn sweep_retired(&self, _q: &QueueNames) -> Result<u64, QueueError> {
+        Ok(0)
     }
 
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
@@ -438,6 +452,31 @@ impl RunStore for RedisRunStore {
             out.push((id.clone(), parse_deciding(&id, &pair[1])?));
         }
         Ok(out)
+    }
+}
+
+impl RedisRunStore {
+    /// [`END_RUN`]: forgets the run now (`keep` None) or retires it.
+    async fn end_or_retire(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        keep: Option<std::time::Duration>,
+    ) -> Result<bool, QueueError> {
+        let mut inv = self.end_run.prepare_invoke();
+        inv.key(epochs_key(q))
+            .key(run_key(q, &claim.job_id))
+            .key(pending_key(q))
+            .key(deciding_key(q))
+            .arg(&claim.job_id)
+            .arg(claim.epoch)
+            .arg(
+                keep.map(|k| k.as_millis().max(1).to_string())
+                    .unwrap_or_default(),
+            );
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(done == 1)
     }
 }
 

@@ -40,7 +40,8 @@ pub(super) fn answered_earlier(decided_pending: &[u8], new_pending: &[u8]) -> bo
 /// `deciding` hold a paused job in exactly one of them until its resume message is out.
 #[async_trait]
 pub trait RunStore: Send + Sync {
-    /// A new epoch for a job just delivered: fences off every earlier holder.
+    /// A new epoch for a job just delivered: fences off every earlier holder, and takes back
+    /// the job's run if it was retired ([`RunStore::retire`]).
     async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError>;
 
     /// As [`super::Backend::save_step`]: idempotent per index, a gap refused.
@@ -56,6 +57,23 @@ pub trait RunStore: Send + Sync {
 
     /// Forgets a run that ended, while `claim` still holds it; `false` when it does not.
     async fn end_run(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
+
+    /// The run ended and its delivery is about to be acked, after which [`RunStore::end_run`]
+    /// forgets it. A crash between the ack and `end_run` would leave the run for ever, so
+    /// first, while `claim` still holds the job, the run is set to go by itself after `keep`
+    /// (long enough for an unacked delivery to come back and resume it). A run `end_run` would
+    /// keep (waiting for a human) is left alone; the next delivery of the job
+    /// ([`RunStore::next_epoch`]) takes the run back. `false` when the claim no longer holds.
+    async fn retire(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        keep: std::time::Duration,
+    ) -> Result<bool, QueueError>;
+
+    /// Forgets the runs whose time set by [`RunStore::retire`] has passed; how many went.
+    /// (Redis expires them by itself: there it finds none.)
+    async fn sweep_retired(&self, q: &QueueNames) -> Result<u64, QueueError>;
 
     /// The claim ended and the run stays (a dead letter that keeps it for a redrive): forgets
     /// only the job's epoch entry, while `claim` still holds it. The next delivery takes a new

@@ -84,6 +84,30 @@ pub(super) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The store's column on `runs` (added to files from before it): when a retired run goes, in
+/// ms since the epoch (see `RunStore::retire`); NULL for a live run.
+fn add_retire_at(conn: &Connection) -> Result<(), QueueError> {
+    let has: i64 = conn.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'retire_at'",
+        [],
+        |r| r.get(0),
+    )?;
+    if has == 0 {
+        conn.execute_batch("ALTER TABLE runs ADD COLUMN retire_at INTEGER")?;
+    }
+    Ok(())
+}
+
+/// Every table that holds something of a job's run.
+const JOB_TABLES: &[&str] = &[
+    "runs",
+    "run_steps",
+    "epochs",
+    "pending",
+    "deciding",
+    "deciding_confirmed",
+];
+
 pub(super) struct SqliteRunStore {
     conn: Arc<Mutex<Connection>>,
 }
@@ -112,6 +136,7 @@ impl SqliteRunStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(RUN_TABLES)?;
+        add_retire_at(&conn)?;
         seed_epoch_seq(&conn, "SELECT MAX(epoch) FROM epochs")?;
         Ok(SqliteRunStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -299,6 +324,23 @@ fn answered(
 }
 
 /// Forgets a run and its epoch: the job is done with.
+/// Whether [`delete_run`] would forget the run: nothing live waits for a human.
+fn run_is_done(
+    tx: &rusqlite::Transaction<'_>,
+    queue: &str,
+    job_id: &str,
+) -> Result<bool, QueueError> {
+    if let Some(p) = deciding_of(tx, queue, job_id)? {
+        if !answered(tx, queue, job_id, &p)? {
+            return Ok(false);
+        }
+    }
+    match row_of(tx, "pending", "record", queue, job_id)? {
+        Some(record) => answered(tx, queue, job_id, &record),
+        None => Ok(true),
+    }
+}
+
 fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
     // A decision on its way to the broker needs the run as much as a pending one, unless
     // the journal shows it applied.
@@ -333,6 +375,11 @@ impl RunStore for SqliteRunStore {
                  ON CONFLICT (queue, job_id) DO UPDATE SET epoch = excluded.epoch",
             )?
             .execute(params![queue, job_id, epoch])?;
+            tx.prepare_cached(
+                "UPDATE runs SET retire_at = NULL
+                 WHERE queue = ?1 AND job_id = ?2 AND retire_at IS NOT NULL",
+            )?
+            .execute(params![queue, job_id])?;
             tx.commit()?;
             Ok(u64::try_from(epoch).unwrap_or(0))
         })
@@ -385,6 +432,50 @@ impl RunStore for SqliteRunStore {
             delete_run(&tx, &queue, &job_id)?;
             tx.commit()?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn retire(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        keep: Duration,
+    ) -> Result<bool, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        let at = now_ms().saturating_add(i64::try_from(keep.as_millis()).unwrap_or(i64::MAX));
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !holds(&tx, &queue, &job_id, epoch)? {
+                return Ok(false);
+            }
+            if run_is_done(&tx, &queue, &job_id)? {
+                tx.prepare_cached(
+                    "UPDATE runs SET retire_at = ?3 WHERE queue = ?1 AND job_id = ?2",
+                )?
+                .execute(params![queue, job_id, at])?;
+            }
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn sweep_retired(&self, q: &QueueNames) -> Result<u64, QueueError> {
+        let queue = q.jobs.clone();
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let due: Vec<String> = tx
+                .prepare_cached(
+                    "SELECT job_id FROM runs WHERE queue = ?1 AND retire_at <= ?2 LIMIT 1000",
+                )?
+                .query_map(params![queue, now_ms()], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for job_id in &due {
+                delete_rows(&tx, JOB_TABLES, &queue, job_id)?;
+            }
+            tx.commit()?;
+            Ok(due.len() as u64)
         })
         .await
     }
