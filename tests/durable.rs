@@ -343,6 +343,10 @@ fn stop(mut child: Child) {
     let _ = child.wait();
 }
 
+fn signal(sig: &str, pid: &str) {
+    let _ = Command::new("kill").args([sig, pid]).status();
+}
+
 fn kill9(mut child: Child) {
     let _ = child.kill();
     let _ = child.wait();
@@ -1367,12 +1371,15 @@ fn chaos_graph() -> String {
 }
 
 /// Three replicas of one queue that a seeded schedule kills (`kill -9`, now and then a
-/// SIGTERM) and restarts. The seed is printed; `CHAOS_SEED=n` replays a schedule.
+/// SIGTERM) and restarts, and on the backends with leases also freezes (SIGSTOP) past their
+/// lease and thaws. The seed is printed; `CHAOS_SEED=n` replays a schedule.
 struct Replicas {
     live: Vec<Child>,
     started: usize,
     kills: usize,
     terms: usize,
+    freezes: usize,
+    thaws: Vec<std::thread::JoinHandle<()>>,
     seed: u64,
     rng: rand::rngs::StdRng,
 }
@@ -1389,6 +1396,8 @@ impl Replicas {
             started: 0,
             kills: 0,
             terms: 0,
+            freezes: 0,
+            thaws: Vec::new(),
             seed,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
         };
@@ -1413,11 +1422,24 @@ impl Replicas {
             .unwrap()
     }
 
-    /// Waits a random while, then kills or stops one replica at random and starts another.
+    /// Waits a random while, then kills or stops one replica at random and starts another,
+    /// or (backends with leases) freezes one for longer than its lease: others take its jobs
+    /// over, and once thawed it can neither checkpoint nor publish them.
     fn strike(&mut self, env: &Env) {
         use rand::Rng;
         std::thread::sleep(Duration::from_millis(self.rng.random_range(150..450)));
         let victim = self.rng.random_range(0..self.live.len());
+        let leases = matches!(env.kind, Kind::Redis | Kind::Embedded);
+        if leases && self.rng.random_bool(0.2) {
+            self.freezes += 1;
+            let pid = self.live[victim].id().to_string();
+            signal("-STOP", &pid);
+            self.thaws.push(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(2500));
+                signal("-CONT", &pid);
+            }));
+            return;
+        }
         let fresh = self.spawn(env);
         let old = std::mem::replace(&mut self.live[victim], fresh);
         if self.rng.random_bool(0.25) {
@@ -1430,6 +1452,9 @@ impl Replicas {
     }
 
     fn stop_all(&mut self) {
+        for thaw in self.thaws.drain(..) {
+            let _ = thaw.join();
+        }
         for r in self.live.drain(..) {
             stop(r);
         }
@@ -1437,9 +1462,15 @@ impl Replicas {
 
     fn context(&self) -> String {
         format!(
-            "seed {}, {} kills, {} stops",
-            self.seed, self.kills, self.terms
+            "seed {}, {} kills, {} stops, {} freezes",
+            self.seed, self.kills, self.terms, self.freezes
         )
+    }
+
+    /// The most steps the schedule can have cut off: each kill or freeze, one per job the
+    /// replica held.
+    fn cut_off(&self) -> usize {
+        (self.kills + self.freezes) * CHAOS_CONCURRENCY
     }
 
     /// Every replica's stderr, for a failure's message.
@@ -1483,12 +1514,7 @@ impl Replicas {
             );
         }
         assert!(
-            repeated
-                <= if amqp {
-                    self.kills * CHAOS_CONCURRENCY
-                } else {
-                    0
-                },
+            repeated <= if amqp { self.cut_off() } else { 0 },
             "{}: {repeated} {status} results repeated\n{}",
             self.context(),
             self.logs(env)
@@ -1502,7 +1528,7 @@ impl Replicas {
         let (live, retired) = env.runs_left();
         assert_eq!(live, 0, "{}: no run left behind", self.context());
         assert!(
-            retired <= self.kills * CHAOS_CONCURRENCY,
+            retired <= self.cut_off(),
             "{}: {retired} retired runs left",
             self.context()
         );
@@ -1527,7 +1553,7 @@ impl Replicas {
         );
         let replayed = lines.len() - distinct.len();
         assert!(
-            replayed <= self.kills * CHAOS_CONCURRENCY,
+            replayed <= self.cut_off(),
             "{}: {replayed} steps ran again, more than the kills could cut off",
             self.context()
         );
