@@ -481,6 +481,25 @@ fn tool_without_command_or_builtin() {
     );
 }
 
+/// A setting a registered (in-process) tool would ignore is refused, not silently dropped.
+#[test]
+fn builtin_tool_with_a_timeout_or_env() {
+    expect_error(
+        "builtin_timeout",
+        &with_tool("[tools.x]\nbuiltin = \"digest\"\ntimeout_ms = 100"),
+        Some("tools.x"),
+        Some("timeout_ms"),
+        "only applies to 'command' and 'http' tools: a 'builtin' tool runs in the worker's process",
+    );
+    expect_error(
+        "builtin_env",
+        &with_tool("[tools.x]\nbuiltin = \"digest\"\nenv = { A = \"b\" }"),
+        Some("tools.x"),
+        Some("env"),
+        "only applies to 'command' tools",
+    );
+}
+
 #[test]
 fn tool_with_command_and_builtin() {
     expect_error(

@@ -307,6 +307,21 @@ fn parse_tool(
             })
         }
         (None, Some(builtin), None) => {
+            // A registered tool is a Rust function called in the worker's process: nothing
+            // can cut it off, and it has no program to start. A setting it would ignore is an
+            // error, not a promise the worker does not keep.
+            if timeout_ms.is_some() {
+                r.error(
+                    Some("timeout_ms"),
+                    "only applies to 'command' and 'http' tools: a 'builtin' tool runs in the worker's process and cannot be cut off",
+                );
+            }
+            if cwd.is_some() || !env.is_empty() {
+                r.error(
+                    Some(if cwd.is_some() { "cwd" } else { "env" }),
+                    "only applies to 'command' tools",
+                );
+            }
             if !registry.contains(&builtin) {
                 r.error(
                     Some("builtin"),
