@@ -26,6 +26,16 @@ use ::redis::{AsyncCommands, Client, Script};
 use std::sync::Arc;
 use tokio::sync::Mutex;
 
+/// Redis's own clock, in ms since the epoch. Every lease deadline, retry due time and expiry
+/// check is taken on it, not on the worker's: replicas on hosts whose clocks disagree would
+/// otherwise reap each other's live claims early (or a dead one's late).
+const NOW_FN: &str = r#"
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"#;
+
 /// Wraps a producer's message with its job id (see `wrapper.rs`). An id taken from a message
 /// must be well-formed UTF-8 (Unicode's table 3-7, as Rust checks it): cjson passes any bytes
 /// through, and an id the worker cannot hold as text would be fenced off on every finish.
@@ -73,7 +83,7 @@ end
 local function hold(wrapped, id)
   local epoch = next_epoch(KEYS[7])
   redis.call('HSET', KEYS[6], id, epoch)
-  redis.call('ZADD', KEYS[3], ARGV[2], id)
+  redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[2]), id)
   redis.call('HSET', KEYS[4], id, wrapped)
   redis.call('HSET', KEYS[5], id, ARGV[1])
   return epoch
@@ -81,7 +91,7 @@ end
 "#;
 
 /// KEYS: queue, processing, leases, claims, owners, epochs, epoch sequence, delayed.
-/// ARGV: worker, deadline, n, envelope, candidate ids... Returns (stored, epoch, id) triples.
+/// ARGV: worker, lease ms, n, envelope, candidate ids... Returns (stored, epoch, id) triples.
 /// A copy of a job whose id is held right now (a producer sent it twice) is not claimed: it
 /// waits in the delayed set for a lease and comes back after, so one id never has two holders
 /// (their claims, leases and checkpoints are keyed by the id). Byte-identical copies waiting
@@ -95,7 +105,7 @@ for i = 1, tonumber(ARGV[3]) do
   local wrapped, id = wrap(raw, ARGV[4 + i], ARGV[4])
   if redis.call('HEXISTS', KEYS[4], id) == 1 then
     redis.call('LPOP', KEYS[2])
-    redis.call('ZADD', KEYS[8], ARGV[2], wrapped)
+    redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[2]), wrapped)
   else
     redis.call('LSET', KEYS[2], 0, wrapped)
     out[#out + 1] = wrapped
@@ -106,25 +116,26 @@ end
 return out
 "#;
 
-/// After a BLMOVE: the same, for the one message it moved. ARGV: worker, deadline, _, envelope,
+/// After a BLMOVE: the same, for the one message it moved. ARGV: worker, lease ms, _, envelope,
 /// candidate, raw.
 const ADOPT: &str = r#"
 if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {} end
 local wrapped, id = wrap(ARGV[6], ARGV[5], ARGV[4])
 if redis.call('HEXISTS', KEYS[4], id) == 1 then
-  redis.call('ZADD', KEYS[8], ARGV[2], wrapped)
+  redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[2]), wrapped)
   return {}
 end
 redis.call('LPUSH', KEYS[2], wrapped)
 return {wrapped, hold(wrapped, id), id}
 "#;
 
-/// KEYS: leases, epochs. ARGV: deadline, (id, epoch)...
+/// KEYS: leases, epochs. ARGV: lease ms, (id, epoch)...
 const EXTEND: &str = r#"
+local deadline = now_ms() + tonumber(ARGV[1])
 local out = {}
 for i = 2, #ARGV, 2 do
   if redis.call('HGET', KEYS[2], ARGV[i]) == ARGV[i + 1] and redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', ARGV[1], ARGV[i])
+    redis.call('ZADD', KEYS[1], 'XX', deadline, ARGV[i])
     out[#out + 1] = 1
   else
     out[#out + 1] = 0
@@ -137,7 +148,7 @@ return out
 /// results, dead, queue, delayed, run (checkpoint + journal), pending, decided. A: id, epoch,
 /// mode, a, b, '1' when the claim carries a decision (else '').
 /// Modes: publish (a = result or '', b = dead entry or ''), retry and retry_keep (a = new
-/// stored message, b = due ms; retry_keep keeps the run for the next attempt to resume), dead and dead_keep (a = entry; dead_keep keeps the run for a redrive to resume), release (a = stored message), pause (a = awaiting_decision
+/// stored message, b = delay ms; retry_keep keeps the run for the next attempt to resume), dead and dead_keep (a = entry; dead_keep keeps the run for a redrive to resume), release (a = stored message), pause (a = awaiting_decision
 /// result, b = pending record). Every mode but release, pause, retry_keep and dead_keep ends the run: its checkpoint
 /// and journal go, unless the job waits for a human (a pending record): then this claim was a
 /// copy of the paused job (a producer sent its id again), and the paused run is not its to end.
@@ -184,7 +195,7 @@ if mode == 'publish' then
   redis.call('HDEL', K[5], A[1])
   forget_run()
 elseif mode == 'retry' or mode == 'retry_keep' then
-  redis.call('ZADD', K[9], A[5], A[4])
+  redis.call('ZADD', K[9], now_ms() + tonumber(A[5]), A[4])
   if mode == 'retry' then forget_run() end
 elseif mode == 'dead' or mode == 'dead_keep' then
   redis.call('RPUSH', K[7], A[4])
@@ -209,7 +220,7 @@ return 1
 "#;
 
 /// KEYS: queue, leases, claims, owners, delayed, workers, epochs, own processing list.
-/// ARGV: now, processing-list prefix, heartbeat prefix.
+/// ARGV: _, processing-list prefix, heartbeat prefix.
 /// Besides expired leases, dead workers' lists and due retries, it hands back any message in
 /// the caller's own processing list that no claim holds: one a BLMOVE moved whose ADOPT never
 /// ran (the connection dropped in between, or its reply timed out first). A raw message there
@@ -217,6 +228,7 @@ return 1
 /// is held only if `claims` holds exactly it. An ADOPT that comes later finds it gone and
 /// claims nothing.
 const RECOVER: &str = r#"
+local now = now_ms()
 local PREFIX = '{"lar_worker":1,'
 local function wrapped_id(item)
   local id = string.match(item, '^{"lar_worker":1,"id":"([^"\\]*)",')
@@ -238,7 +250,7 @@ for _, item in ipairs(redis.call('LRANGE', KEYS[8], 0, -1)) do
     moved = moved + 1
   end
 end
-for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, 1000)) do
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0, 1000)) do
   local stored = redis.call('HGET', KEYS[3], id)
   local owner = redis.call('HGET', KEYS[4], id)
   if stored then
@@ -270,7 +282,7 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[6])) do
     redis.call('SREM', KEYS[6], w)
   end
 end
-for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', ARGV[1], 'LIMIT', 0, 1000)) do
+for _, item in ipairs(redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', now, 'LIMIT', 0, 1000)) do
   redis.call('RPUSH', KEYS[1], item)
   redis.call('ZREM', KEYS[5], item)
   moved = moved + 1
@@ -404,11 +416,18 @@ impl RedisBackend {
             blocking: Default::default(),
             envelope_queues: Arc::new(envelope_queues.into_iter().collect()),
             scripts: Scripts {
-                claim: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
-                adopt: Script::new(&format!("{NEXT_EPOCH_FN}{WRAP_FN}{ADOPT}")),
-                extend: Script::new(EXTEND),
-                finish: BatchedScript::start("finish", STEP_FNS, FINISH, 12, 6, conn.clone()),
-                recover: Script::new(RECOVER),
+                claim: Script::new(&format!("{NOW_FN}{NEXT_EPOCH_FN}{WRAP_FN}{CLAIM}")),
+                adopt: Script::new(&format!("{NOW_FN}{NEXT_EPOCH_FN}{WRAP_FN}{ADOPT}")),
+                extend: Script::new(&format!("{NOW_FN}{EXTEND}")),
+                finish: BatchedScript::start(
+                    "finish",
+                    &format!("{STEP_FNS}{NOW_FN}"),
+                    FINISH,
+                    12,
+                    6,
+                    conn.clone(),
+                ),
+                recover: Script::new(&format!("{NOW_FN}{RECOVER}")),
                 submit_decision: Script::new(&format!("{STEP_FNS}{SUBMIT_DECISION}")),
                 redrive: Script::new(REDRIVE),
             },
@@ -518,7 +537,7 @@ impl RedisBackend {
             .key(&k.epoch_seq)
             .key(&k.delayed);
         inv.arg(&self.worker_id)
-            .arg(now_ms() + lease.as_millis() as i64)
+            .arg(lease.as_millis() as u64)
             .arg(n)
             .arg(self.envelope_flag(q));
     }
@@ -608,7 +627,7 @@ impl Backend for RedisBackend {
         let mut inv = self.scripts.extend.prepare_invoke();
         inv.key(&k.leases)
             .key(&k.epochs)
-            .arg(now_ms() + lease.as_millis() as i64);
+            .arg(lease.as_millis() as u64);
         for (id, epoch) in claims {
             inv.arg(id).arg(epoch.to_string());
         }
@@ -649,11 +668,10 @@ impl Backend for RedisBackend {
                     at: crate::exec::run::now_utc(),
                     error,
                 });
-                let due = now_ms() + delay.as_millis() as i64;
                 (
                     if keep_run { "retry_keep" } else { "retry" },
                     Self::rewrap(claim, claim.attempt, history, keep_run),
-                    due.to_string().into_bytes(),
+                    (delay.as_millis() as u64).to_string().into_bytes(),
                 )
             }
             Finish::DeadLetter(dl) => (
@@ -720,7 +738,7 @@ impl Backend for RedisBackend {
             .key(&k.workers)
             .key(&k.epochs)
             .key(&k.processing);
-        inv.arg(now_ms())
+        inv.arg("")
             .arg(&k.processing_prefix)
             .arg(&k.heartbeat_prefix);
         let mut conn = self.conn.clone();
