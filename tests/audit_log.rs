@@ -209,6 +209,26 @@ fn flipped_byte_in_a_state_value_is_invalid() {
     assert_eq!(code, 1, "{pout}");
 }
 
+/// A key written twice in one object reads two ways: Python (so Lár's verifier) keeps the last
+/// value, other readers the first. Lár's recipe still accepts such a log; `verify` refuses it
+/// and names where.
+#[test]
+fn a_duplicate_key_is_refused_though_lars_recipe_accepts_it() {
+    let (_dir, log) = signed_log();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let forged = text.replacen(r#""node_id":""#, r#""node_id":"forged","node_id":""#, 1);
+    assert_ne!(forged, text);
+    std::fs::write(&log, forged).unwrap();
+    let (code, out, err) = python(PY_VERIFY, &[log.to_str().unwrap(), SECRET]);
+    assert_eq!((code, out.trim()), (0, "OK 6"), "{err}");
+    let (code, out) = verify_cli(&log);
+    assert_eq!(code, 3, "{out}");
+    assert!(
+        out.contains("ambiguous: the key 'node_id' at steps[0].node_id appears twice"),
+        "{out}"
+    );
+}
+
 #[test]
 fn missing_signature_and_unreadable_files_are_invalid() {
     let (dir, log) = signed_log();

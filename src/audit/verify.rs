@@ -31,17 +31,28 @@ pub fn verify_file(path: &Path, secret: &Secret) -> Verdict {
         Ok(b) => b,
         Err(e) => return Verdict::invalid(format!("unreadable: {e}")),
     };
-    let parsed = crate::json::parse_deep(&bytes).or_else(|e| {
-        // Python (and our writer, to match its bytes) prints an overflowing float as a bare
-        // `Infinity`, which serde_json refuses; `1e400` parses to the same float and
-        // canonicalizes back to `Infinity`, so the signature still checks.
-        match infinity_as_number(&bytes) {
-            Some(fixed) => crate::json::parse_deep(&fixed).map_err(|_| e),
-            None => Err(e),
-        }
-    });
+    let parsed = crate::json::parse_deep(&bytes)
+        .map(|doc| (doc, None))
+        .or_else(|e| {
+            // Python (and our writer, to match its bytes) prints an overflowing float as a
+            // bare `Infinity`, which serde_json refuses; `1e400` parses to the same float and
+            // canonicalizes back to `Infinity`, so the signature still checks.
+            match infinity_as_number(&bytes) {
+                Some(fixed) => crate::json::parse_deep(&fixed)
+                    .map(|doc| (doc, Some(fixed)))
+                    .map_err(|_| e),
+                None => Err(e),
+            }
+        });
     match parsed {
-        Ok(doc) => verify_value(&doc, secret),
+        Ok((doc, fixed)) => match crate::json::first_duplicate_key(fixed.as_deref().unwrap_or(&bytes)) {
+            // The signature covers the last value of a repeated key (as Python reads it);
+            // a reader keeping the first would show something else.
+            Some(dup) => Verdict::invalid(format!(
+                "ambiguous: the key {dup} appears twice in one object (JSON readers disagree on which value counts)"
+            )),
+            None => verify_value(&doc, secret),
+        },
         Err(e) => Verdict::invalid(format!("unreadable: not JSON ({e})")),
     }
 }

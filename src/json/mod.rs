@@ -4,8 +4,10 @@
 //! those bytes exactly, so our signatures verify with Lár's own verifier and theirs with ours.
 
 pub mod canonical;
+mod duplicates;
 
 pub use canonical::{to_canonical_vec, to_python_json_vec, write_json};
+pub use duplicates::first_duplicate_key;
 
 use serde::Deserialize;
 use serde_json::Value;
