@@ -401,10 +401,9 @@ async fn an_unapplied_decision_neither_blocks_nor_lingers(store: &dyn RunStore) 
     q
 }
 
-/// Runs each scenario against both stores: the real Redis and a SQLite file in a temp dir.
 /// A finished run is retired before its delivery's ack, so a crash before `end_run` leaves no
 /// run for ever: it goes by itself after its time (Redis expires it; the SQLite store's sweep
-/// forgets it). A redelivery before then takes it back, and a paused run is never retired.
+/// forgets it), not before. A redelivery takes it back, and a paused run is never retired.
 async fn a_retired_run_goes_unless_taken_back(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let saved = |c: &Claim| {
@@ -417,14 +416,21 @@ async fn a_retired_run_goes_unless_taken_back(store: &dyn RunStore) -> QueueName
                 .unwrap()
         }
     };
-    let keep = Duration::from_millis(300);
+    // Long enough that a stalled machine does not expire a run before its check.
+    let keep = Duration::from_secs(2);
 
-    // Retired, then the crash: the run goes once its time is up, not before.
+    // Retired, then the crash: the run goes once its time is up.
     let gone = claim("job-r1", store.next_epoch(&q, "job-r1").await.unwrap());
     assert_eq!(saved(&gone).await, Fenced::Done);
     assert!(store.retire(&q, &gone, keep).await.unwrap());
-    assert_eq!(store.sweep_retired(&q).await.unwrap(), 0, "not yet");
-    assert!(store.load_run(&q, "job-r1").await.unwrap().is_some());
+
+    // Retired for longer: still there after the others went.
+    let later = claim("job-r0", store.next_epoch(&q, "job-r0").await.unwrap());
+    assert_eq!(saved(&later).await, Fenced::Done);
+    assert!(store
+        .retire(&q, &later, Duration::from_secs(600))
+        .await
+        .unwrap());
 
     // Retired, then the delivery came back: the new holder keeps it.
     let back = claim("job-r2", store.next_epoch(&q, "job-r2").await.unwrap());
@@ -438,12 +444,16 @@ async fn a_retired_run_goes_unless_taken_back(store: &dyn RunStore) -> QueueName
     let copy = claim("job-r3", store.next_epoch(&q, "job-r3").await.unwrap());
     assert!(store.retire(&q, &copy, keep).await.unwrap());
 
-    tokio::time::sleep(keep + Duration::from_millis(200)).await;
+    tokio::time::sleep(keep + Duration::from_millis(500)).await;
     let swept = store.sweep_retired(&q).await.unwrap();
     assert!(swept <= 1, "only the retired one: {swept}");
     assert!(
         store.load_run(&q, "job-r1").await.unwrap().is_none(),
         "gone"
+    );
+    assert!(
+        store.load_run(&q, "job-r0").await.unwrap().is_some(),
+        "not yet"
     );
     assert!(
         store.load_run(&q, "job-r2").await.unwrap().is_some(),
@@ -458,6 +468,7 @@ async fn a_retired_run_goes_unless_taken_back(store: &dyn RunStore) -> QueueName
     q
 }
 
+/// Runs each scenario against both stores: the real Redis and a SQLite file in a temp dir.
 macro_rules! on_both_stores {
     ($($scenario:ident),* $(,)?) => {$(
         mod $scenario {

@@ -1312,6 +1312,7 @@ impl Shared {
         let marker = Self::memo_key(q, &claim.job_id, h);
         if self.already_done(&marker).await? {
             info!(job_id = %claim.job_id, "a result for this job is already published (a redelivery): acking without publishing again");
+            self.retire(q, claim).await;
             return Ok(self.ack(h).await);
         }
         let ch = self.publisher().await?;
@@ -1380,6 +1381,7 @@ impl Shared {
             return Ok(Fenced::Lost);
         }
         self.mark_done(marker, &claim.job_id).await;
+        self.retire(q, claim).await;
         let fenced = self.ack(h).await;
         if fenced == Fenced::Lost {
             info!(job_id = %claim.job_id, "result published but the ack was lost: the redelivery will be acked by the done marker");
@@ -1629,6 +1631,17 @@ impl Shared {
         Ok(self.ack(h).await)
     }
 
+    /// Retires the claim's run just before the ack that ends it, so a crash between the ack
+    /// and `end_run` (after it, in `finish`) leaves no run for ever (`RunStore::retire`). A
+    /// store that fails only risks that orphan: the finish goes on.
+    async fn retire(&self, q: &QueueNames, claim: &Claim) {
+        if let Some(runs) = &self.runs {
+            if let Err(e) = runs.retire(q, claim, RETIRED_RUN_KEPT).await {
+                warn!(job_id = %claim.job_id, error = %e, "cannot retire the finished run");
+            }
+        }
+    }
+
     async fn finish_dead(
         &self,
         q: &QueueNames,
@@ -1651,6 +1664,9 @@ impl Shared {
             .await?,
         ];
         Self::confirmed(&ch, pending).await?;
+        if !dl.keep_run {
+            self.retire(q, claim).await;
+        }
         Ok(self.ack(h).await)
     }
 
@@ -1865,13 +1881,6 @@ impl Backend for AmqpBackend {
             let step = claim.decision.as_ref().and_then(|d| d.step);
             runs.drop_decision(q, &claim.job_id, step).await?;
         }
-        if let (true, Some(runs), true) = (ends_run, &s.runs, s.is_live(&h)) {
-            // The run goes after the ack (below); a crash in between must not leave it for
-            // ever. A store that fails here only risks that orphan: the finish goes on.
-            if let Err(e) = runs.retire(q, claim, RETIRED_RUN_KEPT).await {
-                warn!(job_id = %claim.job_id, error = %e, "cannot retire the finished run");
-            }
-        }
         let out = if !s.is_live(&h) {
             // The channel it came on is gone: the broker redelivers it; publish nothing.
             Ok(Fenced::Lost)
@@ -1955,9 +1964,14 @@ impl Backend for AmqpBackend {
         let Some(runs) = &s.runs else {
             return Ok(0);
         };
-        let swept = runs.sweep_retired(q).await?;
-        if swept > 0 {
-            info!(queue = %q.jobs, swept, "forgot finished runs a crash left between ack and cleanup");
+        // A sweep that fails (the file busy) is tried again next tick; the decisions below
+        // must not wait for it.
+        match runs.sweep_retired(q).await {
+            Ok(0) => {}
+            Ok(swept) => {
+                info!(queue = %q.jobs, swept, "forgot finished runs a crash left between ack and cleanup")
+            }
+            Err(e) => warn!(queue = %q.jobs, error = %e, "cannot sweep retired runs"),
         }
         let mut moved = 0;
         for (job_id, entry) in runs.stale_decisions(q, DECISION_REDELIVER_AFTER).await? {

@@ -85,16 +85,24 @@ pub(super) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The store's column on `runs` (added to files from before it): when a retired run goes, in
-/// ms since the epoch (see `RunStore::retire`); NULL for a live run.
-fn add_retire_at(conn: &Connection) -> Result<(), QueueError> {
-    let has: i64 = conn.query_row(
+/// ms since the epoch (see `RunStore::retire`); NULL for a live run. Its index holds only the
+/// retired runs, so the sweep never reads the live ones. One immediate transaction: replicas
+/// starting together must not both add the column.
+fn add_retire_at(conn: &mut Connection) -> Result<(), QueueError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let has: i64 = tx.query_row(
         "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'retire_at'",
         [],
         |r| r.get(0),
     )?;
     if has == 0 {
-        conn.execute_batch("ALTER TABLE runs ADD COLUMN retire_at INTEGER")?;
+        tx.execute_batch("ALTER TABLE runs ADD COLUMN retire_at INTEGER")?;
     }
+    tx.execute_batch(
+        "CREATE INDEX IF NOT EXISTS runs_retired ON runs (queue, retire_at)
+         WHERE retire_at IS NOT NULL",
+    )?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -123,7 +131,7 @@ impl SqliteRunStore {
                 ))
             })?;
         }
-        let conn = Connection::open(path)?;
+        let mut conn = Connection::open(path)?;
         conn.busy_timeout(BUSY_TIMEOUT)?;
         let mode: String =
             conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
@@ -136,7 +144,7 @@ impl SqliteRunStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(RUN_TABLES)?;
-        add_retire_at(&conn)?;
+        add_retire_at(&mut conn)?;
         seed_epoch_seq(&conn, "SELECT MAX(epoch) FROM epochs")?;
         Ok(SqliteRunStore {
             conn: Arc::new(Mutex::new(conn)),
@@ -323,7 +331,6 @@ fn answered(
         .is_some())
 }
 
-/// Forgets a run and its epoch: the job is done with.
 /// Whether [`delete_run`] would forget the run: nothing live waits for a human.
 fn run_is_done(
     tx: &rusqlite::Transaction<'_>,
@@ -341,6 +348,7 @@ fn run_is_done(
     }
 }
 
+/// Forgets a run and its epoch: the job is done with.
 fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
     // A decision on its way to the broker needs the run as much as a pending one, unless
     // the journal shows it applied.
@@ -464,13 +472,22 @@ impl RunStore for SqliteRunStore {
     async fn sweep_retired(&self, q: &QueueNames) -> Result<u64, QueueError> {
         let queue = q.jobs.clone();
         self.with_conn(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let due: Vec<String> = tx
-                .prepare_cached(
-                    "SELECT job_id FROM runs WHERE queue = ?1 AND retire_at <= ?2 LIMIT 1000",
+            // The retired runs' index answers without the write lock; it is taken only when
+            // something is due, and each run is checked again under it (a delivery may have
+            // taken it back in between).
+            let due = |c: &Connection| -> Result<Vec<String>, QueueError> {
+                Ok(c.prepare_cached(
+                    "SELECT job_id FROM runs
+                     WHERE queue = ?1 AND retire_at IS NOT NULL AND retire_at <= ?2 LIMIT 1000",
                 )?
                 .query_map(params![queue, now_ms()], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
+                .collect::<Result<_, _>>()?)
+            };
+            if due(conn)?.is_empty() {
+                return Ok(0);
+            }
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let due = due(&tx)?;
             for job_id in &due {
                 delete_rows(&tx, JOB_TABLES, &queue, job_id)?;
             }
