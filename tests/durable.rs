@@ -895,6 +895,10 @@ mod amqp_sqlite_store {
     fn paused_jobs_decided_while_replicas_die() {
         super::paused_jobs_decided_while_replicas_die(super::Kind::AmqpSqlite)
     }
+    #[test]
+    fn connections_cut_at_random_lose_nothing() {
+        super::connections_cut_at_random_lose_nothing(super::Kind::AmqpSqlite)
+    }
 }
 
 /// Every scenario but the frozen worker (AMQP has no lease to expire: a frozen consumer keeps
@@ -956,6 +960,10 @@ mod amqp_backend {
     #[test]
     fn paused_jobs_decided_while_replicas_die() {
         super::paused_jobs_decided_while_replicas_die(super::Kind::Amqp)
+    }
+    #[test]
+    fn connections_cut_at_random_lose_nothing() {
+        super::connections_cut_at_random_lose_nothing(super::Kind::Amqp)
     }
 }
 
@@ -1379,6 +1387,8 @@ struct Replicas {
     kills: usize,
     terms: usize,
     freezes: usize,
+    /// Connection cuts that give back what the replica held (AMQP).
+    cuts: usize,
     thaws: Vec<std::thread::JoinHandle<()>>,
     seed: u64,
     rng: rand::rngs::StdRng,
@@ -1397,6 +1407,7 @@ impl Replicas {
             kills: 0,
             terms: 0,
             freezes: 0,
+            cuts: 0,
             thaws: Vec::new(),
             seed,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
@@ -1467,10 +1478,10 @@ impl Replicas {
         )
     }
 
-    /// The most steps the schedule can have cut off: each kill or freeze, one per job the
-    /// replica held.
+    /// The most steps the schedule can have cut off: each kill, freeze or broker connection
+    /// cut, one per job the replica held.
     fn cut_off(&self) -> usize {
-        (self.kills + self.freezes) * CHAOS_CONCURRENCY
+        (self.kills + self.freezes + self.cuts) * CHAOS_CONCURRENCY
     }
 
     /// Every replica's stderr, for a failure's message.
@@ -1766,32 +1777,54 @@ fn paused_jobs_decided_while_replicas_die(kind: Kind) {
     eprintln!("{context}: {replayed} steps ran again");
 }
 
-/// The Redis connections (local `ip:port`) the process `pid` holds to 127.0.0.1:6379, read
-/// from `ss`.
-fn redis_connections_of(pid: u32) -> Vec<String> {
+/// The TCP connections the process `pid` holds to 127.0.0.1 on `port`, as (local port, peer
+/// port), read from `ss`.
+fn connections_of(pid: u32, port: u16) -> Vec<(String, u16)> {
     let out = Command::new("ss")
-        .args(["-tnpH", "dport = :6379"])
+        .args(["-tnpH", &format!("dport = :{port}")])
         .output()
-        .expect("ss (iproute2) lists the replicas' Redis connections");
+        .expect("ss (iproute2) lists the replicas' connections");
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains(&format!("pid={pid},")))
-        .filter_map(|l| l.split_whitespace().nth(3).map(String::from))
+        .filter_map(|l| l.split_whitespace().nth(3))
+        .filter_map(|local| local.rsplit(':').next().map(|p| (p.to_string(), port)))
         .collect()
 }
 
-/// Redis connections of live replicas cut at random (`CLIENT KILL`) while they work through a
-/// backlog: blocked claims, step saves, heartbeats and finishes lose their connection or their
-/// reply mid-call. Every job still completes once, each log holds every step once and
-/// verifies, and no step runs twice: no process died, so a call whose reply was lost is
-/// retried (every write is idempotent or fenced), not its step.
-#[test]
-fn redis_connections_cut_at_random_lose_nothing() {
+/// Aborts one TCP connection on this host (`ss -K`): both ends see it die at once, as when a
+/// network path or a middlebox drops it.
+fn cut_connection(local_port: &str, peer_port: u16) -> bool {
+    Command::new("ss")
+        .args([
+            "-K",
+            "dst",
+            "127.0.0.1",
+            "dport",
+            "=",
+            &format!(":{peer_port}"),
+            "sport",
+            "=",
+            &format!(":{local_port}"),
+        ])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Connections of live replicas (Redis, the broker, the checkpoint store's Redis) cut at
+/// random while they work through a backlog: blocked claims, step saves, publishes, confirms,
+/// acks and finishes lose their connection or their reply mid-call. Every job still completes,
+/// each log holds every step once and verifies, and nothing is left behind. On Redis no step
+/// runs twice: no process died, and a call whose reply was lost is retried (every write is
+/// idempotent or fenced), not its step. On AMQP the connection is the claim: a cut one gives
+/// its deliveries back, so the steps they were running may run again (at most one per job
+/// the replica held) and a result whose confirm was lost may repeat, byte for byte.
+fn connections_cut_at_random_lose_nothing(kind: Kind) {
     use rand::Rng;
     // A lease far longer than a reconnect's backoff (up to 2 s): a lease that lapsed while a
     // replica reconnected would legitimately run a step again elsewhere.
     let mut env = Env::new(
-        Kind::Redis,
+        kind,
         &chaos_graph(),
         "envelope",
         10_000,
@@ -1801,31 +1834,42 @@ fn redis_connections_cut_at_random_lose_nothing() {
         env.push(&format!(r#"{{"id":"cut-{i}","input":{{"n":{i}}}}}"#));
     }
     let mut replicas = Replicas::start(&env);
-    let mut cuts = 0;
+    let (mut redis_cuts, mut broker_cuts) = (0, 0);
     for _ in 0..25 {
-        if env.results_now().len() >= CHAOS_JOBS {
+        if Replicas::jobs_with(&env.results_now(), "completed") >= CHAOS_JOBS {
             break;
         }
         std::thread::sleep(Duration::from_millis(replicas.rng.random_range(50..250)));
         let victim = replicas.rng.random_range(0..replicas.live.len());
-        let conns = redis_connections_of(replicas.live[victim].id());
+        let pid = replicas.live[victim].id();
+        let mut conns = connections_of(pid, 6379);
+        conns.extend(connections_of(pid, 5672));
         if conns.is_empty() {
             continue;
         }
-        let addr = &conns[replicas.rng.random_range(0..conns.len())];
-        let killed: Result<i64, _> = redis::cmd("CLIENT")
-            .arg("KILL")
-            .arg("ADDR")
-            .arg(addr)
-            .query(&mut env.redis);
-        cuts += usize::from(killed.is_ok());
+        let (local, peer) = conns[replicas.rng.random_range(0..conns.len())].clone();
+        if cut_connection(&local, peer) {
+            if peer == 5672 {
+                broker_cuts += 1;
+            } else {
+                redis_cuts += 1;
+            }
+        }
     }
-    env.wait_results(CHAOS_JOBS, Duration::from_secs(90));
+    // A broker connection cut gives back what it held, like a kill.
+    replicas.cuts = broker_cuts;
+    Replicas::wait_completed(&env, CHAOS_JOBS, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(2));
     let results = env.results_now();
     replicas.stop_all();
-    let context = format!("{}, {cuts} connections cut", replicas.context());
-    assert!(cuts > 0, "{context}: the replicas' connections were found");
+    let context = format!(
+        "{}, {redis_cuts} Redis and {broker_cuts} broker connections cut",
+        replicas.context()
+    );
+    assert!(
+        redis_cuts + broker_cuts > 0,
+        "{context}: the replicas' connections were found"
+    );
     let finals = replicas.one_per_job(&env, &results, "completed");
     assert_eq!(
         finals.len(),
@@ -1848,14 +1892,21 @@ fn redis_connections_cut_at_random_lose_nothing() {
         );
     }
     let replayed = replicas.check_side_effects(&env, CHAOS_JOBS * CHAOS_STEPS);
-    assert_eq!(
-        replayed,
-        0,
-        "{context}: no step ran twice\n{}",
-        replicas.logs(&env)
-    );
+    if kind == Kind::Redis {
+        assert_eq!(
+            replayed,
+            0,
+            "{context}: no step ran twice\n{}",
+            replicas.logs(&env)
+        );
+    }
     replicas.check_runs_left(&mut env);
-    eprintln!("{context}");
+    eprintln!("{context}: {replayed} steps ran again");
+}
+
+#[test]
+fn redis_connections_cut_at_random_lose_nothing() {
+    connections_cut_at_random_lose_nothing(Kind::Redis)
 }
 
 on_backends!(
