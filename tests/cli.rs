@@ -345,7 +345,7 @@ fn manifest_of_loan_review() {
             "node": "score",
             "tool": "risk_score",
             "transport": "command",
-            "detail": {"argv": ["python3", "tools/risk_score.py"], "timeout_ms": 5000, "timeout_explicit": true},
+            "detail": {"argv": ["python3", "tools/risk_score.py"], "timeout_ms": 5000, "timeout_explicit": true, "secrets": []},
             "inputs": ["amount", "sector"],
             "output": null,
         }])

@@ -1075,6 +1075,91 @@ timeout_ms = 10000
     assert_eq!(code, 3);
 }
 
+/// The variables the loaded graphs read secrets from (an http tool's `env:` header here; an
+/// LLM provider's `api_key_env` the same) are not inherited by command tools: a tool gets one
+/// only when its `env` table grants it by name (`env:VAR`), or from a file (`file:PATH`).
+#[test]
+fn tools_see_graph_secrets_only_when_granted() {
+    let dir = TempDir::new().unwrap();
+    let tool = python_tool(
+        dir.path(),
+        "peek.py",
+        "import json, os, sys\njson.load(sys.stdin)\njson.dump({'token': os.environ.get('PEEK_TOKEN'), 'granted': os.environ.get('GRANTED'), 'from_file': os.environ.get('FROM_FILE'), 'plain': os.environ.get('PLAIN'), 'unrelated': os.environ.get('UNRELATED_VAR')}, sys.stdout)\n",
+    );
+    common::write(dir.path(), "token.txt", "file-token-42\n");
+    let graph_path = common::write(
+        dir.path(),
+        "peek.toml",
+        &format!(
+            r#"
+entry = "plain"
+[[nodes]]
+id = "plain"
+type = "tool"
+tool = "peek"
+output = "plain"
+next = "granted"
+[[nodes]]
+id = "granted"
+type = "tool"
+tool = "peek_granted"
+output = "granted"
+next = "call"
+[[nodes]]
+id = "call"
+type = "tool"
+tool = "api"
+output = "api"
+error = "end"
+next = "end"
+[[nodes]]
+id = "end"
+type = "clear_error"
+[tools.peek]
+command = ["python3", '{tool}']
+timeout_ms = 10000
+[tools.peek_granted]
+command = ["python3", '{tool}']
+timeout_ms = 10000
+env = {{ GRANTED = "env:PEEK_TOKEN", FROM_FILE = "file:token.txt", PLAIN = "env-less" }}
+[tools.api.http]
+url = "http://127.0.0.1:9/never-called"
+headers = {{ Authorization = "env:PEEK_TOKEN" }}
+"#,
+            tool = tool.display()
+        ),
+    );
+    let logs = dir.path().join("logs");
+    let (code, stdout, stderr) = run(bin()
+        .env("HMAC_SECRET", "peek-secret-0123456789")
+        .env("PEEK_TOKEN", "tok-5e1f9a")
+        .env("UNRELATED_VAR", "still-inherited")
+        .args([
+            "run-once", "--job-id", "job-peek", "--input", "{}", "--graph",
+        ])
+        .arg(&graph_path)
+        .arg("--log-dir")
+        .arg(&logs));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let state: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        state["plain"],
+        json!({"token": null, "granted": null, "from_file": null, "plain": null, "unrelated": "still-inherited"})
+    );
+    assert_eq!(
+        state["granted"],
+        json!({"token": null, "granted": "tok-5e1f9a", "from_file": "file-token-42", "plain": "env-less", "unrelated": "still-inherited"})
+    );
+    // The compliance inventory names each secret a tool is handed, by its source only.
+    let (code, out, err) = run(bin().arg("manifest").arg(&graph_path));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("GRANTED <env:PEEK_TOKEN>") && out.contains("token.txt>"),
+        "{out}"
+    );
+    assert!(!out.contains("tok-5e1f9a") && !out.contains("file-token-42"));
+}
+
 /// A decision's signature covers the job, the halt it answers and every recorded field: a
 /// change to any of them, or another secret, makes it invalid.
 #[test]
@@ -1161,7 +1246,7 @@ async fn command_tools_end_with_the_tool_not_with_its_pipes() {
 
 /// A failing command tool's stderr goes into `last_error`, the step record and the result:
 /// the value of every secret a loaded graph uses (here an `env:` header) is redacted from it,
-/// since a tool inherits the worker's environment.
+/// for a tool granted that secret in its `env` table (or one that reads it some other way).
 #[tokio::test]
 async fn a_failing_tool_cannot_put_a_graph_secret_into_the_evidence() {
     use lar_worker::net::secret::HeaderSpec;
@@ -1182,12 +1267,17 @@ async fn a_failing_tool_cannot_put_a_graph_secret_into_the_evidence() {
         "-c".to_string(),
         format!("echo \"key is ${var}\" >&2; exit 3"),
     ];
+    let granted = std::collections::BTreeMap::from([(
+        var.clone(),
+        lar_worker::net::secret::ValueSpec::parse("env", &format!("env:{var}"), Path::new("/"))
+            .unwrap(),
+    )]);
     let err = run_command(
         CommandCall {
             tool: "t",
             argv: &argv,
             timeout: Duration::from_secs(10),
-            env: &std::collections::BTreeMap::new(),
+            env: &granted,
             cwd: None,
         },
         &serde_json::Map::new(),

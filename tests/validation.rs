@@ -501,6 +501,17 @@ fn builtin_tool_with_a_timeout_or_env() {
 }
 
 #[test]
+fn tool_env_secret_without_a_source() {
+    expect_error(
+        "tool_env_empty_ref",
+        &with_tool("[tools.x]\ncommand = [\"python3\", \"x.py\"]\nenv = { TOKEN = \"env:\" }"),
+        Some("tools.x"),
+        Some("env"),
+        "env TOKEN: 'env:' needs a variable name",
+    );
+}
+
+#[test]
 fn tool_with_command_and_builtin() {
     expect_error(
         "tool_both",

@@ -5,6 +5,7 @@ use super::expr::Expr;
 use super::model::*;
 use super::reader::{kind, FieldReader};
 use super::template::Template;
+use crate::net::secret::ValueSpec;
 use crate::net::{HeaderSpec, RetrySpec, SecretRef};
 use crate::tools::Registry;
 use serde_json::{Map, Value};
@@ -283,7 +284,15 @@ fn parse_tool(
     let timeout_ms = r.opt_u64("timeout_ms");
     let cwd = r.opt_str("cwd").map(PathBuf::from);
     let _description = r.opt_str("description");
-    let env: BTreeMap<String, String> = r.opt_str_table("env").into_iter().collect();
+    let mut env = BTreeMap::new();
+    for (var, value) in r.opt_str_table("env") {
+        match ValueSpec::parse(&format!("env {var}"), &value, base_dir) {
+            Ok(v) => {
+                env.insert(var, v);
+            }
+            Err(msg) => r.error(Some("env"), msg),
+        }
+    }
     if timeout_ms == Some(0) {
         r.error(Some("timeout_ms"), "must be more than 0");
     }

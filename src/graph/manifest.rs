@@ -4,6 +4,7 @@
 
 use super::load::successors;
 use super::model::{Graph, LlmSpec, NodeKind, ProviderSpec, RouteSelector, ToolSpec};
+use crate::net::secret::ValueSpec;
 use crate::net::SecretRef;
 use serde_json::{json, Value};
 
@@ -221,14 +222,23 @@ fn tool_detail(
             argv,
             timeout,
             timeout_explicit,
+            env,
             ..
         }) => {
             if !timeout_explicit {
                 no_timeout(risks, timeout.as_millis());
             }
+            // The secrets the program is handed (by source), for the inventory.
+            let secrets: Vec<String> = env
+                .iter()
+                .filter_map(|(var, v)| match v {
+                    ValueSpec::Secret(s) => Some(format!("{var} <{}>", s.describe())),
+                    ValueSpec::Plain(_) => None,
+                })
+                .collect();
             (
                 "command",
-                json!({"argv": argv, "timeout_ms": timeout.as_millis() as u64, "timeout_explicit": timeout_explicit}),
+                json!({"argv": argv, "timeout_ms": timeout.as_millis() as u64, "timeout_explicit": timeout_explicit, "secrets": secrets}),
             )
         }
         Some(ToolSpec::Http(h)) => {
@@ -238,7 +248,7 @@ fn tool_detail(
             let sends_secret = h
                 .headers
                 .iter()
-                .any(|x| matches!(x.value, crate::net::HeaderValueSpec::Secret(_)));
+                .any(|x| matches!(x.value, crate::net::ValueSpec::Secret(_)));
             if sends_secret && cleartext_off_host(&h.url) {
                 risks.push(risk(
                     node,
@@ -312,7 +322,7 @@ fn provider_entry(graph: &Graph, name: &str, p: &ProviderSpec, risks: &mut Vec<V
     let sends_secret = p.api_key.is_some()
         || p.headers
             .iter()
-            .any(|x| matches!(x.value, crate::net::HeaderValueSpec::Secret(_)));
+            .any(|x| matches!(x.value, crate::net::ValueSpec::Secret(_)));
     if sends_secret && cleartext_off_host(&p.base_url) {
         risks.push(risk(
             &subject,

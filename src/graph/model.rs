@@ -174,7 +174,9 @@ pub enum ToolSpec {
         argv: Vec<String>,
         timeout: Duration,
         timeout_explicit: bool,
-        env: BTreeMap<String, String>,
+        /// Set for the program on top of the worker's environment (minus the variables the
+        /// graphs read secrets from); `env:`/`file:` values are read at each call.
+        env: BTreeMap<String, crate::net::secret::ValueSpec>,
         cwd: Option<PathBuf>,
     },
     /// A Rust function registered by the program that embeds the crate.

@@ -4,7 +4,7 @@
 
 pub mod secret;
 
-pub use secret::{HeaderSpec, HeaderValueSpec, Redactor, SecretRef, SecretRefError};
+pub use secret::{HeaderSpec, Redactor, SecretRef, SecretRefError, ValueSpec};
 
 use crate::backoff::Backoff;
 use reqwest::header::{HeaderMap, RETRY_AFTER};

@@ -81,9 +81,10 @@ impl SecretRef {
     }
 }
 
-/// A header value in a graph file: plain text, or a secret reference.
+/// A header value or a command tool's environment value in a graph file: plain text, or a
+/// secret reference (`env:VAR`, `file:PATH`) read when the call is made.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HeaderValueSpec {
+pub enum ValueSpec {
     Plain(String),
     Secret(SecretRef),
 }
@@ -92,32 +93,59 @@ pub enum HeaderValueSpec {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeaderSpec {
     pub name: String,
-    pub value: HeaderValueSpec,
+    pub value: ValueSpec,
+}
+
+impl ValueSpec {
+    /// Reads a value written in a graph file: `env:VAR` and `file:PATH` (relative to the
+    /// graph's folder) are secret references, remembered for redaction; anything else is
+    /// plain text. `what` names the field in errors.
+    pub fn parse(what: &str, text: &str, base: &std::path::Path) -> Result<ValueSpec, String> {
+        let spec = match SecretRef::parse_prefixed(text) {
+            Some(SecretRef::Env(var)) if var.is_empty() => {
+                return Err(format!("{what}: 'env:' needs a variable name"))
+            }
+            Some(SecretRef::File(p)) if p.as_os_str().is_empty() => {
+                return Err(format!("{what}: 'file:' needs a path"))
+            }
+            Some(SecretRef::File(p)) => ValueSpec::Secret(SecretRef::File(base.join(p))),
+            Some(s) => ValueSpec::Secret(s),
+            None => ValueSpec::Plain(text.to_string()),
+        };
+        if let ValueSpec::Secret(s) = &spec {
+            register_graph_secret(s);
+        }
+        Ok(spec)
+    }
+
+    /// The value now: plain text as written, a secret read from its source.
+    pub fn resolve(&self) -> Result<String, SecretRefError> {
+        match self {
+            ValueSpec::Plain(v) => Ok(v.clone()),
+            ValueSpec::Secret(s) => s.resolve(),
+        }
+    }
+
+    /// What the manifest shows: plain text, or a secret's source only.
+    pub fn describe(&self) -> String {
+        match self {
+            ValueSpec::Plain(v) => v.clone(),
+            ValueSpec::Secret(s) => format!("<{}>", s.describe()),
+        }
+    }
 }
 
 impl HeaderSpec {
-    /// Parses `name = "value" | "env:VAR" | "file:/path"`; relative files are taken from `base`.
+    /// Parses one configured header (a plain value, or `env:VAR` / `file:PATH` relative to
+    /// `base`).
     pub fn parse(name: &str, value: &str, base: &std::path::Path) -> Result<HeaderSpec, String> {
         HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("'{name}' is not a valid HTTP header name"))?;
-        let value = match SecretRef::parse_prefixed(value) {
-            Some(SecretRef::Env(var)) if var.is_empty() => {
-                return Err(format!("header '{name}': 'env:' needs a variable name"))
-            }
-            Some(SecretRef::File(p)) if p.as_os_str().is_empty() => {
-                return Err(format!("header '{name}': 'file:' needs a path"))
-            }
-            Some(SecretRef::File(p)) => HeaderValueSpec::Secret(SecretRef::File(base.join(p))),
-            Some(s) => HeaderValueSpec::Secret(s),
-            None => {
-                HeaderValue::from_str(value).map_err(|_| {
-                    format!("header '{name}': the value has characters HTTP does not allow")
-                })?;
-                HeaderValueSpec::Plain(value.to_string())
-            }
-        };
-        if let HeaderValueSpec::Secret(s) = &value {
-            register_graph_secret(s);
+        let value = ValueSpec::parse(&format!("header '{name}'"), value, base)?;
+        if let ValueSpec::Plain(v) = &value {
+            HeaderValue::from_str(v).map_err(|_| {
+                format!("header '{name}': the value has characters HTTP does not allow")
+            })?;
         }
         Ok(HeaderSpec {
             name: name.to_string(),
@@ -127,10 +155,7 @@ impl HeaderSpec {
 
     /// `name: value` for the manifest, secrets shown by their source only.
     pub fn describe(&self) -> String {
-        match &self.value {
-            HeaderValueSpec::Plain(v) => format!("{}: {v}", self.name),
-            HeaderValueSpec::Secret(s) => format!("{}: <{}>", self.name, s.describe()),
-        }
+        format!("{}: {}", self.name, self.value.describe())
     }
 }
 
@@ -147,11 +172,11 @@ pub fn add_headers(
             continue;
         };
         let value = match &spec.value {
-            HeaderValueSpec::Plain(v) => match HeaderValue::from_str(v) {
+            ValueSpec::Plain(v) => match HeaderValue::from_str(v) {
                 Ok(v) => v,
                 Err(_) => continue,
             },
-            HeaderValueSpec::Secret(s) => {
+            ValueSpec::Secret(s) => {
                 let text = s.resolve()?;
                 redactor.add(&text);
                 secret_header_value(&text, &s.describe())?
@@ -185,6 +210,22 @@ pub fn register_graph_secret(source: &SecretRef) {
     if !known.contains(source) {
         known.push(source.clone());
     }
+}
+
+/// The environment variables the loaded graphs read secrets from: a command tool does not
+/// inherit them from the worker (a tool that needs one is granted it in its `env` table).
+pub fn graph_secret_env_vars() -> Vec<String> {
+    let sources = match GRAPH_SECRETS.lock() {
+        Ok(k) => k.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    sources
+        .into_iter()
+        .filter_map(|s| match s {
+            SecretRef::Env(var) => Some(var),
+            SecretRef::File(_) => None,
+        })
+        .collect()
 }
 
 /// `text` with the current value of every registered graph secret replaced by `[redacted]`.
@@ -302,14 +343,11 @@ mod tests {
     fn header_specs() {
         let base = std::path::Path::new("/etc/graphs");
         let h = HeaderSpec::parse("X-Api-Key", "env:MY_KEY", base).unwrap();
-        assert_eq!(
-            h.value,
-            HeaderValueSpec::Secret(SecretRef::Env("MY_KEY".into()))
-        );
+        assert_eq!(h.value, ValueSpec::Secret(SecretRef::Env("MY_KEY".into())));
         let h = HeaderSpec::parse("X-Token", "file:token.txt", base).unwrap();
         assert_eq!(
             h.value,
-            HeaderValueSpec::Secret(SecretRef::File("/etc/graphs/token.txt".into()))
+            ValueSpec::Secret(SecretRef::File("/etc/graphs/token.txt".into()))
         );
         assert!(HeaderSpec::parse("bad name", "x", base).is_err());
         assert!(HeaderSpec::parse("X-A", "line\nbreak", base).is_err());

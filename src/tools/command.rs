@@ -60,7 +60,7 @@ pub struct CommandCall<'a> {
     pub tool: &'a str,
     pub argv: &'a [String],
     pub timeout: Duration,
-    pub env: &'a BTreeMap<String, String>,
+    pub env: &'a BTreeMap<String, crate::net::secret::ValueSpec>,
     pub cwd: Option<&'a PathBuf>,
 }
 
@@ -85,10 +85,20 @@ pub async fn run_command(
         .env("LAR_RUN_ID", &ctx.run_id)
         .env("LAR_STEP", ctx.step.to_string())
         .env("LAR_IDEMPOTENCY_KEY", ctx.idempotency_key());
+    // Neither the signing key nor the secrets the graphs read (provider API keys, header
+    // tokens) reach a tool unless its own `env` table grants one by name.
     for name in SCRUBBED_ENV {
         cmd.env_remove(name);
     }
-    cmd.envs(call.env);
+    for name in crate::net::secret::graph_secret_env_vars() {
+        cmd.env_remove(name);
+    }
+    for (name, value) in call.env {
+        let value = value
+            .resolve()
+            .map_err(|e| ToolFailure(format!("tool '{tool}': env {name}: {e}")))?;
+        cmd.env(name, value);
+    }
     if let Some(dir) = call.cwd {
         cmd.current_dir(dir);
     }
