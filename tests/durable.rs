@@ -1355,7 +1355,7 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
 
 /// The replica scenarios' tool: notes that its step started (the idempotency key, `job:step`)
 /// before it works, so a step cut off by a kill and run again shows as a second line.
-const NOTING_TOOL: &str = "#!/bin/sh\ncat > /dev/null\necho \"$LAR_IDEMPOTENCY_KEY\" >> \"$SIDE_FILE\"\nsleep 0.04\necho '{\"ok\":true}'\n";
+const NOTING_TOOL: &str = "#!/bin/sh\ncat > /dev/null\necho \"$LAR_IDEMPOTENCY_KEY\" >> \"$SIDE_FILE\"\nsleep 0.08\necho '{\"ok\":true}'\n";
 const NOTING_TOOL_DEF: &str = "[tools.note]\ncommand = [\"sh\", \"$DIR/note.sh\"]\ntimeout_ms = 10000\nenv = { SIDE_FILE = \"$DIR/side.txt\" }\n";
 
 const CHAOS_STEPS: usize = 8;
@@ -1387,8 +1387,9 @@ struct Replicas {
     kills: usize,
     terms: usize,
     freezes: usize,
-    /// Connection cuts that give back what the replica held (AMQP).
-    cuts: usize,
+    /// Connections cut (`ss -K`): to the broker, and to Redis (the backend or the store).
+    broker_cuts: usize,
+    redis_cuts: usize,
     thaws: Vec<std::thread::JoinHandle<()>>,
     seed: u64,
     rng: rand::rngs::StdRng,
@@ -1407,7 +1408,8 @@ impl Replicas {
             kills: 0,
             terms: 0,
             freezes: 0,
-            cuts: 0,
+            broker_cuts: 0,
+            redis_cuts: 0,
             thaws: Vec::new(),
             seed,
             rng: rand::rngs::StdRng::seed_from_u64(seed),
@@ -1440,6 +1442,9 @@ impl Replicas {
         use rand::Rng;
         std::thread::sleep(Duration::from_millis(self.rng.random_range(150..450)));
         let victim = self.rng.random_range(0..self.live.len());
+        if env.kind != Kind::Embedded && self.rng.random_bool(0.2) && self.cut(victim) {
+            return;
+        }
         let leases = matches!(env.kind, Kind::Redis | Kind::Embedded);
         if leases && self.rng.random_bool(0.2) {
             self.freezes += 1;
@@ -1462,6 +1467,28 @@ impl Replicas {
         }
     }
 
+    /// Aborts one of replica `victim`'s connections (Redis, the broker, the store) at random;
+    /// false when it has none.
+    fn cut(&mut self, victim: usize) -> bool {
+        use rand::Rng;
+        let pid = self.live[victim].id();
+        let mut conns = connections_of(pid, 6379);
+        conns.extend(connections_of(pid, 5672));
+        if conns.is_empty() {
+            return false;
+        }
+        let (local, peer) = conns[self.rng.random_range(0..conns.len())].clone();
+        if !cut_connection(&local, peer) {
+            return false;
+        }
+        if peer == 5672 {
+            self.broker_cuts += 1;
+        } else {
+            self.redis_cuts += 1;
+        }
+        true
+    }
+
     fn stop_all(&mut self) {
         for thaw in self.thaws.drain(..) {
             let _ = thaw.join();
@@ -1473,15 +1500,16 @@ impl Replicas {
 
     fn context(&self) -> String {
         format!(
-            "seed {}, {} kills, {} stops, {} freezes",
-            self.seed, self.kills, self.terms, self.freezes
+            "seed {}, {} kills, {} stops, {} freezes, {} broker and {} Redis connections cut",
+            self.seed, self.kills, self.terms, self.freezes, self.broker_cuts, self.redis_cuts
         )
     }
 
-    /// The most steps the schedule can have cut off: each kill, freeze or broker connection
-    /// cut, one per job the replica held.
+    /// The most steps the schedule can have cut off: each kill, freeze or connection cut (a
+    /// broker's gives its deliveries back; a reconnect to Redis can outlast a short lease), one
+    /// per job the replica held.
     fn cut_off(&self) -> usize {
-        (self.kills + self.freezes + self.cuts) * CHAOS_CONCURRENCY
+        (self.kills + self.freezes + self.broker_cuts + self.redis_cuts) * CHAOS_CONCURRENCY
     }
 
     /// Every replica's stderr, for a failure's message.
@@ -1834,40 +1862,21 @@ fn connections_cut_at_random_lose_nothing(kind: Kind) {
         env.push(&format!(r#"{{"id":"cut-{i}","input":{{"n":{i}}}}}"#));
     }
     let mut replicas = Replicas::start(&env);
-    let (mut redis_cuts, mut broker_cuts) = (0, 0);
     for _ in 0..25 {
         if Replicas::jobs_with(&env.results_now(), "completed") >= CHAOS_JOBS {
             break;
         }
         std::thread::sleep(Duration::from_millis(replicas.rng.random_range(50..250)));
         let victim = replicas.rng.random_range(0..replicas.live.len());
-        let pid = replicas.live[victim].id();
-        let mut conns = connections_of(pid, 6379);
-        conns.extend(connections_of(pid, 5672));
-        if conns.is_empty() {
-            continue;
-        }
-        let (local, peer) = conns[replicas.rng.random_range(0..conns.len())].clone();
-        if cut_connection(&local, peer) {
-            if peer == 5672 {
-                broker_cuts += 1;
-            } else {
-                redis_cuts += 1;
-            }
-        }
+        replicas.cut(victim);
     }
-    // A broker connection cut gives back what it held, like a kill.
-    replicas.cuts = broker_cuts;
     Replicas::wait_completed(&env, CHAOS_JOBS, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(2));
     let results = env.results_now();
     replicas.stop_all();
-    let context = format!(
-        "{}, {redis_cuts} Redis and {broker_cuts} broker connections cut",
-        replicas.context()
-    );
+    let context = replicas.context();
     assert!(
-        redis_cuts + broker_cuts > 0,
+        replicas.broker_cuts + replicas.redis_cuts > 0,
         "{context}: the replicas' connections were found"
     );
     let finals = replicas.one_per_job(&env, &results, "completed");
