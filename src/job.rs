@@ -159,7 +159,13 @@ pub async fn drive(
             let signed = log.sign(&outcome_of(&status), audit.secret.as_ref());
             let name = format!("run_{}.json", log.header.run_id);
             let path = writer
-                .write(&audit.log_dir, name, signed.file_bytes, audit.durable)
+                .write(
+                    &audit.log_dir,
+                    name,
+                    signed.file_bytes,
+                    log.len(),
+                    audit.durable,
+                )
                 .await?;
             (path, signed.signature)
         }

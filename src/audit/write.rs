@@ -49,6 +49,8 @@ struct WriteRequest {
     dir: PathBuf,
     name: String,
     bytes: Vec<u8>,
+    /// How many steps the log holds (see [`LogWriter::write`]).
+    steps: usize,
     durable: bool,
     done: tokio::sync::oneshot::Sender<std::io::Result<PathBuf>>,
 }
@@ -77,12 +79,18 @@ impl LogWriter {
         Ok(LogWriter { tx })
     }
 
-    /// Writes `dir/name` atomically and (with `durable`) durably; resolves once it is.
+    /// Writes the run log `dir/name`, holding `steps` steps, atomically and (with `durable`)
+    /// durably; resolves once it is. A run's log only grows, so a log of the same run already
+    /// there with more steps is kept: it was written by a later holder of the job, and this
+    /// write comes from a holder cut off since (frozen past its lease, say), whose finish will
+    /// be fenced off. Without that rule its shorter log would replace the evidence of the
+    /// finished run.
     pub async fn write(
         &self,
         dir: &Path,
         name: String,
         bytes: Vec<u8>,
+        steps: usize,
         durable: bool,
     ) -> std::io::Result<PathBuf> {
         let (done, wait) = tokio::sync::oneshot::channel();
@@ -90,6 +98,7 @@ impl LogWriter {
             dir: dir.to_path_buf(),
             name,
             bytes,
+            steps,
             durable,
             done,
         };
@@ -124,7 +133,7 @@ fn commit_batch(batch: Vec<WriteRequest>) {
     let mut renamed = Vec::with_capacity(staged.len());
     for (r, res) in staged {
         let res = match (res, &flushed) {
-            (Ok(staged), Ok(())) => staged.place(&r.dir, &r.name),
+            (Ok(staged), Ok(())) => staged.place(&r.dir, &r.name, r.steps),
             (Ok(staged), Err(e)) => {
                 staged.discard();
                 Err(std::io::Error::new(e.kind(), e.to_string()))
@@ -188,23 +197,34 @@ impl Staged {
         }
     }
 
-    /// Gives the written file its name; an existing file of that name is replaced whole.
-    fn place(self, dir: &Path, name: &str) -> std::io::Result<PathBuf> {
+    /// Gives the written file (a log of `steps` steps) its name. An existing log of that name
+    /// (the run paused, or finished twice across a crash) is replaced whole, unless it holds
+    /// more steps (see [`LogWriter::write`]).
+    fn place(self, dir: &Path, name: &str, steps: usize) -> std::io::Result<PathBuf> {
         let dest = dir.join(name);
+        if let Staged::Unnamed(f) = &self {
+            match link_unnamed(f, &dest) {
+                Ok(()) => return Ok(dest),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        // A log of this run is (or may be) there: compare and replace under the directory's
+        // lock, so replicas of one host replacing the same log take turns.
+        let _lock = DirLock::take(dir)?;
+        if steps_in(&dest).is_some_and(|there| there > steps) {
+            tracing::warn!(log = %dest.display(), steps, "a longer log of this run is already in place (written by a later holder of the job): kept");
+            self.discard();
+            return Ok(dest);
+        }
         let tmp = match self {
             Staged::Named(tmp) => tmp,
-            Staged::Unnamed(f) => match link_unnamed(&f, &dest) {
-                Ok(()) => return Ok(dest),
-                // A log of this run written before (a run finished twice across a crash):
-                // link under a temporary name and rename over it, atomically.
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let tmp = temp_path(dir, name);
-                    let _ = std::fs::remove_file(&tmp);
-                    link_unnamed(&f, &tmp)?;
-                    tmp
-                }
-                Err(e) => return Err(e),
-            },
+            Staged::Unnamed(f) => {
+                let tmp = temp_path(dir, name);
+                let _ = std::fs::remove_file(&tmp);
+                link_unnamed(&f, &tmp)?;
+                tmp
+            }
         };
         match std::fs::rename(&tmp, &dest) {
             Ok(()) => Ok(dest),
@@ -219,6 +239,41 @@ impl Staged {
         if let Staged::Named(tmp) = self {
             let _ = std::fs::remove_file(tmp);
         }
+    }
+}
+
+/// How many steps the run log at `path` holds; `None` when there is none or it is unreadable
+/// (then it is replaced).
+fn steps_in(path: &Path) -> Option<usize> {
+    #[derive(serde::Deserialize)]
+    struct Steps {
+        steps: Vec<serde::de::IgnoredAny>,
+    }
+    let bytes = std::fs::read(path).ok()?;
+    serde_json::from_slice::<Steps>(&bytes)
+        .ok()
+        .map(|s| s.steps.len())
+}
+
+/// An exclusive `flock` on the directory's `.lar-audit.lock`, held while a log is compared
+/// with the one in place and replaced; released when dropped.
+struct DirLock {
+    _file: std::fs::File,
+}
+
+impl DirLock {
+    fn take(dir: &Path) -> std::io::Result<DirLock> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lar-audit.lock"))?;
+        // SAFETY: flock only reads the descriptor, which `f` keeps open.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(DirLock { _file: f })
     }
 }
 
@@ -289,7 +344,7 @@ mod tests {
             let w = w.clone();
             let d = dir.path().to_path_buf();
             handles.push(tokio::spawn(async move {
-                w.write(&d, format!("run_{i}.json"), vec![b'x'; 1000 + i], true)
+                w.write(&d, format!("run_{i}.json"), vec![b'x'; 1000 + i], 1, true)
                     .await
             }));
         }
@@ -314,17 +369,52 @@ mod tests {
     async fn a_second_write_of_the_same_name_replaces_it_whole() {
         let dir = tempfile::tempdir().unwrap();
         let w = LogWriter::start().unwrap();
-        w.write(dir.path(), "run_a.json".into(), b"first".to_vec(), true)
+        w.write(dir.path(), "run_a.json".into(), b"first".to_vec(), 1, true)
             .await
             .unwrap();
-        w.write(dir.path(), "run_a.json".into(), b"second".to_vec(), true)
+        w.write(dir.path(), "run_a.json".into(), b"second".to_vec(), 1, true)
             .await
             .unwrap();
         assert_eq!(
             std::fs::read(dir.path().join("run_a.json")).unwrap(),
             b"second"
         );
-        assert_eq!(names(dir.path()), ["run_a.json"]);
+        // The lock the replacement took stays (empty); no temporary file does.
+        assert_eq!(names(dir.path()), [".lar-audit.lock", "run_a.json"]);
+    }
+
+    /// A cut-off holder finishing late (its halted log of 2 steps) must not replace the log
+    /// of the run a later holder finished (6 steps); a log with as many steps or more does.
+    #[tokio::test]
+    async fn a_shorter_log_of_the_run_never_replaces_a_longer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = LogWriter::start().unwrap();
+        let log = |n: usize, tag: &str| {
+            let steps: Vec<serde_json::Value> =
+                (0..n).map(|i| serde_json::json!({"step": i})).collect();
+            serde_json::to_vec(&serde_json::json!({"tag": tag, "steps": steps})).unwrap()
+        };
+        let read = || -> serde_json::Value {
+            serde_json::from_slice(&std::fs::read(dir.path().join("run_r.json")).unwrap()).unwrap()
+        };
+        w.write(dir.path(), "run_r.json".into(), log(6, "finished"), 6, true)
+            .await
+            .unwrap();
+        let kept = w
+            .write(dir.path(), "run_r.json".into(), log(2, "stale"), 2, true)
+            .await
+            .unwrap();
+        assert_eq!(kept, dir.path().join("run_r.json"));
+        assert_eq!(read()["tag"], "finished");
+        w.write(dir.path(), "run_r.json".into(), log(6, "again"), 6, true)
+            .await
+            .unwrap();
+        assert_eq!(read()["tag"], "again");
+        w.write(dir.path(), "run_r.json".into(), log(7, "longer"), 7, true)
+            .await
+            .unwrap();
+        assert_eq!(read()["tag"], "longer");
+        assert_eq!(names(dir.path()), [".lar-audit.lock", "run_r.json"]);
     }
 
     #[test]
@@ -332,9 +422,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let tmp = temp_path(dir.path(), "run_b.json");
         std::fs::write(&tmp, b"named").unwrap();
-        let placed = Staged::Named(tmp).place(dir.path(), "run_b.json").unwrap();
+        let placed = Staged::Named(tmp)
+            .place(dir.path(), "run_b.json", 1)
+            .unwrap();
         assert_eq!(std::fs::read(placed).unwrap(), b"named");
-        assert_eq!(names(dir.path()), ["run_b.json"]);
+        assert_eq!(names(dir.path()), [".lar-audit.lock", "run_b.json"]);
     }
 
     fn umask() -> u32 {
