@@ -510,3 +510,51 @@ async fn an_unknown_store_is_refused_without_its_password() {
     assert!(err.contains("redis:// URL or sqlite:<path>"), "{err}");
     assert!(!err.contains("hunter2"), "{err}");
 }
+
+/// Replicas of one host starting together open the same SQLite store at once: each open
+/// succeeds, on a new file and on a file from before the `retire_at` column (which one of them
+/// adds).
+#[test]
+fn replicas_opening_one_sqlite_store_at_once_all_start() {
+    for old in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("runs.db");
+        if old {
+            let c = rusqlite::Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE runs (queue TEXT NOT NULL, job_id TEXT NOT NULL,
+                 checkpoint BLOB NOT NULL, PRIMARY KEY (queue, job_id));",
+            )
+            .unwrap();
+        }
+        let spec = format!("sqlite:{}", path.display());
+        let start = std::sync::Arc::new(std::sync::Barrier::new(6));
+        let opens: Vec<_> = (0..6)
+            .map(|_| {
+                let (spec, start) = (spec.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    start.wait();
+                    rt.block_on(open(&spec))
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        for o in opens {
+            assert_eq!(o.join().unwrap(), Ok(()), "old file: {old}");
+        }
+        let c = rusqlite::Connection::open(&path).unwrap();
+        let has: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'retire_at'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(has, 1, "old file: {old}");
+    }
+}

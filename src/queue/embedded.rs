@@ -142,16 +142,7 @@ impl EmbeddedBackend {
                 ))
             })?;
         }
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(QueueError::Other(format!(
-                "{}: SQLite refused WAL mode (journal_mode is '{mode}')",
-                path.display()
-            )));
-        }
+        let mut conn = super::sqlite_runs::open_wal(path, BUSY_TIMEOUT)?;
         conn.pragma_update(
             None,
             "synchronous",

@@ -84,12 +84,42 @@ pub(super) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
 
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Opens a SQLite file in WAL mode with `busy` as its busy timeout. Switching a file to WAL
+/// needs it to itself for a moment, and SQLite answers "database is locked" at once rather
+/// than waiting when another process (a replica starting at the same time) has it open: the
+/// switch is tried again until `busy` has passed.
+pub(super) fn open_wal(path: &Path, busy: Duration) -> Result<Connection, QueueError> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(busy)?;
+    let deadline = std::time::Instant::now() + busy;
+    let mode: String = loop {
+        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
+            Ok(mode) => break mode,
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
+    if !mode.eq_ignore_ascii_case("wal") {
+        return Err(QueueError::Other(format!(
+            "{}: SQLite refused WAL mode (journal_mode is '{mode}')",
+            path.display()
+        )));
+    }
+    Ok(conn)
+}
+
 /// The store's column on `runs` (added to files from before it): when a retired run goes, in
 /// ms since the epoch (see `RunStore::retire`); NULL for a live run. Its index holds only the
-/// retired runs, so the sweep never reads the live ones. One immediate transaction: replicas
-/// starting together must not both add the column.
-fn add_retire_at(conn: &mut Connection) -> Result<(), QueueError> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// retired runs, so the sweep never reads the live ones. Runs inside the opening's immediate
+/// transaction: replicas starting together must not both add the column.
+fn add_retire_at(tx: &rusqlite::Transaction<'_>) -> Result<(), QueueError> {
     let has: i64 = tx.query_row(
         "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'retire_at'",
         [],
@@ -102,7 +132,6 @@ fn add_retire_at(conn: &mut Connection) -> Result<(), QueueError> {
         "CREATE INDEX IF NOT EXISTS runs_retired ON runs (queue, retire_at)
          WHERE retire_at IS NOT NULL",
     )?;
-    tx.commit()?;
     Ok(())
 }
 
@@ -131,21 +160,16 @@ impl SqliteRunStore {
                 ))
             })?;
         }
-        let mut conn = Connection::open(path)?;
-        conn.busy_timeout(BUSY_TIMEOUT)?;
-        let mode: String =
-            conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(QueueError::Other(format!(
-                "{}: SQLite refused WAL mode (journal_mode is '{mode}')",
-                path.display()
-            )));
-        }
+        let mut conn = open_wal(path, BUSY_TIMEOUT)?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(RUN_TABLES)?;
-        add_retire_at(&mut conn)?;
-        seed_epoch_seq(&conn, "SELECT MAX(epoch) FROM epochs")?;
+        // One immediate transaction: replicas starting together take turns (a deferred one
+        // that reads the schema, then writes, fails at once when another wrote in between).
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.execute_batch(SCHEMA)?;
+        tx.execute_batch(RUN_TABLES)?;
+        add_retire_at(&tx)?;
+        seed_epoch_seq(&tx, "SELECT MAX(epoch) FROM epochs")?;
+        tx.commit()?;
         Ok(SqliteRunStore {
             conn: Arc::new(Mutex::new(conn)),
         })
