@@ -1,6 +1,7 @@
 //! The backend conformance suite against Redis (the server at `LAR_TEST_REDIS_URL`, default
 //! redis://127.0.0.1:6379/0), plus the Redis-only interop case with the seed's Python producer.
 
+mod common;
 #[macro_use]
 mod conformance;
 
@@ -79,12 +80,7 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
     assert_eq!(retried.payload, wrapped_raw);
     assert!(again.iter().any(|c| c.payload == raw));
 
-    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
-    }
+    common::delete_redis_keys(&conformance::redis_url(), &jobs).await;
 }
 
 /// A worker that stopped cleanly stays registered (without a heartbeat) until a reaper finds
@@ -131,12 +127,7 @@ async fn a_message_landing_after_a_clean_stop_is_reaped() {
         .unwrap();
     assert!(!workers.contains(&"w-gone".to_string()), "{workers:?}");
 
-    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
-    }
+    common::delete_redis_keys(&conformance::redis_url(), &jobs).await;
 }
 
 /// A claim cut off at shutdown leaves its BLMOVE blocked inside Redis, where it can still move
@@ -196,12 +187,7 @@ async fn a_blmove_cut_off_at_shutdown_strands_nothing() {
     );
     assert_eq!(claimed[0].payload, job);
 
-    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{jobs}*"))
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
-    }
+    common::delete_redis_keys(&conformance::redis_url(), &jobs).await;
 }
 
 /// A claim blocked on one empty queue does not hold up a claim on another: each queue blocks
@@ -244,12 +230,5 @@ async fn a_claim_blocked_on_one_queue_does_not_hold_up_another() {
     );
     assert!(blocked.await.unwrap().unwrap().is_empty());
 
-    let client = redis::Client::open(conformance::redis_url()).unwrap();
-    let mut r = client.get_multiplexed_async_connection().await.unwrap();
-    let keys: Vec<String> = redis::AsyncCommands::keys(&mut r, format!("{prefix}*"))
-        .await
-        .unwrap();
-    if !keys.is_empty() {
-        let _: () = redis::AsyncCommands::del(&mut r, keys).await.unwrap();
-    }
+    common::delete_redis_keys(&conformance::redis_url(), &prefix).await;
 }

@@ -1017,6 +1017,26 @@ env = {{ GRAPH_ENV = "from-the-graph" }}
     );
 }
 
+/// Runs `graph` with `run-once` (input `{}`) in an environment with `env` added; returns the
+/// final state, stdout and stderr, after checking it exited 0.
+fn run_once_with_env(
+    graph: &Path,
+    logs: &Path,
+    job_id: &str,
+    env: &[(&str, &str)],
+) -> (Value, String, String) {
+    let mut cmd = bin();
+    cmd.envs(env.iter().copied())
+        .args(["run-once", "--job-id", job_id, "--input", "{}", "--graph"])
+        .arg(graph)
+        .arg("--log-dir")
+        .arg(logs);
+    let (code, stdout, stderr) = run(&mut cmd);
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let state = serde_json::from_str(stdout.trim()).unwrap();
+    (state, stdout, stderr)
+}
+
 #[test]
 fn tools_never_see_the_hmac_secret() {
     // Through the real binary, which holds the secret in its own environment.
@@ -1049,17 +1069,12 @@ timeout_ms = 10000
         ),
     );
     let logs = dir.path().join("logs");
-    let (code, stdout, stderr) = run(bin()
-        .env("HMAC_SECRET", secret)
-        .env("LAR_WORKER_SECRET", secret)
-        .args([
-            "run-once", "--job-id", "job-spy", "--input", "{}", "--graph",
-        ])
-        .arg(&graph_path)
-        .arg("--log-dir")
-        .arg(&logs));
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    let state: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (state, stdout, stderr) = run_once_with_env(
+        &graph_path,
+        &logs,
+        "job-spy",
+        &[("HMAC_SECRET", secret), ("LAR_WORKER_SECRET", secret)],
+    );
     assert_eq!(
         state["spy"],
         json!({"has_hmac_secret": false, "has_worker_secret": false, "value_seen": false, "in_argv": false, "key": "job-spy:0", "path_set": true})
@@ -1129,19 +1144,16 @@ headers = {{ Authorization = "env:PEEK_TOKEN" }}
             tool = tool.display()
         ),
     );
-    let logs = dir.path().join("logs");
-    let (code, stdout, stderr) = run(bin()
-        .env("HMAC_SECRET", "peek-secret-0123456789")
-        .env("PEEK_TOKEN", "tok-5e1f9a")
-        .env("UNRELATED_VAR", "still-inherited")
-        .args([
-            "run-once", "--job-id", "job-peek", "--input", "{}", "--graph",
-        ])
-        .arg(&graph_path)
-        .arg("--log-dir")
-        .arg(&logs));
-    assert_eq!(code, 0, "{stdout}{stderr}");
-    let state: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let (state, _, _) = run_once_with_env(
+        &graph_path,
+        &dir.path().join("logs"),
+        "job-peek",
+        &[
+            ("HMAC_SECRET", "peek-secret-0123456789"),
+            ("PEEK_TOKEN", "tok-5e1f9a"),
+            ("UNRELATED_VAR", "still-inherited"),
+        ],
+    );
     assert_eq!(
         state["plain"],
         json!({"token": null, "granted": null, "from_file": null, "plain": null, "unrelated": "still-inherited"})

@@ -223,6 +223,13 @@ async fn paused_at_step_1(store: &dyn RunStore, q: &QueueNames, job: &str) {
     assert_eq!(paused.unwrap(), Paused::Stored);
 }
 
+/// [`paused_at_step_1`], then decided, the broker holding the resume message (confirmed).
+async fn decided_at_step_1(store: &dyn RunStore, q: &QueueNames, job: &str) {
+    paused_at_step_1(store, q, job).await;
+    assert!(store.decide(q, job, Some(1), "{}").await.unwrap().is_some());
+    store.decided(q, job, 1).await.unwrap();
+}
+
 /// A decision's `deciding` entry waits for the broker's confirm of its resume message; the
 /// resumed run can be faster and halt at a later jury first. That later pause must stand (the
 /// entry answered an earlier halt, so it was applied), and the late confirm must not remove
@@ -278,13 +285,7 @@ async fn a_later_pause_outlives_an_applied_decision(store: &dyn RunStore) -> Que
 async fn a_stale_pause_goes_with_the_run(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let job = "job-3";
-    paused_at_step_1(store, &q, job).await;
-    assert!(store
-        .decide(&q, job, Some(1), "{}")
-        .await
-        .unwrap()
-        .is_some());
-    store.decided(&q, job, 1).await.unwrap();
+    decided_at_step_1(store, &q, job).await;
     // The confirmed decision is still on its way: the copy asks nobody.
     let copy = claim(job, store.next_epoch(&q, job).await.unwrap());
     assert_eq!(
@@ -359,13 +360,7 @@ async fn release_keeps_the_run(store: &dyn RunStore) -> QueueNames {
 async fn an_unapplied_decision_neither_blocks_nor_lingers(store: &dyn RunStore) -> QueueNames {
     let q = names();
     let job = "job-5";
-    paused_at_step_1(store, &q, job).await;
-    assert!(store
-        .decide(&q, job, Some(1), "{}")
-        .await
-        .unwrap()
-        .is_some());
-    store.decided(&q, job, 1).await.unwrap();
+    decided_at_step_1(store, &q, job).await;
     let carrier = claim(job, store.next_epoch(&q, job).await.unwrap());
     let again = store
         .pause(&q, &carrier, &pending(job, 1), "{}", true)

@@ -41,6 +41,8 @@ end
 /// through, and an id the worker cannot hold as text would be fenced off on every finish.
 const WRAP_FN: &str = r#"
 local PREFIX = '{"lar_worker":1,'
+-- Every claim of this call (ARGV[2]: the lease in ms) ends its lease at the same moment.
+local deadline = now_ms() + tonumber(ARGV[2])
 local function utf8_ok(s)
   local i, n = 1, #s
   while i <= n do
@@ -83,7 +85,7 @@ end
 local function hold(wrapped, id)
   local epoch = next_epoch(KEYS[7])
   redis.call('HSET', KEYS[6], id, epoch)
-  redis.call('ZADD', KEYS[3], now_ms() + tonumber(ARGV[2]), id)
+  redis.call('ZADD', KEYS[3], deadline, id)
   redis.call('HSET', KEYS[4], id, wrapped)
   redis.call('HSET', KEYS[5], id, ARGV[1])
   return epoch
@@ -105,7 +107,7 @@ for i = 1, tonumber(ARGV[3]) do
   local wrapped, id = wrap(raw, ARGV[4 + i], ARGV[4])
   if redis.call('HEXISTS', KEYS[4], id) == 1 then
     redis.call('LPOP', KEYS[2])
-    redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[2]), wrapped)
+    redis.call('ZADD', KEYS[8], deadline, wrapped)
   else
     redis.call('LSET', KEYS[2], 0, wrapped)
     out[#out + 1] = wrapped
@@ -122,7 +124,7 @@ const ADOPT: &str = r#"
 if redis.call('LREM', KEYS[2], 1, ARGV[6]) == 0 then return {} end
 local wrapped, id = wrap(ARGV[6], ARGV[5], ARGV[4])
 if redis.call('HEXISTS', KEYS[4], id) == 1 then
-  redis.call('ZADD', KEYS[8], now_ms() + tonumber(ARGV[2]), wrapped)
+  redis.call('ZADD', KEYS[8], deadline, wrapped)
   return {}
 end
 redis.call('LPUSH', KEYS[2], wrapped)
