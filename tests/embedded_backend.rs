@@ -455,6 +455,121 @@ async fn claim_wakes_up_for_a_job_enqueued_while_waiting() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
+/// An idle claim on a watched file polls only every minute here: what ends it early is a
+/// change of the file (another connection's commit, seen by the file watch), this backend's
+/// own write, or a delayed retry coming due. Polling alone would hold each claim below for
+/// the whole 30 s wait.
+const LONG_POLL: Duration = Duration::from_secs(60);
+const SOON: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_claim_wakes_for_another_processs_commit_not_its_next_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let consumer = open(&path, "w1").with_watched_poll(LONG_POLL);
+    let producer = open(&path, "producer");
+    let q = names();
+    for round in 0..3 {
+        let q2 = q.clone();
+        let push = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            producer.enqueue(&q2, b"late").await.unwrap().unwrap()
+        };
+        let started = Instant::now();
+        let (claims, job_id) =
+            tokio::join!(consumer.claim(&q, 4, LEASE, Duration::from_secs(30)), push);
+        let claims = claims.unwrap();
+        assert_eq!(claims.len(), 1, "round {round}: nothing claimed");
+        assert_eq!(claims[0].job_id, job_id);
+        assert!(
+            started.elapsed() < SOON,
+            "round {round}: the claim waited for its poll ({:?})",
+            started.elapsed()
+        );
+        let done = Finish::Publish {
+            result: b"r".to_vec(),
+            dead_letter: None,
+        };
+        assert_eq!(
+            consumer.finish(&q, &claims[0], done).await.unwrap(),
+            Fenced::Done
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_claim_wakes_for_its_own_backends_enqueue_and_release() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = Arc::new(open(&dir.path().join("q.db"), "w1").with_watched_poll(LONG_POLL));
+    let q = names();
+    let push = {
+        let (b, q) = (Arc::clone(&b), q.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.enqueue(&q, b"own").await.unwrap().unwrap()
+        }
+    };
+    let started = Instant::now();
+    let (claims, job_id) = tokio::join!(b.claim(&q, 4, LEASE, Duration::from_secs(30)), push);
+    let claims = claims.unwrap();
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].job_id, job_id);
+    assert!(
+        started.elapsed() < SOON,
+        "waited for the poll: {:?}",
+        started.elapsed()
+    );
+
+    // A hand-back readies the job again: a waiting claim of the same backend takes it.
+    let release = {
+        let (b, q, c) = (Arc::clone(&b), q.clone(), claims[0].clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            b.finish(&q, &c, Finish::Release).await.unwrap()
+        }
+    };
+    let started = Instant::now();
+    let (again, released) = tokio::join!(b.claim(&q, 4, LEASE, Duration::from_secs(30)), release);
+    assert_eq!(released, Fenced::Done);
+    assert_eq!(again.unwrap().len(), 1);
+    assert!(
+        started.elapsed() < SOON,
+        "waited for the poll: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_waiting_claim_takes_a_delayed_retry_when_it_comes_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = open(&dir.path().join("q.db"), "w1").with_watched_poll(LONG_POLL);
+    let q = names();
+    b.enqueue(&q, b"job").await.unwrap().unwrap();
+    let c1 = claim_one(&b, &q, LEASE).await;
+    let retry = Finish::Retry {
+        delay: Duration::from_millis(500),
+        error: "busy".into(),
+        keep_run: false,
+    };
+    assert_eq!(b.finish(&q, &c1, retry).await.unwrap(), Fenced::Done);
+    let started = Instant::now();
+    let claims = b
+        .claim(&q, 1, LEASE, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(claims.len(), 1, "the retry was not claimed");
+    assert_eq!(claims[0].attempt, 2);
+    assert!(
+        took >= Duration::from_millis(400),
+        "claimed before its delay: {took:?}"
+    );
+    assert!(
+        took < SOON,
+        "waited for the poll, not the due time: {took:?}"
+    );
+}
+
 /// Claims and publishes until the queue is empty; returns (job id, epoch) of every claim.
 async fn drain(b: Arc<EmbeddedBackend>, q: QueueNames, batch: usize) -> Vec<(String, u64)> {
     let mut seen = Vec::new();

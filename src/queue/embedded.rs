@@ -29,8 +29,10 @@ use crate::durable::pending::waits_at;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 
 /// How long a statement waits for another process's write lock before failing with `BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -38,8 +40,13 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const SCHEMA_VERSION: i64 = 3;
 /// The first pause of `claim` when no job is ready; it doubles up to [`MAX_POLL`].
 const FIRST_POLL: Duration = Duration::from_millis(10);
-/// The longest pause between two polls of an empty queue.
+/// The longest pause between two polls of an empty queue, where the file is not watched.
 const MAX_POLL: Duration = Duration::from_millis(200);
+/// The pause between two polls of an empty queue while the file is watched
+/// ([`super::file_watch`]): a change wakes the claim at once, and a delayed retry's due time
+/// ends the pause early, so this only bounds what no watch can see (another host writing the
+/// file over a network filesystem, a clock jump).
+const WATCHED_POLL: Duration = Duration::from_secs(2);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -107,6 +114,17 @@ pub struct EmbeddedBackend {
     path: PathBuf,
     /// Queues whose messages are envelopes: their `id` is the job id.
     envelope_queues: Arc<std::collections::HashSet<String>>,
+    /// Woken when the file may hold a newly claimable job: by the file watch (another
+    /// process's commit) and by this backend's own writes that ready a job.
+    changed: Arc<Notify>,
+    /// This backend's writes that ready a job, counted: SQLite's `data_version` does not move
+    /// for a connection's own commits.
+    readied: AtomicU64,
+    /// Started by the first claim (it needs the runtime); `None` where the file cannot be
+    /// watched.
+    watch: OnceLock<Option<super::file_watch::FileWatch>>,
+    /// The pause between polls of an empty queue while the file is watched.
+    watched_poll: Duration,
 }
 
 impl std::fmt::Debug for EmbeddedBackend {
@@ -187,7 +205,34 @@ impl EmbeddedBackend {
             worker_id: Arc::from(worker_id),
             path: path.to_path_buf(),
             envelope_queues: Arc::default(),
+            changed: Arc::new(Notify::new()),
+            readied: AtomicU64::new(0),
+            watch: OnceLock::new(),
+            watched_poll: WATCHED_POLL,
         })
+    }
+
+    /// Sets the pause between polls of an empty queue while the file is watched (tests set it
+    /// long, to show that a change, not a poll, wakes the claim).
+    pub fn with_watched_poll(mut self, pause: Duration) -> Self {
+        self.watched_poll = pause;
+        self
+    }
+
+    /// A write of this backend may have readied a job: wake the claims waiting in this process.
+    fn readied(&self) {
+        self.readied.fetch_add(1, Ordering::SeqCst);
+        self.changed.notify_waiters();
+    }
+
+    /// The file watch, started on first use; `None` when there is none (or it stopped).
+    fn watch(&self) -> Option<&super::file_watch::FileWatch> {
+        self.watch
+            .get_or_init(|| {
+                super::file_watch::FileWatch::start(&self.path, Arc::clone(&self.changed))
+            })
+            .as_ref()
+            .filter(|w| w.live())
     }
 
     /// Names the queues whose messages are envelopes, whose `id` becomes the job id.
@@ -272,6 +317,13 @@ fn parse_history(job_id: &str, text: &str) -> Vec<AttemptRecord> {
 fn to_json_text<T: serde::Serialize>(value: &T) -> Result<String, QueueError> {
     serde_json::to_string(value)
         .map_err(|e| QueueError::Other(format!("embedded queue: cannot encode JSON: {e}")))
+}
+
+/// When the queue's next delayed job (a retry waiting out its backoff) comes due, in ms.
+fn next_due(conn: &Connection, queue: &str) -> Result<Option<i64>, QueueError> {
+    Ok(conn
+        .prepare_cached("SELECT MIN(available_at) FROM jobs WHERE queue = ?1 AND state = 'ready'")?
+        .query_row(params![queue], |r| r.get::<_, Option<i64>>(0))?)
 }
 
 /// One pass of `claim`: takes up to `max` ready jobs in one write transaction.
@@ -586,7 +638,7 @@ impl Backend for EmbeddedBackend {
         let (attempt, history) = (pending.attempt, to_json_text(&pending.history)?);
         let step = decision.step;
         let decision = to_json_text(decision)?;
-        self.with_conn(move |conn, _| {
+        let submitted = self.with_conn(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let row: Option<(i64, Vec<u8>)> = tx
                 .prepare_cached(
@@ -626,12 +678,14 @@ impl Backend for EmbeddedBackend {
             tx.commit()?;
             Ok(true)
         })
-        .await
+        .await;
+        self.readied();
+        submitted
     }
 
     async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
-        self.with_conn(move |conn, _| {
+        let redriven = self.with_conn(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let found: Option<(i64, String)> = tx
                 .prepare_cached("SELECT seq, entry FROM dead_letters WHERE queue = ?1 AND job_id = ?2 ORDER BY seq LIMIT 1")?
@@ -649,7 +703,9 @@ impl Backend for EmbeddedBackend {
             tx.commit()?;
             Ok(true)
         })
-        .await
+        .await;
+        self.readied();
+        redriven
     }
 
     async fn claim(
@@ -664,20 +720,59 @@ impl Backend for EmbeddedBackend {
         }
         let deadline = Instant::now() + wait;
         let mut pause = FIRST_POLL;
+        // What the last look saw: a wake that finds neither the file's `data_version` nor this
+        // backend's own count moved was one of our own commits, and needs no claim.
+        let mut seen: Option<(i64, u64)> = None;
+        let mut due: Option<i64> = None;
+        let mut woken = false;
         loop {
+            let watched = self.watch().is_some();
+            // Listening starts before the look, so a change made meanwhile still wakes us.
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let queue = q.jobs.clone();
-            let claims = self
-                .with_conn(move |conn, worker| claim_once(conn, worker, &queue, max, lease))
+            let readied = self.readied.load(Ordering::SeqCst);
+            let skip_unless_moved = if woken { seen } else { None };
+            let look = self
+                .with_conn(move |conn, worker| {
+                    let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
+                    if skip_unless_moved == Some((version, readied)) {
+                        return Ok(((version, readied), None));
+                    }
+                    let claims = claim_once(conn, worker, &queue, max, lease)?;
+                    let due = if claims.is_empty() {
+                        next_due(conn, &queue)?
+                    } else {
+                        None
+                    };
+                    Ok(((version, readied), Some((claims, due))))
+                })
                 .await?;
-            if !claims.is_empty() {
-                return Ok(claims);
+            seen = Some(look.0);
+            if let Some((claims, next)) = look.1 {
+                if !claims.is_empty() {
+                    return Ok(claims);
+                }
+                due = next;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Ok(claims);
+                return Ok(Vec::new());
             }
-            tokio::time::sleep(pause.min(left)).await;
-            pause = next_poll(pause);
+            let mut nap = if watched { self.watched_poll } else { pause };
+            if let Some(due) = due {
+                // A delayed retry comes due without a write: wake for it.
+                let until = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
+                nap = nap.min(Duration::from_millis(until.max(1)));
+            }
+            woken = tokio::select! {
+                _ = &mut changed => true,
+                _ = tokio::time::sleep(nap.min(left)) => false,
+            };
+            if !watched {
+                pause = next_poll(pause);
+            }
         }
     }
 
@@ -725,25 +820,36 @@ impl Backend for EmbeddedBackend {
         let q = q.clone();
         let job_id = claim.job_id.clone();
         let epoch = claim.epoch;
-        self.with_conn(move |conn, worker| finish_once(conn, worker, &q, seq, &job_id, epoch, how))
-            .await
+        let readies = matches!(how, Finish::Retry { .. } | Finish::Release);
+        let done = self
+            .with_conn(move |conn, worker| finish_once(conn, worker, &q, seq, &job_id, epoch, how))
+            .await;
+        if readies {
+            self.readied();
+        }
+        done
     }
 
     async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError> {
         let queue = q.jobs.clone();
-        self.with_conn(move |conn, _| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            // The epoch is left alone: the next claim raises it, which fences the old holder.
-            let moved = tx
-                .prepare_cached(
-                    "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL
+        let moved = self
+            .with_conn(move |conn, _| {
+                let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+                // The epoch is left alone: the next claim raises it, which fences the old holder.
+                let moved = tx
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL
                      WHERE queue = ?1 AND state = 'claimed' AND lease_until < ?2",
-                )?
-                .execute(params![queue, now_ms()])?;
-            tx.commit()?;
-            Ok(u64::try_from(moved).unwrap_or(u64::MAX))
-        })
-        .await
+                    )?
+                    .execute(params![queue, now_ms()])?;
+                tx.commit()?;
+                Ok(u64::try_from(moved).unwrap_or(u64::MAX))
+            })
+            .await;
+        if matches!(moved, Ok(n) if n > 0) {
+            self.readied();
+        }
+        moved
     }
 
     async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {
@@ -755,7 +861,7 @@ impl Backend for EmbeddedBackend {
             .then(|| super::envelope_id(&payload))
             .flatten()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        self.with_conn(move |conn, _| {
+        let queued = self.with_conn(move |conn, _| {
             let now = now_ms();
             // An envelope id already waiting or running is not queued twice (a producer's
             // retry); once that job has finished the id can be queued again.
@@ -778,7 +884,9 @@ impl Backend for EmbeddedBackend {
             }
             Ok(Some(job_id))
         })
-        .await
+        .await;
+        self.readied();
+        queued
     }
 
     async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError> {
