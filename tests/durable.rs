@@ -815,6 +815,57 @@ macro_rules! on_backends {
     };
 }
 
+/// A decision that passed `decide` but no longer fits when the worker applies it (here: a
+/// choice the jury does not offer, submitted straight to the backend and signed) is refused
+/// without ending the job: it waits for a decision again, and a good one then resumes it.
+fn a_decision_that_does_not_fit_leaves_the_job_waiting(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-misfit","input":{"amount":5000}}"#);
+    let w = env.worker();
+    let job = pending_job_id(&mut env);
+    let raw = env
+        .rt
+        .block_on(env.backend.get_pending(&env.names, &job))
+        .unwrap()
+        .expect("a pending record");
+    let pending: lar_worker::durable::Pending = serde_json::from_slice(&raw).unwrap();
+    let mut misfit = lar_worker::exec::Decision {
+        choice: "maybe".into(),
+        rationale: "".into(),
+        decided_by: "cfo@example.com".into(),
+        role: None,
+        step: Some(pending.step),
+        signature: None,
+    };
+    misfit.sign(&job, &lar_worker::audit::Secret::new(SECRET).unwrap());
+    assert!(env
+        .rt
+        .block_on(env.backend.submit_decision(&env.names, &pending, &misfit))
+        .unwrap());
+    let again = env.wait_results(1, Duration::from_secs(20));
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0]["status"], "awaiting_decision", "{}", again[0]);
+    assert!(
+        env.dead().is_empty(),
+        "refused, not dead-lettered: {:?}",
+        env.dead()
+    );
+    env.clear_results();
+    let (code, out, err) = env.cli(&[
+        "decide",
+        &job,
+        "--choice",
+        "reject",
+        "--by",
+        "cfo@example.com",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let done = env.wait_results(1, Duration::from_secs(20));
+    stop(w);
+    assert_eq!(done[0]["status"], "completed", "{}", done[0]);
+    assert_eq!(done[0]["state"]["paid"], false);
+}
+
 /// A run that completes is forgotten by the checkpoint store: no checkpoint or journal stays.
 fn a_finished_run_leaves_no_checkpoint(kind: Kind) {
     let graph = "name = \"three\"\nentry = \"a\"\n\
@@ -905,6 +956,10 @@ mod amqp_sqlite_store {
 /// its deliveries until the broker's heartbeat timeout, `tests/amqp_backend.rs`), on RabbitMQ
 /// with the Redis checkpoint store.
 mod amqp_backend {
+    #[test]
+    fn a_decision_that_does_not_fit_leaves_the_job_waiting() {
+        super::a_decision_that_does_not_fit_leaves_the_job_waiting(super::Kind::Amqp)
+    }
     #[test]
     fn halt_stop_every_worker_decide_resume_elsewhere() {
         super::halt_stop_every_worker_decide_resume_elsewhere(super::Kind::Amqp)
@@ -1901,6 +1956,7 @@ on_backends!(
     a_decision_without_its_ledger_record_is_not_applied,
     replicas_killed_at_random_lose_no_job_and_replay_no_completed_step,
     paused_jobs_decided_while_replicas_die,
+    a_decision_that_does_not_fit_leaves_the_job_waiting,
 );
 
 /// A replica that dies holding decision messages (here: one left in a dead worker's

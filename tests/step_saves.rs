@@ -550,6 +550,91 @@ async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
     assert!(b.load_run(q, &id).await.unwrap().is_none());
 }
 
+/// A job dead-lettered while it carried a human's decision, its run kept (the store gave out
+/// while applying it), carries the decision again after a redrive: the human is not asked
+/// twice. A dead letter that does not keep its run (it starts over) keeps no decision.
+async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames) {
+    b.enqueue(q, br#"{"x":1}"#).await.unwrap();
+    let c = claim_all(b, q, 1).await.remove(0);
+    let id = c.job_id.clone();
+    assert_eq!(
+        b.save_step(q, &c, step(0, b"r0", b"c0")).await.unwrap(),
+        Fenced::Done
+    );
+    let record = waiting(&id, &c.payload, 1);
+    let pause = Finish::Pause {
+        result: b"awaiting".to_vec(),
+        pending: serde_json::to_vec(&record).unwrap(),
+    };
+    assert_eq!(b.finish(q, &c, pause).await.unwrap(), Fenced::Done);
+    let decision = lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: "within limits".into(),
+        decided_by: "cfo@example.com".into(),
+        role: Some("CFO".into()),
+        step: Some(1),
+        signature: Some("ab".repeat(32)),
+    };
+    assert!(b.submit_decision(q, &record, &decision).await.unwrap());
+    let carrying = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(
+        carrying.decision.as_ref().map(|d| d.choice.as_str()),
+        Some("approve")
+    );
+    let dead = |keep_run| {
+        Finish::DeadLetter(lar_worker::queue::DeadLetter {
+            job_id: id.clone(),
+            reason: "gave up after 3 attempts: the checkpoint store is down".into(),
+            attempts: Vec::new(),
+            keep_run,
+        })
+    };
+    assert_eq!(
+        b.finish(q, &carrying, dead(true)).await.unwrap(),
+        Fenced::Done
+    );
+    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
+    let again = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(again.job_id, id);
+    let kept = again
+        .decision
+        .clone()
+        .expect("the redrive carries the decision");
+    assert_eq!(
+        (
+            kept.choice.as_str(),
+            kept.decided_by.as_str(),
+            kept.step,
+            kept.signature.clone()
+        ),
+        (
+            "approve",
+            "cfo@example.com",
+            Some(1),
+            decision.signature.clone()
+        ),
+        "the same decision, signature and all"
+    );
+    assert!(
+        b.load_run(q, &id).await.unwrap().is_some(),
+        "and the run it resumes"
+    );
+
+    // Dead again, this time starting over: the redrive carries no decision.
+    assert_eq!(
+        b.finish(q, &again, dead(false)).await.unwrap(),
+        Fenced::Done
+    );
+    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
+    let fresh = claim_all(b, q, 1).await.remove(0);
+    assert!(fresh.decision.is_none(), "{:?}", fresh.decision);
+    let publish = Finish::Publish {
+        result: b"done".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &fresh, publish).await.unwrap(), Fenced::Done);
+}
+
 /// A decision is validated against the pending record read first (the halt at step 1 here).
 /// When the job has since been decided, resumed and halted again, the decision read for the
 /// earlier halt takes nothing: the later pause stays pending, for its own decision.
@@ -745,5 +830,6 @@ on_both_backends!(
     a_dead_letter_keeps_its_run_on_an_envelope_queue: envelope = true,
     a_redriven_state_job_keeps_its_id_and_run: envelope = false,
     a_decision_for_an_earlier_halt_takes_nothing: envelope = false,
+    a_redriven_decision_keeps_its_decision: envelope = false,
     a_stale_pause_from_a_copy_goes_with_the_run: envelope = true,
 );

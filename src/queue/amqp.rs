@@ -1753,7 +1753,8 @@ fn dead_entry(q: &QueueNames, d: &lapin::message::Delivery) -> serde_json::Value
         attempts,
         keep_run: false,
     };
-    let mut entry = dead_letter_entry(&q.jobs, &dl, &d.data);
+    // A shovel moves the message itself back, with its decision header.
+    let mut entry = dead_letter_entry(&q.jobs, &dl, &d.data, None);
     if let Some(at) = header_text(&headers, FAILED_AT_HEADER) {
         entry["failed_at"] = serde_json::Value::String(at);
     }

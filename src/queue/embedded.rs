@@ -394,10 +394,11 @@ fn insert_dead_letter(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     dl: &DeadLetter,
-    payload: &[u8],
+    (payload, decision): (&[u8], Option<&str>),
     now: i64,
 ) -> Result<(), QueueError> {
-    let entry = to_json_text(&dead_letter_entry(queue, dl, payload))?;
+    let decision = decision.and_then(|d| serde_json::from_str(d).ok());
+    let entry = to_json_text(&dead_letter_entry(queue, dl, payload, decision))?;
     tx.prepare_cached(
         "INSERT INTO dead_letters (queue, job_id, entry, created_at) VALUES (?1, ?2, ?3, ?4)",
     )?
@@ -419,16 +420,16 @@ fn finish_once(
         return Ok(Fenced::Lost);
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let held: Option<(Vec<u8>, i64, String)> = tx
+    let held: Option<(Vec<u8>, i64, String, Option<String>)> = tx
         .prepare_cached(
-            "SELECT payload, attempt, history FROM jobs
+            "SELECT payload, attempt, history, decision FROM jobs
              WHERE seq = ?1 AND job_id = ?2 AND epoch = ?3 AND state = 'claimed' AND owner = ?4 AND queue = ?5",
         )?
         .query_row(params![seq, job_id, epoch, worker, q.jobs], |row| {
-            Ok((row.get(0)?, row.get(1)?, row.get(2)?))
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
         })
         .optional()?;
-    let Some((payload, attempt, history)) = held else {
+    let Some((payload, attempt, history, decision)) = held else {
         // Nothing changed: dropping the transaction rolls it back.
         return Ok(Fenced::Lost);
     };
@@ -464,7 +465,7 @@ fn finish_once(
             )?
             .execute(params![q.results, job_id, result, now])?;
             if let Some(dl) = &dead_letter {
-                insert_dead_letter(&tx, &q.jobs, dl, &payload, now)?;
+                insert_dead_letter(&tx, &q.jobs, dl, (&payload, None), now)?;
             }
         }
         Finish::Retry {
@@ -498,7 +499,7 @@ fn finish_once(
         Finish::DeadLetter(dl) => {
             tx.prepare_cached("DELETE FROM jobs WHERE seq = ?1")?
                 .execute(params![seq])?;
-            insert_dead_letter(&tx, &q.jobs, &dl, &payload, now)?;
+            insert_dead_letter(&tx, &q.jobs, &dl, (&payload, decision.as_deref()), now)?;
         }
         Finish::Release => {
             // `available_at` is already in the past (the job was claimable), so the job is ready
@@ -698,8 +699,9 @@ impl Backend for EmbeddedBackend {
                 .map_err(|e| QueueError::Other(format!("dead letter {job_id} is unreadable: {e}")))?;
             let payload = super::dead_letter_payload(&entry)
                 .ok_or_else(|| QueueError::Other(format!("dead letter {job_id} keeps no payload")))?;
+            let decision = entry.get("decision").map(|d| d.to_string());
             tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute(params![seq])?;
-            insert_job(&tx, &queue, &job_id, &payload, None, (0, now_ms()))?;
+            insert_job(&tx, &queue, &job_id, &payload, decision.as_deref(), (0, now_ms()))?;
             tx.commit()?;
             Ok(true)
         })

@@ -324,7 +324,12 @@ pub fn now_ms() -> i64 {
 
 /// The JSON entry stored for a dead letter: the payload kept exactly (as text when it is UTF-8,
 /// as hex otherwise), the reason and every attempt.
-pub fn dead_letter_entry(queue: &str, dl: &DeadLetter, payload: &[u8]) -> serde_json::Value {
+pub fn dead_letter_entry(
+    queue: &str,
+    dl: &DeadLetter,
+    payload: &[u8],
+    decision: Option<serde_json::Value>,
+) -> serde_json::Value {
     let mut entry = serde_json::json!({
         "job_id": dl.job_id,
         "queue": queue,
@@ -336,7 +341,18 @@ pub fn dead_letter_entry(queue: &str, dl: &DeadLetter, payload: &[u8]) -> serde_
         Ok(text) => entry["payload"] = serde_json::Value::String(text.to_string()),
         Err(_) => entry["payload_hex"] = serde_json::Value::String(hex::encode(payload)),
     }
+    // A human's decision the job carried, kept with a run kept for the redrive: the redriven
+    // job applies it (once more verified, and only at the halt it answers) instead of asking
+    // the human again. A dead letter whose run is gone starts over, so it keeps none.
+    if let Some(d) = decision.filter(|_| dl.keep_run) {
+        entry["decision"] = d;
+    }
     entry
+}
+
+/// The decision a dead-letter entry keeps for its redrive (see [`dead_letter_entry`]).
+pub fn dead_letter_decision(entry: &serde_json::Value) -> Option<crate::exec::Decision> {
+    serde_json::from_value(entry.get("decision")?.clone()).ok()
 }
 
 /// The producer's exact bytes kept in a dead-letter entry (`payload` text or `payload_hex`).

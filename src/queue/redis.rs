@@ -314,6 +314,14 @@ redis.call('RPUSH', KEYS[2], ARGV[2])
 return 1
 "#;
 
+/// The decision a claim carries, for its dead-letter entry.
+fn decision_value(claim: &Claim) -> Option<serde_json::Value> {
+    claim
+        .decision
+        .as_ref()
+        .and_then(|d| serde_json::to_value(d).ok())
+}
+
 pub struct RedisBackend {
     worker_id: String,
     /// Multiplexed, auto-reconnecting: every non-blocking command of every task.
@@ -652,7 +660,7 @@ impl Backend for RedisBackend {
             } => {
                 let dead = dead_letter
                     .map(|dl| {
-                        dead_letter_entry(&q.jobs, &dl, &claim.payload)
+                        dead_letter_entry(&q.jobs, &dl, &claim.payload, None)
                             .to_string()
                             .into_bytes()
                     })
@@ -678,7 +686,7 @@ impl Backend for RedisBackend {
             }
             Finish::DeadLetter(dl) => (
                 if dl.keep_run { "dead_keep" } else { "dead" },
-                dead_letter_entry(&q.jobs, &dl, &claim.payload)
+                dead_letter_entry(&q.jobs, &dl, &claim.payload, decision_value(claim))
                     .to_string()
                     .into_bytes(),
                 Vec::new(),
@@ -865,7 +873,7 @@ impl Backend for RedisBackend {
                     attempt: 0,
                     history: Vec::new(),
                     raw: text,
-                    decision: None,
+                    decision: dead_letter_decision(&entry),
                 }
                 .encode(),
                 Err(e) => e.into_bytes(),

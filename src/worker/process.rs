@@ -159,10 +159,11 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    // The decide command checks choices; a stale or forged decision lands here.
-                    let reason = format!("decision refused: {e}");
-                    warn!(job_id = %claim.job_id, %reason, "decision refused");
-                    return self.refused(claim, &reason);
+                    // `decide` and the decisions queue check choices first; one that still does
+                    // not fit (the graph's choices changed meanwhile) is refused, and the job
+                    // waits for a decision again, as for an unsigned one.
+                    warn!(job_id = %claim.job_id, error = %e,
+                          "decision refused: the job waits for a decision again");
                 }
             }
         }
@@ -521,7 +522,7 @@ impl Worker {
     }
 
     /// A message the worker cannot start or resume (unreadable, a checkpoint or journal that
-    /// fails verification, a graph changed under a run, a refused decision): a dead letter
+    /// fails verification, a graph changed under a run): a dead letter
     /// that keeps the job's stored run. The journal is the only evidence of the steps already
     /// taken (no final log exists), of tampering too, and a redrive after the cause is fixed
     /// resumes after the last finished step instead of running them again.
