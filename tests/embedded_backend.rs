@@ -455,11 +455,13 @@ async fn claim_wakes_up_for_a_job_enqueued_while_waiting() {
     assert!(started.elapsed() < Duration::from_secs(2));
 }
 
-/// An idle claim on a watched file polls only every minute here: what ends it early is a
-/// change of the file (another connection's commit, seen by the file watch), this backend's
-/// own write, or a delayed retry coming due. Polling alone would hold each claim below for
-/// the whole 30 s wait.
+/// An idle claim on a watched file polls only every minute here, once its first quick looks
+/// are done (about half a second): what ends it early is a change of the file (another
+/// connection's commit, seen by the file watch), this backend's own write, or a delayed retry
+/// coming due. Polling alone would hold each claim below for the whole 30 s wait.
 const LONG_POLL: Duration = Duration::from_secs(60);
+/// Past a claim's first quick looks.
+const SETTLED: Duration = Duration::from_millis(1500);
 const SOON: Duration = Duration::from_secs(10);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,7 +474,7 @@ async fn an_idle_claim_wakes_for_another_processs_commit_not_its_next_poll() {
     for round in 0..3 {
         let q2 = q.clone();
         let push = async {
-            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::time::sleep(SETTLED).await;
             producer.enqueue(&q2, b"late").await.unwrap().unwrap()
         };
         let started = Instant::now();
@@ -547,7 +549,7 @@ async fn a_waiting_claim_takes_a_delayed_retry_when_it_comes_due() {
     b.enqueue(&q, b"job").await.unwrap().unwrap();
     let c1 = claim_one(&b, &q, LEASE).await;
     let retry = Finish::Retry {
-        delay: Duration::from_millis(500),
+        delay: SETTLED,
         error: "busy".into(),
         keep_run: false,
     };
@@ -561,7 +563,7 @@ async fn a_waiting_claim_takes_a_delayed_retry_when_it_comes_due() {
     assert_eq!(claims.len(), 1, "the retry was not claimed");
     assert_eq!(claims[0].attempt, 2);
     assert!(
-        took >= Duration::from_millis(400),
+        took >= SETTLED - Duration::from_millis(100),
         "claimed before its delay: {took:?}"
     );
     assert!(

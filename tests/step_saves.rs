@@ -635,6 +635,52 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
     assert_eq!(b.finish(q, &fresh, publish).await.unwrap(), Fenced::Done);
 }
 
+/// A dead letter that kept a decision but whose job has no run to resume (the decision came
+/// for a job whose run was gone) goes back without it: the job starts over instead of being
+/// refused again at every redrive.
+async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Backend, q: &QueueNames) {
+    b.enqueue(q, br#"{"x":2}"#).await.unwrap();
+    let c = claim_all(b, q, 1).await.remove(0);
+    let id = c.job_id.clone();
+    let record = waiting(&id, &c.payload, 0);
+    let pause = Finish::Pause {
+        result: b"awaiting".to_vec(),
+        pending: serde_json::to_vec(&record).unwrap(),
+    };
+    assert_eq!(b.finish(q, &c, pause).await.unwrap(), Fenced::Done);
+    let decision = lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: String::new(),
+        decided_by: "cfo@example.com".into(),
+        role: None,
+        step: Some(0),
+        signature: None,
+    };
+    assert!(b.submit_decision(q, &record, &decision).await.unwrap());
+    let carrying = claim_all(b, q, 1).await.remove(0);
+    assert!(carrying.decision.is_some());
+    assert!(
+        b.load_run(q, &id).await.unwrap().is_none(),
+        "no step was ever saved"
+    );
+    let dead = Finish::DeadLetter(lar_worker::queue::DeadLetter {
+        job_id: id.clone(),
+        reason: "a decision arrived for a job with no checkpoint".into(),
+        attempts: Vec::new(),
+        keep_run: true,
+    });
+    assert_eq!(b.finish(q, &carrying, dead).await.unwrap(), Fenced::Done);
+    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
+    let fresh = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(fresh.job_id, id);
+    assert!(fresh.decision.is_none(), "{:?}", fresh.decision);
+    let publish = Finish::Publish {
+        result: b"done".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, &fresh, publish).await.unwrap(), Fenced::Done);
+}
+
 /// A decision is validated against the pending record read first (the halt at step 1 here).
 /// When the job has since been decided, resumed and halted again, the decision read for the
 /// earlier halt takes nothing: the later pause stays pending, for its own decision.
@@ -831,5 +877,6 @@ on_both_backends!(
     a_redriven_state_job_keeps_its_id_and_run: envelope = false,
     a_decision_for_an_earlier_halt_takes_nothing: envelope = false,
     a_redriven_decision_keeps_its_decision: envelope = false,
+    a_redrive_without_a_run_drops_the_decision: envelope = false,
     a_stale_pause_from_a_copy_goes_with_the_run: envelope = true,
 );

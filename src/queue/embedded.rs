@@ -29,7 +29,7 @@ use crate::durable::pending::waits_at;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -44,9 +44,13 @@ const FIRST_POLL: Duration = Duration::from_millis(10);
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// The pause between two polls of an empty queue while the file is watched
 /// ([`super::file_watch`]): a change wakes the claim at once, and a delayed retry's due time
-/// ends the pause early, so this only bounds what no watch can see (another host writing the
-/// file over a network filesystem, a clock jump).
+/// ends the pause early, so this only bounds what the watch cannot see (a writer on another
+/// host of a network filesystem, a clock jump, a watch that stopped without telling).
 const WATCHED_POLL: Duration = Duration::from_secs(2);
+/// For this long after the backend's own work (ms), a wake is taken for its own commits, and
+/// the claim looks [`BUSY_LOOK`] later instead of at once.
+const BUSY_WINDOW: i64 = 100;
+const BUSY_LOOK: Duration = Duration::from_millis(20);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -114,12 +118,13 @@ pub struct EmbeddedBackend {
     path: PathBuf,
     /// Queues whose messages are envelopes: their `id` is the job id.
     envelope_queues: Arc<std::collections::HashSet<String>>,
-    /// Woken when the file may hold a newly claimable job: by the file watch (another
-    /// process's commit) and by this backend's own writes that ready a job.
+    /// Woken by the file watch when the file changed (another process's commit, or ours).
     changed: Arc<Notify>,
-    /// This backend's writes that ready a job, counted: SQLite's `data_version` does not move
-    /// for a connection's own commits.
-    readied: AtomicU64,
+    /// Woken by this backend's own writes that ready a job.
+    readied: Notify,
+    /// When this backend last committed a write (ms): for a while after, the watch mostly
+    /// reports its own commits, and claims keep to their polls.
+    wrote_at: std::sync::atomic::AtomicI64,
     /// Started by the first claim (it needs the runtime); `None` where the file cannot be
     /// watched.
     watch: OnceLock<Option<super::file_watch::FileWatch>>,
@@ -206,7 +211,8 @@ impl EmbeddedBackend {
             path: path.to_path_buf(),
             envelope_queues: Arc::default(),
             changed: Arc::new(Notify::new()),
-            readied: AtomicU64::new(0),
+            readied: Notify::new(),
+            wrote_at: Default::default(),
             watch: OnceLock::new(),
             watched_poll: WATCHED_POLL,
         })
@@ -221,8 +227,18 @@ impl EmbeddedBackend {
 
     /// A write of this backend may have readied a job: wake the claims waiting in this process.
     fn readied(&self) {
-        self.readied.fetch_add(1, Ordering::SeqCst);
-        self.changed.notify_waiters();
+        self.wrote();
+        self.readied.notify_waiters();
+    }
+
+    /// Whether the backend committed a write within [`BUSY_WINDOW`] (see `wrote_at`).
+    fn busy(&self) -> bool {
+        now_ms().saturating_sub(self.wrote_at.load(Ordering::Relaxed)) < BUSY_WINDOW
+    }
+
+    /// Notes a committed write of this backend (see `wrote_at`).
+    fn wrote(&self) {
+        self.wrote_at.store(now_ms(), Ordering::Relaxed);
     }
 
     /// The file watch, started on first use; `None` when there is none (or it stopped).
@@ -319,7 +335,8 @@ fn to_json_text<T: serde::Serialize>(value: &T) -> Result<String, QueueError> {
         .map_err(|e| QueueError::Other(format!("embedded queue: cannot encode JSON: {e}")))
 }
 
-/// When the queue's next delayed job (a retry waiting out its backoff) comes due, in ms.
+/// When the queue's next ready job is (or was) due, in ms: in the past when one can be
+/// claimed now, in the future when only delayed retries wait, `None` when no job is ready.
 fn next_due(conn: &Connection, queue: &str) -> Result<Option<i64>, QueueError> {
     Ok(conn
         .prepare_cached("SELECT MIN(available_at) FROM jobs WHERE queue = ?1 AND state = 'ready'")?
@@ -588,15 +605,18 @@ impl Backend for EmbeddedBackend {
         let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
         let (index, record, checkpoint) =
             (step.index, step.record.to_vec(), step.checkpoint.to_vec());
-        self.with_conn(move |conn, worker| {
-            let step = StepWrite {
-                index,
-                record: &record,
-                checkpoint: &checkpoint,
-            };
-            save_step_once(conn, worker, (&queue, &job_id, epoch), step)
-        })
-        .await
+        let saved = self
+            .with_conn(move |conn, worker| {
+                let step = StepWrite {
+                    index,
+                    record: &record,
+                    checkpoint: &checkpoint,
+                };
+                save_step_once(conn, worker, (&queue, &job_id, epoch), step)
+            })
+            .await;
+        self.wrote();
+        saved
     }
 
     async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
@@ -699,7 +719,17 @@ impl Backend for EmbeddedBackend {
                 .map_err(|e| QueueError::Other(format!("dead letter {job_id} is unreadable: {e}")))?;
             let payload = super::dead_letter_payload(&entry)
                 .ok_or_else(|| QueueError::Other(format!("dead letter {job_id} keeps no payload")))?;
-            let decision = entry.get("decision").map(|d| d.to_string());
+            // The decision goes back only with the run it resumes: a job whose run is gone
+            // starts over, and a decision without a run would only be refused again.
+            let has_run = tx
+                .prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?
+                .query_row(params![queue, job_id], |_| Ok(()))
+                .optional()?
+                .is_some();
+            let decision = entry
+                .get("decision")
+                .filter(|_| has_run)
+                .map(|d| d.to_string());
             tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute(params![seq])?;
             insert_job(&tx, &queue, &job_id, &payload, decision.as_deref(), (0, now_ms()))?;
             tx.commit()?;
@@ -722,59 +752,82 @@ impl Backend for EmbeddedBackend {
         }
         let deadline = Instant::now() + wait;
         let mut pause = FIRST_POLL;
-        // What the last look saw: a wake that finds neither the file's `data_version` nor this
-        // backend's own count moved was one of our own commits, and needs no claim.
-        let mut seen: Option<(i64, u64)> = None;
-        let mut due: Option<i64> = None;
-        let mut woken = false;
+        // While this claim waits idle, the watch is armed (see `file_watch`); while the backend
+        // is busy its own commits would only wake it, and it polls instead.
+        let mut idle = None;
         loop {
-            let watched = self.watch().is_some();
+            if self.busy() {
+                idle = None;
+            } else if idle.is_none() {
+                idle = self.watch().and_then(|w| w.idle());
+            }
+            let watched = idle.is_some();
             // Listening starts before the look, so a change made meanwhile still wakes us.
             let changed = self.changed.notified();
-            tokio::pin!(changed);
+            let readied = self.readied.notified();
+            tokio::pin!(changed, readied);
             changed.as_mut().enable();
+            readied.as_mut().enable();
             let queue = q.jobs.clone();
-            let readied = self.readied.load(Ordering::SeqCst);
-            let skip_unless_moved = if woken { seen } else { None };
-            let look = self
+            let (claims, due) = self
                 .with_conn(move |conn, worker| {
-                    let version: i64 = conn.query_row("PRAGMA data_version", [], |r| r.get(0))?;
-                    if skip_unless_moved == Some((version, readied)) {
-                        return Ok(((version, readied), None));
+                    // A read first: most looks find nothing, and a wake for every commit of a
+                    // busy replica must not queue up for the write lock.
+                    match next_due(conn, &queue)? {
+                        Some(due) if due <= now_ms() => {
+                            let claims = claim_once(conn, worker, &queue, max, lease)?;
+                            Ok((claims, None))
+                        }
+                        due => Ok((Vec::new(), due)),
                     }
-                    let claims = claim_once(conn, worker, &queue, max, lease)?;
-                    let due = if claims.is_empty() {
-                        next_due(conn, &queue)?
-                    } else {
-                        None
-                    };
-                    Ok(((version, readied), Some((claims, due))))
                 })
                 .await?;
-            seen = Some(look.0);
-            if let Some((claims, next)) = look.1 {
-                if !claims.is_empty() {
-                    return Ok(claims);
-                }
-                due = next;
+            if !claims.is_empty() {
+                self.wrote();
+                return Ok(claims);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Ok(Vec::new());
             }
-            let mut nap = if watched { self.watched_poll } else { pause };
+            let mut nap = if watched && pause >= MAX_POLL {
+                self.watched_poll
+            } else {
+                pause
+            };
             if let Some(due) = due {
                 // A delayed retry comes due without a write: wake for it.
                 let until = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
                 nap = nap.min(Duration::from_millis(until.max(1)));
             }
-            woken = tokio::select! {
-                _ = &mut changed => true,
-                _ = tokio::time::sleep(nap.min(left)) => false,
+            let timer = tokio::time::sleep(nap.min(left));
+            tokio::pin!(timer);
+            let woken = loop {
+                tokio::select! {
+                    _ = &mut readied => break true,
+                    _ = &mut changed => {
+                        if !self.busy() {
+                            break true;
+                        }
+                        // Most likely our own commit: look a little later, so a busy
+                        // backend's stream of commits costs a look every few ms, not one each.
+                        let soon = tokio::time::Instant::now() + BUSY_LOOK;
+                        if timer.deadline() > soon {
+                            timer.as_mut().reset(soon);
+                        }
+                        changed.set(self.changed.notified());
+                        changed.as_mut().enable();
+                    }
+                    _ = &mut timer => break false,
+                }
             };
-            if !watched {
-                pause = next_poll(pause);
-            }
+            pause = if woken {
+                // The file changed: look now, then again a few times (SQLite writes the WAL,
+                // which is what the watch sees, a moment before the commit is visible).
+                FIRST_POLL
+            } else {
+                next_poll(pause)
+            };
         }
     }
 
@@ -789,7 +842,7 @@ impl Backend for EmbeddedBackend {
         }
         let queue = q.jobs.clone();
         let claims = claims.to_vec();
-        self.with_conn(move |conn, worker| {
+        let extended = self.with_conn(move |conn, worker| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let lease_until = now_ms().saturating_add(millis(lease));
             let mut held = Vec::with_capacity(claims.len());
@@ -809,7 +862,9 @@ impl Backend for EmbeddedBackend {
             tx.commit()?;
             Ok(held)
         })
-        .await
+        .await;
+        self.wrote();
+        extended
     }
 
     async fn finish(
@@ -828,6 +883,8 @@ impl Backend for EmbeddedBackend {
             .await;
         if readies {
             self.readied();
+        } else {
+            self.wrote();
         }
         done
     }

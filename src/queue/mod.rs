@@ -343,7 +343,8 @@ pub fn dead_letter_entry(
     }
     // A human's decision the job carried, kept with a run kept for the redrive: the redriven
     // job applies it (once more verified, and only at the halt it answers) instead of asking
-    // the human again. A dead letter whose run is gone starts over, so it keeps none.
+    // the human again. A dead letter that forgets its run starts over, so it keeps none (and a
+    // redrive finding no run drops it).
     if let Some(d) = decision.filter(|_| dl.keep_run) {
         entry["decision"] = d;
     }

@@ -866,6 +866,12 @@ impl Backend for RedisBackend {
             // run kept for the redrive (`keep_run`) would be run again from its first step.
             // The producer's bytes travel untouched inside the wrapper; bytes that are not
             // UTF-8 cannot be wrapped and go back bare (they are refused again anyway).
+            // The decision goes back only with the run it resumes: a job whose run is gone
+            // starts over, and a decision without a run would only be refused again.
+            let decision = match dead_letter_decision(&entry) {
+                Some(d) if conn.exists::<_, bool>(run_key(q, job_id)).await? => Some(d),
+                _ => None,
+            };
             let message = match String::from_utf8(payload) {
                 Ok(text) => Wrapped {
                     lar_worker: 1,
@@ -873,7 +879,7 @@ impl Backend for RedisBackend {
                     attempt: 0,
                     history: Vec::new(),
                     raw: text,
-                    decision: dead_letter_decision(&entry),
+                    decision,
                 }
                 .encode(),
                 Err(e) => e.into_bytes(),

@@ -159,9 +159,9 @@ impl Worker {
                     }
                 }
                 Err(e) => {
-                    // `decide` and the decisions queue check choices first; one that still does
-                    // not fit (the graph's choices changed meanwhile) is refused, and the job
-                    // waits for a decision again, as for an unsigned one.
+                    // `decide` and the decisions queue check choices first, so only an unchecked
+                    // decision (no secret: nothing is signed) gets here. It is refused and the
+                    // job waits for a decision again, as for an unsigned one.
                     warn!(job_id = %claim.job_id, error = %e,
                           "decision refused: the job waits for a decision again");
                 }
