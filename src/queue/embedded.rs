@@ -47,9 +47,9 @@ const MAX_POLL: Duration = Duration::from_millis(200);
 /// ends the pause early, so this only bounds what the watch cannot see (a writer on another
 /// host of a network filesystem, a clock jump, a watch that stopped without telling).
 const WATCHED_POLL: Duration = Duration::from_secs(2);
-/// For this long after the backend's own work (ms), a wake is taken for its own commits, and
-/// the claim looks [`BUSY_LOOK`] later instead of at once.
-const BUSY_WINDOW: i64 = 100;
+/// For this long after the backend's own work, a wake is taken for its own commits, and the
+/// claim looks [`BUSY_LOOK`] later instead of at once.
+const BUSY_WINDOW: Duration = Duration::from_millis(100);
 const BUSY_LOOK: Duration = Duration::from_millis(20);
 
 const SCHEMA: &str = "
@@ -122,9 +122,9 @@ pub struct EmbeddedBackend {
     changed: Arc<Notify>,
     /// Woken by this backend's own writes that ready a job.
     readied: Notify,
-    /// When this backend last committed a write (ms): for a while after, the watch mostly
-    /// reports its own commits, and claims keep to their polls.
-    wrote_at: std::sync::atomic::AtomicI64,
+    /// When this backend last committed a write (ms on a monotonic clock, see `busy`): for a
+    /// while after, the watch mostly reports its own commits, and claims keep to their polls.
+    wrote_at: std::sync::atomic::AtomicU64,
     /// Started by the first claim (it needs the runtime); `None` where the file cannot be
     /// watched.
     watch: OnceLock<Option<super::file_watch::FileWatch>>,
@@ -231,14 +231,25 @@ impl EmbeddedBackend {
         self.readied.notify_waiters();
     }
 
-    /// Whether the backend committed a write within [`BUSY_WINDOW`] (see `wrote_at`).
+    /// How much longer the backend counts as busy: its last committed write was less than
+    /// [`BUSY_WINDOW`] ago (see `wrote_at`).
+    fn busy_for(&self) -> Option<Duration> {
+        let wrote = self.wrote_at.load(Ordering::Relaxed);
+        if wrote == 0 {
+            return None;
+        }
+        let ends = Duration::from_millis(wrote) + BUSY_WINDOW;
+        ends.checked_sub(monotonic()).filter(|left| !left.is_zero())
+    }
+
     fn busy(&self) -> bool {
-        now_ms().saturating_sub(self.wrote_at.load(Ordering::Relaxed)) < BUSY_WINDOW
+        self.busy_for().is_some()
     }
 
     /// Notes a committed write of this backend (see `wrote_at`).
     fn wrote(&self) {
-        self.wrote_at.store(now_ms(), Ordering::Relaxed);
+        let ms = u64::try_from(monotonic().as_millis()).unwrap_or(u64::MAX);
+        self.wrote_at.store(ms.max(1), Ordering::Relaxed);
     }
 
     /// The file watch, started on first use; `None` when there is none (or it stopped).
@@ -287,6 +298,13 @@ impl EmbeddedBackend {
         .await
         .map_err(|e| QueueError::Other(format!("embedded queue: the blocking task failed: {e}")))?
     }
+}
+
+/// Time since the process first asked, on the monotonic clock (a wall-clock step must not
+/// make the backend look busy for as long as the step).
+fn monotonic() -> Duration {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed()
 }
 
 /// Milliseconds of a duration as SQLite's integer, saturating.
@@ -756,7 +774,8 @@ impl Backend for EmbeddedBackend {
         // is busy its own commits would only wake it, and it polls instead.
         let mut idle = None;
         loop {
-            if self.busy() {
+            let busy_for = self.busy_for();
+            if busy_for.is_some() || self.watch().is_none() {
                 idle = None;
             } else if idle.is_none() {
                 idle = self.watch().and_then(|w| w.idle());
@@ -799,6 +818,10 @@ impl Backend for EmbeddedBackend {
                 // A delayed retry comes due without a write: wake for it.
                 let until = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
                 nap = nap.min(Duration::from_millis(until.max(1)));
+            }
+            if let Some(busy_for) = busy_for {
+                // Unwatched while busy: arm the watch again as soon as the busy spell is over.
+                nap = nap.min(busy_for + Duration::from_millis(1));
             }
             let timer = tokio::time::sleep(nap.min(left));
             tokio::pin!(timer);
