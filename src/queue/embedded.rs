@@ -29,7 +29,6 @@ use crate::durable::pending::waits_at;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -42,15 +41,11 @@ const SCHEMA_VERSION: i64 = 3;
 const FIRST_POLL: Duration = Duration::from_millis(10);
 /// The longest pause between two polls of an empty queue, where the file is not watched.
 const MAX_POLL: Duration = Duration::from_millis(200);
-/// The pause between two polls of an empty queue while the file is watched
-/// ([`super::file_watch`]): a change wakes the claim at once, and a delayed retry's due time
-/// ends the pause early, so this only bounds what the watch cannot see (a writer on another
-/// host of a network filesystem, a clock jump, a watch that stopped without telling).
+/// The pause between two polls of an empty queue while the doorbell is watched
+/// ([`super::file_watch`]): a ring wakes the claim at once, and a delayed retry's due time
+/// ends the pause early, so this only bounds what rings no bell (a writer from before the
+/// doorbell, another host on a network filesystem, a clock jump).
 const WATCHED_POLL: Duration = Duration::from_secs(2);
-/// For this long after the backend's own work, a wake is taken for its own commits, and the
-/// claim looks [`BUSY_LOOK`] later instead of at once.
-const BUSY_WINDOW: Duration = Duration::from_millis(100);
-const BUSY_LOOK: Duration = Duration::from_millis(20);
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS jobs (
@@ -118,13 +113,12 @@ pub struct EmbeddedBackend {
     path: PathBuf,
     /// Queues whose messages are envelopes: their `id` is the job id.
     envelope_queues: Arc<std::collections::HashSet<String>>,
-    /// Woken by the file watch when the file changed (another process's commit, or ours).
+    /// Woken when a job may have become claimable: by this backend's own writes that ready
+    /// one, and by the doorbell watch for other processes' ([`super::file_watch`]).
     changed: Arc<Notify>,
-    /// Woken by this backend's own writes that ready a job.
-    readied: Notify,
-    /// When this backend last committed a write (ms on a monotonic clock, see `busy`): for a
-    /// while after, the watch mostly reports its own commits, and claims keep to their polls.
-    wrote_at: std::sync::atomic::AtomicU64,
+    /// Rung after every write that readies a job, for the claims of other processes.
+    doorbell: Option<super::file_watch::Doorbell>,
+    bell_path: PathBuf,
     /// Started by the first claim (it needs the runtime); `None` where the file cannot be
     /// watched.
     watch: OnceLock<Option<super::file_watch::FileWatch>>,
@@ -205,14 +199,15 @@ impl EmbeddedBackend {
         }
         tx.commit()?;
 
+        let bell_path = super::file_watch::doorbell_path(path);
         Ok(EmbeddedBackend {
             conn: Arc::new(Mutex::new(conn)),
             worker_id: Arc::from(worker_id),
             path: path.to_path_buf(),
             envelope_queues: Arc::default(),
             changed: Arc::new(Notify::new()),
-            readied: Notify::new(),
-            wrote_at: Default::default(),
+            doorbell: super::file_watch::Doorbell::open(&bell_path),
+            bell_path,
             watch: OnceLock::new(),
             watched_poll: WATCHED_POLL,
         })
@@ -225,38 +220,20 @@ impl EmbeddedBackend {
         self
     }
 
-    /// A write of this backend may have readied a job: wake the claims waiting in this process.
+    /// A write of this backend may have readied a job: wake the claims waiting in this
+    /// process, and ring the doorbell for the others.
     fn readied(&self) {
-        self.wrote();
-        self.readied.notify_waiters();
-    }
-
-    /// How much longer the backend counts as busy: its last committed write was less than
-    /// [`BUSY_WINDOW`] ago (see `wrote_at`).
-    fn busy_for(&self) -> Option<Duration> {
-        let wrote = self.wrote_at.load(Ordering::Relaxed);
-        if wrote == 0 {
-            return None;
+        self.changed.notify_waiters();
+        if let Some(bell) = &self.doorbell {
+            bell.ring();
         }
-        let ends = Duration::from_millis(wrote) + BUSY_WINDOW;
-        ends.checked_sub(monotonic()).filter(|left| !left.is_zero())
-    }
-
-    fn busy(&self) -> bool {
-        self.busy_for().is_some()
-    }
-
-    /// Notes a committed write of this backend (see `wrote_at`).
-    fn wrote(&self) {
-        let ms = u64::try_from(monotonic().as_millis()).unwrap_or(u64::MAX);
-        self.wrote_at.store(ms.max(1), Ordering::Relaxed);
     }
 
     /// The file watch, started on first use; `None` when there is none (or it stopped).
     fn watch(&self) -> Option<&super::file_watch::FileWatch> {
         self.watch
             .get_or_init(|| {
-                super::file_watch::FileWatch::start(&self.path, Arc::clone(&self.changed))
+                super::file_watch::FileWatch::start(&self.bell_path, Arc::clone(&self.changed))
             })
             .as_ref()
             .filter(|w| w.live())
@@ -298,13 +275,6 @@ impl EmbeddedBackend {
         .await
         .map_err(|e| QueueError::Other(format!("embedded queue: the blocking task failed: {e}")))?
     }
-}
-
-/// Time since the process first asked, on the monotonic clock (a wall-clock step must not
-/// make the backend look busy for as long as the step).
-fn monotonic() -> Duration {
-    static START: OnceLock<Instant> = OnceLock::new();
-    START.get_or_init(Instant::now).elapsed()
 }
 
 /// Milliseconds of a duration as SQLite's integer, saturating.
@@ -623,18 +593,15 @@ impl Backend for EmbeddedBackend {
         let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
         let (index, record, checkpoint) =
             (step.index, step.record.to_vec(), step.checkpoint.to_vec());
-        let saved = self
-            .with_conn(move |conn, worker| {
-                let step = StepWrite {
-                    index,
-                    record: &record,
-                    checkpoint: &checkpoint,
-                };
-                save_step_once(conn, worker, (&queue, &job_id, epoch), step)
-            })
-            .await;
-        self.wrote();
-        saved
+        self.with_conn(move |conn, worker| {
+            let step = StepWrite {
+                index,
+                record: &record,
+                checkpoint: &checkpoint,
+            };
+            save_step_once(conn, worker, (&queue, &job_id, epoch), step)
+        })
+        .await
     }
 
     async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
@@ -770,28 +737,16 @@ impl Backend for EmbeddedBackend {
         }
         let deadline = Instant::now() + wait;
         let mut pause = FIRST_POLL;
-        // While this claim waits idle, the watch is armed (see `file_watch`); while the backend
-        // is busy its own commits would only wake it, and it polls instead.
-        let mut idle = None;
         loop {
-            let busy_for = self.busy_for();
-            if busy_for.is_some() || self.watch().is_none() {
-                idle = None;
-            } else if idle.is_none() {
-                idle = self.watch().and_then(|w| w.idle());
-            }
-            let watched = idle.is_some();
-            // Listening starts before the look, so a change made meanwhile still wakes us.
+            let watched = self.watch().is_some();
+            // Listening starts before the look, so a ring meanwhile still wakes us.
             let changed = self.changed.notified();
-            let readied = self.readied.notified();
-            tokio::pin!(changed, readied);
+            tokio::pin!(changed);
             changed.as_mut().enable();
-            readied.as_mut().enable();
             let queue = q.jobs.clone();
             let (claims, due) = self
                 .with_conn(move |conn, worker| {
-                    // A read first: most looks find nothing, and a wake for every commit of a
-                    // busy replica must not queue up for the write lock.
+                    // A read first: most looks find nothing, and need no write lock.
                     match next_due(conn, &queue)? {
                         Some(due) if due <= now_ms() => {
                             let claims = claim_once(conn, worker, &queue, max, lease)?;
@@ -802,7 +757,6 @@ impl Backend for EmbeddedBackend {
                 })
                 .await?;
             if !claims.is_empty() {
-                self.wrote();
                 return Ok(claims);
             }
             let left = deadline.saturating_duration_since(Instant::now());
@@ -819,38 +773,13 @@ impl Backend for EmbeddedBackend {
                 let until = u64::try_from(due.saturating_sub(now_ms())).unwrap_or(0);
                 nap = nap.min(Duration::from_millis(until.max(1)));
             }
-            if let Some(busy_for) = busy_for {
-                // Unwatched while busy: arm the watch again as soon as the busy spell is over.
-                nap = nap.min(busy_for + Duration::from_millis(1));
-            }
-            let timer = tokio::time::sleep(nap.min(left));
-            tokio::pin!(timer);
-            let woken = loop {
-                tokio::select! {
-                    _ = &mut readied => break true,
-                    _ = &mut changed => {
-                        if !self.busy() {
-                            break true;
-                        }
-                        // Most likely our own commit: look a little later, so a busy
-                        // backend's stream of commits costs a look every few ms, not one each.
-                        let soon = tokio::time::Instant::now() + BUSY_LOOK;
-                        if timer.deadline() > soon {
-                            timer.as_mut().reset(soon);
-                        }
-                        changed.set(self.changed.notified());
-                        changed.as_mut().enable();
-                    }
-                    _ = &mut timer => break false,
-                }
+            let woken = tokio::select! {
+                _ = &mut changed => true,
+                _ = tokio::time::sleep(nap.min(left)) => false,
             };
-            pause = if woken {
-                // The file changed: look now, then again a few times (SQLite writes the WAL,
-                // which is what the watch sees, a moment before the commit is visible).
-                FIRST_POLL
-            } else {
-                next_poll(pause)
-            };
+            // After a ring, quick looks again for a while: the job may have gone to another
+            // replica, and the next ring is likelier soon.
+            pause = if woken { FIRST_POLL } else { next_poll(pause) };
         }
     }
 
@@ -865,7 +794,7 @@ impl Backend for EmbeddedBackend {
         }
         let queue = q.jobs.clone();
         let claims = claims.to_vec();
-        let extended = self.with_conn(move |conn, worker| {
+        self.with_conn(move |conn, worker| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let lease_until = now_ms().saturating_add(millis(lease));
             let mut held = Vec::with_capacity(claims.len());
@@ -885,9 +814,7 @@ impl Backend for EmbeddedBackend {
             tx.commit()?;
             Ok(held)
         })
-        .await;
-        self.wrote();
-        extended
+        .await
     }
 
     async fn finish(
@@ -906,8 +833,6 @@ impl Backend for EmbeddedBackend {
             .await;
         if readies {
             self.readied();
-        } else {
-            self.wrote();
         }
         done
     }
