@@ -117,7 +117,7 @@ pub struct EmbeddedBackend {
     /// one, and by the doorbell watch for other processes' ([`super::file_watch`]).
     changed: Arc<Notify>,
     /// Rung after every write that readies a job, for the claims of other processes.
-    doorbell: Option<super::file_watch::Doorbell>,
+    doorbell: Option<Arc<super::file_watch::Doorbell>>,
     bell_path: PathBuf,
     /// Started by the first claim (it needs the runtime); `None` where the file cannot be
     /// watched.
@@ -206,7 +206,7 @@ impl EmbeddedBackend {
             path: path.to_path_buf(),
             envelope_queues: Arc::default(),
             changed: Arc::new(Notify::new()),
-            doorbell: super::file_watch::Doorbell::open(&bell_path),
+            doorbell: super::file_watch::Doorbell::open(&bell_path, path).map(Arc::new),
             bell_path,
             watch: OnceLock::new(),
             watched_poll: WATCHED_POLL,
@@ -218,15 +218,6 @@ impl EmbeddedBackend {
     pub fn with_watched_poll(mut self, pause: Duration) -> Self {
         self.watched_poll = pause;
         self
-    }
-
-    /// A write of this backend may have readied a job: wake the claims waiting in this
-    /// process, and ring the doorbell for the others.
-    fn readied(&self) {
-        self.changed.notify_waiters();
-        if let Some(bell) = &self.doorbell {
-            bell.ring();
-        }
     }
 
     /// The file watch, started on first use; `None` when there is none (or it stopped).
@@ -261,8 +252,22 @@ impl EmbeddedBackend {
         T: Send + 'static,
         F: FnOnce(&mut Connection, &str) -> Result<T, QueueError> + Send + 'static,
     {
+        self.with_conn_readying(f, |_| false).await
+    }
+
+    /// [`Self::with_conn`] for a write that may ready a job: when `readies` says it did, the
+    /// claims waiting in this process are woken and the doorbell rung for the others, right
+    /// after the commit and on the blocking thread, so a caller that stops waiting (a
+    /// timeout, a shutdown) cannot skip it.
+    async fn with_conn_readying<T, F, R>(&self, f: F, readies: R) -> Result<T, QueueError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &str) -> Result<T, QueueError> + Send + 'static,
+        R: FnOnce(&T) -> bool + Send + 'static,
+    {
         let conn = Arc::clone(&self.conn);
         let worker = Arc::clone(&self.worker_id);
+        let (changed, bell) = (Arc::clone(&self.changed), self.doorbell.clone());
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().map_err(|_| {
                 QueueError::Other(
@@ -270,7 +275,15 @@ impl EmbeddedBackend {
                         .into(),
                 )
             })?;
-            f(&mut guard, &worker)
+            let out = f(&mut guard, &worker)?;
+            drop(guard);
+            if readies(&out) {
+                changed.notify_waiters();
+                if let Some(bell) = &bell {
+                    bell.ring();
+                }
+            }
+            Ok(out)
         })
         .await
         .map_err(|e| QueueError::Other(format!("embedded queue: the blocking task failed: {e}")))?
@@ -644,7 +657,7 @@ impl Backend for EmbeddedBackend {
         let (attempt, history) = (pending.attempt, to_json_text(&pending.history)?);
         let step = decision.step;
         let decision = to_json_text(decision)?;
-        let submitted = self.with_conn(move |conn, _| {
+        self.with_conn_readying(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let row: Option<(i64, Vec<u8>)> = tx
                 .prepare_cached(
@@ -683,15 +696,13 @@ impl Backend for EmbeddedBackend {
             .execute(params![queue, job_id, attempt, history])?;
             tx.commit()?;
             Ok(true)
-        })
-        .await;
-        self.readied();
-        submitted
+        }, |decided| *decided)
+        .await
     }
 
     async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
-        let redriven = self.with_conn(move |conn, _| {
+        self.with_conn_readying(move |conn, _| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             let found: Option<(i64, String)> = tx
                 .prepare_cached("SELECT seq, entry FROM dead_letters WHERE queue = ?1 AND job_id = ?2 ORDER BY seq LIMIT 1")?
@@ -719,10 +730,8 @@ impl Backend for EmbeddedBackend {
             insert_job(&tx, &queue, &job_id, &payload, decision.as_deref(), (0, now_ms()))?;
             tx.commit()?;
             Ok(true)
-        })
-        .await;
-        self.readied();
-        redriven
+        }, |redriven| *redriven)
+        .await
     }
 
     async fn claim(
@@ -828,19 +837,17 @@ impl Backend for EmbeddedBackend {
         let job_id = claim.job_id.clone();
         let epoch = claim.epoch;
         let readies = matches!(how, Finish::Retry { .. } | Finish::Release);
-        let done = self
-            .with_conn(move |conn, worker| finish_once(conn, worker, &q, seq, &job_id, epoch, how))
-            .await;
-        if readies {
-            self.readied();
-        }
-        done
+        self.with_conn_readying(
+            move |conn, worker| finish_once(conn, worker, &q, seq, &job_id, epoch, how),
+            move |fenced| readies && *fenced == Fenced::Done,
+        )
+        .await
     }
 
     async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError> {
         let queue = q.jobs.clone();
-        let moved = self
-            .with_conn(move |conn, _| {
+        self.with_conn_readying(
+            move |conn, _| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 // The epoch is left alone: the next claim raises it, which fences the old holder.
                 let moved = tx
@@ -851,12 +858,10 @@ impl Backend for EmbeddedBackend {
                     .execute(params![queue, now_ms()])?;
                 tx.commit()?;
                 Ok(u64::try_from(moved).unwrap_or(u64::MAX))
-            })
-            .await;
-        if matches!(moved, Ok(n) if n > 0) {
-            self.readied();
-        }
-        moved
+            },
+            |moved| *moved > 0,
+        )
+        .await
     }
 
     async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {
@@ -868,7 +873,7 @@ impl Backend for EmbeddedBackend {
             .then(|| super::envelope_id(&payload))
             .flatten()
             .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-        let queued = self.with_conn(move |conn, _| {
+        self.with_conn_readying(move |conn, _| {
             let now = now_ms();
             // An envelope id already waiting or running is not queued twice (a producer's
             // retry); once that job has finished the id can be queued again.
@@ -890,10 +895,8 @@ impl Backend for EmbeddedBackend {
                 }
             }
             Ok(Some(job_id))
-        })
-        .await;
-        self.readied();
-        queued
+        }, |_| true)
+        .await
     }
 
     async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError> {

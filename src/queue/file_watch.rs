@@ -20,7 +20,7 @@ use inotify::{EventMask, Inotify, StreamExt, WatchMask};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
@@ -38,32 +38,66 @@ pub(super) fn doorbell_path(db: &Path) -> PathBuf {
 }
 
 /// The doorbell, opened once by a backend to ring it.
-pub(super) struct Doorbell(std::fs::File);
+pub(super) struct Doorbell {
+    path: PathBuf,
+    /// The queue file, whose owner and mode the doorbell takes.
+    like: PathBuf,
+    file: Mutex<std::fs::File>,
+}
 
 impl Doorbell {
-    /// Opens (creating) the doorbell at `path`; `None` where it cannot be (the claims of other
-    /// processes then find this one's jobs at their next poll).
-    pub fn open(path: &Path) -> Option<Self> {
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)
-        {
-            Ok(f) => Some(Doorbell(f)),
+    /// Opens (creating) the doorbell at `path` for the queue file `like`; `None` where it
+    /// cannot be (the claims of other processes then find this one's jobs at their next look).
+    pub fn open(path: &Path, like: &Path) -> Option<Self> {
+        match open_like(path, like) {
+            Ok(file) => Some(Doorbell {
+                path: path.to_path_buf(),
+                like: like.to_path_buf(),
+                file: Mutex::new(file),
+            }),
             Err(e) => {
-                warn!(path = %path.display(), error = %e, "embedded queue: no doorbell; other processes see new jobs at their next poll");
+                warn!(path = %path.display(), error = %e, "embedded queue: no doorbell; other processes see new jobs at their next look");
                 None
             }
         }
     }
 
-    /// Wakes every process watching: one byte written, nothing synced.
+    /// Wakes every process watching: one byte written, nothing synced. A doorbell removed or
+    /// replaced since it was opened is opened again, so the ring reaches today's watchers.
     pub fn ring(&self) {
-        if let Err(e) = self.0.write_at(b"\n", 0) {
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        let inode = |m: std::io::Result<std::fs::Metadata>| m.map(|m| m.ino()).ok();
+        if inode(std::fs::metadata(&self.path)) != inode(file.metadata()) {
+            match open_like(&self.path, &self.like) {
+                Ok(f) => *file = f,
+                Err(e) => debug!(error = %e, "embedded queue: cannot open the doorbell again"),
+            }
+        }
+        if let Err(e) = file.write_at(b"\n", 0) {
             debug!(error = %e, "embedded queue: cannot ring the doorbell");
         }
     }
+}
+
+/// Opens (creating) `path` with the owner and mode of the queue file `like`, as SQLite does for
+/// its `-wal` and `-shm` files: a doorbell first made by root (`sudo lar-worker enqueue`) or
+/// under a tight umask must still be writable and watchable by the service's user.
+fn open_like(path: &Path, like: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::PermissionsExt;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    if let Ok(queue) = std::fs::metadata(like) {
+        // Only the owner (or root) may change these; anyone else leaves them as they are.
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } == 0 {
+            let _ = std::os::unix::fs::fchown(&file, Some(queue.uid()), Some(queue.gid()));
+        }
+        let _ = file.set_permissions(std::fs::Permissions::from_mode(queue.mode() & 0o666));
+    }
+    Ok(file)
 }
 
 /// A watch on one doorbell; stops when dropped.
@@ -174,7 +208,7 @@ mod tests {
         let db = dir.path().join("q.db");
         std::fs::write(&db, b"").unwrap();
         let bell = doorbell_path(&db);
-        let ringer = Doorbell::open(&bell).unwrap();
+        let ringer = Doorbell::open(&bell, &db).unwrap();
         let changed = Arc::new(Notify::new());
         let watch = FileWatch::start(&bell, Arc::clone(&changed)).expect("inotify on Linux");
         assert!(watch.live());
@@ -191,7 +225,7 @@ mod tests {
         assert!(wakes(&changed, || ringer.ring(), Duration::from_secs(10)).await);
         tokio::time::sleep(PACE * 2).await;
         // Another process's ring (another open file) wakes it the same way.
-        let other = Doorbell::open(&bell).unwrap();
+        let other = Doorbell::open(&bell, &db).unwrap();
         assert!(wakes(&changed, || other.ring(), Duration::from_secs(10)).await);
     }
 
@@ -210,10 +244,42 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_replaced_doorbell_is_rung_where_watchers_are_now() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        std::fs::write(&db, b"").unwrap();
+        let bell = doorbell_path(&db);
+        let ringer = Doorbell::open(&bell, &db).unwrap();
+        std::fs::remove_file(&bell).unwrap();
+        // A process started since finds no doorbell, makes a new one and watches that.
+        let _its_bell = Doorbell::open(&bell, &db).unwrap();
+        let changed = Arc::new(Notify::new());
+        let _watch = FileWatch::start(&bell, Arc::clone(&changed)).unwrap();
+        assert!(wakes(&changed, || ringer.ring(), Duration::from_secs(10)).await);
+    }
+
+    #[test]
+    fn the_doorbell_takes_the_queue_files_mode() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        std::fs::write(&db, b"").unwrap();
+        std::fs::set_permissions(&db, std::fs::Permissions::from_mode(0o664)).unwrap();
+        let bell = doorbell_path(&db);
+        // Made first under a tight umask (or by another tool): the backend widens it to the
+        // queue file's mode, so the service's group can ring and watch it.
+        std::fs::write(&bell, b"").unwrap();
+        std::fs::set_permissions(&bell, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let _ringer = Doorbell::open(&bell, &db).unwrap();
+        let mode = std::fs::metadata(&bell).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o664);
+    }
+
+    #[tokio::test]
     async fn a_watch_whose_doorbell_goes_says_so() {
         let dir = tempfile::tempdir().unwrap();
         let bell = dir.path().join("q.db-wake");
-        let _ringer = Doorbell::open(&bell).unwrap();
+        let _ringer = Doorbell::open(&bell, &bell).unwrap();
         let watch = FileWatch::start(&bell, Arc::new(Notify::new())).unwrap();
         assert!(watch.live());
         std::fs::remove_file(&bell).unwrap();
