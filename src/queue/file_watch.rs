@@ -89,13 +89,19 @@ fn open_like(path: &Path, like: &Path) -> std::io::Result<std::fs::File> {
         .truncate(false)
         .write(true)
         .open(path)?;
-    if let Ok(queue) = std::fs::metadata(like) {
-        // Only the owner (or root) may change these; anyone else leaves them as they are.
+    if let (Ok(queue), Ok(bell)) = (std::fs::metadata(like), file.metadata()) {
+        // Only when they differ: a change is an event for the watchers (a wake for nothing,
+        // and the real ring would then wait out the pace). Only the owner (or root) may change
+        // them; anyone else leaves them as they are.
         // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
+        let root = unsafe { libc::geteuid() } == 0;
+        if root && (bell.uid(), bell.gid()) != (queue.uid(), queue.gid()) {
             let _ = std::os::unix::fs::fchown(&file, Some(queue.uid()), Some(queue.gid()));
         }
-        let _ = file.set_permissions(std::fs::Permissions::from_mode(queue.mode() & 0o666));
+        let mode = queue.mode() & 0o666;
+        if bell.mode() & 0o777 != mode {
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(mode));
+        }
     }
     Ok(file)
 }
@@ -224,8 +230,19 @@ mod tests {
         );
         assert!(wakes(&changed, || ringer.ring(), Duration::from_secs(10)).await);
         tokio::time::sleep(PACE * 2).await;
-        // Another process's ring (another open file) wakes it the same way.
-        let other = Doorbell::open(&bell, &db).unwrap();
+        // Another process opening the doorbell wakes nobody (its ring would otherwise wait
+        // out the pace); its ring wakes the waiter the same way.
+        let mut other = None;
+        assert!(
+            !wakes(
+                &changed,
+                || other = Doorbell::open(&bell, &db),
+                Duration::from_millis(300)
+            )
+            .await,
+            "opening the doorbell woke the claim"
+        );
+        let other = other.unwrap();
         assert!(wakes(&changed, || other.ring(), Duration::from_secs(10)).await);
     }
 
