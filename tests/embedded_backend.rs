@@ -541,6 +541,62 @@ async fn an_idle_claim_wakes_for_its_own_backends_enqueue_and_release() {
     );
 }
 
+/// Someone removes the doorbell: the watch stops (claims poll), the next ring makes the file
+/// again, and a later claim watches it again and is woken by rings as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_doorbell_is_watched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    let consumer = open(&path, "w1")
+        .with_watched_poll(LONG_POLL)
+        .with_watch_retry(Duration::from_millis(200));
+    let producer = open(&path, "producer");
+    let q = names();
+    let idle_look = || async { consumer.claim(&q, 1, LEASE, NO_WAIT).await.unwrap() };
+    assert!(idle_look().await.is_empty());
+    assert!(consumer.doorbell_watched());
+    std::fs::remove_file(dir.path().join("q.db-wake")).unwrap();
+    let until = Instant::now() + SOON;
+    while consumer.doorbell_watched() && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !consumer.doorbell_watched(),
+        "the watch did not notice the removal"
+    );
+    // The first ring after the removal makes the doorbell again; its job is found by a look.
+    producer.enqueue(&q, b"first").await.unwrap().unwrap();
+    let first = consumer.claim(&q, 1, LEASE, SOON).await.unwrap();
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(idle_look().await.is_empty());
+    assert!(
+        consumer.doorbell_watched(),
+        "the doorbell is not watched again"
+    );
+    // Watched again: a job enqueued while the claim waits idle wakes it.
+    let q2 = q.clone();
+    let push = async {
+        tokio::time::sleep(SETTLED).await;
+        producer.enqueue(&q2, b"second").await.unwrap().unwrap()
+    };
+    let started = Instant::now();
+    let (claims, job_id) =
+        tokio::join!(consumer.claim(&q, 1, LEASE, Duration::from_secs(30)), push);
+    let claims = claims.unwrap();
+    assert_eq!(
+        claims.len(),
+        1,
+        "not woken: the doorbell is not watched again"
+    );
+    assert_eq!(claims[0].job_id, job_id);
+    assert!(
+        started.elapsed() < SOON,
+        "waited for the poll: {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_waiting_claim_takes_a_delayed_retry_when_it_comes_due() {
     let dir = tempfile::tempdir().unwrap();

@@ -29,7 +29,7 @@ use crate::durable::pending::waits_at;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
@@ -106,6 +106,16 @@ const MIGRATE_TO_2: &str = "ALTER TABLE jobs ADD COLUMN decision TEXT;";
 /// gets a newer epoch than every earlier holder.
 const MIGRATE_TO_3: &str = "ALTER TABLE pending ADD COLUMN epoch INTEGER NOT NULL DEFAULT 0;";
 
+/// How often a claim tries to watch the doorbell again after the watch stopped (by default).
+const WATCH_RETRY: Duration = Duration::from_secs(10);
+
+/// The doorbell watch of a backend (see `EmbeddedBackend::watching`).
+struct Watching {
+    watch: Option<super::file_watch::FileWatch>,
+    /// When a watch that failed or stopped may be tried again.
+    retry_at: Option<Instant>,
+}
+
 /// A durable queue in one SQLite file.
 pub struct EmbeddedBackend {
     conn: Arc<Mutex<Connection>>,
@@ -119,9 +129,10 @@ pub struct EmbeddedBackend {
     /// Rung after every write that readies a job, for the claims of other processes.
     doorbell: Option<Arc<super::file_watch::Doorbell>>,
     bell_path: PathBuf,
-    /// Started by the first claim (it needs the runtime); `None` where the file cannot be
-    /// watched.
-    watch: OnceLock<Option<super::file_watch::FileWatch>>,
+    /// Started by the first claim (it needs the runtime), and again after it stopped.
+    watch: Mutex<Watching>,
+    /// How often a claim tries to watch the doorbell again after the watch stopped.
+    watch_retry: Duration,
     /// The pause between polls of an empty queue while the file is watched.
     watched_poll: Duration,
 }
@@ -208,9 +219,20 @@ impl EmbeddedBackend {
             changed: Arc::new(Notify::new()),
             doorbell: super::file_watch::Doorbell::open(&bell_path, path).map(Arc::new),
             bell_path,
-            watch: OnceLock::new(),
+            watch: Mutex::new(Watching {
+                watch: None,
+                retry_at: None,
+            }),
+            watch_retry: WATCH_RETRY,
             watched_poll: WATCHED_POLL,
         })
+    }
+
+    /// Sets how soon a claim tries to watch the doorbell again after the watch stopped (tests
+    /// set it short).
+    pub fn with_watch_retry(mut self, every: Duration) -> Self {
+        self.watch_retry = every;
+        self
     }
 
     /// Sets the pause between polls of an empty queue while the file is watched (tests set it
@@ -220,14 +242,31 @@ impl EmbeddedBackend {
         self
     }
 
-    /// The file watch, started on first use; `None` when there is none (or it stopped).
-    fn watch(&self) -> Option<&super::file_watch::FileWatch> {
-        self.watch
-            .get_or_init(|| {
-                super::file_watch::FileWatch::start(&self.bell_path, Arc::clone(&self.changed))
-            })
-            .as_ref()
-            .filter(|w| w.live())
+    /// Whether idle claims are woken by rings right now (else they poll): a diagnostic.
+    pub fn doorbell_watched(&self) -> bool {
+        let w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        w.watch.as_ref().is_some_and(|w| w.live())
+    }
+
+    /// Whether the doorbell is watched, starting the watch on first use and again (at most
+    /// every `watch_retry`) after it stopped: a doorbell removed and made again by the next
+    /// ring is heard again, not polled for until a restart.
+    fn watching(&self) -> bool {
+        let mut w = self.watch.lock().unwrap_or_else(|p| p.into_inner());
+        if w.watch.as_ref().is_some_and(|w| w.live()) {
+            return true;
+        }
+        if w.retry_at.is_some_and(|at| Instant::now() < at) {
+            return false;
+        }
+        w.retry_at = Some(Instant::now() + self.watch_retry);
+        // The doorbell may be gone: make it again before watching it.
+        drop(super::file_watch::Doorbell::open(
+            &self.bell_path,
+            &self.path,
+        ));
+        w.watch = super::file_watch::FileWatch::start(&self.bell_path, Arc::clone(&self.changed));
+        w.watch.is_some()
     }
 
     /// Names the queues whose messages are envelopes, whose `id` becomes the job id.
@@ -747,7 +786,7 @@ impl Backend for EmbeddedBackend {
         let deadline = Instant::now() + wait;
         let mut pause = FIRST_POLL;
         loop {
-            let watched = self.watch().is_some();
+            let watched = self.watching();
             // Listening starts before the look, so a ring meanwhile still wakes us.
             let changed = self.changed.notified();
             tokio::pin!(changed);
