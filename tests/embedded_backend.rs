@@ -472,28 +472,14 @@ async fn an_idle_claim_wakes_for_another_processs_commit_not_its_next_poll() {
     let producer = open(&path, "producer");
     let q = names();
     for round in 0..3 {
-        let q2 = q.clone();
-        let push = async {
-            tokio::time::sleep(SETTLED).await;
-            producer.enqueue(&q2, b"late").await.unwrap().unwrap()
-        };
-        let started = Instant::now();
-        let (claims, job_id) =
-            tokio::join!(consumer.claim(&q, 4, LEASE, Duration::from_secs(30)), push);
-        let claims = claims.unwrap();
-        assert_eq!(claims.len(), 1, "round {round}: nothing claimed");
-        assert_eq!(claims[0].job_id, job_id);
-        assert!(
-            started.elapsed() < SOON,
-            "round {round}: the claim waited for its poll ({:?})",
-            started.elapsed()
-        );
+        let claim =
+            woken_by_a_late_enqueue(&consumer, &producer, &q, &format!("round {round}")).await;
         let done = Finish::Publish {
             result: b"r".to_vec(),
             dead_letter: None,
         };
         assert_eq!(
-            consumer.finish(&q, &claims[0], done).await.unwrap(),
+            consumer.finish(&q, &claim, done).await.unwrap(),
             Fenced::Done
         );
     }
@@ -575,26 +561,32 @@ async fn a_removed_doorbell_is_watched_again() {
         "the doorbell is not watched again"
     );
     // Watched again: a job enqueued while the claim waits idle wakes it.
-    let q2 = q.clone();
+    woken_by_a_late_enqueue(&consumer, &producer, &q, "watched again").await;
+}
+
+/// An idle claim of `consumer` while `producer` (another connection, as another process)
+/// enqueues a job once the claim has settled: the claim gets that job, well before its poll.
+async fn woken_by_a_late_enqueue(
+    consumer: &EmbeddedBackend,
+    producer: &EmbeddedBackend,
+    q: &QueueNames,
+    what: &str,
+) -> Claim {
     let push = async {
         tokio::time::sleep(SETTLED).await;
-        producer.enqueue(&q2, b"second").await.unwrap().unwrap()
+        producer.enqueue(q, b"late").await.unwrap().unwrap()
     };
     let started = Instant::now();
-    let (claims, job_id) =
-        tokio::join!(consumer.claim(&q, 1, LEASE, Duration::from_secs(30)), push);
-    let claims = claims.unwrap();
-    assert_eq!(
-        claims.len(),
-        1,
-        "not woken: the doorbell is not watched again"
-    );
+    let (claims, job_id) = tokio::join!(consumer.claim(q, 4, LEASE, Duration::from_secs(30)), push);
+    let mut claims = claims.unwrap();
+    assert_eq!(claims.len(), 1, "{what}: nothing claimed");
     assert_eq!(claims[0].job_id, job_id);
     assert!(
         started.elapsed() < SOON,
-        "waited for the poll: {:?}",
+        "{what}: the claim waited for its poll ({:?})",
         started.elapsed()
     );
+    claims.remove(0)
 }
 
 #[tokio::test]
