@@ -12,7 +12,7 @@
 //!
 //! The watch is an optimisation only: where it cannot be set up (the per-user inotify limits
 //! reached) or it ends (its stream fails, the doorbell file is removed), [`FileWatch::live`]
-//! turns false and claims poll as they did before. A writer that does not ring (a lar-worker
+//! turns false and claims poll as they did before, until the backend starts a new watch. A writer that does not ring (a lar-worker
 //! from before the doorbell) is seen at the claim's next poll.
 
 use futures::FutureExt;
