@@ -135,6 +135,12 @@ impl Env {
         )
     }
 
+    /// `lar-worker decide JOB --choice CHOICE --by BY`, which must succeed.
+    fn decide(&self, job: &str, choice: &str, by: &str) {
+        let (code, out, err) = self.cli(&["decide", job, "--choice", choice, "--by", by]);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+
     fn push(&mut self, msg: &str) {
         self.rt
             .block_on(self.backend.enqueue(&self.names, msg.as_bytes()))
@@ -851,15 +857,7 @@ fn a_decision_that_does_not_fit_leaves_the_job_waiting(kind: Kind) {
         env.dead()
     );
     env.clear_results();
-    let (code, out, err) = env.cli(&[
-        "decide",
-        &job,
-        "--choice",
-        "reject",
-        "--by",
-        "cfo@example.com",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    env.decide(&job, "reject", "cfo@example.com");
     let done = env.wait_results(1, Duration::from_secs(20));
     stop(w);
     assert_eq!(done[0]["status"], "completed", "{}", done[0]);
@@ -1156,8 +1154,7 @@ output = "second_decision"
         }
     };
     wait_pending_at(&env, "first");
-    let (code, out, err) = env.cli(&["decide", "two-1", "--choice", "approve", "--by", "a@x"]);
-    assert_eq!(code, 0, "{out}{err}");
+    env.decide("two-1", "approve", "a@x");
     wait_pending_at(&env, "second");
 
     // The copy: the same job queued again carrying the first decision (step 1).
@@ -1192,8 +1189,7 @@ output = "second_decision"
         env.results_now().iter().all(|r| r["status"] != "completed"),
         "the copy completed the run"
     );
-    let (code, out, err) = env.cli(&["decide", "two-1", "--choice", "reject", "--by", "b@x"]);
-    assert_eq!(code, 0, "{out}{err}");
+    env.decide("two-1", "reject", "b@x");
     let results = env.wait_results(4, Duration::from_secs(20));
     stop(w);
     let done: Vec<&Value> = results
@@ -1331,15 +1327,7 @@ fn a_forged_decision_header_is_ignored() {
         );
         env.clear_results();
     }
-    let (code, out, err) = env.cli(&[
-        "decide",
-        &job,
-        "--choice",
-        "approve",
-        "--by",
-        "cfo@example.com",
-    ]);
-    assert_eq!(code, 0, "{out}{err}");
+    env.decide(&job, "approve", "cfo@example.com");
     let results = env.wait_results(1, Duration::from_secs(20));
     stop(w);
     assert_eq!(results.len(), 1);

@@ -550,23 +550,70 @@ async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
     assert!(b.load_run(q, &id).await.unwrap().is_none());
 }
 
+/// Pauses the claimed job `c` at `halt`, submits a decision for that halt, and claims the job
+/// again: the returned claim carries the decision.
+async fn decided_and_claimed(
+    b: &dyn Backend,
+    q: &QueueNames,
+    c: &Claim,
+    halt: u64,
+    decision: &lar_worker::exec::Decision,
+) -> Claim {
+    let record = waiting(&c.job_id, &c.payload, halt);
+    let pause = Finish::Pause {
+        result: b"awaiting".to_vec(),
+        pending: serde_json::to_vec(&record).unwrap(),
+    };
+    assert_eq!(b.finish(q, c, pause).await.unwrap(), Fenced::Done);
+    assert!(b.submit_decision(q, &record, decision).await.unwrap());
+    let carrying = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(
+        carrying.decision.as_ref().map(|d| d.choice.as_str()),
+        Some(decision.choice.as_str())
+    );
+    carrying
+}
+
+/// Dead-letters `claim` (keeping its run or not), redrives it and claims it back.
+async fn dead_and_redriven(
+    b: &dyn Backend,
+    q: &QueueNames,
+    claim: &Claim,
+    keep_run: bool,
+) -> Claim {
+    let dead = Finish::DeadLetter(lar_worker::queue::DeadLetter {
+        job_id: claim.job_id.clone(),
+        reason: "gave up after 3 attempts: the checkpoint store is down".into(),
+        attempts: Vec::new(),
+        keep_run,
+    });
+    assert_eq!(b.finish(q, claim, dead).await.unwrap(), Fenced::Done);
+    assert!(b.redrive_dead_letter(q, &claim.job_id).await.unwrap());
+    let again = claim_all(b, q, 1).await.remove(0);
+    assert_eq!(again.job_id, claim.job_id, "the redriven job keeps its id");
+    again
+}
+
+/// A redriven job that must start over: no decision comes back with it; it then completes.
+async fn starts_over_without_a_decision(b: &dyn Backend, q: &QueueNames, fresh: &Claim) {
+    assert!(fresh.decision.is_none(), "{:?}", fresh.decision);
+    let publish = Finish::Publish {
+        result: b"done".to_vec(),
+        dead_letter: None,
+    };
+    assert_eq!(b.finish(q, fresh, publish).await.unwrap(), Fenced::Done);
+}
+
 /// A job dead-lettered while it carried a human's decision, its run kept (the store gave out
 /// while applying it), carries the decision again after a redrive: the human is not asked
 /// twice. A dead letter that does not keep its run (it starts over) keeps no decision.
 async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames) {
     b.enqueue(q, br#"{"x":1}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
-    let id = c.job_id.clone();
     assert_eq!(
         b.save_step(q, &c, step(0, b"r0", b"c0")).await.unwrap(),
         Fenced::Done
     );
-    let record = waiting(&id, &c.payload, 1);
-    let pause = Finish::Pause {
-        result: b"awaiting".to_vec(),
-        pending: serde_json::to_vec(&record).unwrap(),
-    };
-    assert_eq!(b.finish(q, &c, pause).await.unwrap(), Fenced::Done);
     let decision = lar_worker::exec::Decision {
         choice: "approve".into(),
         rationale: "within limits".into(),
@@ -575,27 +622,8 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
         step: Some(1),
         signature: Some("ab".repeat(32)),
     };
-    assert!(b.submit_decision(q, &record, &decision).await.unwrap());
-    let carrying = claim_all(b, q, 1).await.remove(0);
-    assert_eq!(
-        carrying.decision.as_ref().map(|d| d.choice.as_str()),
-        Some("approve")
-    );
-    let dead = |keep_run| {
-        Finish::DeadLetter(lar_worker::queue::DeadLetter {
-            job_id: id.clone(),
-            reason: "gave up after 3 attempts: the checkpoint store is down".into(),
-            attempts: Vec::new(),
-            keep_run,
-        })
-    };
-    assert_eq!(
-        b.finish(q, &carrying, dead(true)).await.unwrap(),
-        Fenced::Done
-    );
-    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
-    let again = claim_all(b, q, 1).await.remove(0);
-    assert_eq!(again.job_id, id);
+    let carrying = decided_and_claimed(b, q, &c, 1, &decision).await;
+    let again = dead_and_redriven(b, q, &carrying, true).await;
     let kept = again
         .decision
         .clone()
@@ -616,23 +644,13 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
         "the same decision, signature and all"
     );
     assert!(
-        b.load_run(q, &id).await.unwrap().is_some(),
+        b.load_run(q, &c.job_id).await.unwrap().is_some(),
         "and the run it resumes"
     );
 
     // Dead again, this time starting over: the redrive carries no decision.
-    assert_eq!(
-        b.finish(q, &again, dead(false)).await.unwrap(),
-        Fenced::Done
-    );
-    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
-    let fresh = claim_all(b, q, 1).await.remove(0);
-    assert!(fresh.decision.is_none(), "{:?}", fresh.decision);
-    let publish = Finish::Publish {
-        result: b"done".to_vec(),
-        dead_letter: None,
-    };
-    assert_eq!(b.finish(q, &fresh, publish).await.unwrap(), Fenced::Done);
+    let fresh = dead_and_redriven(b, q, &again, false).await;
+    starts_over_without_a_decision(b, q, &fresh).await;
 }
 
 /// A dead letter that kept a decision but whose job has no run to resume (the decision came
@@ -641,13 +659,6 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
 async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Backend, q: &QueueNames) {
     b.enqueue(q, br#"{"x":2}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
-    let id = c.job_id.clone();
-    let record = waiting(&id, &c.payload, 0);
-    let pause = Finish::Pause {
-        result: b"awaiting".to_vec(),
-        pending: serde_json::to_vec(&record).unwrap(),
-    };
-    assert_eq!(b.finish(q, &c, pause).await.unwrap(), Fenced::Done);
     let decision = lar_worker::exec::Decision {
         choice: "approve".into(),
         rationale: String::new(),
@@ -656,29 +667,13 @@ async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Backend, q: &QueueNa
         step: Some(0),
         signature: None,
     };
-    assert!(b.submit_decision(q, &record, &decision).await.unwrap());
-    let carrying = claim_all(b, q, 1).await.remove(0);
-    assert!(carrying.decision.is_some());
+    let carrying = decided_and_claimed(b, q, &c, 0, &decision).await;
     assert!(
-        b.load_run(q, &id).await.unwrap().is_none(),
+        b.load_run(q, &c.job_id).await.unwrap().is_none(),
         "no step was ever saved"
     );
-    let dead = Finish::DeadLetter(lar_worker::queue::DeadLetter {
-        job_id: id.clone(),
-        reason: "a decision arrived for a job with no checkpoint".into(),
-        attempts: Vec::new(),
-        keep_run: true,
-    });
-    assert_eq!(b.finish(q, &carrying, dead).await.unwrap(), Fenced::Done);
-    assert!(b.redrive_dead_letter(q, &id).await.unwrap());
-    let fresh = claim_all(b, q, 1).await.remove(0);
-    assert_eq!(fresh.job_id, id);
-    assert!(fresh.decision.is_none(), "{:?}", fresh.decision);
-    let publish = Finish::Publish {
-        result: b"done".to_vec(),
-        dead_letter: None,
-    };
-    assert_eq!(b.finish(q, &fresh, publish).await.unwrap(), Fenced::Done);
+    let fresh = dead_and_redriven(b, q, &carrying, true).await;
+    starts_over_without_a_decision(b, q, &fresh).await;
 }
 
 /// A decision is validated against the pending record read first (the halt at step 1 here).

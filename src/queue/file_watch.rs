@@ -200,6 +200,16 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// A queue file in a new directory, its doorbell path and a doorbell opened on it.
+    fn queue_file() -> (tempfile::TempDir, PathBuf, PathBuf, Doorbell) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("q.db");
+        std::fs::write(&db, b"").unwrap();
+        let bell = doorbell_path(&db);
+        let ringer = Doorbell::open(&bell, &db).unwrap();
+        (dir, db, bell, ringer)
+    }
+
     async fn wakes(changed: &Notify, act: impl FnOnce(), within: Duration) -> bool {
         let woken = changed.notified();
         tokio::pin!(woken);
@@ -210,11 +220,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_ring_wakes_a_waiter_and_database_writes_do_not() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("q.db");
-        std::fs::write(&db, b"").unwrap();
-        let bell = doorbell_path(&db);
-        let ringer = Doorbell::open(&bell, &db).unwrap();
+        let (dir, db, bell, ringer) = queue_file();
         let changed = Arc::new(Notify::new());
         let watch = FileWatch::start(&bell, Arc::clone(&changed)).expect("inotify on Linux");
         assert!(watch.live());
@@ -262,11 +268,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replaced_doorbell_is_rung_where_watchers_are_now() {
-        let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("q.db");
-        std::fs::write(&db, b"").unwrap();
-        let bell = doorbell_path(&db);
-        let ringer = Doorbell::open(&bell, &db).unwrap();
+        let (_dir, db, bell, ringer) = queue_file();
         std::fs::remove_file(&bell).unwrap();
         // A process started since finds no doorbell, makes a new one and watches that.
         let _its_bell = Doorbell::open(&bell, &db).unwrap();
