@@ -2,6 +2,8 @@
 //! (every node runs once per run), built in-process.
 //!
 //! - `in_memory`: the run with its step records, no file.
+//! - `chained`: plus every record chained into the run's log and the log signed, no file
+//!   (what a daemon's job does per step besides its checkpoint and the file write).
 //! - `signed_log/fsync_off`: plus the chained records, the signed log, written atomically.
 //! - `signed_log/fsync_on`: the same with the file and its directory fsynced.
 //!
@@ -24,7 +26,7 @@ use lar_worker::audit::{RunLog, Secret};
 use lar_worker::exec::{Run, StepEnv};
 use lar_worker::graph::load::{parse_graph, Syntax};
 use lar_worker::graph::Graph;
-use lar_worker::job::{log_header, write_run_log, AuditSettings};
+use lar_worker::job::{log_header, outcome_of, write_run_log, AuditSettings};
 use lar_worker::tools::Registry;
 use serde_json::{json, Map, Value};
 use std::path::Path;
@@ -147,6 +149,24 @@ async fn run_in_memory(
     records.len()
 }
 
+/// One run, every record chained into the log and the log signed, in memory.
+async fn run_chained(
+    graph: &Arc<Graph>,
+    registry: &Registry,
+    input: Map<String, Value>,
+    secret: &Secret,
+) -> usize {
+    let mut run = Run::new(Arc::clone(graph), "job-bench", RUN_ID, input);
+    let mut log = RunLog::new(log_header(&run, None));
+    let env = StepEnv { registry };
+    while let Some(rec) = run.step(&env).await {
+        log.append(rec, Some(secret));
+    }
+    let signed = log.sign(&outcome_of(run.status()), Some(secret));
+    black_box(signed.file_bytes.len());
+    log.len()
+}
+
 /// One run, every record chained into the log, then the signed log written.
 async fn run_with_log(
     graph: &Arc<Graph>,
@@ -240,6 +260,13 @@ fn bench<M: Measurement<Value = Duration> + 'static>(c: &mut Criterion<M>, group
 
     let dir = tempfile::TempDir::new().unwrap_or_else(|e| panic!("tempdir: {e}"));
     let secret = Secret::new("bench-secret").unwrap_or_else(|e| panic!("{e}"));
+    group.bench_function("chained", |b| {
+        b.iter_batched(
+            || input.clone(),
+            |input| black_box(rt.block_on(run_chained(&graph, &registry, input, &secret))),
+            BatchSize::SmallInput,
+        )
+    });
     for durable in [false, true] {
         let audit = AuditSettings {
             log_dir: dir.path().to_path_buf(),

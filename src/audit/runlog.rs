@@ -145,12 +145,17 @@ impl RunLog {
     }
 
     /// Adds a step; with a secret, links it into the chain first. Returns the stored record.
+    /// The record kept as the newest ([`RunLog::last_step`]) has its value fields only: the
+    /// states stay in the serialized record.
     pub fn append(&mut self, step: StepRecord, secret: Option<&Secret>) -> &Map<String, Value> {
-        let mut rec = step.0;
+        let (mut rec, serialized) = step.into_parts();
         rec.shift_remove("chain");
         let mut link = None;
         let (canonical, file) = {
             let mut seg = Segments::of(&rec);
+            for (key, bytes) in &serialized {
+                seg.push_raw(key, bytes);
+            }
             if let Some(secret) = secret {
                 let l = chain_link(secret, &self.chain_head, &seg.canonical());
                 seg.push_str("chain", &l);
@@ -330,8 +335,8 @@ struct Segments<'a> {
 
 impl<'a> Segments<'a> {
     fn of(rec: &'a Map<String, Value>) -> Self {
-        let mut buf = Vec::with_capacity(1024);
-        let mut spans = Vec::with_capacity(rec.len() + 1);
+        let mut buf = Vec::with_capacity(2048);
+        let mut spans = Vec::with_capacity(rec.len() + 4);
         for (k, v) in rec {
             let start = buf.len();
             write_json(&mut buf, v, true);
@@ -343,6 +348,13 @@ impl<'a> Segments<'a> {
     fn push_str(&mut self, key: &'a str, value: &str) {
         let start = self.buf.len();
         write_str(&mut self.buf, value);
+        self.spans.push((key, start..self.buf.len()));
+    }
+
+    /// Adds a value that is already canonical JSON.
+    fn push_raw(&mut self, key: &'a str, json: &[u8]) {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(json);
         self.spans.push((key, start..self.buf.len()));
     }
 
@@ -406,7 +418,7 @@ mod tests {
             let mut rec = Map::new();
             rec.insert("step".into(), Value::from(i as u64));
             rec.insert((*extra).into(), Value::Array(vec![Value::from(1)]));
-            log.append(StepRecord(rec), Some(&secret));
+            log.append(StepRecord::new(rec), Some(&secret));
         }
         let outcome = RunOutcome {
             status: "completed".into(),

@@ -7,6 +7,7 @@ pub mod diff;
 mod llm;
 mod node;
 pub mod run;
+pub mod snapshot;
 pub mod step;
 
 pub use run::{Decision, DecisionError, Run, RunPosition, RunStatus, StepEnv};

@@ -2,10 +2,10 @@
 //! steps its [`RunPosition`] is a complete description, so a checkpoint can store it and a later
 //! process (after a crash or a human decision) can continue exactly where it stopped.
 
-use super::diff::state_diff;
 use super::node::{
     bump_visit, elapsed_us, exec_node, insert_outcome, Ctx, NodeOutcome, PromptTexts, LAST_ERROR,
 };
+use super::snapshot::{self, Snapshot};
 use super::step::StepRecord;
 use crate::graph::{Graph, NodeKind};
 use crate::json::truthy;
@@ -265,10 +265,10 @@ impl Run {
             return Some(self.fatal_step(idx, msg, &started_at, clock));
         }
 
-        let before = self.state.clone();
+        let before = Snapshot::of(&self.state);
         let outcome = self.execute(idx, env).await;
-        let after = self.state.clone();
-        let diff = state_diff(&before, &after);
+        let after = Snapshot::of(&self.state);
+        let diff = snapshot::diff(&before, &after);
 
         let mut error = outcome.fatal.clone();
         if error.is_none() {
@@ -281,12 +281,10 @@ impl Run {
         }
         let mut rec = self.record(
             idx,
-            before,
-            diff,
+            [before.into_bytes(), diff, after.into_bytes()],
             outcome.metadata,
             error,
             outcome.texts,
-            after,
             &started_at,
             clock,
         );
@@ -305,7 +303,7 @@ impl Run {
                 self.status = self.end_status(None);
             }
         }
-        Some(StepRecord(rec))
+        Some(rec)
     }
 
     /// Applies a human decision to a halted run and records it as a step of the same run.
@@ -334,23 +332,21 @@ impl Run {
         }
         let started_at = now_utc();
         let clock = Instant::now();
-        let before = self.state.clone();
+        let before = Snapshot::of(&self.state);
         self.state
             .insert(output.clone(), Value::String(decision.choice.clone()));
         self.state.insert(
             format!("{output}_rationale"),
             Value::String(decision.rationale.clone()),
         );
-        let after = self.state.clone();
-        let diff = state_diff(&before, &after);
+        let after = Snapshot::of(&self.state);
+        let diff = snapshot::diff(&before, &after);
         let mut rec = self.record(
             idx,
-            before,
-            diff,
+            [before.into_bytes(), diff, after.into_bytes()],
             Map::new(),
             None,
             PromptTexts::default(),
-            after,
             &started_at,
             clock,
         );
@@ -379,7 +375,7 @@ impl Run {
         if self.next.is_none() {
             self.status = self.end_status(None);
         }
-        Ok(StepRecord(rec))
+        Ok(rec)
     }
 
     fn end_status(&self, fatal: Option<String>) -> RunStatus {
@@ -406,48 +402,41 @@ impl Run {
         started_at: &str,
         clock: Instant,
     ) -> StepRecord {
-        let before = self.state.clone();
-        let diff = state_diff(&before, &self.state);
-        let after = self.state.clone();
+        // The state is not touched: before and after are the same bytes.
+        let state = Snapshot::of(&self.state).into_bytes();
         let rec = self.record(
             idx,
-            before,
-            diff,
+            [state.clone(), snapshot::EMPTY_DIFF.to_vec(), state],
             Map::new(),
             Some(msg.clone()),
             PromptTexts::default(),
-            after,
             started_at,
             clock,
         );
         self.step += 1;
         self.next = None;
         self.status = RunStatus::Failed { reason: msg };
-        StepRecord(rec)
+        rec
     }
 
+    /// `[state_before, state_diff, state_after]`: canonical JSON from [`Snapshot`].
     #[allow(clippy::too_many_arguments)]
     fn record(
         &self,
         idx: usize,
-        before: Map<String, Value>,
-        diff: Value,
+        [before, diff, after]: [Vec<u8>; 3],
         metadata: Map<String, Value>,
         error: Option<String>,
         texts: PromptTexts,
-        after: Map<String, Value>,
         started_at: &str,
         clock: Instant,
-    ) -> Map<String, Value> {
+    ) -> StepRecord {
         let node = self.graph.node(idx);
-        let mut rec = Map::with_capacity(14);
+        let mut rec = Map::with_capacity(12);
         rec.insert("step".into(), Value::from(self.step));
         rec.insert("node".into(), Value::String(node.kind.lar_class().into()));
-        rec.insert("state_before".into(), Value::Object(before));
-        rec.insert("state_diff".into(), diff);
         rec.insert("run_metadata".into(), Value::Object(metadata));
         insert_outcome(&mut rec, error, texts);
-        rec.insert("state_after".into(), Value::Object(after));
         rec.insert("node_id".into(), Value::String(node.id.clone()));
         rec.insert(
             "node_type".into(),
@@ -455,7 +444,14 @@ impl Run {
         );
         rec.insert("started_at".into(), Value::String(started_at.to_string()));
         rec.insert("duration_us".into(), Value::from(elapsed_us(clock)));
-        rec
+        StepRecord::with_serialized(
+            rec,
+            vec![
+                ("state_before", before),
+                ("state_diff", diff),
+                ("state_after", after),
+            ],
+        )
     }
 
     async fn execute(&mut self, idx: usize, env: &StepEnv<'_>) -> NodeOutcome {
