@@ -68,6 +68,7 @@ async fn journal(b: &dyn Backend, q: &QueueNames, job: &str) -> (Vec<Vec<u8>>, V
 async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
     b.enqueue(q, br#"{"x":1}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
+    assert!(c.fresh, "a new job has no run to read");
 
     assert_eq!(
         b.save_step(q, &c, step(0, b"r0", b"c0")).await.unwrap(),
@@ -104,6 +105,7 @@ async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
     let again = claim_all(b, q, 1).await.remove(0);
     assert_eq!(again.job_id, c.job_id);
     assert!(again.epoch > c.epoch);
+    assert!(!again.fresh, "a job with a stored run is resumed from it");
     assert_eq!(
         b.save_step(q, &c, step(2, b"stale", b"stale"))
             .await

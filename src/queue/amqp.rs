@@ -1038,6 +1038,8 @@ impl Shared {
                 epoch,
                 history,
                 decision,
+                // The run store is elsewhere; the worker reads it.
+                fresh: false,
                 handle: ClaimHandle::Amqp {
                     delivery_tag: d.delivery_tag,
                     channel: p.generation,

@@ -417,9 +417,12 @@ fn claim_once(
         let mut update = tx.prepare_cached(
             "UPDATE jobs SET state = 'claimed', owner = ?2, lease_until = ?3, epoch = ?4 WHERE seq = ?1",
         )?;
+        let mut has_run =
+            tx.prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?;
         for (seq, job_id, payload, attempt, history, decision) in rows {
             let epoch = super::sqlite_runs::next_epoch(&tx)?;
             update.execute(params![seq, worker, lease_until, epoch])?;
+            let fresh = !has_run.exists(params![queue, job_id])?;
             let attempt = u32::try_from(attempt.saturating_add(1)).map_err(|_| {
                 QueueError::Other(format!(
                     "job {job_id}: stored attempt count {attempt} is out of range"
@@ -439,6 +442,7 @@ fn claim_once(
                 epoch,
                 history,
                 decision,
+                fresh,
                 handle: ClaimHandle::Sqlite { seq },
             });
         }

@@ -72,6 +72,10 @@ pub struct Claim {
     pub history: Vec<AttemptRecord>,
     /// A human decision this delivery carries (a paused job coming back to resume).
     pub decision: Option<crate::exec::Decision>,
+    /// The backend saw, atomically with this claim, that the job has no stored run: there is
+    /// nothing to resume, and none can appear (only this claim's epoch may write one), so the
+    /// worker starts the run without reading the store. False where the backend did not look.
+    pub fresh: bool,
     /// Backend-specific handle (the stored message, a row id, a delivery tag).
     pub handle: ClaimHandle,
 }

@@ -92,8 +92,9 @@ local function hold(wrapped, id)
 end
 "#;
 
-/// KEYS: queue, processing, leases, claims, owners, epochs, epoch sequence, delayed.
-/// ARGV: worker, lease ms, n, envelope, candidate ids... Returns (stored, epoch, id) triples.
+/// KEYS: queue, processing, leases, claims, owners, epochs, epoch sequence, delayed, run-key
+/// prefix. ARGV: worker, lease ms, n, envelope, candidate ids... Returns (stored, epoch, id,
+/// has run) quadruples: has run is 1 when the job has a stored run (checkpoint and journal).
 /// A copy of a job whose id is held right now (a producer sent it twice) is not claimed: it
 /// waits in the delayed set for a lease and comes back after, so one id never has two holders
 /// (their claims, leases and checkpoints are keyed by the id). Byte-identical copies waiting
@@ -113,6 +114,7 @@ for i = 1, tonumber(ARGV[3]) do
     out[#out + 1] = wrapped
     out[#out + 1] = hold(wrapped, id)
     out[#out + 1] = id
+    out[#out + 1] = redis.call('EXISTS', KEYS[9] .. id)
   end
 end
 return out
@@ -128,7 +130,7 @@ if redis.call('HEXISTS', KEYS[4], id) == 1 then
   return {}
 end
 redis.call('LPUSH', KEYS[2], wrapped)
-return {wrapped, hold(wrapped, id), id}
+return {wrapped, hold(wrapped, id), id, redis.call('EXISTS', KEYS[9] .. id)}
 "#;
 
 /// KEYS: leases, epochs. ARGV: lease ms, (id, epoch)...
@@ -475,24 +477,32 @@ impl RedisBackend {
         }
     }
 
-    /// The (stored, epoch, id) triples CLAIM and ADOPT return. The id is the one the script
-    /// filed the claim and epoch under: the finish must name exactly it, whatever Rust would
-    /// make of the message (a decoder stricter than cjson, a message that only looks wrapped).
+    /// The (stored, epoch, id, has run) quadruples CLAIM and ADOPT return. The id is the one
+    /// the script filed the claim and epoch under: the finish must name exactly it, whatever
+    /// Rust would make of the message (a decoder stricter than cjson, a message that only
+    /// looks wrapped).
     fn decode_claims(&self, items: Vec<::redis::Value>) -> Vec<Claim> {
-        let mut out = Vec::with_capacity(items.len() / 3);
+        let mut out = Vec::with_capacity(items.len() / 4);
         let mut it = items.into_iter();
-        while let (Some(stored), Some(epoch), Some(id)) = (it.next(), it.next(), it.next()) {
-            // The script only returns bytes, a number and a UTF-8 id (candidates are ours); a
+        while let (Some(stored), Some(epoch), Some(id), Some(has_run)) =
+            (it.next(), it.next(), it.next(), it.next())
+        {
+            // The script only returns bytes, numbers and a UTF-8 id (candidates are ours); a
             // claim that still does not decode is left to its lease, and says so.
             let decoded = (|| -> Result<_, ::redis::RedisError> {
                 Ok((
                     ::redis::from_redis_value::<Vec<u8>>(stored)?,
                     ::redis::from_redis_value::<u64>(epoch)?,
                     ::redis::from_redis_value::<String>(id)?,
+                    ::redis::from_redis_value::<i64>(has_run)?,
                 ))
             })();
             match decoded {
-                Ok((stored, epoch, id)) => out.push(Self::to_claim(stored, epoch, id)),
+                Ok((stored, epoch, id, has_run)) => {
+                    let mut claim = Self::to_claim(stored, epoch, id);
+                    claim.fresh = has_run == 0;
+                    out.push(claim);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "a claim the script returned does not decode; its lease will expire")
                 }
@@ -510,6 +520,7 @@ impl RedisBackend {
                 epoch,
                 history: w.history,
                 decision: w.decision,
+                fresh: false,
                 handle: ClaimHandle::Redis { stored },
             },
             // A producer's message that only looks wrapped (the script checks its prefix and
@@ -524,6 +535,7 @@ impl RedisBackend {
                 epoch,
                 history: Vec::new(),
                 decision: None,
+                fresh: false,
                 handle: ClaimHandle::Redis { stored },
             },
         }
@@ -545,7 +557,8 @@ impl RedisBackend {
             .key(&k.owners)
             .key(&k.epochs)
             .key(&k.epoch_seq)
-            .key(&k.delayed);
+            .key(&k.delayed)
+            .key(super::redis_runs::run_key(q, ""));
         inv.arg(&self.worker_id)
             .arg(lease.as_millis() as u64)
             .arg(n)

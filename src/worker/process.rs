@@ -365,7 +365,8 @@ impl Worker {
         job: &ParsedJob,
     ) -> Result<(Run, RunLog), Start> {
         let names = &self.queues[qi].names;
-        let stored = if self.durable() {
+        // A claim the backend found without a run (most first attempts) has none to read.
+        let stored = if self.durable() && !claim.fresh {
             self.backend
                 .load_run(names, &claim.job_id)
                 .await
