@@ -108,16 +108,18 @@ impl Env {
         }
     }
 
-    fn worker(&self) -> Child {
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&self.config)
-            .env("HMAC_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap()
+    fn worker(&self) -> Proc {
+        Proc(
+            Command::new(BIN)
+                .args(["run", "--config"])
+                .arg(&self.config)
+                .env("HMAC_SECRET", SECRET)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
@@ -341,7 +343,33 @@ impl Drop for Env {
     }
 }
 
-fn stop(mut child: Child) {
+/// A worker process that is killed when dropped unstopped: a failed assertion unwinds past
+/// the test's `stop`, and the daemon must not outlive the test (and keep taking jobs).
+struct Proc(Child);
+
+impl std::ops::Deref for Proc {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+        }
+        let _ = self.0.wait();
+    }
+}
+
+fn stop(mut child: Proc) {
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -353,7 +381,7 @@ fn signal(sig: &str, pid: &str) {
     let _ = Command::new("kill").args([sig, pid]).status();
 }
 
-fn kill9(mut child: Child) {
+fn kill9(mut child: Proc) {
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -1425,7 +1453,7 @@ fn chaos_graph() -> String {
 /// SIGTERM) and restarts, and on the backends with leases also freezes (SIGSTOP) past their
 /// lease and thaws. The seed is printed; `CHAOS_SEED=n` replays a schedule.
 struct Replicas {
-    live: Vec<Child>,
+    live: Vec<Proc>,
     started: usize,
     kills: usize,
     terms: usize,
@@ -1464,18 +1492,20 @@ impl Replicas {
         r
     }
 
-    fn spawn(&mut self, env: &Env) -> Child {
+    fn spawn(&mut self, env: &Env) -> Proc {
         self.started += 1;
         let log = env.dir.path().join(format!("replica-{}.log", self.started));
-        Command::new(BIN)
-            .args(["run", "--config"])
-            .arg(&env.config)
-            .env("HMAC_SECRET", SECRET)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(log).unwrap())
-            .spawn()
-            .unwrap()
+        Proc(
+            Command::new(BIN)
+                .args(["run", "--config"])
+                .arg(&env.config)
+                .env("HMAC_SECRET", SECRET)
+                .env("RUST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(log).unwrap())
+                .spawn()
+                .unwrap(),
+        )
     }
 
     /// Waits a random while, then kills or stops one replica at random and starts another,
