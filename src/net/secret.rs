@@ -243,9 +243,11 @@ pub fn redact_graph_secrets(text: &str) -> String {
     redactor.redact_str(text)
 }
 
-/// Replaces known secret values with `[redacted]` in text we keep (answers, error excerpts).
+/// Replaces known secret values with `[redacted]` in text we keep (answers, error excerpts),
+/// in every form a reply or a message may carry them (see [`forms`]).
 #[derive(Default)]
 pub struct Redactor {
+    /// Every form of every secret, longest first.
     secrets: Vec<String>,
 }
 
@@ -261,11 +263,16 @@ impl std::fmt::Debug for Redactor {
 
 impl Redactor {
     pub fn add(&mut self, secret: &str) {
-        if secret.len() >= MIN_REDACT_LEN && !self.secrets.iter().any(|s| s == secret) {
-            self.secrets.push(secret.to_string());
-            // Longest first, so a secret containing another is replaced whole.
-            self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        if secret.len() < MIN_REDACT_LEN {
+            return;
         }
+        for form in forms(secret) {
+            if !self.secrets.contains(&form) {
+                self.secrets.push(form);
+            }
+        }
+        // Longest first, so a secret containing another is replaced whole.
+        self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
     }
 
     pub fn redact_str(&self, text: &str) -> String {
@@ -298,6 +305,47 @@ impl Redactor {
             *body = out;
         }
     }
+}
+
+/// The forms a secret takes in text: as it is; inside a JSON string, as serde_json and as
+/// Python's `ensure_ascii` escape it, each with `/` also written `\/` (some servers do); and
+/// percent-encoded, as a URL echoed in an error carries it. A provider that quotes a key with
+/// a `"`, `\` or non-ASCII character in a JSON error would otherwise pass it on unredacted.
+fn forms(secret: &str) -> Vec<String> {
+    let quoted = |bytes: Vec<u8>| {
+        let s = String::from_utf8_lossy(&bytes).into_owned();
+        s.strip_prefix('"')
+            .and_then(|s| s.strip_suffix('"'))
+            .map(str::to_string)
+            .unwrap_or(s)
+    };
+    let serde_form = quoted(serde_json::to_vec(secret).unwrap_or_default());
+    let mut ascii = Vec::with_capacity(secret.len() + 8);
+    crate::json::canonical::write_str(&mut ascii, secret);
+    let ascii_form = quoted(ascii);
+    let percent: String = secret
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    let mut out = vec![secret.to_string()];
+    for form in [
+        serde_form.replace('/', "\\/"),
+        serde_form,
+        ascii_form.replace('/', "\\/"),
+        ascii_form,
+        percent,
+    ] {
+        if !out.contains(&form) {
+            out.push(form);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -337,6 +385,46 @@ mod tests {
         let mut body = b"{\"k\":\"sk-secret-123\"}".to_vec();
         r.redact_bytes(&mut body);
         assert_eq!(body, b"{\"k\":\"[redacted]\"}");
+    }
+
+    #[test]
+    fn escaped_and_percent_encoded_forms_are_redacted() {
+        let mut r = Redactor::default();
+        let secret = "sk-pa\"ss/w\u{f6}rd\\1";
+        r.add(secret);
+        for (form, text) in [
+            ("raw", format!("key {secret} echoed")),
+            (
+                "serde JSON",
+                r#"{"error":"bad key sk-pa\"ss/wörd\\1"}"#.to_string(),
+            ),
+            (
+                "escaped slash",
+                r#"{"error":"bad key sk-pa\"ss\/wörd\\1"}"#.to_string(),
+            ),
+            (
+                "ensure_ascii",
+                r#"{"error":"bad key sk-pa\"ss/w\u00f6rd\\1"}"#.to_string(),
+            ),
+            (
+                "percent",
+                "GET /v1?key=sk-pa%22ss%2Fw%C3%B6rd%5C1 failed".to_string(),
+            ),
+        ] {
+            let out = r.redact_str(&text);
+            assert!(out.contains("[redacted]"), "{form}: {out}");
+            assert!(
+                !out.contains("rd"),
+                "{form}: a part of the secret is left in {out}"
+            );
+            let mut body = text.clone().into_bytes();
+            r.redact_bytes(&mut body);
+            assert_eq!(String::from_utf8_lossy(&body), out, "{form}: bytes as text");
+        }
+        // A plain key has one form: nothing else is searched for.
+        let mut plain = Redactor::default();
+        plain.add("sk-plain-key-123");
+        assert_eq!(plain.secrets, vec!["sk-plain-key-123".to_string()]);
     }
 
     #[test]
