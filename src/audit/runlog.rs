@@ -120,8 +120,7 @@ impl RunLog {
         self.last.as_ref()
     }
 
-    /// Takes the newest record out of a log that is done with (a run's report keeps it):
-    /// it holds two copies of the state, and cloning it cost 3 % of the daemon's CPU (perf).
+    /// Takes the newest record out of a log that is done with (a run's report keeps it).
     pub fn take_last_step(&mut self) -> Option<Map<String, Value>> {
         self.last.take()
     }

@@ -51,8 +51,15 @@ pub fn state_diff(before: &Map<String, Value>, after: &Map<String, Value>) -> Va
 
 /// `a == b`, comparing objects position by position while their keys line up (the common
 /// case for a copy of a copy), and by lookup only past the first difference in order.
+/// Numbers compare by their canonical text, as the step's own diff does ([`super::snapshot`]):
+/// `1.50` and `1.5` are one float to Python, though `serde_json` keeps their texts apart.
 fn same(a: &Value, b: &Value) -> bool {
     match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            x == y
+                || crate::json::canonical::number_bytes(x)
+                    == crate::json::canonical::number_bytes(y)
+        }
         (Value::Object(x), Value::Object(y)) => {
             if x.len() != y.len() {
                 return false;
@@ -130,6 +137,25 @@ mod tests {
         ];
         for (a, b) in cases {
             assert_eq!(same(&a, &b), a == b, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn numbers_python_reads_as_one_are_the_same() {
+        let parse = |t: &str| -> Value { serde_json::from_str(t).unwrap() };
+        for (a, b) in [
+            ("1.50", "1.5"),
+            ("-0", "0"),
+            ("1e2", "100.0"),
+            ("{\"y\":1.50}", "{\"y\":1.5}"),
+        ] {
+            assert!(same(&parse(a), &parse(b)), "{a} vs {b}");
+        }
+        for (a, b) in [("1", "1.0"), ("1.5", "1.25"), ("-0.0", "0.0")] {
+            assert!(
+                !same(&parse(a), &parse(b)),
+                "{a} vs {b}: written differently, reported"
+            );
         }
     }
 }

@@ -4,8 +4,11 @@
 //!
 //! Before this, a step cloned the state twice, built its diff from the clones, and serialized
 //! both clones into the record: the clones and their drops were a fifth of the daemon's CPU
-//! with checkpoints on (perf). Equal canonical bytes are equal values, so the diff needs no
-//! values at all.
+//! with checkpoints on (perf). Values compare by their canonical bytes, so the diff needs no
+//! values at all. That is Python's equality, which Lár's diff uses, for every value but two
+//! pairs it writes differently yet calls equal: `1` and `1.0`, and `-0.0` and `0.0`; a change
+//! between those is reported as an update. Numbers whose source texts differ but which Python
+//! reads as one (`1.50` and `1.5`) are equal, as in [`super::diff::state_diff`].
 
 use crate::json::canonical::{write_json, write_str};
 use serde_json::{Map, Value};
@@ -194,6 +197,15 @@ mod tests {
             json!({"ab": 1, "ab ": 9, "é": 3, "e": 0, "z": 4, "q\"uote": 6, "😀": 8, "ü": 1}),
         );
         same_as_value_diff(json!({"é": 1, "f": 1}), json!({"e": 1, "é": 2}));
+    }
+
+    #[test]
+    fn numbers_compare_as_python_reads_them() {
+        let parse = |t: &str| -> Value { serde_json::from_str(t).unwrap() };
+        same_as_value_diff(
+            parse(r#"{"a":1.50,"b":-0,"c":1,"d":1e2,"e":{"f":2.50},"g":-0.0}"#),
+            parse(r#"{"a":1.5,"b":0,"c":1.0,"d":100.0,"e":{"f":2.5},"g":0.0}"#),
+        );
     }
 
     #[test]

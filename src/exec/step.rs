@@ -73,14 +73,6 @@ impl StepRecord {
         self.fields.extend(more);
     }
 
-    /// The whole record as one value.
-    pub fn into_value(self) -> Value {
-        let mut all = self.parsed().clone();
-        let mut fields = self.fields;
-        fields.append(&mut all);
-        Value::Object(fields)
-    }
-
     /// The value fields and the serialized parts, for the log.
     pub(crate) fn into_parts(self) -> (Map<String, Value>, SerializedParts) {
         (self.fields, self.serialized)

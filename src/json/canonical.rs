@@ -137,6 +137,13 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
 }
 
+/// A number's canonical text: equal for numbers Python reads as the same (`1.50` and `1.5`).
+pub fn number_bytes(n: &Number) -> Vec<u8> {
+    let mut out = Vec::with_capacity(24);
+    write_number(&mut out, n);
+    out
+}
+
 fn write_number(out: &mut Vec<u8>, n: &Number) {
     let text = n.as_str();
     let is_float = text.bytes().any(|b| matches!(b, b'.' | b'e' | b'E'));

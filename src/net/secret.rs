@@ -307,42 +307,74 @@ impl Redactor {
     }
 }
 
-/// The forms a secret takes in text: as it is; inside a JSON string, as serde_json and as
-/// Python's `ensure_ascii` escape it, each with `/` also written `\/` (some servers do); and
-/// percent-encoded, as a URL echoed in an error carries it. A provider that quotes a key with
-/// a `"`, `\` or non-ASCII character in a JSON error would otherwise pass it on unredacted.
+/// The forms a secret takes in text: as it is; inside a JSON string, as serde_json writes it,
+/// as Python's `ensure_ascii` does (and Jackson and .NET, with upper-case hex), and as Go does
+/// (`<`, `>`, `&` as `\u003c`…), each also with `/` written `\/` (some servers do); and
+/// percent-encoded (upper- or lower-case hex), as a URL echoed in an error carries it. A
+/// provider that quotes a key holding a `"`, `\`, `/` or non-ASCII character in a JSON error
+/// would otherwise pass it on unredacted.
 fn forms(secret: &str) -> Vec<String> {
-    let quoted = |bytes: Vec<u8>| {
+    let unquoted = |bytes: Vec<u8>| {
         let s = String::from_utf8_lossy(&bytes).into_owned();
         s.strip_prefix('"')
             .and_then(|s| s.strip_suffix('"'))
             .map(str::to_string)
             .unwrap_or(s)
     };
-    let serde_form = quoted(serde_json::to_vec(secret).unwrap_or_default());
+    let serde_form = unquoted(serde_json::to_vec(secret).unwrap_or_default());
+    let go_form = serde_form
+        .replace('<', "\\u003c")
+        .replace('>', "\\u003e")
+        .replace('&', "\\u0026");
     let mut ascii = Vec::with_capacity(secret.len() + 8);
     crate::json::canonical::write_str(&mut ascii, secret);
-    let ascii_form = quoted(ascii);
-    let percent: String = secret
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-                (b as char).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let ascii_form = unquoted(ascii);
+    let ascii_upper = upper_unicode_escapes(&ascii_form);
+    let percent = |upper: bool| -> String {
+        secret
+            .bytes()
+            .map(|b| match b {
+                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => (b as char).to_string(),
+                b if upper => format!("%{b:02X}"),
+                b => format!("%{b:02x}"),
+            })
+            .collect()
+    };
     let mut out = vec![secret.to_string()];
-    for form in [
-        serde_form.replace('/', "\\/"),
-        serde_form,
-        ascii_form.replace('/', "\\/"),
-        ascii_form,
-        percent,
-    ] {
-        if !out.contains(&form) {
-            out.push(form);
+    for form in [serde_form, go_form, ascii_form, ascii_upper] {
+        for f in [form.replace('/', "\\/"), form] {
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    }
+    for f in [percent(true), percent(false)] {
+        if !out.contains(&f) {
+            out.push(f);
+        }
+    }
+    out
+}
+
+/// `\u00f6` as `\u00F6`: the hex digits of every `\u` escape in upper case (an escaped
+/// backslash followed by a `u` is left alone).
+fn upper_unicode_escapes(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c != '\\' {
+            continue;
+        }
+        match chars.next() {
+            Some('u') => {
+                out.push('u');
+                for h in chars.by_ref().take(4) {
+                    out.push(h.to_ascii_uppercase());
+                }
+            }
+            Some(other) => out.push(other),
+            None => {}
         }
     }
     out
@@ -407,8 +439,16 @@ mod tests {
                 r#"{"error":"bad key sk-pa\"ss/w\u00f6rd\\1"}"#.to_string(),
             ),
             (
+                "ensure_ascii, upper-case hex",
+                r#"{"error":"bad key sk-pa\"ss/w\u00F6rd\\1"}"#.to_string(),
+            ),
+            (
                 "percent",
                 "GET /v1?key=sk-pa%22ss%2Fw%C3%B6rd%5C1 failed".to_string(),
+            ),
+            (
+                "percent, lower-case hex",
+                "GET /v1?key=sk-pa%22ss%2fw%c3%b6rd%5c1 failed".to_string(),
             ),
         ] {
             let out = r.redact_str(&text);
@@ -421,6 +461,15 @@ mod tests {
             r.redact_bytes(&mut body);
             assert_eq!(String::from_utf8_lossy(&body), out, "{form}: bytes as text");
         }
+        // Go writes `<`, `>` and `&` as `\u003c`, `\u003e` and `\u0026`.
+        let mut go = Redactor::default();
+        go.add("sk<&>key1");
+        assert_eq!(
+            go.redact_str(r#"{"error":"sk\u003c\u0026\u003ekey1"}"#),
+            r#"{"error":"[redacted]"}"#
+        );
+        // An escaped backslash followed by a `u` is not an escape to change.
+        assert_eq!(upper_unicode_escapes(r"a\\user\u00e9"), r"a\\user\u00E9");
         // A plain key has one form: nothing else is searched for.
         let mut plain = Redactor::default();
         plain.add("sk-plain-key-123");
