@@ -892,6 +892,36 @@ fn a_decision_that_does_not_fit_leaves_the_job_waiting(kind: Kind) {
     assert_eq!(done[0]["state"]["paid"], false);
 }
 
+/// A number too large for a float (`1e400`) is written as Python writes it, a bare `Infinity`,
+/// in the journal and the log. The run still resumes from its journal after the pause (the
+/// journal is read as the verifier reads logs), and its final log verifies both ways.
+fn an_overflowing_number_survives_a_pause(kind: Kind) {
+    let mut env = Env::new(kind, LOAN, "envelope", 5000, &[]);
+    env.push(r#"{"id":"loan-inf","input":{"amount":5000,"limit":1e400}}"#);
+    let w = env.worker();
+    let job = pending_job_id(&mut env);
+    env.decide(&job, "approve", "cfo@example.com");
+    let done = env.wait_results(1, Duration::from_secs(20));
+    stop(w);
+    assert_eq!(done.len(), 1);
+    assert!(env.dead().is_empty(), "dead-lettered: {:?}", env.dead());
+    assert_eq!(done[0]["status"], "completed", "{}", done[0]);
+    assert_eq!(done[0]["state"]["paid"], true);
+    let log_path = PathBuf::from(done[0]["audit_log"].as_str().unwrap());
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        text.contains(r#""limit":Infinity"#),
+        "written as Python writes it"
+    );
+    let secret = lar_worker::audit::Secret::new(SECRET).unwrap();
+    let v = lar_worker::audit::verify_file(&log_path, &secret);
+    assert!(v.is_valid(), "{v:?}");
+    assert!(
+        verify_with_python(&log_path),
+        "Lár's recipe accepts the log"
+    );
+}
+
 /// A run that completes is forgotten by the checkpoint store: no checkpoint or journal stays.
 fn a_finished_run_leaves_no_checkpoint(kind: Kind) {
     let graph = "name = \"three\"\nentry = \"a\"\n\
@@ -1975,6 +2005,7 @@ on_backends!(
     replicas_killed_at_random_lose_no_job_and_replay_no_completed_step,
     paused_jobs_decided_while_replicas_die,
     a_decision_that_does_not_fit_leaves_the_job_waiting,
+    an_overflowing_number_survives_a_pause,
 );
 
 /// A replica that dies holding decision messages (here: one left in a dead worker's

@@ -31,19 +31,7 @@ pub fn verify_file(path: &Path, secret: &Secret) -> Verdict {
         Ok(b) => b,
         Err(e) => return Verdict::invalid(format!("unreadable: {e}")),
     };
-    let parsed = crate::json::parse_deep(&bytes)
-        .map(|doc| (doc, None))
-        .or_else(|e| {
-            // Python (and our writer, to match its bytes) prints an overflowing float as a
-            // bare `Infinity`, which serde_json refuses; `1e400` parses to the same float and
-            // canonicalizes back to `Infinity`, so the signature still checks.
-            match infinity_as_number(&bytes) {
-                Some(fixed) => crate::json::parse_deep(&fixed)
-                    .map(|doc| (doc, Some(fixed)))
-                    .map_err(|_| e),
-                None => Err(e),
-            }
-        });
+    let parsed = crate::json::parse_written_keeping(&bytes);
     match parsed {
         Ok((doc, fixed)) => match crate::json::first_duplicate_key(fixed.as_deref().unwrap_or(&bytes)) {
             // The signature covers the last value of a repeated key (as Python reads it);
@@ -55,37 +43,6 @@ pub fn verify_file(path: &Path, secret: &Secret) -> Verdict {
         },
         Err(e) => Verdict::invalid(format!("unreadable: not JSON ({e})")),
     }
-}
-
-/// `bytes` with every `Infinity` outside a string replaced by `1e400` (`-Infinity` becomes
-/// `-1e400`); `None` when there is none.
-fn infinity_as_number(bytes: &[u8]) -> Option<Vec<u8>> {
-    const INF: &[u8] = b"Infinity";
-    let mut out = Vec::with_capacity(bytes.len() + 16);
-    let (mut in_string, mut escaped, mut changed) = (false, false, false);
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-        } else if b == b'"' {
-            in_string = true;
-        } else if bytes[i..].starts_with(INF) {
-            out.extend_from_slice(b"1e400");
-            i += INF.len();
-            changed = true;
-            continue;
-        }
-        out.push(b);
-        i += 1;
-    }
-    changed.then_some(out)
 }
 
 pub fn verify_value(doc: &Value, secret: &Secret) -> Verdict {

@@ -83,7 +83,7 @@ impl StepRecord {
             self.serialized
                 .iter()
                 .filter_map(|(k, bytes)| {
-                    crate::json::parse_deep(bytes)
+                    crate::json::parse_written(bytes)
                         .ok()
                         .map(|v| ((*k).to_string(), v))
                 })

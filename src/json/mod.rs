@@ -34,6 +34,56 @@ pub fn parse_deep(bytes: &[u8]) -> Result<Value, String> {
     Ok(v)
 }
 
+/// Parses JSON that Lár or this worker wrote (a log, a journal record): [`parse_deep`], and
+/// where that fails on a bare `Infinity` (how Python, and our canonical writer to match its
+/// bytes, print a float that overflowed, such as an input's `1e400`), again with each read as
+/// `1e400`: the same float, which canonicalizes back to `Infinity`, so signatures still check.
+pub fn parse_written(bytes: &[u8]) -> Result<Value, String> {
+    parse_written_keeping(bytes).map(|(v, _)| v)
+}
+
+/// [`parse_written`], with the rewritten bytes when `Infinity` was read as `1e400`.
+pub fn parse_written_keeping(bytes: &[u8]) -> Result<(Value, Option<Vec<u8>>), String> {
+    match parse_deep(bytes) {
+        Ok(v) => Ok((v, None)),
+        Err(e) => match infinity_as_number(bytes) {
+            Some(fixed) => parse_deep(&fixed).map(|v| (v, Some(fixed))).map_err(|_| e),
+            None => Err(e),
+        },
+    }
+}
+
+/// `bytes` with every `Infinity` outside a string replaced by `1e400` (`-Infinity` becomes
+/// `-1e400`); `None` when there is none.
+fn infinity_as_number(bytes: &[u8]) -> Option<Vec<u8>> {
+    const INF: &[u8] = b"Infinity";
+    let mut out = Vec::with_capacity(bytes.len() + 16);
+    let (mut in_string, mut escaped, mut changed) = (false, false, false);
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+        } else if b == b'"' {
+            in_string = true;
+        } else if bytes[i..].starts_with(INF) {
+            out.extend_from_slice(b"1e400");
+            i += INF.len();
+            changed = true;
+            continue;
+        }
+        out.push(b);
+        i += 1;
+    }
+    changed.then_some(out)
+}
+
 /// The deepest nesting of `[` and `{` outside strings (an upper bound for malformed input).
 fn nesting_depth(bytes: &[u8]) -> usize {
     let (mut depth, mut max, mut in_string, mut escaped) = (0usize, 0usize, false, false);

@@ -399,7 +399,7 @@ impl Worker {
         }
         let mut records: Vec<Value> = Vec::with_capacity(stored.journal.len());
         for (i, rec) in stored.journal.iter().enumerate() {
-            match crate::json::parse_deep(rec) {
+            match crate::json::parse_written(rec) {
                 Ok(v @ Value::Object(_)) => records.push(v),
                 _ => return Err(Start::Dead(format!("journal record {i} is unreadable"))),
             }
