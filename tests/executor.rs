@@ -932,6 +932,12 @@ async fn human_jury_halts_and_a_valid_decision_continues() {
 
     let rest = run_to_end(&mut run, &reg).await;
     assert_eq!(node_ids(&rest), ["after", "yes"]);
+    // The step after the decision starts from the decided state.
+    let mut before = rest[0].get("state_before").unwrap().clone();
+    let mut decided = state(&rec);
+    before.as_object_mut().unwrap().remove("__node_counts");
+    decided.as_object_mut().unwrap().remove("__node_counts");
+    assert_eq!(before, decided);
     assert_eq!(rest[0].step(), 3);
     assert_eq!(rest[1].step(), 4);
     assert_eq!(run.status(), &RunStatus::Completed);

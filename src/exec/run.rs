@@ -4,6 +4,7 @@
 
 use super::node::{
     bump_visit, elapsed_us, exec_node, insert_outcome, Ctx, NodeOutcome, PromptTexts, LAST_ERROR,
+    NODE_COUNTS,
 };
 use super::snapshot::{self, Snapshot};
 use super::step::StepRecord;
@@ -137,6 +138,9 @@ pub struct Run {
     next: Option<usize>,
     step: u64,
     status: RunStatus,
+    /// The snapshot of `state` as it is now, kept from the last step's `state_after`: the next
+    /// step's `state_before` is taken from it (see [`Snapshot::with_entry`]).
+    snapshot: Option<Snapshot>,
 }
 
 impl Run {
@@ -156,6 +160,7 @@ impl Run {
             next,
             step: 0,
             status: RunStatus::Running,
+            snapshot: None,
         }
     }
 
@@ -178,6 +183,7 @@ impl Run {
             next,
             step: pos.step,
             status: pos.status,
+            snapshot: None,
         })
     }
 
@@ -248,6 +254,7 @@ impl Run {
         let node = graph.node(idx);
         let started_at = now_utc();
         let clock = Instant::now();
+        let known = self.snapshot.take();
 
         if self.step >= graph.max_steps {
             let msg = format!(
@@ -265,10 +272,15 @@ impl Run {
             return Some(self.fatal_step(idx, msg, &started_at, clock));
         }
 
-        let before = Snapshot::of(&self.state);
+        // Only `__node_counts` changed since the last step's snapshot.
+        let before = match (known, self.state.get(NODE_COUNTS)) {
+            (Some(known), Some(counts)) => known.with_entry(NODE_COUNTS, counts),
+            _ => Snapshot::of(&self.state),
+        };
         let outcome = self.execute(idx, env).await;
         let after = Snapshot::of(&self.state);
         let diff = snapshot::diff(&before, &after);
+        self.snapshot = Some(after.clone());
 
         let mut error = outcome.fatal.clone();
         if error.is_none() {
@@ -332,7 +344,10 @@ impl Run {
         }
         let started_at = now_utc();
         let clock = Instant::now();
-        let before = Snapshot::of(&self.state);
+        let before = match self.snapshot.take() {
+            Some(known) => known,
+            None => Snapshot::of(&self.state),
+        };
         self.state
             .insert(output.clone(), Value::String(decision.choice.clone()));
         self.state.insert(
@@ -341,6 +356,7 @@ impl Run {
         );
         let after = Snapshot::of(&self.state);
         let diff = snapshot::diff(&before, &after);
+        self.snapshot = Some(after.clone());
         let mut rec = self.record(
             idx,
             [before.into_bytes(), diff, after.into_bytes()],

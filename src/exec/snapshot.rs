@@ -65,6 +65,72 @@ impl Snapshot {
         Snapshot { buf, entries }
     }
 
+    /// This snapshot with one top-level entry set to `value` (replaced, or added in key order).
+    /// A step's `state_before` is the previous step's `state_after` with `__node_counts` bumped:
+    /// a copy and one small serialization instead of the whole state's.
+    pub fn with_entry(&self, key: &str, value: &Value) -> Snapshot {
+        let at = self
+            .entries
+            .partition_point(|e| self.raw_key(e).as_ref() < key.as_bytes());
+        let replaces = self
+            .entries
+            .get(at)
+            .is_some_and(|e| self.raw_key(e).as_ref() == key.as_bytes());
+        let mut out = Snapshot {
+            buf: Vec::with_capacity(self.buf.len() + 64),
+            entries: Vec::with_capacity(self.entries.len() + 1),
+        };
+        out.buf.push(b'{');
+        for (i, e) in self.entries.iter().enumerate() {
+            if i == at {
+                out.push_new(key, value);
+                if replaces {
+                    continue;
+                }
+            }
+            out.push_copy(self, e);
+        }
+        if at == self.entries.len() {
+            out.push_new(key, value);
+        }
+        out.buf.push(b'}');
+        out
+    }
+
+    fn push_new(&mut self, key: &str, value: &Value) {
+        if !self.entries.is_empty() {
+            self.buf.push(b',');
+        }
+        let start = self.buf.len();
+        write_str(&mut self.buf, key);
+        let key_range = start..self.buf.len();
+        self.buf.push(b':');
+        let value_start = self.buf.len();
+        write_json(&mut self.buf, value, true);
+        self.entries.push(Entry {
+            plain: key_range.len() == key.len() + 2,
+            key: key_range,
+            value: value_start..self.buf.len(),
+        });
+    }
+
+    fn push_copy(&mut self, from: &Snapshot, e: &Entry) {
+        if !self.entries.is_empty() {
+            self.buf.push(b',');
+        }
+        let shift = self.buf.len() as isize - e.key.start as isize;
+        let moved = |r: &Range<usize>| {
+            (r.start as isize + shift) as usize..(r.end as isize + shift) as usize
+        };
+        self.buf
+            .extend_from_slice(&from.buf[e.key.start..e.value.end]);
+        self.entries.push(Entry {
+            key: moved(&e.key),
+            value: moved(&e.value),
+            plain: e.plain,
+        });
+    }
+
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf
     }
@@ -206,6 +272,37 @@ mod tests {
             parse(r#"{"a":1.50,"b":-0,"c":1,"d":1e2,"e":{"f":2.50},"g":-0.0}"#),
             parse(r#"{"a":1.5,"b":0,"c":1.0,"d":100.0,"e":{"f":2.5},"g":0.0}"#),
         );
+    }
+
+    #[test]
+    fn an_entry_set_on_a_snapshot_is_the_snapshot_of_the_state_with_it() {
+        let base = map(json!({"b": 1, "d": [1, {"z": 2}], "é": "x", "ab ": 0}));
+        for (key, value) in [
+            ("b", json!({"n": 2})),
+            ("a", json!(1)),
+            ("c", json!("mid")),
+            ("zz", json!(null)),
+            ("é", json!(3)),
+            ("ab", json!(true)),
+            ("q\"uote", json!([])),
+        ] {
+            let mut expected = base.clone();
+            expected.insert(key.to_string(), value.clone());
+            let patched = Snapshot::of(&base).with_entry(key, &value);
+            assert_eq!(
+                String::from_utf8_lossy(patched.as_bytes()),
+                String::from_utf8_lossy(Snapshot::of(&expected).as_bytes()),
+                "{key}"
+            );
+            // Its entries are right too: the diff against the state it stands for is empty.
+            assert_eq!(
+                diff(&patched, &Snapshot::of(&expected)),
+                EMPTY_DIFF,
+                "{key}"
+            );
+        }
+        let empty = Snapshot::of(&Map::new()).with_entry("k", &json!(1));
+        assert_eq!(empty.as_bytes(), br#"{"k":1}"#);
     }
 
     #[test]
