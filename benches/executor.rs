@@ -149,6 +149,22 @@ async fn run_in_memory(
     records.len()
 }
 
+/// One run with every record chained into its log.
+async fn chained_run(
+    graph: &Arc<Graph>,
+    registry: &Registry,
+    input: Map<String, Value>,
+    secret: Option<&Secret>,
+) -> (Run, RunLog) {
+    let mut run = Run::new(Arc::clone(graph), "job-bench", RUN_ID, input);
+    let mut log = RunLog::new(log_header(&run, None));
+    let env = StepEnv { registry };
+    while let Some(rec) = run.step(&env).await {
+        log.append(rec, secret);
+    }
+    (run, log)
+}
+
 /// One run, every record chained into the log and the log signed, in memory.
 async fn run_chained(
     graph: &Arc<Graph>,
@@ -156,12 +172,7 @@ async fn run_chained(
     input: Map<String, Value>,
     secret: &Secret,
 ) -> usize {
-    let mut run = Run::new(Arc::clone(graph), "job-bench", RUN_ID, input);
-    let mut log = RunLog::new(log_header(&run, None));
-    let env = StepEnv { registry };
-    while let Some(rec) = run.step(&env).await {
-        log.append(rec, Some(secret));
-    }
+    let (run, log) = chained_run(graph, registry, input, Some(secret)).await;
     let signed = log.sign(&outcome_of(run.status()), Some(secret));
     black_box(signed.file_bytes.len());
     log.len()
@@ -174,12 +185,7 @@ async fn run_with_log(
     input: Map<String, Value>,
     audit: &AuditSettings,
 ) -> usize {
-    let mut run = Run::new(Arc::clone(graph), "job-bench", RUN_ID, input);
-    let mut log = RunLog::new(log_header(&run, None));
-    let env = StepEnv { registry };
-    while let Some(rec) = run.step(&env).await {
-        log.append(rec, audit.secret.as_ref());
-    }
+    let (run, log) = chained_run(graph, registry, input, audit.secret.as_ref()).await;
     write_run_log(&log, run.status(), audit).unwrap_or_else(|e| panic!("write log: {e}"));
     log.len()
 }

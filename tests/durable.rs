@@ -109,6 +109,10 @@ impl Env {
     }
 
     fn worker(&self) -> Proc {
+        self.worker_logging_to(Stdio::null())
+    }
+
+    fn worker_logging_to(&self, stderr: impl Into<Stdio>) -> Proc {
         Proc(
             Command::new(BIN)
                 .args(["run", "--config"])
@@ -116,7 +120,7 @@ impl Env {
                 .env("HMAC_SECRET", SECRET)
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(stderr)
                 .spawn()
                 .unwrap(),
         )
@@ -1525,17 +1529,7 @@ impl Replicas {
     fn spawn(&mut self, env: &Env) -> Proc {
         self.started += 1;
         let log = env.dir.path().join(format!("replica-{}.log", self.started));
-        Proc(
-            Command::new(BIN)
-                .args(["run", "--config"])
-                .arg(&env.config)
-                .env("HMAC_SECRET", SECRET)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(log).unwrap())
-                .spawn()
-                .unwrap(),
-        )
+        env.worker_logging_to(std::fs::File::create(log).unwrap())
     }
 
     /// Waits a random while, then kills or stops one replica at random and starts another,
