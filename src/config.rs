@@ -223,6 +223,40 @@ pub struct QueueSection {
     pub decisions: Option<String>,
 }
 
+/// The most jobs in flight in one process (a semaphore's permits; far above what one process
+/// serves).
+const MAX_CONCURRENCY: usize = 65_536;
+/// The longest lease and drain: a day. A longer lease leaves a crashed replica's jobs out of
+/// reach for longer, and systemd cannot be asked to wait longer than that for a drain.
+const MAX_DURATION_MS: u64 = 86_400_000;
+/// The longest retry delay: a week (an AMQP message expiry is a 32-bit number of ms).
+const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
+
+/// `text` with the password of every `scheme://user:password@host` in it masked (as
+/// [`crate::queue::amqp::redact`] does for one url).
+fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.find("://") {
+        let (head, tail) = rest.split_at(at + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ','))
+            .unwrap_or(tail.len());
+        let (token, after) = tail.split_at(end);
+        match token.rsplit_once('@') {
+            Some((cred, host)) if cred.contains(':') => {
+                let user = cred.split(':').next().unwrap_or("");
+                out.push_str(&format!("{user}:***@{host}"));
+            }
+            _ => out.push_str(token),
+        }
+        rest = after;
+    }
+    out.push_str(rest);
+    out
+}
+
 impl Config {
     /// Reads, parses, applies environment overrides and checks the values.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -230,9 +264,10 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
+        // The parser quotes the line it stopped at: a url's password is masked in it.
         let mut cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Invalid {
             path: path.display().to_string(),
-            message: e.to_string(),
+            message: redact_urls_in(&e.to_string()),
         })?;
         cfg.apply_env(|k| std::env::var(k).ok());
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
@@ -322,11 +357,26 @@ impl Config {
             }
         }
         let w = &self.worker;
-        if w.concurrency == 0 {
-            return Err("worker.concurrency: must be at least 1".into());
+        if !(1..=MAX_CONCURRENCY).contains(&w.concurrency) {
+            return Err(format!(
+                "worker.concurrency: must be between 1 and {MAX_CONCURRENCY}"
+            ));
         }
-        if w.lease_ms < 1000 {
-            return Err("worker.lease_ms: must be at least 1000".into());
+        if !(1000..=MAX_DURATION_MS).contains(&w.lease_ms) {
+            return Err(format!(
+                "worker.lease_ms: must be between 1000 and {MAX_DURATION_MS} (a day)"
+            ));
+        }
+        if w.drain_timeout_ms > MAX_DURATION_MS {
+            return Err(format!(
+                "worker.drain_timeout_ms: must be at most {MAX_DURATION_MS} (a day)"
+            ));
+        }
+        if w.retry.initial_backoff_ms > MAX_BACKOFF_MS || w.retry.max_backoff_ms > MAX_BACKOFF_MS {
+            return Err(format!(
+                "worker.retry: backoffs must be at most {MAX_BACKOFF_MS} ms (a week; an AMQP \
+                 message's expiry must fit in 32 bits)"
+            ));
         }
         if w.max_message_bytes == 0 {
             return Err("worker.max_message_bytes: must be more than 0".into());
@@ -342,8 +392,8 @@ impl Config {
         if !(0.0..=1.0).contains(&w.retry.jitter) {
             return Err("worker.retry.jitter: must be between 0 and 1".into());
         }
-        if w.retry.multiplier < 1.0 {
-            return Err("worker.retry.multiplier: must be at least 1".into());
+        if !w.retry.multiplier.is_finite() || w.retry.multiplier < 1.0 {
+            return Err("worker.retry.multiplier: must be a number of at least 1".into());
         }
         if let BackendSection::Amqp {
             url,
@@ -554,6 +604,45 @@ mod tests {
             "[backend]\nkind = \"amqp\"\ncheckpoint_store = \"postgres://u:secret@h/db\"\n"
         )
         .contains("must start with redis://, rediss:// or sqlite:"));
+    }
+
+    #[test]
+    fn a_parse_error_never_shows_a_url_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("workers.toml");
+        // The closing quote is missing: the parser quotes the line in its error.
+        std::fs::write(
+            &path,
+            "[backend]\nkind = \"amqp\"\nurl = \"amqp://u:hunter2secret@h:5672/%2f\n",
+        )
+        .unwrap();
+        let err = Config::load(&path).unwrap_err().to_string();
+        assert!(!err.contains("hunter2secret"), "{err}");
+        assert!(
+            err.contains("amqp://u:***@h:5672"),
+            "the line is still shown: {err}"
+        );
+        assert_eq!(
+            redact_urls_in("a redis://:pw@r:6379/0, b 'amqps://x:y@h' c https://h/p d"),
+            "a redis://:***@r:6379/0, b 'amqps://x:***@h' c https://h/p d"
+        );
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused() {
+        let embedded = "[backend]\nkind = \"embedded\"\n";
+        let worker = |w: &str| parse(&format!("[worker]\n{w}\n{embedded}")).unwrap_err();
+        assert!(worker("concurrency = 70000").contains("worker.concurrency"));
+        assert!(worker("lease_ms = 100000000000").contains("worker.lease_ms"));
+        assert!(worker("drain_timeout_ms = 100000000000").contains("worker.drain_timeout_ms"));
+        let retry = |r: &str| parse(&format!("[worker.retry]\n{r}\n{embedded}")).unwrap_err();
+        assert!(retry("max_backoff_ms = 5000000000").contains("worker.retry"));
+        assert!(retry("multiplier = nan").contains("worker.retry.multiplier"));
+        assert!(retry("multiplier = inf").contains("worker.retry.multiplier"));
+        assert!(parse(&format!(
+            "[worker]\nconcurrency = 65536\nlease_ms = 86400000\n{embedded}"
+        ))
+        .is_ok());
     }
 
     #[test]
