@@ -77,7 +77,11 @@ pub async fn readiness(
 /// a hung mount makes the check fail, never stalls the runtime that answers `/ready`.
 async fn probe_dir(dir: &Path) -> Result<(), String> {
     let dir = dir.to_path_buf();
-    let probe = dir.join(format!(".ready-probe-{}", std::process::id()));
+    // One name per probe: two `/ready` checks at once would otherwise remove each other's file
+    // and one of them would report the directory unwritable.
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let probe = dir.join(format!(".ready-probe-{}-{n}", std::process::id()));
     let write = tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir)
             .and_then(|_| std::fs::write(&probe, b"ok"))
@@ -105,6 +109,23 @@ mod tests {
         assert_eq!(probe_dir(&audit).await, Ok(()));
         let left: Vec<_> = std::fs::read_dir(&audit).expect("created").collect();
         assert!(left.is_empty(), "the probe file is removed: {left:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn probes_at_the_same_time_do_not_remove_each_others_file() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let audit = dir.path().join("audit");
+        let probes: Vec<_> = (0..64)
+            .map(|_| {
+                let audit = audit.clone();
+                tokio::spawn(async move { probe_dir(&audit).await })
+            })
+            .collect();
+        for p in probes {
+            assert_eq!(p.await.expect("the probe task"), Ok(()));
+        }
+        let left: Vec<_> = std::fs::read_dir(&audit).expect("created").collect();
+        assert!(left.is_empty(), "every probe file is removed: {left:?}");
     }
 
     #[tokio::test]
