@@ -58,9 +58,11 @@ impl Worker {
         }
     }
 
-    /// Finishes a decision message, trying again on a store error while the claim is held
-    /// (its lease renewed): a decision taken but whose message came back would be tried again
-    /// and answered "rejected: already decided".
+    /// Finishes a decision message, trying again on a store error for as long as the worker
+    /// runs (the claim is held, its lease renewed), as job finishes do. Giving up would leave
+    /// an AMQP delivery unacked on a live channel, which no lease brings back: the human's
+    /// decision would wait for the broker's consumer timeout (30 min by default) or for ever.
+    /// On shutdown it is left to redelivery.
     async fn finish_decision(
         &self,
         dq: &crate::queue::QueueNames,
@@ -68,16 +70,17 @@ impl Worker {
         finish: Finish,
         shutdown: &CancellationToken,
     ) {
-        const TRIES: u32 = 4;
-        for tries in 1..=TRIES {
+        let mut tries = 0u32;
+        loop {
             match self.backend.finish(dq, claim, finish.clone()).await {
                 Ok(_) => return,
-                Err(e) if tries == TRIES || shutdown.is_cancelled() => {
+                Err(e) if shutdown.is_cancelled() => {
                     warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; it will be redelivered");
                     return;
                 }
                 Err(e) => {
-                    warn!(job_id = %claim.job_id, error = %e, "cannot finish a decision message; trying again");
+                    tries = tries.saturating_add(1);
+                    warn!(job_id = %claim.job_id, error = %e, tries, "cannot finish a decision message; trying again");
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = tokio::time::sleep(crate::backoff::Backoff::reconnect().delay(tries)) => {}

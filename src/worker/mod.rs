@@ -29,9 +29,10 @@ use tracing::{debug, error, info, warn, Instrument};
 /// How long one claim call waits on an empty queue before the loop looks at shutdown again.
 pub(crate) const CLAIM_WAIT: Duration = Duration::from_secs(1);
 /// The stop's budget after the drain. The worker asks systemd for the drain plus
-/// [`STOP_MARGIN`]; the three waits below fit in it, so a store that stops answering cannot
-/// hold the stop until systemd kills the process.
-const STOP_MARGIN: Duration = Duration::from_secs(10);
+/// [`STOP_MARGIN`]; the three waits below (9 s) and the runtime's shutdown (1 s) fit in it with
+/// 2 s to spare, so a store that stops answering cannot hold the stop until systemd kills the
+/// process.
+const STOP_MARGIN: Duration = Duration::from_secs(12);
 /// For jobs the drain deadline cut off to hand themselves back.
 const HAND_BACK_GRACE: Duration = Duration::from_secs(5);
 /// For decision loops still finishing a batch.
@@ -282,8 +283,15 @@ impl Worker {
         let mut claimers = JoinSet::new();
         let mut decision_loops = JoinSet::new();
         for qi in 0..self.queues.len() {
-            if self.queues[qi].decisions.is_some() && self.pauses() {
-                decision_loops.spawn(Arc::clone(&self).decision_loop(qi, shutdown.clone()));
+            match (&self.queues[qi].decisions, self.pauses()) {
+                (Some(_), true) => {
+                    decision_loops.spawn(Arc::clone(&self).decision_loop(qi, shutdown.clone()));
+                }
+                (Some(dq), false) => warn!(
+                    queue = %self.queues[qi].names.jobs, decisions = %dq.jobs,
+                    "a decisions queue is configured, but this worker does not pause (checkpoints off, or an amqp backend without checkpoint_store): nothing consumes it"
+                ),
+                (None, _) => {}
             }
         }
         for qi in 0..self.queues.len() {
