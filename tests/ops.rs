@@ -176,7 +176,7 @@ fn systemd_units_verify() {
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
         "WatchdogSec=",
-        "TimeoutStopSec=30",
+        "TimeoutStopSec=32",
     ] {
         assert!(unit.contains(needle), "{needle}");
     }
