@@ -269,7 +269,11 @@ impl Config {
             path: path.display().to_string(),
             message: redact_urls_in(&e.to_string()),
         })?;
-        cfg.apply_env(|k| std::env::var(k).ok());
+        cfg.apply_env(|k| std::env::var(k).ok())
+            .map_err(|message| ConfigError::Invalid {
+                path: path.display().to_string(),
+                message,
+            })?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
         cfg.resolve_paths(&base);
         cfg.check().map_err(|message| ConfigError::Invalid {
@@ -282,7 +286,9 @@ impl Config {
     /// Deployment overrides: `LAR_BACKEND_URL` (redis or amqp url), `LAR_DB_PATH`, `LAR_LOG_DIR`,
     /// `LAR_SECRET_FILE`, `LAR_CONCURRENCY`. Takes a lookup so tests need not touch the
     /// process environment.
-    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) {
+    /// A value that cannot be used (a `LAR_CONCURRENCY` that is not a number) is an error, not
+    /// silently ignored.
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
         if let Some(url) = get("LAR_BACKEND_URL") {
             match &mut self.backend {
                 BackendSection::Redis { url: u } | BackendSection::Amqp { url: u, .. } => *u = url,
@@ -303,9 +309,13 @@ impl Config {
         if let Some(a) = get("LAR_ADMIN_LISTEN") {
             self.admin.listen = Some(a);
         }
-        if let Some(n) = get("LAR_CONCURRENCY").and_then(|n| n.parse().ok()) {
-            self.worker.concurrency = n;
+        if let Some(n) = get("LAR_CONCURRENCY") {
+            self.worker.concurrency = n
+                .trim()
+                .parse()
+                .map_err(|_| format!("LAR_CONCURRENCY: '{n}' is not a whole number of jobs"))?;
         }
+        Ok(())
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -566,7 +576,13 @@ mod tests {
              dedupe_redis_url = \"redis://r/0\"\ncheckpoint_store = \"redis://s/1\"\n",
         )
         .unwrap();
-        cfg.apply_env(|k| (k == "LAR_BACKEND_URL").then(|| "amqp://other/%2f".to_string()));
+        cfg.apply_env(|k| (k == "LAR_BACKEND_URL").then(|| "amqp://other/%2f".to_string()))
+            .unwrap();
+        let mut bad = cfg.clone();
+        let err = bad
+            .apply_env(|k| (k == "LAR_CONCURRENCY").then(|| "sixteen".to_string()))
+            .unwrap_err();
+        assert!(err.contains("LAR_CONCURRENCY"), "{err}");
         match cfg.backend {
             BackendSection::Amqp {
                 url,
