@@ -9,6 +9,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+/// How long an answer may take to compute (`/ready` and `/metrics` ask the queue store) and
+/// to send: a store that hangs, or a client that never reads, holds a task for no longer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: CancellationToken) {
     loop {
         let (mut stream, _) = tokio::select! {
@@ -49,20 +53,23 @@ pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: Cancell
                             )
                         }
                     }
-                    "/ready" => {
-                        let r = w.readiness().await;
-                        let body = serde_json::to_string(&r).unwrap_or_default() + "\n";
-                        if r.ready {
-                            ("200 OK", "application/json", body)
-                        } else {
-                            ("503 Service Unavailable", "application/json", body)
+                    "/ready" => match tokio::time::timeout(ANSWER_TIMEOUT, w.readiness()).await {
+                        Ok(r) => {
+                            let body = serde_json::to_string(&r).unwrap_or_default() + "\n";
+                            if r.ready {
+                                ("200 OK", "application/json", body)
+                            } else {
+                                ("503 Service Unavailable", "application/json", body)
+                            }
+                        }
+                        Err(_) => too_slow("the readiness checks"),
+                    },
+                    "/metrics" => {
+                        match tokio::time::timeout(ANSWER_TIMEOUT, w.metrics_text()).await {
+                            Ok(text) => ("200 OK", "text/plain; version=0.0.4", text),
+                            Err(_) => too_slow("the metrics"),
                         }
                     }
-                    "/metrics" => (
-                        "200 OK",
-                        "text/plain; version=0.0.4",
-                        w.metrics_text().await,
-                    ),
                     _ => (
                         "404 Not Found",
                         "text/plain",
@@ -74,10 +81,25 @@ pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: Cancell
                 "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
             );
-            let _ = stream.write_all(resp.as_bytes()).await;
-            let _ = stream.shutdown().await;
+            let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+                let _ = stream.write_all(resp.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            })
+            .await;
         });
     }
+}
+
+/// The answer when computing one took longer than [`ANSWER_TIMEOUT`].
+fn too_slow(what: &str) -> (&'static str, &'static str, String) {
+    (
+        "503 Service Unavailable",
+        "text/plain",
+        format!(
+            "{what} took over {} s (is the queue store answering?)\n",
+            ANSWER_TIMEOUT.as_secs()
+        ),
+    )
 }
 
 /// Reads the request head: up to the blank line that ends the headers, at most 4 KiB, within
