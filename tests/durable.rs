@@ -738,6 +738,14 @@ fn decisions_arrive_as_messages(kind: Kind) {
             .unwrap()
     };
     send(&env, "this is not json".to_string());
+    // Over max_message_bytes (1 MiB): refused unread, however well-formed.
+    send(
+        &env,
+        format!(
+            r#"{{"job_id":"{job}","choice":"approve","by":"cfo@example.com","pad":"{}"}}"#,
+            "x".repeat(1 << 20)
+        ),
+    );
     send(
         &env,
         format!(r#"{{"job_id":"{job}","choice":"maybe","by":"cfo@example.com"}}"#),
@@ -763,11 +771,15 @@ fn decisions_arrive_as_messages(kind: Kind) {
     assert_eq!(results[0]["status"], "completed");
     assert_eq!(results[0]["state"]["paid"], false);
     let dead = env.rt.block_on(env.backend.dead_letters(&dq, 10)).unwrap();
-    assert_eq!(dead.len(), 1, "the malformed decision is a dead letter");
-    assert!(dead[0]["reason"]
-        .as_str()
-        .unwrap()
-        .starts_with("invalid JSON"));
+    let mut reasons: Vec<&str> = dead.iter().map(|d| d["reason"].as_str().unwrap()).collect();
+    reasons.sort_unstable();
+    assert_eq!(
+        reasons.len(),
+        2,
+        "the malformed and the oversized decision: {reasons:?}"
+    );
+    assert!(reasons[0].starts_with("invalid JSON"), "{reasons:?}");
+    assert!(reasons[1].starts_with("message too large"), "{reasons:?}");
 }
 
 fn an_expired_pending_job_takes_the_default_path(kind: Kind) {
