@@ -93,38 +93,31 @@ impl Worker {
     /// One decision message: submitted, or rejected with a reply saying why.
     async fn decide_from_message(&self, qi: usize, claim: &Claim) -> Finish {
         let names = &self.queues[qi].names;
-        let max = self.cfg.max_message_bytes;
-        let parsed: Result<(String, Decision), String> = (claim.payload.len() <= max)
-            .then_some(())
-            .ok_or_else(|| {
-                format!(
-                    "message too large: {} bytes (max_message_bytes = {max})",
-                    claim.payload.len()
-                )
-            })
-            .and_then(|()| {
-                serde_json::from_slice::<Value>(&claim.payload)
-                    .map_err(|e| format!("invalid JSON: {e}"))
-            })
-            .and_then(|v| {
-                let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-                let job_id = s("job_id").ok_or("a decision needs 'job_id'")?;
-                let choice = s("choice").ok_or("a decision needs 'choice'")?;
-                let by = s("by")
-                    .or_else(|| s("decided_by"))
-                    .ok_or("a decision needs 'by' (who decides)")?;
-                Ok((
-                    job_id,
-                    Decision {
-                        choice,
-                        rationale: s("rationale").unwrap_or_default(),
-                        decided_by: by,
-                        role: s("role"),
-                        step: None,
-                        signature: None,
-                    },
-                ))
-            });
+        let parsed: Result<(String, Decision), String> =
+            super::payload::within_size(&claim.payload, self.cfg.max_message_bytes)
+                .and_then(|()| {
+                    serde_json::from_slice::<Value>(&claim.payload)
+                        .map_err(|e| format!("invalid JSON: {e}"))
+                })
+                .and_then(|v| {
+                    let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+                    let job_id = s("job_id").ok_or("a decision needs 'job_id'")?;
+                    let choice = s("choice").ok_or("a decision needs 'choice'")?;
+                    let by = s("by")
+                        .or_else(|| s("decided_by"))
+                        .ok_or("a decision needs 'by' (who decides)")?;
+                    Ok((
+                        job_id,
+                        Decision {
+                            choice,
+                            rationale: s("rationale").unwrap_or_default(),
+                            decided_by: by,
+                            role: s("role"),
+                            step: None,
+                            signature: None,
+                        },
+                    ))
+                });
         let (job_id, decision) = match parsed {
             Ok(p) => p,
             Err(reason) => {

@@ -22,14 +22,20 @@ pub struct ParsedJob {
     pub producer_id: Option<Value>,
 }
 
-/// Checks a message; the error is the dead-letter reason.
-pub fn parse(queue: &LoadedQueue, payload: &[u8], max_bytes: usize) -> Result<ParsedJob, String> {
+/// A message over `max_message_bytes`, refused unread: the dead-letter reason.
+pub fn within_size(payload: &[u8], max_bytes: usize) -> Result<(), String> {
     if payload.len() > max_bytes {
         return Err(format!(
             "message too large: {} bytes (max_message_bytes = {max_bytes})",
             payload.len()
         ));
     }
+    Ok(())
+}
+
+/// Checks a message; the error is the dead-letter reason.
+pub fn parse(queue: &LoadedQueue, payload: &[u8], max_bytes: usize) -> Result<ParsedJob, String> {
+    within_size(payload, max_bytes)?;
     let text = std::str::from_utf8(payload)
         .map_err(|e| format!("invalid UTF-8 at byte {}", e.valid_up_to()))?;
     let value: Value = serde_json::from_str(text).map_err(|e| format!("invalid JSON: {e}"))?;
