@@ -1470,6 +1470,67 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
     );
 }
 
+/// A second SIGTERM ends the drain at once: the step still running is cut off, the job is
+/// handed back, and the next worker runs that step again (it was never finished) and completes.
+fn a_second_sigterm_stops_at_once(kind: Kind) {
+    const SLOW_ONCE: &str = r#"
+import json, os, sys, time
+json.load(sys.stdin)
+side = os.environ["SIDE_FILE"]
+first = not os.path.exists(side)
+with open(side, "a") as f:
+    f.write(os.environ["LAR_IDEMPOTENCY_KEY"] + "\n")
+if first:
+    time.sleep(60)
+print(json.dumps({"ok": True}))
+"#;
+    let graph = "name = \"slow\"\nentry = \"slow\"\n\
+        [[nodes]]\nid = \"slow\"\ntype = \"tool\"\ntool = \"slow\"\noutput = \"r\"\nnext = \"done\"\n\
+        [[nodes]]\nid = \"done\"\ntype = \"set\"\nkey = \"status\"\nvalue = \"done\"\n\
+        [tools.slow]\ncommand = [\"python3\", \"$DIR/slow.py\"]\ntimeout_ms = 120000\n\
+        env = { SIDE_FILE = \"$DIR/side.txt\" }\n";
+    let mut env = Env::new(kind, graph, "state", 5000, &[("slow.py", SLOW_ONCE)]);
+    // A drain long enough that only the second signal can end it this soon.
+    let config = std::fs::read_to_string(&env.config).unwrap();
+    std::fs::write(
+        &env.config,
+        config.replace("drain_timeout_ms = 3000", "drain_timeout_ms = 60000"),
+    )
+    .unwrap();
+    env.push(r#"{"job":"slow"}"#);
+    let side = env.dir.path().join("side.txt");
+    let mut w1 = env.worker();
+    wait_for_side_effects(&side, 1);
+    let pid = w1.id().to_string();
+    signal("-TERM", &pid);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        w1.try_wait().unwrap().is_none(),
+        "one SIGTERM drains: the running step may finish"
+    );
+    let second = Instant::now();
+    signal("-TERM", &pid);
+    let status = w1.wait().unwrap();
+    assert!(status.success(), "clean exit: {status:?}");
+    assert!(
+        second.elapsed() < Duration::from_secs(15),
+        "the second SIGTERM stopped it at once, not after the 60 s step or drain: {:?}",
+        second.elapsed()
+    );
+    assert!(env.results_now().is_empty(), "nothing published");
+    let w2 = env.worker();
+    let results = env.wait_results(1, Duration::from_secs(30));
+    stop(w2);
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0]["status"], "done", "{}", results[0]);
+    let runs = std::fs::read_to_string(&side).unwrap();
+    assert_eq!(
+        runs.lines().collect::<Vec<_>>(),
+        vec![runs.lines().next().unwrap(); 2],
+        "the cut-off step ran again under the same idempotency key"
+    );
+}
+
 /// The replica scenarios' tool: notes that its step started (the idempotency key, `job:step`)
 /// before it works, so a step cut off by a kill and run again shows as a second line.
 const NOTING_TOOL: &str = "#!/bin/sh\ncat > /dev/null\necho \"$LAR_IDEMPOTENCY_KEY\" >> \"$SIDE_FILE\"\nsleep 0.08\necho '{\"ok\":true}'\n";
@@ -2012,6 +2073,7 @@ on_backends!(
     paused_jobs_decided_while_replicas_die,
     a_decision_that_does_not_fit_leaves_the_job_waiting,
     an_overflowing_number_survives_a_pause,
+    a_second_sigterm_stops_at_once,
 );
 
 /// A replica that dies holding decision messages (here: one left in a dead worker's

@@ -9,7 +9,7 @@ use crate::worker::{RunOptions, Worker};
 use clap::Args;
 use std::path::PathBuf;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -76,7 +76,8 @@ pub fn run(a: RunArgs) -> u8 {
     let code = rt.block_on(async move {
         let worker_id = crate::telemetry::worker_identity();
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone());
+        let stop_now = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone(), stop_now.clone());
         // The broker may come up after us: keep trying (not READY meanwhile) until SIGTERM.
         let mut attempt = 0;
         let backend = loop {
@@ -124,7 +125,15 @@ pub fn run(a: RunArgs) -> u8 {
                 }
             }
         }
-        worker.run(shutdown, RunOptions { exit_when_idle: a.exit_when_idle }).await;
+        worker
+            .run(
+                shutdown,
+                RunOptions {
+                    exit_when_idle: a.exit_when_idle,
+                    stop_now,
+                },
+            )
+            .await;
         exit::OK
     });
     // Everything the worker awaited is done; a blocking thread still busy (a router expression
@@ -133,8 +142,9 @@ pub fn run(a: RunArgs) -> u8 {
     code
 }
 
-/// SIGTERM and SIGINT start the drain.
-fn spawn_signal_handler(shutdown: CancellationToken) {
+/// SIGTERM and SIGINT start the drain; a second one ends it at once (`stop_now`): jobs still
+/// running are handed back mid-step, as at the drain deadline.
+fn spawn_signal_handler(shutdown: CancellationToken, stop_now: CancellationToken) {
     tokio::spawn(async move {
         use tokio::signal::unix::{signal, SignalKind};
         let (Ok(mut term), Ok(mut int)) = (
@@ -149,6 +159,12 @@ fn spawn_signal_handler(shutdown: CancellationToken) {
             _ = int.recv() => "SIGINT",
         };
         shutdown.cancel();
-        info!("{name}: draining");
+        info!("{name}: draining (send it again to stop now)");
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        stop_now.cancel();
+        warn!("second {name}: stopping now");
     });
 }

@@ -80,6 +80,9 @@ pub struct Worker {
 pub struct RunOptions {
     /// Stop once every queue is empty and nothing is in flight (demos, benchmarks, batch use).
     pub exit_when_idle: bool,
+    /// Ends the drain at once (a second SIGTERM or SIGINT): in-flight jobs are handed back
+    /// mid-step, as when the drain deadline passes, instead of finishing their step.
+    pub stop_now: CancellationToken,
 }
 
 impl Worker {
@@ -315,12 +318,22 @@ impl Worker {
             self.in_flight()
         ));
         info!(in_flight = self.in_flight(), "draining");
-        let drained = tokio::time::timeout(self.cfg.drain_timeout(), async {
-            while jobs.join_next().await.is_some() {}
-        })
-        .await;
-        if drained.is_err() {
-            warn!("drain deadline reached: handing unfinished jobs back to the queue");
+        let drained = tokio::select! {
+            done = tokio::time::timeout(self.cfg.drain_timeout(), async {
+                while jobs.join_next().await.is_some() {}
+            }) => match done {
+                Ok(()) => true,
+                Err(_) => {
+                    warn!("drain deadline reached: handing unfinished jobs back to the queue");
+                    false
+                }
+            },
+            _ = opts.stop_now.cancelled() => {
+                warn!("stopping now: handing unfinished jobs back to the queue");
+                false
+            }
+        };
+        if !drained {
             hard_stop.cancel();
             let _ = tokio::time::timeout(HAND_BACK_GRACE, async {
                 while jobs.join_next().await.is_some() {}
