@@ -232,8 +232,8 @@ const MAX_DURATION_MS: u64 = 86_400_000;
 /// The longest retry delay: a week (an AMQP message expiry is a 32-bit number of ms).
 const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
 
-/// `text` with the password of every `scheme://user:password@host` in it masked (as
-/// [`crate::queue::amqp::redact`] does for one url).
+/// `text` with the password of every `scheme://user:password@host` in it masked, as
+/// [`crate::queue::amqp::redact`] does for one url.
 fn redact_urls_in(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
@@ -244,13 +244,7 @@ fn redact_urls_in(text: &str) -> String {
             .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ','))
             .unwrap_or(tail.len());
         let (token, after) = tail.split_at(end);
-        match token.rsplit_once('@') {
-            Some((cred, host)) if cred.contains(':') => {
-                let user = cred.split(':').next().unwrap_or("");
-                out.push_str(&format!("{user}:***@{host}"));
-            }
-            _ => out.push_str(token),
-        }
+        out.push_str(&crate::queue::amqp::mask_credentials(token));
         rest = after;
     }
     out.push_str(rest);

@@ -30,6 +30,18 @@ fn step<'a>(index: u64, record: &'a [u8], checkpoint: &'a [u8]) -> StepWrite<'a>
     }
 }
 
+/// An unsigned approval by `by` of the halt at `step`, without rationale or role.
+fn approval(by: &str, step: u64) -> lar_worker::exec::Decision {
+    lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: String::new(),
+        decided_by: by.into(),
+        role: None,
+        step: Some(step),
+        signature: None,
+    }
+}
+
 /// A pending record as `decide` reads it, for `submit_decision`.
 fn waiting(job_id: &str, payload: &[u8], step: u64) -> lar_worker::durable::Pending {
     serde_json::from_value(serde_json::json!({
@@ -265,14 +277,7 @@ async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Backend, q: &QueueNames) {
         .await
         .unwrap();
     assert_eq!(paused, Fenced::Done);
-    let decision = lar_worker::exec::Decision {
-        choice: "approve".into(),
-        rationale: String::new(),
-        decided_by: "a@x".into(),
-        role: None,
-        step: Some(1),
-        signature: None,
-    };
+    let decision = approval("a@x", 1);
     assert!(b
         .submit_decision(q, &waiting(&holder.job_id, &holder.payload, 1), &decision)
         .await
@@ -617,12 +622,10 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
         Fenced::Done
     );
     let decision = lar_worker::exec::Decision {
-        choice: "approve".into(),
         rationale: "within limits".into(),
-        decided_by: "cfo@example.com".into(),
         role: Some("CFO".into()),
-        step: Some(1),
         signature: Some("ab".repeat(32)),
+        ..approval("cfo@example.com", 1)
     };
     let carrying = decided_and_claimed(b, q, &c, 1, &decision).await;
     let again = dead_and_redriven(b, q, &carrying, true).await;
@@ -661,14 +664,7 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
 async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Backend, q: &QueueNames) {
     b.enqueue(q, br#"{"x":2}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
-    let decision = lar_worker::exec::Decision {
-        choice: "approve".into(),
-        rationale: String::new(),
-        decided_by: "cfo@example.com".into(),
-        role: None,
-        step: Some(0),
-        signature: None,
-    };
+    let decision = approval("cfo@example.com", 0);
     let carrying = decided_and_claimed(b, q, &c, 0, &decision).await;
     assert!(
         b.load_run(q, &c.job_id).await.unwrap().is_none(),
@@ -696,14 +692,7 @@ async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &Queue
         pending: pending.into_bytes(),
     };
     assert_eq!(b.finish(q, &c, pause).await.unwrap(), Fenced::Done);
-    let decision = |step| lar_worker::exec::Decision {
-        choice: "approve".into(),
-        rationale: String::new(),
-        decided_by: "a@x".into(),
-        role: None,
-        step: Some(step),
-        signature: None,
-    };
+    let decision = |step| approval("a@x", step);
     assert!(!b
         .submit_decision(q, &waiting(&c.job_id, &c.payload, 1), &decision(1))
         .await
@@ -751,14 +740,7 @@ async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueN
     );
     b.enqueue(q, job).await.unwrap();
     let copy = claim_all(b, q, 1).await.remove(0);
-    let decision = lar_worker::exec::Decision {
-        choice: "approve".into(),
-        rationale: String::new(),
-        decided_by: "a@x".into(),
-        role: None,
-        step: Some(1),
-        signature: None,
-    };
+    let decision = approval("a@x", 1);
     // Redis takes the decision now; the embedded file (unique job ids) refuses it while the
     // copy holds the id, with a reason, and takes it once the copy is done.
     let taken_now = match b

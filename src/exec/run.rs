@@ -280,7 +280,8 @@ impl Run {
         let outcome = self.execute(idx, env).await;
         let after = Snapshot::of(&self.state);
         let diff = snapshot::diff(&before, &after);
-        self.snapshot = Some(after.clone());
+        let after_bytes = after.as_bytes().to_vec();
+        self.snapshot = Some(after);
 
         let mut error = outcome.fatal.clone();
         if error.is_none() {
@@ -293,7 +294,7 @@ impl Run {
         }
         let mut rec = self.record(
             idx,
-            [before.into_bytes(), diff, after.into_bytes()],
+            [before.into_bytes(), diff, after_bytes],
             outcome.metadata,
             error,
             outcome.texts,
@@ -356,10 +357,11 @@ impl Run {
         );
         let after = Snapshot::of(&self.state);
         let diff = snapshot::diff(&before, &after);
-        self.snapshot = Some(after.clone());
+        let after_bytes = after.as_bytes().to_vec();
+        self.snapshot = Some(after);
         let mut rec = self.record(
             idx,
-            [before.into_bytes(), diff, after.into_bytes()],
+            [before.into_bytes(), diff, after_bytes],
             Map::new(),
             None,
             PromptTexts::default(),

@@ -188,13 +188,21 @@ impl Topology {
 
 /// The url with its password masked, for logs and errors.
 pub fn redact(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((cred, host)) = rest.rsplit_once('@') {
-            let user = cred.split(':').next().unwrap_or("");
-            return format!("{scheme}://{user}:***@{host}");
-        }
+    match url.split_once("://") {
+        Some((scheme, rest)) => format!("{scheme}://{}", mask_credentials(rest)),
+        None => url.to_string(),
     }
-    url.to_string()
+}
+
+/// The part of a url after `scheme://`, with the password of `user:password@host` masked.
+pub fn mask_credentials(rest: &str) -> String {
+    match rest.rsplit_once('@') {
+        Some((cred, host)) => {
+            let user = cred.split(':').next().unwrap_or("");
+            format!("{user}:***@{host}")
+        }
+        None => rest.to_string(),
+    }
 }
 
 fn amqp_err(what: &str, e: impl std::fmt::Display) -> QueueError {
