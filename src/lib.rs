@@ -13,6 +13,7 @@
 pub mod audit;
 pub mod backoff;
 pub mod cli;
+pub mod clock;
 pub mod config;
 pub mod durable;
 pub mod exec;

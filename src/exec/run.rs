@@ -486,8 +486,4 @@ impl Run {
     }
 }
 
-/// UTC time with microseconds, ISO-8601 with a `Z`.
-pub fn now_utc() -> String {
-    // to_rfc3339_opts avoids parsing a format string on every step.
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
-}
+pub use crate::clock::now_utc;

@@ -2,6 +2,7 @@
 //! secrets resolved at call time and never logged, bounded retries with backoff and
 //! `Retry-After`, a per-attempt deadline, and a size limit on answers.
 
+pub mod mask;
 pub mod secret;
 
 pub use secret::{HeaderSpec, Redactor, SecretRef, SecretRefError, ValueSpec};

@@ -16,6 +16,7 @@
 
 pub mod amqp;
 pub mod embedded;
+pub mod finish;
 mod file_watch;
 pub mod redis;
 mod redis_batch;
@@ -25,7 +26,11 @@ mod sqlite_runs;
 pub mod wrapper;
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
+pub use finish::{
+    failed_attempt, redrive_decision, rules, AttemptRecord, DeadLetter, DecisionFate, Fenced, Finish,
+    Message, Rules, RunFate,
+};
+use serde::Serialize;
 use std::time::Duration;
 
 /// Failures talking to the queue's store. Retried by the worker with its backoff policy.
@@ -39,14 +44,6 @@ pub enum QueueError {
     Amqp(String),
     #[error("queue store: {0}")]
     Other(String),
-}
-
-/// One earlier attempt, kept with the job so a dead letter carries its history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AttemptRecord {
-    pub attempt: u32,
-    pub at: String,
-    pub error: String,
 }
 
 /// One step to make durable: its journal record and the checkpoint after it.
@@ -93,56 +90,6 @@ pub enum ClaimHandle {
         delivery_tag: u64,
         channel: u64,
     },
-}
-
-/// How a claim ends.
-#[derive(Debug, Clone)]
-pub enum Finish {
-    /// Publish `result` to the results destination (and optionally record a dead letter too).
-    Publish {
-        result: Vec<u8>,
-        dead_letter: Option<DeadLetter>,
-    },
-    /// Retry later with the attempt recorded.
-    Retry {
-        delay: Duration,
-        error: String,
-        /// The attempt failed for want of infrastructure (the store, the audit disk), not in
-        /// the graph: the checkpoint and journal stay, so the next attempt resumes after the
-        /// last completed step. Without it the run is forgotten and starts from its first step
-        /// (a failed run retried on purpose).
-        keep_run: bool,
-    },
-    /// Move to the dead letters without a result.
-    DeadLetter(DeadLetter),
-    /// Give the job back untouched (shutdown): not a failed attempt. Its checkpoint stays, so
-    /// the next claim resumes after the last completed step.
-    Release,
-    /// Pause for a human: publish the `awaiting_decision` result, store the pending record,
-    /// and let go of the message. The checkpoint stays.
-    Pause { result: Vec<u8>, pending: Vec<u8> },
-}
-
-/// What an operator finds in the dead letters.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeadLetter {
-    pub job_id: String,
-    pub reason: String,
-    pub attempts: Vec<AttemptRecord>,
-    /// Keep the run's checkpoint and journal: the job gave up on infrastructure (the store or
-    /// the audit disk), not on its own steps, so a redrive resumes after its last finished step
-    /// instead of running the finished ones again.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub keep_run: bool,
-}
-
-/// Whether the finish took effect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Fenced {
-    /// This worker still held the claim; the finish happened.
-    Done,
-    /// The lease expired and the job was taken over (or finished) elsewhere: nothing was done.
-    Lost,
 }
 
 /// Depths for `inspect` and metrics.
@@ -321,10 +268,7 @@ pub fn envelope_id(payload: &[u8]) -> Option<String> {
     }
 }
 
-/// Milliseconds since the Unix epoch (the clocks of leases and delays).
-pub fn now_ms() -> i64 {
-    chrono::Utc::now().timestamp_millis()
-}
+pub use crate::clock::now_ms;
 
 /// The JSON entry stored for a dead letter: the payload kept exactly (as text when it is UTF-8,
 /// as hex otherwise), the reason and every attempt.
@@ -339,7 +283,7 @@ pub fn dead_letter_entry(
         "queue": queue,
         "reason": dl.reason,
         "attempts": dl.attempts,
-        "failed_at": crate::exec::run::now_utc(),
+        "failed_at": crate::clock::now_utc(),
     });
     match std::str::from_utf8(payload) {
         Ok(text) => entry["payload"] = serde_json::Value::String(text.to_string()),
@@ -349,7 +293,7 @@ pub fn dead_letter_entry(
     // job applies it (once more verified, and only at the halt it answers) instead of asking
     // the human again. A dead letter that forgets its run starts over, so it keeps none (and a
     // redrive finding no run drops it).
-    if let Some(d) = decision.filter(|_| dl.keep_run) {
+    if let Some(d) = decision.filter(|_| finish::dead_letter_keeps_decision(dl)) {
         entry["decision"] = d;
     }
     entry
