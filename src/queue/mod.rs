@@ -16,35 +16,25 @@
 
 pub mod amqp;
 pub mod embedded;
+mod error;
 pub mod finish;
 mod file_watch;
 pub mod redis;
 mod redis_batch;
 mod redis_runs;
+pub mod roles;
 pub mod run_store;
 mod sqlite_runs;
 pub mod wrapper;
 
-use async_trait::async_trait;
+pub use error::QueueError;
+pub use roles::{Admin, Backend, Consumer, Pauses, Runs};
 pub use finish::{
     failed_attempt, redrive_decision, rules, AttemptRecord, DeadLetter, DecisionFate, Fenced, Finish,
     Message, Rules, RunFate,
 };
 use serde::Serialize;
 use std::time::Duration;
-
-/// Failures talking to the queue's store. Retried by the worker with its backoff policy.
-#[derive(Debug, thiserror::Error)]
-pub enum QueueError {
-    #[error("redis: {0}")]
-    Redis(#[from] ::redis::RedisError),
-    #[error("sqlite: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("amqp: {0}")]
-    Amqp(String),
-    #[error("queue store: {0}")]
-    Other(String),
-}
 
 /// One step to make durable: its journal record and the checkpoint after it.
 #[derive(Debug, Clone, Copy)]
@@ -114,145 +104,6 @@ pub struct QueueNames {
 pub struct StoredRun {
     pub checkpoint: Vec<u8>,
     pub journal: Vec<Vec<u8>>,
-}
-
-/// The contract every backend meets (and `tests/conformance` checks).
-#[async_trait]
-pub trait Backend: Send + Sync + 'static {
-    /// A short name for logs: "embedded", "redis", "amqp".
-    fn kind(&self) -> &'static str;
-
-    /// Claims up to `max` jobs, waiting up to `wait` when none is ready.
-    async fn claim(
-        &self,
-        q: &QueueNames,
-        max: usize,
-        lease: Duration,
-        wait: Duration,
-    ) -> Result<Vec<Claim>, QueueError>;
-
-    /// Renews the leases of claims still held; returns, per claim, whether it is still held.
-    async fn extend(
-        &self,
-        q: &QueueNames,
-        claims: &[(String, u64)],
-        lease: Duration,
-    ) -> Result<Vec<bool>, QueueError>;
-
-    /// Ends a claim, fenced on its epoch.
-    async fn finish(
-        &self,
-        q: &QueueNames,
-        claim: &Claim,
-        how: Finish,
-    ) -> Result<Fenced, QueueError>;
-
-    /// Returns expired claims (and claims of dead workers) to the queue and promotes due
-    /// retries. Safe to run in every replica at once. Returns how many jobs it moved.
-    async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError>;
-
-    /// Adds a job (the producer side, for `lar-worker enqueue` and tests). Returns its job id
-    /// when the backend assigns one at enqueue time.
-    async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError>;
-
-    /// Queue, claim, delayed, dead-letter and result counts.
-    async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError>;
-
-    /// Reads (and removes, with `take`) up to `max` published results.
-    async fn results(
-        &self,
-        q: &QueueNames,
-        max: usize,
-        take: bool,
-    ) -> Result<Vec<Vec<u8>>, QueueError>;
-
-    /// Reads up to `max` dead letters as JSON entries.
-    async fn dead_letters(
-        &self,
-        q: &QueueNames,
-        max: usize,
-    ) -> Result<Vec<serde_json::Value>, QueueError>;
-
-    /// Puts a dead letter's payload back on the queue, exactly as it was sent, and removes the
-    /// entry, atomically. `false` when no dead letter has that job id.
-    async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError>;
-
-    /// Called periodically by the worker: heartbeats, registrations. Default: nothing.
-    async fn heartbeat(&self, _q: &QueueNames, _ttl: Duration) -> Result<(), QueueError> {
-        Ok(())
-    }
-
-    /// Whether this backend stores checkpoints, journals and pending decisions (the methods
-    /// below). Backends that do not run jobs from scratch on redelivery and cannot pause.
-    fn supports_checkpoints(&self) -> bool {
-        false
-    }
-
-    /// Whether a halted run can wait for a human as a checkpoint plus a pending record (the
-    /// pending methods below). Without it a `human_jury` halt is the job's final result.
-    fn supports_pause(&self) -> bool {
-        self.supports_checkpoints()
-    }
-
-    /// The stored checkpoint and journal of a job, if it has run before.
-    async fn load_run(
-        &self,
-        _q: &QueueNames,
-        _job_id: &str,
-    ) -> Result<Option<StoredRun>, QueueError> {
-        Ok(None)
-    }
-
-    /// Appends a step record to the job's journal and replaces its checkpoint, in one atomic
-    /// write, only while `claim` still holds the job (its epoch is current).
-    /// Idempotent: saving the step the journal already ends with only rewrites the checkpoint,
-    /// so a write retried after a lost reply never journals a step twice.
-    async fn save_step(
-        &self,
-        _q: &QueueNames,
-        _claim: &Claim,
-        _step: StepWrite<'_>,
-    ) -> Result<Fenced, QueueError> {
-        Err(QueueError::Other(format!(
-            "the {} backend does not store checkpoints",
-            self.kind()
-        )))
-    }
-
-    /// Pending-decision records (JSON), oldest first.
-    async fn list_pending(&self, _q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
-        Ok(Vec::new())
-    }
-
-    /// One job's pending-decision record.
-    async fn get_pending(
-        &self,
-        _q: &QueueNames,
-        _job_id: &str,
-    ) -> Result<Option<Vec<u8>>, QueueError> {
-        Ok(None)
-    }
-
-    /// If the job is still pending at the halt `decision.step` names (any, when it is `None`):
-    /// removes the pending record and queues the job again with `decision` attached,
-    /// atomically. `false` when it is not (unknown, already decided, or paused at a later
-    /// halt: see [`crate::durable::pending::waits_at`]).
-    async fn submit_decision(
-        &self,
-        _q: &QueueNames,
-        _pending: &crate::durable::Pending,
-        _decision: &crate::exec::Decision,
-    ) -> Result<bool, QueueError> {
-        Err(QueueError::Other(format!(
-            "the {} backend cannot pause jobs",
-            self.kind()
-        )))
-    }
-
-    /// Called once on a clean exit, after every claim is finished: drops registrations.
-    async fn deregister(&self, _q: &QueueNames) -> Result<(), QueueError> {
-        Ok(())
-    }
 }
 
 /// The job id an envelope carries (`id`, a string or a number, up to 200 bytes: an AMQP
