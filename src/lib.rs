@@ -10,11 +10,13 @@
 //! - [`job`]: one job from input to signed log.
 //! - [`cli`]: the `lar-worker` command.
 
+pub mod attempt;
 pub mod audit;
 pub mod backoff;
 pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod decide;
 pub mod durable;
 pub mod exec;
 pub mod graph;
@@ -25,6 +27,7 @@ pub mod llm;
 pub mod net;
 pub mod ops;
 pub mod queue;
+pub mod signing;
 pub mod telemetry;
 pub mod tools;
 pub mod worker;

@@ -5,7 +5,8 @@
 
 pub mod ledger;
 pub mod runlog;
-pub mod secret;
+/// The HMAC key, kept under its old name: it lives in [`crate::signing`], below every layer that signs.
+pub use crate::signing as secret;
 pub mod verify;
 pub mod write;
 

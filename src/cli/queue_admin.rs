@@ -419,7 +419,7 @@ pub fn decide(a: DecideArgs) -> u8 {
         }
     };
     with_all(a.q.frame(), Scope::Whole, |backend, queues| async move {
-        use crate::durable::decide::{pending_of, submit_for, Refusal};
+        use crate::decide::{pending_of, submit_for, Refusal};
         let decision = crate::exec::Decision {
             choice: a.choice.clone(),
             rationale: a.rationale.clone(),
@@ -493,7 +493,10 @@ pub fn pending(a: QueueArgs) -> u8 {
             if a.queue.as_deref().is_some_and(|n| n != q.names.jobs) {
                 continue;
             }
-            match backend.list_pending(&q.names).await {
+            let Some(pauses) = backend.pauses() else {
+                continue;
+            };
+            match pauses.list_pending(&q.names).await {
                 Ok(items) => {
                     for raw in items {
                         match serde_json::from_slice::<crate::durable::Pending>(&raw) {

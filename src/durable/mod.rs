@@ -4,7 +4,6 @@
 //! blocked thread.
 
 pub mod checkpoint;
-pub mod decide;
 pub mod pending;
 
 pub use checkpoint::{Checkpoint, CheckpointError, CheckpointRef};

@@ -23,7 +23,7 @@ pub struct Pending {
     #[serde(default)]
     pub attempt: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub history: Vec<crate::queue::AttemptRecord>,
+    pub history: Vec<crate::attempt::AttemptRecord>,
 }
 
 impl Pending {

@@ -110,12 +110,12 @@ impl Decision {
     }
 
     /// Signs the decision for `job_id` (after `step` is set).
-    pub fn sign(&mut self, job_id: &str, secret: &crate::audit::Secret) {
+    pub fn sign(&mut self, job_id: &str, secret: &crate::signing::Secret) {
         self.signature = Some(secret.sign(&self.signed_bytes(job_id)));
     }
 
     /// Whether the decision carries a valid signature for `job_id`.
-    pub fn verify(&self, job_id: &str, secret: &crate::audit::Secret) -> bool {
+    pub fn verify(&self, job_id: &str, secret: &crate::signing::Secret) -> bool {
         self.signature
             .as_deref()
             .is_some_and(|sig| secret.verify_hex(&self.signed_bytes(job_id), sig))

@@ -52,7 +52,7 @@ impl SecretRef {
     /// is refused, whichever variable or file it is reached through.
     pub fn resolve(&self) -> Result<String, SecretRefError> {
         let value = self.read()?;
-        if crate::audit::secret::is_signing_key(value.as_bytes()) {
+        if crate::signing::is_signing_key(value.as_bytes()) {
             return Err(SecretRefError::SigningKey(self.describe()));
         }
         Ok(value)
@@ -388,7 +388,7 @@ mod tests {
     fn the_signing_key_is_never_resolved_for_sending() {
         let dir = tempfile::tempdir().unwrap();
         let key = "net-secret-test-signing-key-7f3a";
-        let _signer = crate::audit::Secret::new(key).unwrap();
+        let _signer = crate::signing::Secret::new(key).unwrap();
         let file = dir.path().join("hmac_secret");
         std::fs::write(&file, format!("{key}\n")).unwrap();
         let err = SecretRef::File(file.clone()).resolve().unwrap_err();

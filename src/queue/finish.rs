@@ -10,13 +10,7 @@
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
-/// One earlier attempt, kept with the job so a dead letter carries its history.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct AttemptRecord {
-    pub attempt: u32,
-    pub at: String,
-    pub error: String,
-}
+pub use crate::attempt::AttemptRecord;
 
 /// How a claim ends.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! and expiry: the job must be pending and the choice allowed; then the pending record goes and
 //! the job is queued to resume, atomically.
 
-use super::Pending;
+use crate::durable::Pending;
 use crate::audit::Secret;
 use crate::exec::Decision;
 use crate::queue::{Backend, QueueError, QueueNames};
@@ -29,7 +29,11 @@ pub async fn pending_of(
     q: &QueueNames,
     job_id: &str,
 ) -> Result<Option<Pending>, Refusal> {
-    match backend.get_pending(q, job_id).await? {
+    // A backend that cannot pause has no job waiting.
+    let Some(pauses) = backend.pauses() else {
+        return Ok(None);
+    };
+    match pauses.get_pending(q, job_id).await? {
         None => Ok(None),
         Some(raw) => serde_json::from_slice(&raw)
             .map(Some)
@@ -77,7 +81,10 @@ pub async fn submit_for(
     if let Some(secret) = secret {
         decision.sign(&pending.job_id, secret);
     }
-    if backend.submit_decision(q, pending, &decision).await? {
+    let pauses = backend.pauses().ok_or_else(|| {
+        QueueError::Unsupported(format!("the {} backend cannot pause jobs", backend.kind()))
+    })?;
+    if pauses.submit_decision(q, pending, &decision).await? {
         Ok(())
     } else {
         Err(Refusal::NotPending(pending.job_id.clone()))

@@ -1,4 +1,6 @@
-//! The HMAC key. It never appears in Debug output, logs or errors.
+//! The HMAC key that signs run logs, checkpoints and decisions. A leaf module, so every layer
+//! that signs, or must refuse to send the key anywhere, can use it. It never appears in Debug
+//! output, logs or errors.
 
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
