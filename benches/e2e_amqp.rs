@@ -117,7 +117,7 @@ async fn bench_one(url: &str, queue_type: &str) -> Res<tempfile::TempDir> {
     // The topology exactly as the worker declares it, then the jobs, confirms pipelined.
     {
         let cfg = lar_worker::config::Config::load(&cfg)?;
-        let backend = lar_worker::queue::connect(&cfg, "bench-producer".into()).await?;
+        let backend = lar_worker::wiring::connect_backend(&cfg, "bench-producer".into()).await?;
         drop(backend);
     }
     let conn = Connection::connect(url, ConnectionProperties::default()).await?;

@@ -30,4 +30,5 @@ pub mod queue;
 pub mod signing;
 pub mod telemetry;
 pub mod tools;
+pub mod wiring;
 pub mod worker;

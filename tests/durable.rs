@@ -90,7 +90,7 @@ impl Env {
             .unwrap();
         let cfg = lar_worker::config::Config::load(&config).unwrap();
         let backend = rt
-            .block_on(lar_worker::queue::connect(&cfg, "test-producer".into()))
+            .block_on(lar_worker::wiring::connect_backend(&cfg, "test-producer".into()))
             .unwrap();
         let names = lar_worker::queue::QueueNames {
             jobs: queue.clone(),

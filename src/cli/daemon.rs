@@ -81,7 +81,7 @@ pub fn run(a: RunArgs) -> u8 {
         // The broker may come up after us: keep trying (not READY meanwhile) until SIGTERM.
         let mut attempt = 0;
         let backend = loop {
-            match crate::queue::connect(&loaded.config, worker_id.clone()).await {
+            match crate::wiring::connect_backend(&loaded.config, worker_id.clone()).await {
                 Ok(b) => break b,
                 Err(e) => {
                     attempt += 1;

@@ -305,7 +305,7 @@ impl Fixture {
         // worker that exits at once.
         lar_worker::config::load_queues(&config, &lar_worker::tools::Registry::with_builtins())
             .unwrap_or_else(|e| panic!("the test's graphs are invalid: {e}"));
-        let backend = lar_worker::queue::connect(&config, format!("{prefix}-observer"))
+        let backend = lar_worker::wiring::connect_backend(&config, format!("{prefix}-observer"))
             .await
             .unwrap_or_else(|e| panic!("cannot open the {} backend under test: {e}", kind.name()));
         Fixture {
