@@ -18,11 +18,8 @@ pub mod amqp;
 pub mod embedded;
 mod file_watch;
 pub mod redis;
-mod redis_batch;
-mod redis_runs;
 pub mod run_store;
-mod sqlite_runs;
-pub mod wrapper;
+pub use self::redis::wrapper;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
