@@ -91,7 +91,7 @@ CREATE TABLE IF NOT EXISTS pending (
 ";
 
 /// The largest epoch a file from before the epoch sequence holds (the sequence starts above
-/// it). Epochs come from the sequence (`sqlite_runs::next_epoch`): a job's row goes when it
+/// it). Epochs come from the sequence (`run_store::sqlite::next_epoch`): a job's row goes when it
 /// ends, and a redrive or a re-sent id comes back as a new row, so epochs counted per row would
 /// start again where a stalled task of this process may still hold the old one (`save_step`
 /// and `extend` fence on the id and epoch).
@@ -170,7 +170,7 @@ impl EmbeddedBackend {
                 ))
             })?;
         }
-        let mut conn = super::sqlite_runs::open_wal(path, BUSY_TIMEOUT)?;
+        let mut conn = super::run_store::sqlite::open_wal(path, BUSY_TIMEOUT)?;
         conn.pragma_update(
             None,
             "synchronous",
@@ -203,8 +203,8 @@ impl EmbeddedBackend {
             tx.execute_batch(MIGRATE_TO_3)?;
         }
         tx.execute_batch(SCHEMA)?;
-        tx.execute_batch(super::sqlite_runs::RUN_TABLES)?;
-        super::sqlite_runs::seed_epoch_seq(&tx, HIGHEST_EPOCH)?;
+        tx.execute_batch(super::run_store::sqlite::RUN_TABLES)?;
+        super::run_store::sqlite::seed_epoch_seq(&tx, HIGHEST_EPOCH)?;
         if version < SCHEMA_VERSION {
             tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
         }
@@ -420,7 +420,7 @@ fn claim_once(
         let mut has_run =
             tx.prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?;
         for (seq, job_id, payload, attempt, history, decision) in rows {
-            let epoch = super::sqlite_runs::next_epoch(&tx)?;
+            let epoch = super::run_store::sqlite::next_epoch(&tx)?;
             update.execute(params![seq, worker, lease_until, epoch])?;
             let fresh = !has_run.exists(params![queue, job_id])?;
             let attempt = u32::try_from(attempt.saturating_add(1)).map_err(|_| {
@@ -500,7 +500,7 @@ fn finish_once(
         Finish::Release | Finish::Pause { .. } | Finish::Retry { keep_run: true, .. }
     ) && !matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
     if ends_run {
-        super::sqlite_runs::forget_run(&tx, &q.jobs, job_id)?;
+        super::run_store::sqlite::forget_run(&tx, &q.jobs, job_id)?;
     }
     match how {
         Finish::Pause { result, pending } => {
@@ -595,7 +595,7 @@ fn save_step_once(
     if held.is_none() {
         return Ok(Fenced::Lost);
     }
-    super::sqlite_runs::write_step(&tx, queue, job_id, step)?;
+    super::run_store::sqlite::write_step(&tx, queue, job_id, step)?;
     tx.commit()?;
     Ok(Fenced::Done)
 }
@@ -635,7 +635,7 @@ impl Backend for EmbeddedBackend {
     ) -> Result<Option<super::StoredRun>, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn, _| {
-            super::sqlite_runs::read_run(&conn.transaction()?, &queue, &job_id)
+            super::run_store::sqlite::read_run(&conn.transaction()?, &queue, &job_id)
         })
         .await
     }

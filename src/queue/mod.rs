@@ -20,12 +20,9 @@ mod error;
 pub mod finish;
 mod file_watch;
 pub mod redis;
-mod redis_batch;
-mod redis_runs;
 pub mod roles;
 pub mod run_store;
-mod sqlite_runs;
-pub mod wrapper;
+pub use self::redis::wrapper;
 
 pub use error::QueueError;
 pub use roles::{Admin, Backend, Consumer, Pauses, Runs};

@@ -7,7 +7,7 @@
 //! returns an integer; each job's part is checked (fenced) on its own, exactly as if it ran
 //! alone. Atomicity is per job, which is all the per-job scripts promised.
 
-use super::QueueError;
+use crate::queue::QueueError;
 use ::redis::aio::ConnectionManager;
 use ::redis::Script;
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +30,7 @@ impl Call {
 }
 
 /// A per-job Lua body run in batches; the task ends when the handle is dropped.
-pub(super) struct BatchedScript {
+pub(in crate::queue) struct BatchedScript {
     tx: mpsc::UnboundedSender<Call>,
     name: &'static str,
 }

@@ -2,7 +2,7 @@
 //! delayed or recovered: a stable job id, the attempt count and history, and the producer's
 //! bytes untouched. Producers never see it; results and dead letters carry the original bytes.
 
-use super::AttemptRecord;
+use crate::queue::AttemptRecord;
 use serde::{Deserialize, Serialize};
 
 /// Every wrapped message starts with these bytes (the Lua scripts test for them).

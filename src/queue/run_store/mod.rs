@@ -2,6 +2,12 @@
 //! checkpoint and step journal fenced on the job's epoch, and the human pause (pending records,
 //! decisions on their way). Two stores: a Redis (any number of hosts) and a SQLite file (the
 //! replicas of one host).
+//!
+//! The two stores are `redis` (also the redis backend's own run store) and `sqlite` (whose
+//! tables and transactions the embedded backend shares).
+
+pub(super) mod redis;
+pub(super) mod sqlite;
 
 use super::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
 use async_trait::async_trait;
@@ -146,10 +152,10 @@ pub trait RunStore: Send + Sync {
 pub async fn open(spec: &str) -> Result<Box<dyn RunStore>, QueueError> {
     if spec.starts_with("redis://") || spec.starts_with("rediss://") {
         let conn = super::redis::connection(spec).await?;
-        return Ok(Box::new(super::redis_runs::RedisRunStore::new(conn)));
+        return Ok(Box::new(self::redis::RedisRunStore::new(conn)));
     }
     if let Some(path) = spec.strip_prefix("sqlite:") {
-        return Ok(Box::new(super::sqlite_runs::SqliteRunStore::open(
+        return Ok(Box::new(self::sqlite::SqliteRunStore::open(
             std::path::Path::new(path),
         )?));
     }

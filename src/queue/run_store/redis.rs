@@ -10,10 +10,13 @@
 //! broker). A decision moves the job from `pending` to `deciding` atomically, so it is always
 //! in exactly one of them until the broker holds its resume message; `stale_decisions`
 //! hands back entries a crash left in `deciding`, to publish again.
+//!
+//! Its Lua scripts are in `lua/`, one file each; each file's header says its KEYS, its ARGV
+//! and what it does.
 
-use super::redis_batch::BatchedScript;
-use super::run_store::{Deciding, Paused, RunStore};
-use super::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
+use super::{Deciding, Paused, RunStore};
+use crate::queue::redis::batch::BatchedScript;
+use crate::queue::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
 use ::redis::aio::ConnectionManager;
 use ::redis::{AsyncCommands, Script};
 use async_trait::async_trait;
@@ -21,194 +24,61 @@ use async_trait::async_trait;
 /// The field the checkpoint is stored under in the run hash.
 const CHECKPOINT_FIELD: &str = "ckpt";
 
-/// K: epochs, run. A: id, epoch, step index, record, checkpoint, previous index ('' for the
-/// first). 1 saved, 0 fenced off, 2 the journal lacks the step before. Idempotent: saving a
-/// step again (a retry after a lost reply) rewrites the same fields. Each `redis.call` costs a
-/// few µs in Redis (measured): a step costs three.
-const SAVE_STEP: &str = r#"
-if redis.call('HGET', K[1], A[1]) ~= A[2] then return 0 end
-if A[6] ~= '' and redis.call('HEXISTS', K[2], A[6]) == 0 then return 2 end
-redis.call('HSET', K[2], A[3], A[4], 'ckpt', A[5])
-return 1
-"#;
+/// Saves one step's record and checkpoint, fenced on the epoch; run per job in batches
+/// (see `lua/save_step.lua`).
+const SAVE_STEP: &str = include_str!("lua/save_step.lua");
 
-/// The Lua function every epoch comes from, here and in the redis backend's claims: the
-/// queue's one sequence (`Q:epoch_seq`), never a per-job counter. Ending a run forgets the
-/// job's entry, and a counter started again at 1 would meet a cut-off holder that still has
-/// the old epoch. The sequence starts above 2^32, so no per-job epoch of earlier versions
-/// comes again during a rolling upgrade.
-pub(super) const NEXT_EPOCH_FN: &str = r#"
-local function next_epoch(seq)
-  local epoch = redis.call('INCR', seq)
-  if epoch < 4294967296 then epoch = redis.call('INCRBY', seq, 4294967296) end
-  return epoch
-end
-"#;
+/// The Lua function every epoch comes from, here and in the redis backend's claims:
+/// `next_epoch(seq)`, on the queue's one sequence (see `lua/prelude_next_epoch.lua`).
+pub(in crate::queue) const NEXT_EPOCH_FN: &str = include_str!("lua/prelude_next_epoch.lua");
 
-/// KEYS: epochs, epoch sequence, run. ARGV: id. The job's next epoch (after
-/// [`NEXT_EPOCH_FN`]); a retired run (one set to expire) is the new holder's again.
-const NEXT_EPOCH: &str = r#"
-local epoch = next_epoch(KEYS[2])
-redis.call('HSET', KEYS[1], ARGV[1], epoch)
-redis.call('PERSIST', KEYS[3])
-return epoch
-"#;
+/// The job's next epoch (after [`NEXT_EPOCH_FN`], see `lua/next_epoch.lua`).
+const NEXT_EPOCH: &str = include_str!("lua/next_epoch.lua");
 
-/// KEYS: epochs, run, pending, deciding. ARGV: id, epoch, '' or ms. Forgets a finished run, if
-/// `epoch` still holds the job; with ms, retires it instead (it expires after ms, the epoch
-/// entry stays for the `end_run` that follows). A run waiting for a human (pending, or decided
-/// with its resume message on the way) is kept: the claim that ended was a copy of the paused
-/// job. A pending or deciding entry whose halt the journal shows answered is stale and goes
-/// with the run (see the redis backend's FINISH).
-const END_RUN: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-local function answered(s)
-  return s and redis.call('HEXISTS', KEYS[2], string.format('%d', s)) == 1
-end
-local p = redis.call('HGET', KEYS[3], ARGV[1])
-local d = redis.call('HGET', KEYS[4], ARGV[1])
-local live = (p and not answered(step_of(p))) or (d and not answered(decided_step(d)))
-if not live then
-  if p then redis.call('HDEL', KEYS[3], ARGV[1]) end
-  if d then redis.call('HDEL', KEYS[4], ARGV[1]) end
-  if ARGV[3] == '' then
-    redis.call('DEL', KEYS[2])
-  else
-    redis.call('PEXPIRE', KEYS[2], ARGV[3])
-  end
-end
-if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
-return 1
-"#;
+/// Forgets or retires a finished run, if the epoch still holds the job (see `lua/end_run.lua`).
+const END_RUN: &str = include_str!("lua/end_run.lua");
 
-/// The step of a stored pending record (JSON), or of the one inside a `deciding` entry; shared
-/// with the redis backend's scripts.
-pub(super) const STEP_FNS: &str = r#"
-local function step_of(record)
-  local ok, p = pcall(cjson.decode, record)
-  if ok and type(p) == 'table' then return tonumber(p.step) end
-  return nil
-end
-local function decided_step(entry)
-  local ok, e = pcall(cjson.decode, entry)
-  if ok and type(e) == 'table' and type(e.pending) == 'string' then return step_of(e.pending) end
-  return nil
-end
-"#;
+/// `step_of` and `decided_step`: the step of a stored pending record (JSON), or of the one
+/// inside a `deciding` entry; shared with the redis backend's scripts (see
+/// `lua/prelude_step.lua`).
+pub(in crate::queue) const STEP_FNS: &str = include_str!("lua/prelude_step.lua");
 
-/// KEYS: epochs. ARGV: id, epoch. Forgets the job's epoch entry if `epoch` still holds it.
-const RELEASE: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-return 1
-"#;
+/// Forgets the job's epoch entry if the epoch still holds it (see `lua/release.lua`).
+const RELEASE: &str = include_str!("lua/release.lua");
 
-/// K: epochs, pending, deciding, run. A: id, epoch, pending record, delivery properties (JSON),
-/// '1' when the pausing claim carried the decision (see `RunStore::pause`).
-/// 1 paused, 0 fenced off (a newer delivery holds the job), 2 a decision is already on its way
-/// for this halt (a copy of the job raced a human: nothing to pause). A decision on its way
-/// for an earlier halt was applied (the run moved past it; its entry only waited for the
-/// broker's confirm): its entry goes, and the new pause stands.
-const PAUSE: &str = r#"
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-local d = redis.call('HGET', KEYS[3], ARGV[1])
-if d then
-  local ds, ns = decided_step(d), step_of(ARGV[3])
-  if not ((ds and ns and ns > ds) or ARGV[5] == '1') then return 2 end
-  redis.call('HDEL', KEYS[3], ARGV[1])
-end
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-redis.call('HSET', KEYS[4], 'amqp', ARGV[4])
-return 1
-"#;
+/// Stores a paused run's pending record, fenced on the epoch (see `lua/pause.lua`).
+const PAUSE: &str = include_str!("lua/pause.lua");
 
-/// K: deciding. A: id, step. Marks the job's `deciding` entry confirmed (the broker holds its
-/// message: see `RunStore::decided`) if it answers the halt at `step` (or has no readable
-/// step): a late confirm never touches a later decision's entry.
-const DECIDED: &str = r#"
-local d = redis.call('HGET', KEYS[1], ARGV[1])
-if not d then return 0 end
-local ok, e = pcall(cjson.decode, d)
-if not ok or type(e) ~= 'table' then return 0 end
-local ds = decided_step(d)
-if ds and ds ~= tonumber(ARGV[2]) then return 0 end
-e.confirmed = true
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(e))
-return 1
-"#;
+/// Marks the job's `deciding` entry confirmed (see `lua/decided.lua`).
+const DECIDED: &str = include_str!("lua/decided.lua");
 
-/// K: deciding. A: id, step ('' for any). Drops the job's `deciding` entry if it answers the
-/// halt at `step`: its message ended without applying it.
-const DROP_DECISION: &str = r#"
-local d = redis.call('HGET', KEYS[1], ARGV[1])
-if not d then return 0 end
-local ds = decided_step(d)
-if ARGV[2] ~= '' and ds and ds ~= tonumber(ARGV[2]) then return 0 end
-redis.call('HDEL', KEYS[1], ARGV[1])
-return 1
-"#;
+/// Drops the job's `deciding` entry (see `lua/drop_decision.lua`).
+const DROP_DECISION: &str = include_str!("lua/drop_decision.lua");
 
-/// K: pending, deciding, run. A: id, decision (JSON), now ms, the halt's step ('' for any).
-/// Moves a pending job to `deciding` and returns the entry there, or nil when the job is not
-/// pending at that halt (see `pending::waits_at`).
-const DECIDE: &str = r#"
-local p = redis.call('HGET', KEYS[1], ARGV[1])
-if not p then return false end
-if ARGV[4] ~= '' and step_of(p) ~= tonumber(ARGV[4]) then return false end
-local entry = cjson.encode({at = tonumber(ARGV[3]), decision = ARGV[2], pending = p,
-  props = redis.call('HGET', KEYS[3], 'amqp') or '{}'})
-redis.call('HDEL', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], entry)
-return entry
-"#;
+/// Moves a pending job to `deciding` (see `lua/decide.lua`).
+const DECIDE: &str = include_str!("lua/decide.lua");
 
-/// K: deciding. A: now ms, stale after ms, run key prefix. Entries older than the limit whose
-/// decision step is not journaled yet are stamped anew and returned (`id, entry, …`) to publish
-/// again; entries whose decision was applied (or whose run is gone) are dropped.
-const STALE_DECISIONS: &str = r#"
-local out = {}
-local all = redis.call('HGETALL', KEYS[1])
-local now = tonumber(ARGV[1])
-for i = 1, #all, 2 do
-  local id, raw = all[i], all[i + 1]
-  local ok, e = pcall(cjson.decode, raw)
-  if ok and type(e) == 'table' and tonumber(e.at) and tonumber(e.at) + tonumber(ARGV[2]) < now then
-    local run = ARGV[3] .. id
-    local step = type(e.pending) == 'string' and step_of(e.pending)
-    if redis.call('EXISTS', run) == 0 or (step and redis.call('HEXISTS', run, string.format('%d', step)) == 1) then
-      redis.call('HDEL', KEYS[1], id)
-    elseif e.confirmed then
-      -- The broker holds its message: it waits to be applied, not sent again.
-    else
-      e.at = now
-      raw = cjson.encode(e)
-      redis.call('HSET', KEYS[1], id, raw)
-      out[#out + 1] = id
-      out[#out + 1] = raw
-    end
-  end
-end
-return out
-"#;
+/// Decisions to publish again (see `lua/stale_decisions.lua`).
+const STALE_DECISIONS: &str = include_str!("lua/stale_decisions.lua");
 
 /// A run's hash.
-pub(super) fn run_key(q: &QueueNames, job_id: &str) -> String {
+pub(in crate::queue) fn run_key(q: &QueueNames, job_id: &str) -> String {
     format!("{}:run:{job_id}", q.jobs)
 }
 
 /// Each job's current epoch (the claim that may write its run).
-pub(super) fn epochs_key(q: &QueueNames) -> String {
+pub(in crate::queue) fn epochs_key(q: &QueueNames) -> String {
     format!("{}:epochs", q.jobs)
 }
 
 /// The queue's epoch sequence (see the redis backend's CLAIM): every claim or delivery takes
 /// the next value, so an epoch never comes again, even after a job's own entry was forgotten.
-pub(super) fn epoch_seq_key(q: &QueueNames) -> String {
+pub(in crate::queue) fn epoch_seq_key(q: &QueueNames) -> String {
     format!("{}:epoch_seq", q.jobs)
 }
 
 /// Jobs waiting for a human (amqp backend).
-pub(super) fn pending_key(q: &QueueNames) -> String {
+pub(in crate::queue) fn pending_key(q: &QueueNames) -> String {
     format!("{}:pending", q.jobs)
 }
 
@@ -217,7 +87,7 @@ fn deciding_key(q: &QueueNames) -> String {
     format!("{}:deciding", q.jobs)
 }
 
-pub(super) struct RedisRunStore {
+pub(in crate::queue) struct RedisRunStore {
     conn: ConnectionManager,
     save_step: BatchedScript,
     next_epoch: Script,
@@ -404,7 +274,7 @@ impl RunStore for RedisRunStore {
             .key(run_key(q, job_id))
             .arg(job_id)
             .arg(decision)
-            .arg(super::now_ms())
+            .arg(crate::queue::now_ms())
             .arg(step.map(|s| s.to_string()).unwrap_or_default());
         let mut conn = self.conn.clone();
         let entry: Option<Vec<u8>> = inv.invoke_async(&mut conn).await?;
@@ -441,7 +311,7 @@ impl RunStore for RedisRunStore {
     ) -> Result<Vec<(String, Deciding)>, QueueError> {
         let mut inv = self.stale_decisions.prepare_invoke();
         inv.key(deciding_key(q))
-            .arg(super::now_ms())
+            .arg(crate::queue::now_ms())
             .arg(stale_after.as_millis() as u64)
             .arg(run_key(q, ""));
         let mut conn = self.conn.clone();

@@ -1,10 +1,10 @@
 //! Durable runs in a SQLite file (WAL), for the amqp backend on one host: the same contract
-//! as the Redis store (`redis_runs`), each operation one transaction. Every replica of the
-//! host opens the same file; replicas on other hosts need the Redis store.
+//! as the Redis store (`run_store::redis`), each operation one transaction. Every replica of
+//! the host opens the same file; replicas on other hosts need the Redis store.
 
-use super::run_store::{answered_earlier, Deciding, Paused, RunStore};
-use super::{now_ms, Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
+use super::{answered_earlier, Deciding, Paused, RunStore};
 use crate::durable::pending::{step_of, waits_at};
+use crate::queue::{now_ms, Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
@@ -43,7 +43,7 @@ CREATE TABLE IF NOT EXISTS deciding_confirmed (
 ";
 
 /// The checkpoint and journal tables, shared with the embedded backend's file.
-pub(super) const RUN_TABLES: &str = "
+pub(in crate::queue) const RUN_TABLES: &str = "
 CREATE TABLE IF NOT EXISTS runs (
     queue      TEXT NOT NULL,
     job_id     TEXT NOT NULL,
@@ -67,7 +67,7 @@ CREATE TABLE IF NOT EXISTS epoch_seq (
 /// holds, for files from before the sequence). Epochs come from this one sequence, never from
 /// a per-job counter: a job's row or entry goes when its run ends, and a counter started again
 /// at 1 would meet a cut-off holder that still has the old epoch.
-pub(super) fn seed_epoch_seq(conn: &Connection, highest: &str) -> Result<(), QueueError> {
+pub(in crate::queue) fn seed_epoch_seq(conn: &Connection, highest: &str) -> Result<(), QueueError> {
     conn.execute(
         &format!("INSERT OR IGNORE INTO epoch_seq (id, n) VALUES (1, COALESCE(({highest}), 0))"),
         [],
@@ -76,7 +76,7 @@ pub(super) fn seed_epoch_seq(conn: &Connection, highest: &str) -> Result<(), Que
 }
 
 /// The next epoch of the file's sequence (see [`seed_epoch_seq`]).
-pub(super) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
+pub(in crate::queue) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
     Ok(conn
         .prepare_cached("UPDATE epoch_seq SET n = n + 1 WHERE id = 1 RETURNING n")?
         .query_row([], |r| r.get(0))?)
@@ -88,7 +88,7 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// needs it to itself for a moment, and SQLite answers "database is locked" at once rather
 /// than waiting when another process (a replica starting at the same time) has it open: the
 /// switch is tried again until `busy` has passed.
-pub(super) fn open_wal(path: &Path, busy: Duration) -> Result<Connection, QueueError> {
+pub(in crate::queue) fn open_wal(path: &Path, busy: Duration) -> Result<Connection, QueueError> {
     let conn = Connection::open(path)?;
     conn.busy_timeout(busy)?;
     let deadline = std::time::Instant::now() + busy;
@@ -145,7 +145,7 @@ const JOB_TABLES: &[&str] = &[
     "deciding_confirmed",
 ];
 
-pub(super) struct SqliteRunStore {
+pub(in crate::queue) struct SqliteRunStore {
     conn: Arc<Mutex<Connection>>,
 }
 
@@ -212,7 +212,7 @@ fn holds(
 /// Journals `step` (unless the journal already ends with it: a retried save) and replaces the
 /// checkpoint; a step whose predecessor is missing is refused. The caller has fenced the write
 /// and commits the transaction.
-pub(super) fn write_step(
+pub(in crate::queue) fn write_step(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     job_id: &str,
@@ -240,7 +240,7 @@ pub(super) fn write_step(
 }
 
 /// A job's checkpoint and journal, if it has a checkpoint.
-pub(super) fn read_run(
+pub(in crate::queue) fn read_run(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     job_id: &str,
@@ -267,7 +267,7 @@ pub(super) fn read_run(
 /// Forgets a run's checkpoint and journal, unless the job waits for a human (a pending
 /// record): then the claim that ended was a copy of the paused job (a producer sent its id
 /// again), and the paused run is not its to end.
-pub(super) fn forget_run(
+pub(in crate::queue) fn forget_run(
     tx: &rusqlite::Transaction<'_>,
     queue: &str,
     job_id: &str,
