@@ -112,16 +112,15 @@ pub struct Rules {
 }
 
 impl Rules {
-    /// The Redis `finish.lua` mode this verdict is carried out by.
+    /// The Redis `finish.lua` mode this verdict is carried out by: where the message goes
+    /// (the run and the decision travel as arguments of their own).
     pub fn script_mode(&self) -> &'static str {
-        match (self.message, self.run) {
-            (Message::Published, _) => "publish",
-            (Message::Delayed, RunFate::Kept) => "retry_keep",
-            (Message::Delayed, RunFate::Forgotten) => "retry",
-            (Message::DeadLettered, RunFate::Kept) => "dead_keep",
-            (Message::DeadLettered, RunFate::Forgotten) => "dead",
-            (Message::HandedBack, _) => "release",
-            (Message::Paused, _) => "pause",
+        match self.message {
+            Message::Published => "publish",
+            Message::Delayed => "retry",
+            Message::DeadLettered => "dead",
+            Message::HandedBack => "release",
+            Message::Paused => "pause",
         }
     }
 
@@ -243,9 +242,9 @@ mod tests {
         let expected = [
             ("publish", Published, Forgotten, Dropped, false, "publish", false),
             ("publish+dead", Published, Forgotten, Dropped, false, "publish", false),
-            ("retry_keep", Delayed, Kept, StaysWithJob, true, "retry_keep", false),
+            ("retry_keep", Delayed, Kept, StaysWithJob, true, "retry", false),
             ("retry", Delayed, Forgotten, Dropped, true, "retry", true),
-            ("dead_keep", DeadLettered, Kept, KeptForRedrive, false, "dead_keep", true),
+            ("dead_keep", DeadLettered, Kept, KeptForRedrive, false, "dead", true),
             ("dead", DeadLettered, Forgotten, Dropped, false, "dead", true),
             ("release", HandedBack, Kept, StaysWithJob, false, "release", false),
             ("pause", Paused, Kept, SettledByPause, false, "pause", false),

@@ -9,15 +9,15 @@ use super::RedisBackend;
 use crate::queue::run_store::redis::run_key;
 use crate::queue::run_store::RunStore;
 use crate::queue::{
-    dead_letter_decision, dead_letter_entry, dead_letter_payload, AttemptRecord, Backend, Claim,
-    Fenced, Finish, QueueDepth, QueueError, QueueNames, StepWrite, StoredRun,
+    dead_letter_decision, dead_letter_entry, dead_letter_payload, failed_attempt, redrive_decision, rules, Admin, Backend, Claim, Consumer,
+    DecisionFate, Fenced, Finish, QueueDepth, RunFate, QueueError, Pauses, QueueNames, Runs, StepWrite, StoredRun,
 };
 use ::redis::AsyncCommands;
 use async_trait::async_trait;
 use std::time::Duration;
 
 #[async_trait]
-impl Backend for RedisBackend {
+impl Consumer for RedisBackend {
     fn kind(&self) -> &'static str {
         "redis"
     }
@@ -96,7 +96,9 @@ impl Backend for RedisBackend {
         how: Finish,
     ) -> Result<Fenced, QueueError> {
         let k = keys(q, &self.worker_id);
-        let (mode, a, b): (&str, Vec<u8>, Vec<u8>) = match how {
+        let rules = rules(&how);
+        let keeps_decision = rules.decision == DecisionFate::StaysWithJob;
+        let (a, b): (Vec<u8>, Vec<u8>) = match how {
             Finish::Publish {
                 result,
                 dead_letter,
@@ -108,44 +110,34 @@ impl Backend for RedisBackend {
                             .into_bytes()
                     })
                     .unwrap_or_default();
-                ("publish", result, dead)
+                (result, dead)
             }
-            Finish::Retry {
-                delay,
-                error,
-                keep_run,
-            } => {
-                let mut history = claim.history.clone();
-                history.push(AttemptRecord {
-                    attempt: claim.attempt,
-                    at: crate::exec::run::now_utc(),
-                    error,
-                });
+            Finish::Retry { delay, error, .. } => {
+                let history =
+                    failed_attempt(&claim.history, claim.attempt, error, crate::clock::now_utc());
                 (
-                    if keep_run { "retry_keep" } else { "retry" },
-                    Self::rewrap(claim, claim.attempt, history, keep_run),
+                    Self::rewrap(claim, claim.attempt, history, keeps_decision),
                     (delay.as_millis() as u64).to_string().into_bytes(),
                 )
             }
             Finish::DeadLetter(dl) => (
-                if dl.keep_run { "dead_keep" } else { "dead" },
                 dead_letter_entry(&q.jobs, &dl, &claim.payload, decision_value(claim))
                     .to_string()
                     .into_bytes(),
                 Vec::new(),
             ),
             Finish::Release => (
-                "release",
                 Self::rewrap(
                     claim,
                     claim.attempt.saturating_sub(1),
                     claim.history.clone(),
-                    true,
+                    keeps_decision,
                 ),
                 Vec::new(),
             ),
-            Finish::Pause { result, pending } => ("pause", result, pending),
+            Finish::Pause { result, pending } => (result, pending),
         };
+        let flag = |on: bool| if on { b"1".to_vec() } else { Vec::new() };
         let keys = vec![
             k.processing,
             k.leases,
@@ -163,14 +155,12 @@ impl Backend for RedisBackend {
         let args = vec![
             claim.job_id.clone().into_bytes(),
             claim.epoch.to_string().into_bytes(),
-            mode.as_bytes().to_vec(),
+            rules.script_mode().as_bytes().to_vec(),
             a,
             b,
-            if claim.decision.is_some() {
-                b"1".to_vec()
-            } else {
-                Vec::new()
-            },
+            flag(claim.decision.is_some()),
+            flag(rules.drops_decision_on_its_way()),
+            flag(rules.run == RunFate::Forgotten),
         ];
         let done = self.scripts.finish.call(keys, args).await?;
         Ok(if done == 1 {
@@ -198,6 +188,48 @@ impl Backend for RedisBackend {
         Ok(inv.invoke_async(&mut conn).await?)
     }
 
+    async fn heartbeat(&self, q: &QueueNames, ttl: Duration) -> Result<(), QueueError> {
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        let ttl_ms = ttl.as_millis().max(1000) as u64;
+        let _: () = ::redis::pipe()
+            .cmd("SET")
+            .arg(format!("{}{}", k.heartbeat_prefix, self.worker_id))
+            .arg(1)
+            .arg("PX")
+            .arg(ttl_ms)
+            .ignore()
+            .sadd(&k.workers, &self.worker_id)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(())
+    }
+
+    async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
+        // The heartbeat goes; the registration stays for the reapers: they find this worker
+        // dead, hand back whatever its processing list still holds, and only then drop it
+        // from `Q:workers`. A BLMOVE still blocked in Redis could land a message there after
+        // a reaper looked: the heartbeat goes only once none can be.
+        let blocked = self
+            .blocking_of(&q.jobs)
+            .and_then(|b| b.until.lock().ok().and_then(|t| *t));
+        if let Some(left) =
+            blocked.and_then(|t| t.checked_duration_since(std::time::Instant::now()))
+        {
+            tokio::time::sleep(left).await;
+        }
+        let k = keys(q, &self.worker_id);
+        let mut conn = self.conn.clone();
+        let _: i64 = conn
+            .del(format!("{}{}", k.heartbeat_prefix, self.worker_id))
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Admin for RedisBackend {
     async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {
         let mut conn = self.conn.clone();
         let _: i64 = conn.rpush(&q.jobs, payload).await?;
@@ -267,28 +299,6 @@ impl Backend for RedisBackend {
             .collect())
     }
 
-    async fn heartbeat(&self, q: &QueueNames, ttl: Duration) -> Result<(), QueueError> {
-        let k = keys(q, &self.worker_id);
-        let mut conn = self.conn.clone();
-        let ttl_ms = ttl.as_millis().max(1000) as u64;
-        let _: () = ::redis::pipe()
-            .cmd("SET")
-            .arg(format!("{}{}", k.heartbeat_prefix, self.worker_id))
-            .arg(1)
-            .arg("PX")
-            .arg(ttl_ms)
-            .ignore()
-            .sadd(&k.workers, &self.worker_id)
-            .ignore()
-            .query_async(&mut conn)
-            .await?;
-        Ok(())
-    }
-
-    fn supports_checkpoints(&self) -> bool {
-        true
-    }
-
     async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
         let k = keys(q, &self.worker_id);
         let mut conn = self.conn.clone();
@@ -309,12 +319,11 @@ impl Backend for RedisBackend {
             // run kept for the redrive (`keep_run`) would be run again from its first step.
             // The producer's bytes travel untouched inside the wrapper; bytes that are not
             // UTF-8 cannot be wrapped and go back bare (they are refused again anyway).
-            // The decision goes back only with the run it resumes: a job whose run is gone
-            // starts over, and a decision without a run would only be refused again.
-            let decision = match dead_letter_decision(&entry) {
-                Some(d) if conn.exists::<_, bool>(run_key(q, job_id)).await? => Some(d),
-                _ => None,
-            };
+            // The redrive rule (`finish::redrive_decision`); the run is looked up only when
+            // there is a decision to restore.
+            let kept = dead_letter_decision(&entry);
+            let run_stored = kept.is_some() && conn.exists::<_, bool>(run_key(q, job_id)).await?;
+            let decision = redrive_decision(kept, run_stored);
             let message = match String::from_utf8(payload) {
                 Ok(text) => Wrapped {
                     lar_worker: 1,
@@ -334,7 +343,10 @@ impl Backend for RedisBackend {
         }
         Ok(false)
     }
+}
 
+#[async_trait]
+impl Runs for RedisBackend {
     async fn load_run(
         &self,
         q: &QueueNames,
@@ -351,7 +363,10 @@ impl Backend for RedisBackend {
     ) -> Result<Fenced, QueueError> {
         self.runs.save_step(q, claim, step).await
     }
+}
 
+#[async_trait]
+impl Pauses for RedisBackend {
     async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
         let k = keys(q, &self.worker_id);
         let mut conn = self.conn.clone();
@@ -397,25 +412,14 @@ impl Backend for RedisBackend {
         let done: i64 = inv.invoke_async(&mut conn).await?;
         Ok(done == 1)
     }
+}
 
-    async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
-        // The heartbeat goes; the registration stays for the reapers: they find this worker
-        // dead, hand back whatever its processing list still holds, and only then drop it
-        // from `Q:workers`. A BLMOVE still blocked in Redis could land a message there after
-        // a reaper looked: the heartbeat goes only once none can be.
-        let blocked = self
-            .blocking_of(&q.jobs)
-            .and_then(|b| b.until.lock().ok().and_then(|t| *t));
-        if let Some(left) =
-            blocked.and_then(|t| t.checked_duration_since(std::time::Instant::now()))
-        {
-            tokio::time::sleep(left).await;
-        }
-        let k = keys(q, &self.worker_id);
-        let mut conn = self.conn.clone();
-        let _: i64 = conn
-            .del(format!("{}{}", k.heartbeat_prefix, self.worker_id))
-            .await?;
-        Ok(())
+impl Backend for RedisBackend {
+    fn runs(&self) -> Option<&dyn Runs> {
+        Some(self)
+    }
+
+    fn pauses(&self) -> Option<&dyn Pauses> {
+        Some(self)
     }
 }

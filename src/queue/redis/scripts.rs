@@ -61,7 +61,7 @@ impl Scripts {
                 &format!("{STEP_FNS}{NOW_FN}"),
                 FINISH,
                 12,
-                6,
+                8,
                 conn.clone(),
             ),
             recover: Script::new(&format!("{NOW_FN}{RECOVER}")),

@@ -2,14 +2,15 @@
 -- keys as K and its arguments as A.
 -- KEYS: 1 processing, 2 leases, 3 claims, 4 owners, 5 epochs, 6 results, 7 dead, 8 queue,
 --   9 delayed, 10 run (checkpoint + journal), 11 pending, 12 decided.
--- ARGV: 1 id, 2 epoch, 3 mode, 4 a, 5 b, 6 '1' when the claim carries a decision (else '').
--- Modes: publish (a = result or '', b = dead entry or ''), retry and retry_keep (a = new
--- stored message, b = delay ms; retry_keep keeps the run for the next attempt to resume), dead
--- and dead_keep (a = entry; dead_keep keeps the run for a redrive to resume), release (a =
--- stored message), pause (a = awaiting_decision result, b = pending record). Every mode but
--- release, pause, retry_keep and dead_keep ends the run: its checkpoint and journal go, unless
--- the job waits for a human (a pending record): then this claim was a copy of the paused job
--- (a producer sent its id again), and the paused run is not its to end.
+-- ARGV: 1 id, 2 epoch, 3 mode, 4 a, 5 b, 6 '1' when the claim carries a decision (else ''),
+--   7 '1' when the finish drops a decision on its way, 8 '1' when it forgets the run.
+-- The mode says where the message goes; 7 and 8 say what happens to the decision and the run.
+-- All three come from the finish rules (queue/finish.rs), not from this script.
+-- Modes: publish (a = result or '', b = dead entry or ''), retry (a = new stored message, b =
+-- delay ms), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
+-- result, b = pending record). A run to forget stays, though, while the job waits for a human
+-- (a pending record): then this claim was a copy of the paused job (a producer sent its id
+-- again), and the paused run is not its to end.
 -- A pending record whose halt the journal shows answered is stale (a copy of the job paused
 -- again while the decision was on its way): it goes with the run, or a later decision of it
 -- would resume the ended run and publish a second result. A pause keeps the job's epoch, so
@@ -42,23 +43,20 @@ redis.call('ZREM', K[2], A[1])
 redis.call('HDEL', K[3], A[1])
 redis.call('HDEL', K[4], A[1])
 local mode = A[3]
--- The claim carried the decision on its way (`decided`): ending it any way but a hand-back
--- or a retry that keeps the run means no decision is on its way any more.
-if A[6] == '1' and (mode == 'dead' or mode == 'dead_keep' or mode == 'retry') then
+-- The claim carried the decision on its way (`decided`) and this finish ends it without
+-- carrying it on: no decision is on its way any more.
+if A[6] == '1' and A[7] == '1' then
   redis.call('HDEL', K[12], A[1])
 end
 if mode == 'publish' then
   if A[4] ~= '' then redis.call('RPUSH', K[6], A[4]) end
   if A[5] ~= '' then redis.call('RPUSH', K[7], A[5]) end
   redis.call('HDEL', K[5], A[1])
-  forget_run()
-elseif mode == 'retry' or mode == 'retry_keep' then
+elseif mode == 'retry' then
   redis.call('ZADD', K[9], now_ms() + tonumber(A[5]), A[4])
-  if mode == 'retry' then forget_run() end
-elseif mode == 'dead' or mode == 'dead_keep' then
+elseif mode == 'dead' then
   redis.call('RPUSH', K[7], A[4])
   redis.call('HDEL', K[5], A[1])
-  if mode == 'dead' then forget_run() end
 elseif mode == 'release' then
   redis.call('LPUSH', K[8], A[4])
 elseif mode == 'pause' then
@@ -74,4 +72,5 @@ elseif mode == 'pause' then
   redis.call('RPUSH', K[6], A[4])
   redis.call('HSET', K[11], A[1], A[5])
 end
+if A[8] == '1' then forget_run() end
 return 1
