@@ -16,7 +16,6 @@
 
 pub mod amqp;
 pub mod embedded;
-mod file_watch;
 pub mod redis;
 mod redis_batch;
 mod redis_runs;

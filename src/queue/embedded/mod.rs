@@ -33,6 +33,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+mod doorbell;
+
 /// How long a statement waits for another process's write lock before failing with `BUSY`.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The schema version this code writes (`PRAGMA user_version`).
@@ -42,7 +44,7 @@ const FIRST_POLL: Duration = Duration::from_millis(10);
 /// The longest pause between two polls of an empty queue, where the file is not watched.
 const MAX_POLL: Duration = Duration::from_millis(200);
 /// The pause between two polls of an empty queue while the doorbell is watched
-/// ([`super::file_watch`]): a ring wakes the claim at once, and a delayed retry's due time
+/// ([`doorbell`]): a ring wakes the claim at once, and a delayed retry's due time
 /// ends the pause early, so this only bounds what rings no bell (a writer from before the
 /// doorbell, another host on a network filesystem, a clock jump).
 const WATCHED_POLL: Duration = Duration::from_secs(2);
@@ -111,7 +113,7 @@ const WATCH_RETRY: Duration = Duration::from_secs(10);
 
 /// The doorbell watch of a backend (see `EmbeddedBackend::watching`).
 struct Watching {
-    watch: Option<super::file_watch::FileWatch>,
+    watch: Option<doorbell::FileWatch>,
     /// When a watch that failed or stopped may be tried again.
     retry_at: Option<Instant>,
 }
@@ -124,10 +126,10 @@ pub struct EmbeddedBackend {
     /// Queues whose messages are envelopes: their `id` is the job id.
     envelope_queues: Arc<std::collections::HashSet<String>>,
     /// Woken when a job may have become claimable: by this backend's own writes that ready
-    /// one, and by the doorbell watch for other processes' ([`super::file_watch`]).
+    /// one, and by the doorbell watch for other processes' ([`doorbell`]).
     changed: Arc<Notify>,
     /// Rung after every write that readies a job, for the claims of other processes.
-    doorbell: Option<Arc<super::file_watch::Doorbell>>,
+    doorbell: Option<Arc<doorbell::Doorbell>>,
     bell_path: PathBuf,
     /// Started by the first claim (it needs the runtime), and again after it stopped.
     watch: Mutex<Watching>,
@@ -210,14 +212,14 @@ impl EmbeddedBackend {
         }
         tx.commit()?;
 
-        let bell_path = super::file_watch::doorbell_path(path);
+        let bell_path = doorbell::doorbell_path(path);
         Ok(EmbeddedBackend {
             conn: Arc::new(Mutex::new(conn)),
             worker_id: Arc::from(worker_id),
             path: path.to_path_buf(),
             envelope_queues: Arc::default(),
             changed: Arc::new(Notify::new()),
-            doorbell: super::file_watch::Doorbell::open(&bell_path, path).map(Arc::new),
+            doorbell: doorbell::Doorbell::open(&bell_path, path).map(Arc::new),
             bell_path,
             watch: Mutex::new(Watching {
                 watch: None,
@@ -261,11 +263,8 @@ impl EmbeddedBackend {
         }
         w.retry_at = Some(Instant::now() + self.watch_retry);
         // The doorbell may be gone: make it again before watching it.
-        drop(super::file_watch::Doorbell::open(
-            &self.bell_path,
-            &self.path,
-        ));
-        w.watch = super::file_watch::FileWatch::start(&self.bell_path, Arc::clone(&self.changed));
+        drop(doorbell::Doorbell::open(&self.bell_path, &self.path));
+        w.watch = doorbell::FileWatch::start(&self.bell_path, Arc::clone(&self.changed));
         w.watch.is_some()
     }
 
