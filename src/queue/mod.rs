@@ -18,7 +18,6 @@ pub mod amqp;
 pub mod embedded;
 mod error;
 pub mod finish;
-mod file_watch;
 pub mod redis;
 pub mod roles;
 pub mod run_store;
