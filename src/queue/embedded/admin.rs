@@ -193,17 +193,14 @@ impl EmbeddedBackend {
                 .map_err(|e| QueueError::Other(format!("dead letter {job_id} is unreadable: {e}")))?;
             let payload = crate::queue::dead_letter_payload(&entry)
                 .ok_or_else(|| QueueError::Other(format!("dead letter {job_id} keeps no payload")))?;
-            // The decision goes back only with the run it resumes: a job whose run is gone
-            // starts over, and a decision without a run would only be refused again.
+            // The redrive rule (`finish::redrive_decision`).
             let has_run = tx
                 .prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?
                 .query_row(params![queue, job_id], |_| Ok(()))
                 .optional()?
                 .is_some();
-            let decision = entry
-                .get("decision")
-                .filter(|_| has_run)
-                .map(|d| d.to_string());
+            let decision =
+                crate::queue::redrive_decision(entry.get("decision"), has_run).map(|d| d.to_string());
             tx.prepare_cached("DELETE FROM dead_letters WHERE seq = ?1")?.execute(params![seq])?;
             insert_job(&tx, &queue, &job_id, &payload, decision.as_deref(), (0, now_ms()))?;
             tx.commit()?;

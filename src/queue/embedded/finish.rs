@@ -4,8 +4,8 @@
 
 use super::{millis, parse_history, to_json_text};
 use crate::queue::{
-    dead_letter_entry, now_ms, AttemptRecord, Claim, ClaimHandle, DeadLetter, Fenced, Finish,
-    QueueError, QueueNames,
+    dead_letter_entry, failed_attempt, now_ms, rules, Claim, ClaimHandle, DeadLetter, DecisionFate,
+    Fenced, Finish, QueueError, QueueNames, RunFate,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
@@ -63,11 +63,8 @@ pub(super) fn finish_once(
         return Ok(Fenced::Lost);
     };
     let now = now_ms();
-    let ends_run = !matches!(
-        &how,
-        Finish::Release | Finish::Pause { .. } | Finish::Retry { keep_run: true, .. }
-    ) && !matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
-    if ends_run {
+    let rules = rules(&how);
+    if rules.run == RunFate::Forgotten {
         crate::queue::run_store::sqlite::forget_run(&tx, &q.jobs, job_id)?;
     }
     match how {
@@ -97,21 +94,16 @@ pub(super) fn finish_once(
                 insert_dead_letter(&tx, &q.jobs, dl, (&payload, None), now)?;
             }
         }
-        Finish::Retry {
-            delay,
-            error,
-            keep_run,
-        } => {
+        Finish::Retry { delay, error, .. } => {
             let failed = attempt.saturating_add(1);
-            let mut history = parse_history(job_id, &history);
-            history.push(AttemptRecord {
-                attempt: u32::try_from(failed).unwrap_or(u32::MAX),
-                at: crate::exec::run::now_utc(),
+            let history = failed_attempt(
+                &parse_history(job_id, &history),
+                u32::try_from(failed).unwrap_or(u32::MAX),
                 error,
-            });
+                crate::clock::now_utc(),
+            );
             let history = to_json_text(&history)?;
-            // A retry from the first step asks its human again: a decision kept on the job
-            // would answer a run that is gone.
+            let keeps_decision = rules.decision == DecisionFate::StaysWithJob;
             tx.prepare_cached(
                 "UPDATE jobs SET state = 'ready', available_at = ?2, attempt = ?3, history = ?4,
                  owner = NULL, lease_until = NULL,
@@ -122,7 +114,7 @@ pub(super) fn finish_once(
                 now.saturating_add(millis(delay)),
                 failed,
                 history,
-                keep_run
+                keeps_decision
             ])?;
         }
         Finish::DeadLetter(dl) => {

@@ -1,6 +1,6 @@
 //! Durable runs: a step's journal record and checkpoint saved under the claim's fence
 //! (`save_step`), and the human decision that puts a paused job back in the queue to resume
-//! (`submit_decision`). The run tables themselves belong to `sqlite_runs`, shared with the run
+//! (`submit_decision`). The run tables themselves belong to `run_store::sqlite`, shared with the run
 //! store.
 
 use super::{admin::insert_job, to_json_text, EmbeddedBackend};

@@ -9,11 +9,11 @@ use std::path::Path;
 /// The schema version this code writes (`PRAGMA user_version`).
 pub(super) const SCHEMA_VERSION: i64 = 3;
 
-/// The tables of the queue file (the run tables come from `sqlite_runs::RUN_TABLES`).
+/// The tables of the queue file (the run tables come from `run_store::sqlite::RUN_TABLES`).
 pub(super) const SCHEMA: &str = include_str!("sql/schema.sql");
 
 /// The largest epoch a file from before the epoch sequence holds (the sequence starts above
-/// it). Epochs come from the sequence (`sqlite_runs::next_epoch`): a job's row goes when it
+/// it). Epochs come from the sequence (`run_store::sqlite::next_epoch`): a job's row goes when it
 /// ends, and a redrive or a re-sent id comes back as a new row, so epochs counted per row would
 /// start again where a stalled task of this process may still hold the old one (`save_step`
 /// and `extend` fence on the id and epoch).
