@@ -28,10 +28,7 @@ fn claim(job_id: &str, epoch: u64) -> Claim {
         history: Vec::new(),
         decision: None,
         fresh: false,
-        handle: ClaimHandle::Amqp {
-            delivery_tag: 1,
-            channel: 1,
-        },
+        handle: ClaimHandle::default(),
     }
 }
 

@@ -59,24 +59,15 @@ pub struct Claim {
     /// nothing to resume, and none can appear (only this claim's epoch may write one), so the
     /// worker starts the run without reading the store. False where the backend did not look.
     pub fresh: bool,
-    /// Backend-specific handle (the stored message, a row id, a delivery tag).
+    /// The backend's own reference to this claim; opaque outside `queue`.
     pub handle: ClaimHandle,
 }
 
-#[derive(Debug, Clone)]
-pub enum ClaimHandle {
-    /// The wrapped message as it sits in the worker's processing list.
-    Redis {
-        stored: Vec<u8>,
-    },
-    Sqlite {
-        seq: i64,
-    },
-    Amqp {
-        delivery_tag: u64,
-        channel: u64,
-    },
-}
+/// What a backend keeps on a claim to find it again at its finish: the embedded backend's row
+/// (its `seq`). Redis and AMQP find a claim by its job id and epoch and keep nothing here.
+/// Only the backends can make or read one: to everyone else a claim is its job id and epoch.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClaimHandle(pub(in crate::queue) Option<i64>);
 
 /// Depths for `inspect` and metrics.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -85,7 +85,7 @@ fn claim_once(
                 history,
                 decision,
                 fresh,
-                handle: ClaimHandle::Sqlite { seq },
+                handle: ClaimHandle(Some(seq)),
             });
         }
     }

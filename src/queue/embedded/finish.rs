@@ -11,8 +11,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 pub(super) fn sqlite_seq(claim: &Claim) -> Result<i64, QueueError> {
     match claim.handle {
-        ClaimHandle::Sqlite { seq } => Ok(seq),
-        _ => Err(QueueError::Other(format!(
+        ClaimHandle(Some(seq)) => Ok(seq),
+        ClaimHandle(None) => Err(QueueError::Other(format!(
             "job {}: the claim was not made by the embedded backend",
             claim.job_id
         ))),

@@ -70,7 +70,7 @@ impl RedisBackend {
                 history: w.history,
                 decision: w.decision,
                 fresh: false,
-                handle: ClaimHandle::Redis { stored },
+                handle: ClaimHandle::default(),
             },
             // A producer's message that only looks wrapped (the script checks its prefix and
             // its `id`, not every field), or one cjson reads and serde does not (hex numbers,
@@ -79,13 +79,13 @@ impl RedisBackend {
             // through lease expiry for ever.
             None => Claim {
                 job_id,
-                payload: stored.clone(),
+                payload: stored,
                 attempt: 1,
                 epoch,
                 history: Vec::new(),
                 decision: None,
                 fresh: false,
-                handle: ClaimHandle::Redis { stored },
+                handle: ClaimHandle::default(),
             },
         }
     }
