@@ -55,7 +55,7 @@ impl EmbeddedBackend {
                     .query_row(params![job_id], |r| r.get(0))
                     .optional()?;
                 if let Some(other) = holder.filter(|h| *h != queue) {
-                    return Err(QueueError::Other(format!(
+                    return Err(QueueError::Conflict(format!(
                         "job id '{job_id}' is in use on queue '{other}': ids must be unique across the queues of one file"
                     )));
                 }
@@ -162,7 +162,7 @@ impl EmbeddedBackend {
             for row in rows {
                 let (seq, entry) = row?;
                 let value = serde_json::from_str(&entry).map_err(|e| {
-                    QueueError::Other(format!(
+                    QueueError::Corrupt(format!(
                         "embedded queue: dead letter {seq} is not valid JSON: {e}"
                     ))
                 })?;
@@ -190,9 +190,9 @@ impl EmbeddedBackend {
                 return Ok(false);
             };
             let entry: serde_json::Value = serde_json::from_str(&entry)
-                .map_err(|e| QueueError::Other(format!("dead letter {job_id} is unreadable: {e}")))?;
+                .map_err(|e| QueueError::Corrupt(format!("dead letter {job_id} is unreadable: {e}")))?;
             let payload = crate::queue::dead_letter_payload(&entry)
-                .ok_or_else(|| QueueError::Other(format!("dead letter {job_id} keeps no payload")))?;
+                .ok_or_else(|| QueueError::Corrupt(format!("dead letter {job_id} keeps no payload")))?;
             // The redrive rule (`finish::redrive_decision`).
             let has_run = tx
                 .prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?

@@ -66,12 +66,12 @@ fn claim_once(
             update.execute(params![seq, worker, lease_until, epoch])?;
             let fresh = !has_run.exists(params![queue, job_id])?;
             let attempt = u32::try_from(attempt.saturating_add(1)).map_err(|_| {
-                QueueError::Other(format!(
+                QueueError::Corrupt(format!(
                     "job {job_id}: stored attempt count {attempt} is out of range"
                 ))
             })?;
             let epoch = u64::try_from(epoch).map_err(|_| {
-                QueueError::Other(format!(
+                QueueError::Corrupt(format!(
                     "job {job_id}: stored epoch {epoch} is out of range"
                 ))
             })?;

@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 pub(super) fn sqlite_seq(claim: &Claim) -> Result<i64, QueueError> {
     match claim.handle {
         ClaimHandle(Some(seq)) => Ok(seq),
-        ClaimHandle(None) => Err(QueueError::Other(format!(
+        ClaimHandle(None) => Err(QueueError::Unsupported(format!(
             "job {}: the claim was not made by the embedded backend",
             claim.job_id
         ))),

@@ -109,7 +109,7 @@ impl EmbeddedBackend {
     ) -> Result<Self, QueueError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
-                QueueError::Other(format!(
+                QueueError::Transport(format!(
                     "cannot create the directory {}: {e}",
                     parent.display()
                 ))
@@ -221,7 +221,7 @@ impl EmbeddedBackend {
         let (changed, bell) = (Arc::clone(&self.changed), self.doorbell.clone());
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().map_err(|_| {
-                QueueError::Other(
+                QueueError::Transport(
                     "embedded queue: the connection lock is poisoned (an earlier call panicked)"
                         .into(),
                 )
@@ -237,7 +237,7 @@ impl EmbeddedBackend {
             Ok(out)
         })
         .await
-        .map_err(|e| QueueError::Other(format!("embedded queue: the blocking task failed: {e}")))?
+        .map_err(|e| QueueError::Transport(format!("embedded queue: the blocking task failed: {e}")))?
     }
 }
 
@@ -269,7 +269,7 @@ fn parse_history(job_id: &str, text: &str) -> Vec<AttemptRecord> {
 
 fn to_json_text<T: serde::Serialize>(value: &T) -> Result<String, QueueError> {
     serde_json::to_string(value)
-        .map_err(|e| QueueError::Other(format!("embedded queue: cannot encode JSON: {e}")))
+        .map_err(|e| QueueError::Corrupt(format!("embedded queue: cannot encode JSON: {e}")))
 }
 
 /// Opens the embedded backend as the daemon's `dyn Backend`.

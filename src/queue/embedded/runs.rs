@@ -64,7 +64,7 @@ impl EmbeddedBackend {
                 .query_row(params![job_id], |r| r.get(0))
                 .optional()?;
             if copy.is_some() {
-                return Err(QueueError::Other(format!(
+                return Err(QueueError::Conflict(format!(
                     "job {job_id} has a copy queued or being worked on (its id was sent again): the decision is not recorded; decide again once that copy is done"
                 )));
             }

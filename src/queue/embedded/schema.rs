@@ -34,7 +34,7 @@ pub(super) fn create_or_migrate(conn: &mut Connection, path: &Path) -> Result<()
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let version: i64 = tx.query_row("PRAGMA user_version", [], |row| row.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(QueueError::Other(format!(
+        return Err(QueueError::Conflict(format!(
             "{}: queue schema version {version} is newer than this lar-worker understands ({SCHEMA_VERSION})",
             path.display()
         )));

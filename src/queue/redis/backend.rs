@@ -311,7 +311,7 @@ impl Admin for RedisBackend {
                 continue;
             }
             let Some(payload) = dead_letter_payload(&entry) else {
-                return Err(QueueError::Other(format!(
+                return Err(QueueError::Corrupt(format!(
                     "dead letter {job_id} keeps no payload"
                 )));
             };

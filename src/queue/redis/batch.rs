@@ -55,7 +55,7 @@ impl BatchedScript {
     /// Runs the body for one job; resolves with its return value.
     pub async fn call(&self, keys: Vec<String>, args: Vec<Vec<u8>>) -> Result<i64, QueueError> {
         let (done, wait) = oneshot::channel();
-        let stopped = || QueueError::Other(format!("the Redis {} writer has stopped", self.name));
+        let stopped = || QueueError::Transport(format!("the Redis {} writer has stopped", self.name));
         self.tx
             .send(Call { keys, args, done })
             .map_err(|_| stopped())?;
@@ -102,7 +102,7 @@ async fn run(
             .into_iter()
             .partition(|c| c.keys.len() == nk && c.args.len() == na);
         for c in bad {
-            let _ = c.done.send(Err(QueueError::Other(format!(
+            let _ = c.done.send(Err(QueueError::Unsupported(format!(
                 "script call with {} keys and {} arguments, expected {nk} and {na}",
                 c.keys.len(),
                 c.args.len()
@@ -130,13 +130,13 @@ async fn run(
             Ok(codes) => {
                 let msg = format!("a batch of {} got {} answers", good.len(), codes.len());
                 for c in good {
-                    let _ = c.done.send(Err(QueueError::Other(msg.clone())));
+                    let _ = c.done.send(Err(QueueError::Corrupt(msg.clone())));
                 }
             }
             Err(e) => {
-                let msg = format!("redis: {e}");
+                // Each job gets the error itself, so whether a retry can help stays known.
                 for c in good {
-                    let _ = c.done.send(Err(QueueError::Other(msg.clone())));
+                    let _ = c.done.send(Err(QueueError::Redis(e.clone())));
                 }
             }
         }

@@ -159,7 +159,7 @@ pub async fn open(spec: &str) -> Result<Box<dyn RunStore>, QueueError> {
             std::path::Path::new(path),
         )?));
     }
-    Err(QueueError::Other(format!(
+    Err(QueueError::Unsupported(format!(
         "checkpoint_store must be a redis:// URL or sqlite:<path>, not '{}'",
         super::amqp::redact(spec)
     )))

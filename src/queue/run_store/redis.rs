@@ -152,7 +152,7 @@ impl RunStore for RedisRunStore {
         match self.save_step.call(keys, args).await? {
             1 => Ok(Fenced::Done),
             0 => Ok(Fenced::Lost),
-            _ => Err(QueueError::Other(format!(
+            _ => Err(QueueError::Conflict(format!(
                 "the journal of job {} does not hold the {} steps before this one",
                 claim.job_id, step.index
             ))),
@@ -352,7 +352,7 @@ impl RedisRunStore {
 
 fn parse_deciding(job_id: &str, raw: &[u8]) -> Result<Deciding, QueueError> {
     serde_json::from_slice(raw).map_err(|e| {
-        QueueError::Other(format!(
+        QueueError::Corrupt(format!(
             "the stored decision for job {job_id} is unreadable: {e}"
         ))
     })

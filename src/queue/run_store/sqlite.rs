@@ -107,7 +107,7 @@ pub(in crate::queue) fn open_wal(path: &Path, busy: Duration) -> Result<Connecti
         }
     };
     if !mode.eq_ignore_ascii_case("wal") {
-        return Err(QueueError::Other(format!(
+        return Err(QueueError::Unsupported(format!(
             "{}: SQLite refused WAL mode (journal_mode is '{mode}')",
             path.display()
         )));
@@ -154,7 +154,7 @@ impl SqliteRunStore {
     pub fn open(path: &Path) -> Result<Self, QueueError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| {
-                QueueError::Other(format!(
+                QueueError::Transport(format!(
                     "cannot create the directory {}: {e}",
                     parent.display()
                 ))
@@ -184,13 +184,13 @@ impl SqliteRunStore {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock().map_err(|_| {
-                QueueError::Other("checkpoint store: the connection lock is poisoned".into())
+                QueueError::Transport("checkpoint store: the connection lock is poisoned".into())
             })?;
             f(&mut guard)
         })
         .await
         .map_err(|e| {
-            QueueError::Other(format!("checkpoint store: the blocking task failed: {e}"))
+            QueueError::Transport(format!("checkpoint store: the blocking task failed: {e}"))
         })?
     }
 }
@@ -228,7 +228,7 @@ pub(in crate::queue) fn write_step(
         )?
         .execute(params![queue, job_id, index, step.record])?;
     } else if held != index.saturating_add(1) {
-        return Err(QueueError::Other(format!(
+        return Err(QueueError::Conflict(format!(
             "the journal of job {job_id} holds {held} steps, this step is number {index}"
         )));
     }
