@@ -32,6 +32,11 @@ pub use finish::{
 use serde::Serialize;
 use std::time::Duration;
 
+/// The reserved key of a state-format result that carries the job's metadata (`run_id`,
+/// `status`, `signature`, ...). The result format is the queue's contract with producers: the
+/// worker writes it, and a backend may read it (AMQP copies those fields into headers).
+pub const RESULT_META_KEY: &str = "__lar_worker";
+
 /// One step to make durable: its journal record and the checkpoint after it.
 #[derive(Debug, Clone, Copy)]
 pub struct StepWrite<'a> {

@@ -1,13 +1,14 @@
-//! The `Backend` implementation: what the worker calls, in terms of the pieces in the
-//! sibling modules (consumers, claims, finishes, the run store, operator reads).
+//! The four roles of the AMQP backend (consumer, admin, and, with a `checkpoint_store`, runs
+//! and pauses), in terms of the pieces in the sibling modules (consumers, claims, finishes,
+//! the run store, operator reads).
 
 use super::admin::dead_entry;
 use super::connection::io;
 use super::headers::PERSISTENT;
 use super::{lock, AmqpBackend, Shared, Topology};
 use crate::queue::{
-    envelope_id, Backend, Claim, Fenced, Finish, QueueDepth, QueueError, QueueNames, StepWrite,
-    StoredRun,
+    envelope_id, rules, Admin, Backend, Claim, Consumer, DecisionFate, Fenced, Finish, Message, Pauses,
+    QueueDepth, QueueError, QueueNames, RunFate, Runs, StepWrite, StoredRun,
 };
 use async_trait::async_trait;
 use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
@@ -21,7 +22,7 @@ use tracing::{info, warn};
 const DECISION_REDELIVER_AFTER: Duration = Duration::from_secs(60);
 
 #[async_trait]
-impl Backend for AmqpBackend {
+impl Consumer for AmqpBackend {
     fn kind(&self) -> &'static str {
         "amqp"
     }
@@ -97,40 +98,24 @@ impl Backend for AmqpBackend {
         let Some(h) = lock(&s.held).get(&key).cloned() else {
             return Ok(Fenced::Lost);
         };
+        let rules = rules(&how);
         // A retry of a failed run starts from its first step, so its run is forgotten before
         // the retry is published: a crash in between then only repeats what the retry would
-        // have run. A retry that keeps its run resumes it. Every other final outcome forgets
-        // the run after its ack (below).
-        let forget_first = matches!(
-            how,
-            Finish::Retry {
-                keep_run: false,
-                ..
-            }
-        );
+        // have run. A retry that keeps its run resumes it. Every other outcome that forgets
+        // the run forgets it after its ack (below).
+        let forget_first = rules.message == Message::Delayed && rules.run == RunFate::Forgotten;
         if let (true, Some(runs), true) = (forget_first, &s.runs, s.is_live(&h)) {
             runs.end_run(q, claim).await?;
         }
-        let ends_run = match &how {
-            Finish::Publish { .. } => true,
-            Finish::DeadLetter(dl) => !dl.keep_run,
-            _ => false,
-        };
-        let keeps_run = matches!(&how, Finish::DeadLetter(dl) if dl.keep_run);
+        let ends_run = rules.run == RunFate::Forgotten && rules.message != Message::Delayed;
+        // A dead letter that keeps its run lets go of the job's epoch entry instead.
+        let keeps_run = rules.message == Message::DeadLettered && rules.run == RunFate::Kept;
         // The decision this claim carried is no longer on its way once its message ends
         // without applying it (see `RunStore::drop_decision`). Its entry goes before the ack,
         // and a store that fails fails the finish: an entry left behind would take a later
         // redrive of the job, pausing at that halt, for a copy, and ack it with nothing kept.
         // Dropped too early costs nothing: a redelivered decision applies without its entry.
-        let drops_decision = claim.decision.is_some()
-            && matches!(
-                &how,
-                Finish::DeadLetter(_)
-                    | Finish::Retry {
-                        keep_run: false,
-                        ..
-                    }
-            );
+        let drops_decision = claim.decision.is_some() && rules.drops_decision_on_its_way();
         if let (true, Some(runs), true) = (drops_decision, &s.runs, s.is_live(&h)) {
             let step = claim.decision.as_ref().and_then(|d| d.step);
             runs.drop_decision(q, &claim.job_id, step).await?;
@@ -144,11 +129,11 @@ impl Backend for AmqpBackend {
                     result,
                     dead_letter,
                 } => s.finish_publish(q, claim, &h, result, dead_letter).await,
-                Finish::Retry {
-                    delay,
-                    error,
-                    keep_run,
-                } => s.finish_retry(q, claim, &h, delay, error, keep_run).await,
+                Finish::Retry { delay, error, .. } => {
+                    let keeps_decision = rules.decision == DecisionFate::StaysWithJob;
+                    s.finish_retry(q, claim, &h, delay, error, keeps_decision)
+                        .await
+                }
                 Finish::DeadLetter(dl) => s.finish_dead(q, claim, &h, dl).await,
                 Finish::Release => Ok(s.requeue(&h).await),
                 Finish::Pause { result, pending } => {
@@ -172,43 +157,6 @@ impl Backend for AmqpBackend {
             }
         }
         out
-    }
-
-    fn supports_checkpoints(&self) -> bool {
-        self.shared.runs.is_some()
-    }
-
-    fn supports_pause(&self) -> bool {
-        self.shared.runs.is_some()
-    }
-
-    async fn load_run(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-    ) -> Result<Option<StoredRun>, QueueError> {
-        match &self.shared.runs {
-            Some(runs) => runs.load_run(q, job_id).await,
-            None => Ok(None),
-        }
-    }
-
-    async fn save_step(
-        &self,
-        q: &QueueNames,
-        claim: &Claim,
-        step: StepWrite<'_>,
-    ) -> Result<Fenced, QueueError> {
-        // The delivery's channel is the broker's fence; the store's epoch is the run's.
-        if !self.shared.holds(claim) {
-            return Ok(Fenced::Lost);
-        }
-        match &self.shared.runs {
-            Some(runs) => runs.save_step(q, claim, step).await,
-            None => Err(QueueError::Other(
-                "the amqp backend stores checkpoints only with `checkpoint_store` set".into(),
-            )),
-        }
     }
 
     /// The broker redelivers the deliveries of dead channels and expires the delay queue;
@@ -242,51 +190,64 @@ impl Backend for AmqpBackend {
         Ok(moved)
     }
 
-    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
-        match &self.shared.runs {
-            Some(runs) => runs.list_pending(q).await,
-            None => Ok(Vec::new()),
-        }
-    }
-
-    async fn get_pending(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-    ) -> Result<Option<Vec<u8>>, QueueError> {
-        match &self.shared.runs {
-            Some(runs) => runs.get_pending(q, job_id).await,
-            None => Ok(None),
-        }
-    }
-
-    async fn submit_decision(
-        &self,
-        q: &QueueNames,
-        pending: &crate::durable::Pending,
-        decision: &crate::exec::Decision,
-    ) -> Result<bool, QueueError> {
-        let job_id = pending.job_id.as_str();
+    async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
         let s = &self.shared;
-        let Some(runs) = &s.runs else {
-            return Err(QueueError::Other(
-                "the amqp backend pauses jobs only with `checkpoint_store` set".into(),
-            ));
+        let last = {
+            let mut wanted = lock(&s.wanted);
+            wanted.remove(&q.jobs);
+            wanted.is_empty()
         };
-        let step = decision.step;
-        let decision = serde_json::to_string(decision)
-            .map_err(|e| QueueError::Other(format!("cannot encode the decision: {e}")))?;
-        let Some(entry) = runs.decide(q, job_id, step, &decision).await? else {
-            return Ok(false);
-        };
-        // The decision is taken and kept in the store; if the broker does not confirm the
-        // resume message now, `recover` publishes it again.
-        if let Err(e) = s.publish_decision(q, runs.as_ref(), job_id, &entry).await {
-            warn!(%job_id, error = %e, "decision recorded; its resume message will be published again by a worker");
+        if last {
+            s.closing.store(true, Ordering::SeqCst);
         }
-        Ok(true)
+        let Some(live) = lock(&s.live).clone() else {
+            return Ok(());
+        };
+        let consuming = lock(&live.consumers).remove(&q.jobs);
+        if let Some(c) = consuming {
+            c.stopping.store(true, Ordering::SeqCst);
+            if c.channel.status().connected() {
+                let _ = io(
+                    "basic.cancel",
+                    c.channel
+                        .basic_cancel(&c.tag, BasicCancelOptions::default()),
+                )
+                .await;
+                // Deliveries still buffered are unacked: closing the channel hands them back.
+                let _ = io(
+                    "close the consumer channel",
+                    c.channel.close(200, "stopping"),
+                )
+                .await;
+            }
+        }
+        let buffer = s.buffer(&q.jobs);
+        let mut rx = buffer.rx.lock().await;
+        while rx.try_recv().is_ok() {
+            buffer.len.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(rx);
+        if last {
+            if let Some(ch) = live.publish.lock().await.take() {
+                if ch.status().connected() {
+                    let _ = io("close the publish channel", ch.close(200, "stopping")).await;
+                }
+            }
+            live.stop.cancel();
+            *lock(&s.live) = None;
+            io(
+                "close the connection",
+                live.conn.close(200, "lar-worker stopped"),
+            )
+            .await?;
+            info!("amqp connection closed");
+        }
+        Ok(())
     }
+}
 
+#[async_trait]
+impl Admin for AmqpBackend {
     async fn enqueue(&self, q: &QueueNames, payload: &[u8]) -> Result<Option<String>, QueueError> {
         let s = &self.shared;
         let live = s.current()?;
@@ -396,59 +357,96 @@ impl Backend for AmqpBackend {
         Shared::settle_browsed(ch, last, false).await?;
         Ok(got.iter().map(|d| dead_entry(q, d)).collect())
     }
+}
 
-    async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
+#[async_trait]
+impl Runs for AmqpBackend {
+    async fn load_run(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<StoredRun>, QueueError> {
+        match &self.shared.runs {
+            Some(runs) => runs.load_run(q, job_id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn save_step(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        step: StepWrite<'_>,
+    ) -> Result<Fenced, QueueError> {
+        // The delivery's channel is the broker's fence; the store's epoch is the run's.
+        if !self.shared.holds(claim) {
+            return Ok(Fenced::Lost);
+        }
+        match &self.shared.runs {
+            Some(runs) => runs.save_step(q, claim, step).await,
+            None => Err(QueueError::Unsupported(
+                "the amqp backend stores checkpoints only with `checkpoint_store` set".into(),
+            )),
+        }
+    }
+}
+
+#[async_trait]
+impl Pauses for AmqpBackend {
+    async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError> {
+        match &self.shared.runs {
+            Some(runs) => runs.list_pending(q).await,
+            None => Ok(Vec::new()),
+        }
+    }
+
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError> {
+        match &self.shared.runs {
+            Some(runs) => runs.get_pending(q, job_id).await,
+            None => Ok(None),
+        }
+    }
+
+    async fn submit_decision(
+        &self,
+        q: &QueueNames,
+        pending: &crate::durable::Pending,
+        decision: &crate::exec::Decision,
+    ) -> Result<bool, QueueError> {
+        let job_id = pending.job_id.as_str();
         let s = &self.shared;
-        let last = {
-            let mut wanted = lock(&s.wanted);
-            wanted.remove(&q.jobs);
-            wanted.is_empty()
+        let Some(runs) = &s.runs else {
+            return Err(QueueError::Unsupported(
+                "the amqp backend pauses jobs only with `checkpoint_store` set".into(),
+            ));
         };
-        if last {
-            s.closing.store(true, Ordering::SeqCst);
-        }
-        let Some(live) = lock(&s.live).clone() else {
-            return Ok(());
+        let step = decision.step;
+        let decision = serde_json::to_string(decision)
+            .map_err(|e| QueueError::Corrupt(format!("cannot encode the decision: {e}")))?;
+        let Some(entry) = runs.decide(q, job_id, step, &decision).await? else {
+            return Ok(false);
         };
-        let consuming = lock(&live.consumers).remove(&q.jobs);
-        if let Some(c) = consuming {
-            c.stopping.store(true, Ordering::SeqCst);
-            if c.channel.status().connected() {
-                let _ = io(
-                    "basic.cancel",
-                    c.channel
-                        .basic_cancel(&c.tag, BasicCancelOptions::default()),
-                )
-                .await;
-                // Deliveries still buffered are unacked: closing the channel hands them back.
-                let _ = io(
-                    "close the consumer channel",
-                    c.channel.close(200, "stopping"),
-                )
-                .await;
-            }
+        // The decision is taken and kept in the store; if the broker does not confirm the
+        // resume message now, `recover` publishes it again.
+        if let Err(e) = s.publish_decision(q, runs.as_ref(), job_id, &entry).await {
+            warn!(%job_id, error = %e, "decision recorded; its resume message will be published again by a worker");
         }
-        let buffer = s.buffer(&q.jobs);
-        let mut rx = buffer.rx.lock().await;
-        while rx.try_recv().is_ok() {
-            buffer.len.fetch_sub(1, Ordering::SeqCst);
-        }
-        drop(rx);
-        if last {
-            if let Some(ch) = live.publish.lock().await.take() {
-                if ch.status().connected() {
-                    let _ = io("close the publish channel", ch.close(200, "stopping")).await;
-                }
-            }
-            live.stop.cancel();
-            *lock(&s.live) = None;
-            io(
-                "close the connection",
-                live.conn.close(200, "lar-worker stopped"),
-            )
-            .await?;
-            info!("amqp connection closed");
-        }
-        Ok(())
+        Ok(true)
+    }
+}
+
+impl Backend for AmqpBackend {
+    /// Runs and pauses live in the `checkpoint_store`: without one, a redelivered job runs
+    /// from its first step and a halt is the job's final result.
+    fn runs(&self) -> Option<&dyn Runs> {
+        self.shared.runs.as_ref().map(|_| self as &dyn Runs)
+    }
+
+    fn pauses(&self) -> Option<&dyn Pauses> {
+        self.shared.runs.as_ref().map(|_| self as &dyn Pauses)
     }
 }

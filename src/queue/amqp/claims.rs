@@ -100,10 +100,7 @@ impl Shared {
                 decision,
                 // The run store is elsewhere; the worker reads it.
                 fresh: false,
-                handle: ClaimHandle::Amqp {
-                    delivery_tag: d.delivery_tag,
-                    channel: p.generation,
-                },
+                handle: ClaimHandle::default(),
             },
             unnamed,
         ))

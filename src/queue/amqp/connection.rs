@@ -22,24 +22,7 @@ use tracing::{debug, info, warn};
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
 pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The url with its password masked, for logs and errors.
-pub fn redact(url: &str) -> String {
-    match url.split_once("://") {
-        Some((scheme, rest)) => format!("{scheme}://{}", mask_credentials(rest)),
-        None => url.to_string(),
-    }
-}
-
-/// The part of a url after `scheme://`, with the password of `user:password@host` masked.
-pub fn mask_credentials(rest: &str) -> String {
-    match rest.rsplit_once('@') {
-        Some((cred, host)) => {
-            let user = cred.split(':').next().unwrap_or("");
-            format!("{user}:***@{host}")
-        }
-        None => rest.to_string(),
-    }
-}
+pub use crate::net::mask::{mask_credentials, redact};
 
 pub(super) fn amqp_err(what: &str, e: impl std::fmt::Display) -> QueueError {
     QueueError::Amqp(format!("{what}: {e}"))

@@ -11,7 +11,7 @@ use super::headers::{
 use super::publish::Confirms;
 use super::{lock, Shared, Topology};
 use crate::queue::run_store::{Deciding, Paused, RunStore};
-use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, QueueError, QueueNames};
+use crate::queue::{failed_attempt, Claim, DeadLetter, Fenced, QueueError, QueueNames};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{BasicProperties, Channel};
 use std::time::Duration;
@@ -45,7 +45,7 @@ impl Shared {
         );
         headers.insert("x-lar-job-id".into(), text(&dl.job_id));
         headers.insert("x-lar-queue".into(), text(&q.jobs));
-        headers.insert(FAILED_AT_HEADER.into(), text(&crate::exec::run::now_utc()));
+        headers.insert(FAILED_AT_HEADER.into(), text(&crate::clock::now_utc()));
         headers.insert(
             "x-attempt".into(),
             AMQPValue::LongLongInt(i64::from(claim.attempt)),
@@ -280,7 +280,7 @@ impl Shared {
     ) -> Result<(), QueueError> {
         let pending: crate::durable::Pending =
             serde_json::from_str(&entry.pending).map_err(|e| {
-                QueueError::Other(format!(
+                QueueError::Corrupt(format!(
                     "the pending record of job {job_id} is unreadable: {e}"
                 ))
             })?;
@@ -335,18 +335,11 @@ impl Shared {
         h: &Held,
         delay: Duration,
         error: String,
-        keep_run: bool,
+        keeps_decision: bool,
     ) -> Result<Fenced, QueueError> {
-        let mut history = claim.history.clone();
-        history.push(AttemptRecord {
-            attempt: claim.attempt,
-            at: crate::exec::run::now_utc(),
-            error,
-        });
+        let history = failed_attempt(&claim.history, claim.attempt, error, crate::clock::now_utc());
         let mut headers = carried_headers(&h.props);
-        if !keep_run {
-            // A retry from the first step asks its human again: a decision kept on the job
-            // would answer a run that is gone.
+        if !keeps_decision {
             let mut without = FieldTable::default();
             for (k, v) in headers.inner() {
                 if k.as_str() != DECISION_HEADER {

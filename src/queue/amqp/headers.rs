@@ -108,7 +108,7 @@ pub(super) fn result_meta(result: &[u8]) -> (Option<String>, Option<String>, Opt
     let Ok(v) = serde_json::from_slice::<serde_json::Value>(result) else {
         return (None, None, None);
     };
-    let m = match v.get(crate::worker::payload::META_KEY) {
+    let m = match v.get(crate::queue::RESULT_META_KEY) {
         Some(m) if m.is_object() => m,
         _ => &v,
     };

@@ -105,11 +105,10 @@ mod tests;
 mod topology;
 
 pub use connection::{mask_credentials, redact};
-pub use topology::{delete_topology, Topology};
+pub use topology::{delete_topology, AmqpQueueType, Topology};
 
 use super::run_store::RunStore;
 use super::{QueueError, QueueNames};
-use crate::config::AmqpQueueType;
 use claims::Held;
 use connection::{supervise, Live};
 use consumer::Buffer;

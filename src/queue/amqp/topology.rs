@@ -5,13 +5,21 @@
 use super::connection::{amqp_err, io, redact, Live, CONNECT_TIMEOUT};
 use super::headers::text;
 use super::{lock, Shared};
-use crate::config::AmqpQueueType;
 use crate::queue::{QueueError, QueueNames};
 use lapin::options::{
     ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+
+/// The kind of the queues the AMQP backend declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AmqpQueueType {
+    #[default]
+    Classic,
+    Quorum,
+}
 
 /// The names of one work queue's topology.
 #[derive(Debug, Clone)]
