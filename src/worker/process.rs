@@ -619,12 +619,50 @@ mod tests {
         let step = halt.as_object().cloned();
         // 2026-01-01T00:00:00Z is 1767225600000 ms since the epoch.
         assert_eq!(request_expiry(&step), Some(1_767_225_600_000 + 60_000));
+        // A later pause at the same halt reads the same deadline: it does not move with the clock.
+        std::thread::sleep(std::time::Duration::from_millis(5));
         assert_eq!(
             request_expiry(&step),
-            request_expiry(&step),
+            Some(1_767_225_600_000 + 60_000),
             "the same at every pause"
         );
         let no_expiry = json!({"started_at": "2026-01-01T00:00:00Z", "halt": {}});
         assert_eq!(request_expiry(&no_expiry.as_object().cloned()), None);
+    }
+
+    /// The expiry of `step` must fall `after_ms` from the clock read around the call.
+    fn expires_from_now(step: serde_json::Value, after_ms: i64) {
+        let step = step.as_object().cloned();
+        let before = crate::queue::now_ms();
+        let expiry = request_expiry(&step).expect("an expiry");
+        let after = crate::queue::now_ms();
+        assert!(
+            (before + after_ms..=after + after_ms).contains(&expiry),
+            "{expiry} counts from now ({before}..={after}) plus {after_ms} ms"
+        );
+    }
+
+    #[test]
+    fn without_a_started_at_the_expiry_counts_from_now() {
+        expires_from_now(json!({"halt": {"expires_after_ms": 60000}}), 60_000);
+    }
+
+    #[test]
+    fn a_garbled_started_at_counts_from_now() {
+        expires_from_now(
+            json!({"started_at": "yesterday-ish", "halt": {"expires_after_ms": 60000}}),
+            60_000,
+        );
+        expires_from_now(
+            json!({"started_at": 1767225600, "halt": {"expires_after_ms": 60000}}),
+            60_000,
+        );
+    }
+
+    #[test]
+    fn an_expiry_too_large_saturates() {
+        let step = json!({"started_at": "2026-01-01T00:00:00Z",
+                          "halt": {"expires_after_ms": u64::MAX}});
+        assert_eq!(request_expiry(&step.as_object().cloned()), Some(i64::MAX));
     }
 }
