@@ -10,6 +10,7 @@ pub mod stats;
 use crate::backoff::Backoff;
 use crate::config::{LoadedQueue, WorkerSection};
 use crate::job::AuditSettings;
+use crate::ops::admin::WorkerProbe;
 use crate::ops::health::Readiness;
 use crate::ops::metrics::{QueueSample, StepMetrics};
 use crate::ops::notify::Notifier;
@@ -744,5 +745,21 @@ impl Drop for Holding {
             self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
             self.worker.touch();
         }
+    }
+}
+
+/// The admin port's view of the worker (`/live`, `/ready`, `/metrics`).
+#[async_trait::async_trait]
+impl WorkerProbe for Worker {
+    fn alive(&self) -> bool {
+        Worker::alive(self)
+    }
+
+    async fn readiness(&self) -> Readiness {
+        Worker::readiness(self).await
+    }
+
+    async fn metrics_text(&self) -> String {
+        Worker::metrics_text(self).await
     }
 }
