@@ -1,7 +1,7 @@
 //! The admin HTTP port (off by default; bind it to 127.0.0.1): `/live`, `/ready`, `/metrics`.
 //! A deliberately small HTTP/1.1 responder: GET only, one request per connection.
 
-use crate::worker::Worker;
+use crate::ops::health::Readiness;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,7 +13,23 @@ use tracing::warn;
 /// to send: a store that hangs, or a client that never reads, holds a task for no longer.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, worker: Arc<Worker>, shutdown: CancellationToken) {
+/// What the admin endpoints ask the worker, one method per endpoint. The worker implements it;
+/// this module knows nothing else of it, so `ops` does not depend on `worker`.
+#[async_trait::async_trait]
+pub trait WorkerProbe: Send + Sync {
+    /// `/live`: whether the consumer made progress within the watchdog window.
+    fn alive(&self) -> bool;
+    /// `/ready`: the READY checks.
+    async fn readiness(&self) -> Readiness;
+    /// `/metrics`: the Prometheus page.
+    async fn metrics_text(&self) -> String;
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    worker: Arc<dyn WorkerProbe>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (mut stream, _) = tokio::select! {
             _ = shutdown.cancelled() => return,

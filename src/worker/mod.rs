@@ -3,6 +3,9 @@
 //! expired claims, and drains on shutdown within a deadline.
 
 mod decisions;
+mod lease;
+mod liveness;
+mod outcome;
 pub mod payload;
 mod process;
 pub mod stats;
@@ -15,7 +18,8 @@ use crate::ops::metrics::{QueueSample, StepMetrics};
 use crate::ops::notify::Notifier;
 use crate::queue::{Backend, Claim, Fenced, Finish};
 use crate::tools::Registry;
-use process::Verdict;
+use lease::{Held, Holding, Lane};
+use liveness::wedge_for_tests;
 use stats::Stats;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -112,31 +116,6 @@ impl Worker {
         })
     }
 
-    /// Marks consumer progress (see `progress_ms`).
-    pub(crate) fn touch(&self) {
-        let now = self.started.elapsed().as_millis() as u64;
-        self.progress_ms.store(now, Ordering::Relaxed);
-    }
-
-    fn since_progress(&self) -> Duration {
-        let now = self.started.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.progress_ms.load(Ordering::Relaxed)))
-    }
-
-    /// Alive = the consumer made progress within the watchdog window (or 60 s without one).
-    pub fn alive(&self) -> bool {
-        self.since_progress() < Self::progress_window()
-    }
-
-    /// How long without progress still counts as alive: half the watchdog interval, but never
-    /// less than two empty claim waits (an idle consumer reports progress once per wait).
-    fn progress_window() -> Duration {
-        let half = Notifier::watchdog_interval()
-            .map(|w| w / 2)
-            .unwrap_or(Duration::from_secs(60));
-        half.max(CLAIM_WAIT * 2)
-    }
-
     pub fn in_flight(&self) -> u64 {
         self.in_flight_count.load(Ordering::Relaxed)
     }
@@ -177,60 +156,6 @@ impl Worker {
             });
         }
         crate::ops::metrics::render(&samples, self.in_flight(), &self.steps)
-    }
-
-    fn status_line(&self) -> String {
-        let total =
-            |f: fn(&Stats) -> &AtomicU64| self.stats.iter().map(|s| Stats::get(f(s))).sum::<u64>();
-        format!(
-            "STATUS=in flight {}, completed {}, failed {}, halted (pending decisions) {}, dead-lettered {}",
-            self.in_flight(),
-            total(|s| &s.completed),
-            total(|s| &s.failed),
-            total(|s| &s.halted),
-            total(|s| &s.dead_lettered),
-        )
-    }
-
-    /// The claims of one lane, every one (`finishing` too) or only those not finishing.
-    fn in_flight_of(&self, qi: usize, lane: Lane, finishing: bool) -> Vec<(String, u64)> {
-        let held = match self.in_flight.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        held.iter()
-            .filter(|(h, f)| h.qi == qi && h.lane == lane && (finishing || !**f))
-            .map(|(h, _)| (h.job_id.clone(), h.epoch))
-            .collect()
-    }
-
-    fn track(&self, claim: Held, held: bool) {
-        let mut m = match self.in_flight.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        if held {
-            m.insert(claim, false);
-        } else {
-            m.remove(&claim);
-        }
-    }
-
-    /// Marks a held claim as finishing (its finish is about to be sent).
-    fn finishing(&self, qi: usize, lane: Lane, claim: &Claim) {
-        let mut m = match self.in_flight.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        let key = Held {
-            qi,
-            lane,
-            job_id: claim.job_id.clone(),
-            epoch: claim.epoch,
-        };
-        if let Some(f) = m.get_mut(&key) {
-            *f = true;
-        }
     }
 
     /// Runs until `shutdown` fires (or the queues are idle with `exit_when_idle`), then drains.
@@ -518,28 +443,7 @@ impl Worker {
             }
         };
         match outcome {
-            Some(Fenced::Done) => {
-                let s = &self.stats[qi];
-                match verdict {
-                    Verdict::Completed => Stats::add(&s.completed, 1),
-                    Verdict::Failed => {
-                        Stats::add(&s.failed, 1);
-                        if matches!(
-                            &finish,
-                            Finish::Publish {
-                                dead_letter: Some(_),
-                                ..
-                            }
-                        ) {
-                            Stats::add(&s.dead_lettered, 1);
-                        }
-                    }
-                    Verdict::Halted => Stats::add(&s.halted, 1),
-                    Verdict::Retry => Stats::add(&s.retried, 1),
-                    Verdict::DeadLetter => Stats::add(&s.dead_lettered, 1),
-                    Verdict::Release => Stats::add(&s.released, 1),
-                }
-            }
+            Some(Fenced::Done) => outcome::count(&self.stats[qi], verdict, &finish),
             Some(Fenced::Lost) if tries > 0 => {
                 // An earlier try may have been applied with its answer lost (a reply timeout):
                 // the job may be finished by this very worker. Say so rather than "nothing".
@@ -552,40 +456,6 @@ impl Worker {
                 warn!(job_id = %claim.job_id, epoch = claim.epoch, "claim lost to another worker: nothing published");
             }
             None => {}
-        }
-    }
-
-    /// Pings systemd's watchdog while the consumer makes progress; STATUS= along the way.
-    async fn watchdog(self: Arc<Self>) {
-        let interval = Notifier::watchdog_interval();
-        let tick = interval.map(|w| w / 3).unwrap_or(Duration::from_secs(5));
-        loop {
-            tokio::time::sleep(tick).await;
-            let status = self.status_line();
-            match interval {
-                Some(_) if self.alive() => self.notifier.notify(&format!("WATCHDOG=1\n{status}")),
-                Some(_) => {
-                    warn!(
-                        since_progress_ms = self.since_progress().as_millis() as u64,
-                        "consumer made no progress: withholding the watchdog ping"
-                    );
-                    self.notifier.notify(&status);
-                }
-                None => self.notifier.notify(&status),
-            }
-        }
-    }
-
-    /// Lease renewal and heartbeats, in a task of their own: a slow reaper or a long list of
-    /// pending jobs to expire never delays a renewal past a lease. Keeps renewing while the
-    /// worker drains (in-flight jobs still hold their claims) until it is aborted.
-    async fn renew(self: Arc<Self>) {
-        let renew_every = (self.cfg.lease() / 3).max(Duration::from_millis(300));
-        let mut renew = tokio::time::interval(renew_every);
-        renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            renew.tick().await;
-            self.renew_all().await;
         }
     }
 
@@ -612,46 +482,6 @@ impl Worker {
         }
     }
 
-    async fn renew_all(&self) {
-        for (qi, lane, names) in self.lanes() {
-            if let Err(e) = self.backend.heartbeat(names, self.cfg.lease()).await {
-                warn!(queue = %names.jobs, error = %e, "heartbeat failed");
-            }
-            self.extend_lane(qi, lane, names).await;
-        }
-    }
-
-    /// Every queue this worker claims from: each job queue, and its decisions queue where a
-    /// decision loop runs. Each gets the same care: heartbeats, lease renewal, the reaper
-    /// (a crashed replica's decision messages come back like its jobs) and deregistration.
-    fn lanes(&self) -> impl Iterator<Item = (usize, Lane, &crate::queue::QueueNames)> {
-        let pauses = self.pauses();
-        self.queues.iter().enumerate().flat_map(move |(qi, q)| {
-            let decisions = q.decisions.as_ref().filter(|_| pauses);
-            std::iter::once((qi, Lane::Jobs, &q.names))
-                .chain(decisions.map(|dq| (qi, Lane::Decisions, dq)))
-        })
-    }
-
-    async fn extend_lane(&self, qi: usize, lane: Lane, names: &crate::queue::QueueNames) {
-        let held = self.in_flight_of(qi, lane, true);
-        if held.is_empty() {
-            return;
-        }
-        match self.backend.extend(names, &held, self.cfg.lease()).await {
-            Ok(flags) => {
-                let still = self.in_flight_of(qi, lane, false);
-                for ((id, epoch), ok) in held.iter().zip(flags) {
-                    // A claim that ended (or is ending) since the snapshot is not a lost lease.
-                    if !ok && still.iter().any(|(i, e)| i == id && e == epoch) {
-                        warn!(queue = %names.jobs, job_id = %id, epoch, "lease lost: another worker may take this message over");
-                    }
-                }
-            }
-            Err(e) => warn!(queue = %names.jobs, error = %e, "lease renewal failed"),
-        }
-    }
-
     /// Cancels `shutdown` once every queue is empty and nothing is in flight, twice in a row.
     async fn watch_idle(self: Arc<Self>, shutdown: CancellationToken) {
         let mut idle_rounds = 0;
@@ -674,75 +504,6 @@ impl Worker {
                 shutdown.cancel();
                 return;
             }
-        }
-    }
-}
-
-/// `LAR_WORKER_TEST_WEDGE=1` makes each claim loop hang after its first claim: a test hook for
-/// the watchdog. Never set it in production.
-fn wedge_for_tests() -> bool {
-    std::env::var("LAR_WORKER_TEST_WEDGE").is_ok_and(|v| v == "1")
-}
-
-/// Which of a queue's two inputs a held claim came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Lane {
-    Jobs,
-    /// The queue's decisions queue: a batch of decisions that outlives a lease (a slow store)
-    /// would be delivered again, and the second try would reply "already decided".
-    Decisions,
-}
-
-/// A claim whose lease the worker renews.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct Held {
-    qi: usize,
-    lane: Lane,
-    job_id: String,
-    epoch: u64,
-}
-
-/// A claim this worker holds: its lease is renewed while the guard lives. Dropped when the
-/// claim's work ends by any path, a panic included, so a message is never held forever.
-struct Holding {
-    worker: Arc<Worker>,
-    claim: Held,
-}
-
-impl Holding {
-    /// A job: also counted in flight (drain, idle, metrics).
-    fn start(worker: &Arc<Worker>, qi: usize, claim: &Claim) -> Self {
-        let h = Self::hold(worker, qi, Lane::Jobs, claim);
-        worker.in_flight_count.fetch_add(1, Ordering::Relaxed);
-        h
-    }
-
-    /// A decision message, renewed until its finish.
-    fn decision(worker: &Arc<Worker>, qi: usize, claim: &Claim) -> Self {
-        Self::hold(worker, qi, Lane::Decisions, claim)
-    }
-
-    fn hold(worker: &Arc<Worker>, qi: usize, lane: Lane, claim: &Claim) -> Self {
-        let claim = Held {
-            qi,
-            lane,
-            job_id: claim.job_id.clone(),
-            epoch: claim.epoch,
-        };
-        worker.track(claim.clone(), true);
-        Holding {
-            worker: Arc::clone(worker),
-            claim,
-        }
-    }
-}
-
-impl Drop for Holding {
-    fn drop(&mut self) {
-        self.worker.track(self.claim.clone(), false);
-        if self.claim.lane == Lane::Jobs {
-            self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
-            self.worker.touch();
         }
     }
 }

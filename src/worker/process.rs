@@ -1,28 +1,18 @@
 //! One claim from message to finish: parse, resume or start the run (applying a human decision
 //! when the delivery carries one), checkpoint every step, and decide how the claim ends.
 
-use super::payload::{awaiting_message, parse, result_message, without_state, ParsedJob};
+use super::outcome::{self, Rules, Verdict};
+use super::payload::{parse, ParsedJob};
 use super::Worker;
 use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
 use crate::audit::RunLog;
-use crate::durable::{Checkpoint, CheckpointRef, DecisionRequest, Pending};
+use crate::durable::{Checkpoint, CheckpointRef, DecisionRequest};
 use crate::exec::{Decision, Run, RunStatus};
-use crate::job::{drive, log_header, Driven, JobReport, PersistError, StepSink, Stops};
-use crate::queue::{AttemptRecord, Claim, DeadLetter, Fenced, Finish, StepWrite};
+use crate::job::{drive, log_header, Driven, PersistError, StepSink, Stops};
+use crate::queue::{Claim, Fenced, Finish, StepWrite};
 use serde_json::{Map, Value};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// What became of the job, for the counters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    Completed,
-    Failed,
-    Halted,
-    Retry,
-    DeadLetter,
-    Release,
-}
 
 /// Saves each step's record and checkpoint through the backend, fenced on the claim.
 struct CheckpointSink<'a> {
@@ -98,6 +88,19 @@ impl Worker {
         self.durable() && self.backend.supports_pause()
     }
 
+    /// What the outcome decisions read for a job of queue `qi`.
+    fn rules(&self, qi: usize) -> Rules<'_> {
+        Rules {
+            retry: &self.cfg.retry,
+            backoff: &self.backoff,
+            durable: self.durable(),
+            pauses: self.pauses(),
+            format: self.queues[qi].payload,
+            queue: &self.queues[qi].names.jobs,
+            max_result_bytes: self.cfg.max_result_bytes,
+        }
+    }
+
     /// Decides how `claim` ends. Never fails: every problem becomes a retry or a dead letter.
     pub(super) async fn process(
         &self,
@@ -111,16 +114,18 @@ impl Worker {
             Ok(j) => j,
             Err(reason) => {
                 warn!(job_id = %claim.job_id, %reason, "bad message: dead-lettered");
-                return self.refused(claim, &reason);
+                return outcome::refused(&self.rules(qi), claim, &reason);
             }
         };
         let (mut run, mut log) = match self.start_or_resume(qi, claim, &job).await {
             Ok(pair) => pair,
             Err(Start::Dead(reason)) => {
                 warn!(job_id = %claim.job_id, %reason, "cannot resume: dead-lettered");
-                return self.refused(claim, &reason);
+                return outcome::refused(&self.rules(qi), claim, &reason);
             }
-            Err(Start::Store(error)) => return self.retry_or_dead(claim, error, true),
+            Err(Start::Store(error)) => {
+                return outcome::retry_or_dead(&self.rules(qi), claim, error, true)
+            }
         };
         let sink = CheckpointSink {
             worker: self,
@@ -144,7 +149,7 @@ impl Worker {
                     // ledger file; a failed write never leaves an applied, unrecorded decision.
                     if let Err(error) = self.record_authority(&run, &log, decision).await {
                         warn!(job_id = %claim.job_id, %error, "decision not applied");
-                        return self.retry_or_dead(claim, error, true);
+                        return outcome::retry_or_dead(&self.rules(qi), claim, error, true);
                     }
                     if let Some(s) = sink_ref {
                         match s.persist(&run, &log).await {
@@ -153,7 +158,7 @@ impl Worker {
                                 return (Finish::Release, Verdict::Release)
                             }
                             Err(PersistError::Failed(e)) => {
-                                return self.retry_or_dead(claim, e, true)
+                                return outcome::retry_or_dead(&self.rules(qi), claim, e, true)
                             }
                         }
                     }
@@ -191,7 +196,7 @@ impl Worker {
                 // The evidence could not be written: never publish without it.
                 let error = format!("cannot write the audit log: {e}");
                 warn!(job_id = %claim.job_id, %error, "infrastructure failure");
-                return self.retry_or_dead(claim, error, true);
+                return outcome::retry_or_dead(&self.rules(qi), claim, error, true);
             }
         };
         // A completed run is counted in the metrics and evidenced by its signed log; a line per
@@ -204,157 +209,12 @@ impl Worker {
             info!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
                   steps = report.steps, attempt = claim.attempt, "run ended");
         }
-        self.fit_result(qi, claim, self.finish_for(qi, claim, &job, &report))
-    }
-
-    /// Keeps what is published within `worker.max_result_bytes`: an oversized result goes out
-    /// without its state (see [`without_state`]), a final one as a failure with a dead letter,
-    /// so an operator sees it; retrying could never make it fit.
-    fn fit_result(
-        &self,
-        qi: usize,
-        claim: &Claim,
-        (finish, verdict): (Finish, Verdict),
-    ) -> (Finish, Verdict) {
-        let max = self.cfg.max_result_bytes;
-        let size = match &finish {
-            Finish::Publish { result, .. } | Finish::Pause { result, .. } if result.len() > max => {
-                result.len()
-            }
-            _ => return (finish, verdict),
-        };
-        let reason = format!(
-            "the result is {size} bytes, over worker.max_result_bytes ({max}): it went out \
-             without the run's state, which the signed audit log holds"
-        );
-        warn!(job_id = %claim.job_id, %reason, "result too large");
-        let format = self.queues[qi].payload;
-        if let Finish::Pause { result, pending } = &finish {
-            if let Some(result) = without_state(format, result, None, &reason, max) {
-                let pending = pending.clone();
-                return (Finish::Pause { result, pending }, verdict);
-            }
-        }
-        let result = match &finish {
-            Finish::Publish { result, .. } | Finish::Pause { result, .. } => {
-                without_state(format, result, Some("failed"), &reason, max)
-            }
-            _ => None,
-        }
-        .unwrap_or_else(|| {
-            serde_json::to_vec(&serde_json::json!({
-                super::payload::META_KEY: {"job_id": claim.job_id, "status": "failed", "error": reason}
-            }))
-            .unwrap_or_default()
-        });
-        let dead_letter = match finish {
-            Finish::Publish {
-                dead_letter: Some(d),
-                ..
-            } => d,
-            _ => self.dead_letter(claim, &reason),
-        };
-        (
-            Finish::Publish {
-                result,
-                dead_letter: Some(dead_letter),
-            },
-            Verdict::Failed,
+        let rules = self.rules(qi);
+        outcome::fit_result(
+            &rules,
+            claim,
+            outcome::finish_for(&rules, claim, &job, &report),
         )
-    }
-
-    fn finish_for(
-        &self,
-        qi: usize,
-        claim: &Claim,
-        job: &ParsedJob,
-        report: &JobReport,
-    ) -> (Finish, Verdict) {
-        let queue = &self.queues[qi];
-        let retry = &self.cfg.retry;
-        match &report.status {
-            RunStatus::Completed => {
-                let result = result_message(queue.payload, job, report, claim.attempt);
-                (
-                    Finish::Publish {
-                        result,
-                        dead_letter: None,
-                    },
-                    Verdict::Completed,
-                )
-            }
-            RunStatus::Halted if self.pauses() => match self.pending_for(qi, claim, report) {
-                Some(pending) => {
-                    let result = awaiting_message(queue.payload, job, report, &pending);
-                    let pending = serde_json::to_vec(&pending).unwrap_or_default();
-                    (Finish::Pause { result, pending }, Verdict::Halted)
-                }
-                None => {
-                    let result = result_message(queue.payload, job, report, claim.attempt);
-                    (
-                        Finish::Publish {
-                            result,
-                            dead_letter: None,
-                        },
-                        Verdict::Halted,
-                    )
-                }
-            },
-            RunStatus::Halted | RunStatus::Running => {
-                let result = result_message(queue.payload, job, report, claim.attempt);
-                (
-                    Finish::Publish {
-                        result,
-                        dead_letter: None,
-                    },
-                    Verdict::Halted,
-                )
-            }
-            RunStatus::Failed { reason } => {
-                if retry.retry_failed_runs && claim.attempt < retry.attempts {
-                    let error = format!("run {} failed: {reason}", report.run_id);
-                    self.retry_or_dead(claim, error, false)
-                } else {
-                    let result = result_message(queue.payload, job, report, claim.attempt);
-                    let dead_letter = retry.retry_failed_runs.then(|| {
-                        self.dead_letter(claim, &format!("run {} failed: {reason}", report.run_id))
-                    });
-                    (
-                        Finish::Publish {
-                            result,
-                            dead_letter,
-                        },
-                        Verdict::Failed,
-                    )
-                }
-            }
-        }
-    }
-
-    /// The pending record for a run halted at a jury (from its last step's `halt` marker).
-    fn pending_for(&self, qi: usize, claim: &Claim, report: &JobReport) -> Option<Pending> {
-        let halt = report.last_step.as_ref()?.get("halt")?;
-        let request = DecisionRequest::from_halt(halt)?;
-        let node = report
-            .last_step
-            .as_ref()
-            .and_then(|s| s.get("node_id"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        Some(Pending {
-            job_id: claim.job_id.clone(),
-            run_id: report.run_id.clone(),
-            queue: self.queues[qi].names.jobs.clone(),
-            node,
-            step: report.steps as u64,
-            request,
-            awaiting_since: halted_at(&report.last_step).unwrap_or_else(crate::exec::run::now_utc),
-            payload: String::from_utf8_lossy(&claim.payload).into_owned(),
-            expires_at_ms: request_expiry(&report.last_step),
-            attempt: claim.attempt.saturating_sub(1),
-            history: claim.history.clone(),
-        })
     }
 
     /// A fresh run, or the stored one after a crash, a hand-back or a pause.
@@ -498,57 +358,6 @@ impl Worker {
             Err(e) => Err(format!("the authority ledger writer failed: {e}")),
         }
     }
-
-    /// Another attempt after the backoff, or the dead letters once the attempts are spent.
-    /// `keep_run`: see [`Finish::Retry`].
-    fn retry_or_dead(&self, claim: &Claim, error: String, keep_run: bool) -> (Finish, Verdict) {
-        if claim.attempt < self.cfg.retry.attempts {
-            let delay = self.backoff.delay(claim.attempt);
-            let keep_run = keep_run && self.durable();
-            (
-                Finish::Retry {
-                    delay,
-                    error,
-                    keep_run,
-                },
-                Verdict::Retry,
-            )
-        } else {
-            let reason = format!("gave up after {} attempts: {error}", claim.attempt);
-            let mut dead = self.dead_letter(claim, &reason);
-            // Infrastructure gave out, not the run: a redrive resumes it.
-            dead.keep_run = keep_run && self.durable();
-            (Finish::DeadLetter(dead), Verdict::DeadLetter)
-        }
-    }
-
-    /// A message the worker cannot start or resume (unreadable, a checkpoint or journal that
-    /// fails verification, a graph changed under a run): a dead letter
-    /// that keeps the job's stored run. The journal is the only evidence of the steps already
-    /// taken (no final log exists), of tampering too, and a redrive after the cause is fixed
-    /// resumes after the last finished step instead of running them again.
-    fn refused(&self, claim: &Claim, reason: &str) -> (Finish, Verdict) {
-        let dead = DeadLetter {
-            keep_run: self.durable(),
-            ..self.dead_letter(claim, reason)
-        };
-        (Finish::DeadLetter(dead), Verdict::DeadLetter)
-    }
-
-    fn dead_letter(&self, claim: &Claim, reason: &str) -> DeadLetter {
-        let mut attempts = claim.history.clone();
-        attempts.push(AttemptRecord {
-            attempt: claim.attempt,
-            at: crate::exec::run::now_utc(),
-            error: reason.to_string(),
-        });
-        DeadLetter {
-            job_id: claim.job_id.clone(),
-            reason: reason.to_string(),
-            attempts,
-            keep_run: false,
-        }
-    }
 }
 
 /// Whether a delivered decision answers the halt the run waits at now. A decision names the
@@ -576,55 +385,10 @@ fn already_applied(log: &RunLog, d: &Decision) -> bool {
         && same("rationale", &d.rationale)
 }
 
-/// When a halted run's default path is due, from its halt marker.
-/// Counted from the halt step itself, not from this pause: a job paused again at the same
-/// halt (a copy of it, an ignored unsigned decision) keeps its deadline, or repeated copies
-/// would postpone the default path for ever.
-fn request_expiry(last_step: &Option<Map<String, Value>>) -> Option<i64> {
-    let after = last_step
-        .as_ref()?
-        .get("halt")?
-        .get("expires_after_ms")?
-        .as_u64()?;
-    let since = halted_at(last_step)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-        .map_or_else(crate::queue::now_ms, |t| t.timestamp_millis());
-    Some(since.saturating_add(i64::try_from(after).unwrap_or(i64::MAX)))
-}
-
-/// When the halt step ran (its `started_at`), for a halted run's last step.
-fn halted_at(last_step: &Option<Map<String, Value>>) -> Option<String> {
-    let step = last_step.as_ref()?;
-    step.get("halt")?;
-    step.get("started_at")?.as_str().map(str::to_string)
-}
-
 /// Why a run could not be started or resumed.
 enum Start {
     /// The stored run cannot be trusted or used: dead-letter with the reason.
     Dead(String),
     /// The store did not answer: retry later.
     Store(String),
-}
-
-#[cfg(test)]
-mod tests {
-    use super::request_expiry;
-    use serde_json::json;
-
-    #[test]
-    fn the_expiry_counts_from_the_halt_step_not_from_each_pause() {
-        let halt = json!({"started_at": "2026-01-01T00:00:00.000000Z",
-                          "halt": {"expires_after_ms": 60000}});
-        let step = halt.as_object().cloned();
-        // 2026-01-01T00:00:00Z is 1767225600000 ms since the epoch.
-        assert_eq!(request_expiry(&step), Some(1_767_225_600_000 + 60_000));
-        assert_eq!(
-            request_expiry(&step),
-            request_expiry(&step),
-            "the same at every pause"
-        );
-        let no_expiry = json!({"started_at": "2026-01-01T00:00:00Z", "halt": {}});
-        assert_eq!(request_expiry(&no_expiry.as_object().cloned()), None);
-    }
 }
