@@ -171,14 +171,8 @@ pub enum BackendSection {
     },
 }
 
-/// The kind of the queues the AMQP backend declares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AmqpQueueType {
-    #[default]
-    Classic,
-    Quorum,
-}
+/// The kind of the queues the AMQP backend declares (the backend's own type).
+pub use crate::queue::amqp::AmqpQueueType;
 
 fn default_db_path() -> PathBuf {
     PathBuf::from("var/lar-worker.db")

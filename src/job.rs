@@ -85,8 +85,11 @@ pub enum Driven {
     Interrupted,
     /// The claim moved to another worker: stop, publish nothing.
     Fenced,
-    /// A step's checkpoint could not be stored.
+    /// A step's checkpoint could not be stored (a retry may help).
     StoreFailed(String),
+    /// The store refused the step for good (corrupt data, a conflict): trying again would
+    /// meet the same answer.
+    StoreRefused(String),
 }
 
 /// When a drive stops early.
@@ -108,7 +111,10 @@ pub trait StepSink: Send + Sync {
 pub enum PersistError {
     /// This worker no longer holds the job.
     Fenced,
+    /// The store failed; a retry may help.
     Failed(String),
+    /// The store refused the write for good (see [`crate::queue::QueueError::is_retryable`]).
+    Refused(String),
 }
 
 impl PersistError {
@@ -116,6 +122,7 @@ impl PersistError {
         match self {
             PersistError::Fenced => Driven::Fenced,
             PersistError::Failed(m) => Driven::StoreFailed(m),
+            PersistError::Refused(m) => Driven::StoreRefused(m),
         }
     }
 }

@@ -30,7 +30,6 @@ pub use finish::{
     Message, Rules, RunFate,
 };
 use serde::Serialize;
-use std::time::Duration;
 
 /// The reserved key of a state-format result that carries the job's metadata (`run_id`,
 /// `status`, `signature`, ...). The result format is the queue's contract with producers: the

@@ -1,8 +1,8 @@
 //! Human decisions that arrive as data: messages on a queue's decisions queue, and the system's
-//! default decision when a pending job expires. Both go through [`crate::durable::decide`].
+//! default decision when a pending job expires. Both go through [`crate::decide`].
 
 use super::Worker;
-use crate::durable::decide::{submit, submit_for, Refusal};
+use crate::decide::{submit, submit_for, Refusal};
 use crate::durable::Pending;
 use crate::exec::Decision;
 use crate::queue::{Claim, DeadLetter, Finish};
@@ -162,12 +162,12 @@ impl Worker {
 
     /// Runs the default path of every pending job whose expiry has passed.
     pub(super) async fn expire_pending(&self) {
-        if !self.pauses() {
+        let Some(pauses) = self.backend.pauses().filter(|_| self.pauses()) else {
             return;
-        }
-        let now = crate::queue::now_ms();
+        };
+        let now = crate::clock::now_ms();
         for q in &self.queues {
-            let Ok(items) = self.backend.list_pending(&q.names).await else {
+            let Ok(items) = pauses.list_pending(&q.names).await else {
                 continue;
             };
             for raw in items {

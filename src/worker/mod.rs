@@ -136,14 +136,13 @@ impl Worker {
         let mut samples = Vec::with_capacity(self.queues.len());
         for (qi, q) in self.queues.iter().enumerate() {
             let depth = self.backend.depth(&q.names).await.ok();
-            let pending = if self.backend.supports_pause() {
-                self.backend
+            let pending = match self.backend.pauses() {
+                Some(pauses) => pauses
                     .list_pending(&q.names)
                     .await
                     .ok()
-                    .map(|p| p.len() as u64)
-            } else {
-                None
+                    .map(|p| p.len() as u64),
+                None => None,
             };
             samples.push(QueueSample {
                 queue: q.names.jobs.clone(),

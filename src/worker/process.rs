@@ -49,11 +49,15 @@ impl StepSink for CheckpointSink<'_> {
         }
         .encode(self.worker.audit.secret.as_ref());
         let names = &self.worker.queues[self.qi].names;
+        let Some(runs) = self.worker.backend.runs() else {
+            return Err(PersistError::Refused(format!(
+                "the {} backend stores no checkpoints",
+                self.worker.backend.kind()
+            )));
+        };
         let mut tries = 0;
         loop {
-            match self
-                .worker
-                .backend
+            match runs
                 .save_step(
                     names,
                     self.claim,
@@ -67,6 +71,7 @@ impl StepSink for CheckpointSink<'_> {
             {
                 Ok(Fenced::Done) => return Ok(()),
                 Ok(Fenced::Lost) => return Err(PersistError::Fenced),
+                Err(e) if !e.is_retryable() => return Err(PersistError::Refused(e.to_string())),
                 Err(e) if tries < 3 => {
                     tries += 1;
                     warn!(error = %e, "checkpoint write failed; retrying");
@@ -80,12 +85,12 @@ impl StepSink for CheckpointSink<'_> {
 
 impl Worker {
     pub(super) fn durable(&self) -> bool {
-        self.cfg.checkpoints && self.backend.supports_checkpoints()
+        self.cfg.checkpoints && self.backend.runs().is_some()
     }
 
     /// Whether a halted run waits for a human (else its halt is the final result).
     pub(super) fn pauses(&self) -> bool {
-        self.durable() && self.backend.supports_pause()
+        self.durable() && self.backend.pauses().is_some()
     }
 
     /// What the outcome decisions read for a job of queue `qi`.
@@ -160,6 +165,10 @@ impl Worker {
                             Err(PersistError::Failed(e)) => {
                                 return outcome::retry_or_dead(&self.rules(qi), claim, e, true)
                             }
+                            Err(PersistError::Refused(e)) => {
+                                let reason = format!("the checkpoint store refused the step: {e}");
+                                return outcome::refused(&self.rules(qi), claim, &reason);
+                            }
                         }
                     }
                 }
@@ -191,6 +200,11 @@ impl Worker {
             Ok(Driven::StoreFailed(e)) => {
                 warn!(job_id = %claim.job_id, error = %e, "checkpoint store failing: handing the job back");
                 return (Finish::Release, Verdict::Release);
+            }
+            Ok(Driven::StoreRefused(e)) => {
+                let reason = format!("the checkpoint store refused the step: {e}");
+                warn!(job_id = %claim.job_id, %reason, "dead-lettered");
+                return outcome::refused(&self.rules(qi), claim, &reason);
             }
             Err(e) => {
                 // The evidence could not be written: never publish without it.
@@ -226,13 +240,16 @@ impl Worker {
     ) -> Result<(Run, RunLog), Start> {
         let names = &self.queues[qi].names;
         // A claim the backend found without a run (most first attempts) has none to read.
-        let stored = if self.durable() && !claim.fresh {
-            self.backend
+        let runs = self.backend.runs().filter(|_| self.durable() && !claim.fresh);
+        let stored = match runs {
+            Some(runs) => runs
                 .load_run(names, &claim.job_id)
                 .await
-                .map_err(|e| Start::Store(format!("cannot read the checkpoint: {e}")))?
-        } else {
-            None
+                .map_err(|e| match e.is_retryable() {
+                    true => Start::Store(format!("cannot read the checkpoint: {e}")),
+                    false => Start::Dead(format!("the stored run is unreadable: {e}")),
+                })?,
+            None => None,
         };
         let Some(stored) = stored else {
             if claim.decision.is_some() {
