@@ -1,14 +1,23 @@
 //! `workers.toml`: loaded once, fully validated at start (graphs included), unknown fields
 //! rejected. A few environment variables override deployment-specific values so one file can
 //! serve every host (see [`Config::apply_env`]).
+//!
+//! This module holds the file as a whole (loading, environment overrides, paths, the order of
+//! the checks) and the small `[admin]` section; each other section lives in its own file with
+//! its checks: `worker` (`[worker]`, `[worker.retry]`), `backend` and `queues` (with the loaded
+//! queues). Their types are re-exported here, as `crate::config::*`.
 
-use crate::graph::{load_graph_file, Graph};
-use crate::tools::Registry;
+mod backend;
+mod queues;
+mod worker;
+
+pub use backend::{AmqpQueueType, BackendSection};
+pub use queues::{load_queues, LoadedQueue, PayloadFormat, QueueSection};
+pub use worker::{RetrySection, WorkerSection};
+
+use queues::validate_queues;
 use serde::Deserialize;
-use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,196 +50,6 @@ pub struct AdminSection {
     /// e.g. "127.0.0.1:9464"; keep it on loopback (or behind a firewall).
     pub listen: Option<String>,
 }
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct WorkerSection {
-    /// Jobs run at once by one process.
-    pub concurrency: usize,
-    /// Where `run_<uuid>.json` audit logs go.
-    pub log_dir: PathBuf,
-    /// The HMAC secret file (else HMAC_SECRET or the systemd credential `hmac_secret`).
-    pub secret_file: Option<PathBuf>,
-    /// Write logs unsigned when no secret is configured (refused otherwise).
-    pub unsigned: bool,
-    /// How long a claim is held without renewal before another replica may take the job.
-    pub lease_ms: u64,
-    /// On SIGTERM, how long in-flight jobs get before they are handed back.
-    pub drain_timeout_ms: u64,
-    /// Larger messages are dead-lettered unread.
-    pub max_message_bytes: usize,
-    /// A result larger than this goes out without its state (which stays in the signed audit
-    /// log), as a failure with a dead letter: a broker refuses oversized messages (RabbitMQ 4:
-    /// 16 MiB by default) by closing the channel, and a retry would meet the same refusal.
-    pub max_result_bytes: usize,
-    /// fsync audit logs (and their directory) before a job counts as done.
-    pub fsync: bool,
-    /// Checkpoint after every step (resume after a crash, human pauses). Needs a backend that
-    /// stores checkpoints; without, a redelivered job runs from the start and juries cannot pause.
-    pub checkpoints: bool,
-    pub retry: RetrySection,
-}
-
-impl Default for WorkerSection {
-    fn default() -> Self {
-        WorkerSection {
-            concurrency: 16,
-            log_dir: PathBuf::from("lar_logs"),
-            secret_file: None,
-            unsigned: false,
-            lease_ms: 30_000,
-            drain_timeout_ms: 20_000,
-            max_message_bytes: 1024 * 1024,
-            max_result_bytes: 8 * 1024 * 1024,
-            fsync: true,
-            checkpoints: true,
-            retry: RetrySection::default(),
-        }
-    }
-}
-
-impl WorkerSection {
-    pub fn lease(&self) -> Duration {
-        Duration::from_millis(self.lease_ms)
-    }
-    pub fn drain_timeout(&self) -> Duration {
-        Duration::from_millis(self.drain_timeout_ms)
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct RetrySection {
-    /// Attempts in all, the first included; after the last, the job is dead-lettered.
-    pub attempts: u32,
-    pub initial_backoff_ms: u64,
-    pub max_backoff_ms: u64,
-    pub multiplier: f64,
-    /// Random spread, as a fraction of the delay (0.2 = ±20 %).
-    pub jitter: f64,
-    /// Whether a run that ends `failed` is retried (else its failed result is final at once).
-    pub retry_failed_runs: bool,
-}
-
-impl Default for RetrySection {
-    fn default() -> Self {
-        RetrySection {
-            attempts: 3,
-            initial_backoff_ms: 1_000,
-            max_backoff_ms: 60_000,
-            multiplier: 2.0,
-            jitter: 0.2,
-            retry_failed_runs: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
-pub enum BackendSection {
-    /// A SQLite file on this machine; several worker processes may share it.
-    Embedded {
-        #[serde(default = "default_db_path")]
-        path: PathBuf,
-    },
-    Redis {
-        #[serde(default = "default_redis_url")]
-        url: String,
-    },
-    /// RabbitMQ (AMQP 0-9-1): manual acks after the result is confirmed, a TTL delay queue for
-    /// retries, a dead-letter exchange and queue. See `src/queue/amqp.rs`.
-    Amqp {
-        /// `amqp://` or `amqps://` (TLS with rustls and the system's root certificates).
-        /// Query parameters such as `?heartbeat=10` are passed to the client.
-        #[serde(default = "default_amqp_url")]
-        url: String,
-        /// Unacknowledged deliveries per queue consumer (default: `worker.concurrency`).
-        #[serde(default)]
-        prefetch: Option<u16>,
-        #[serde(default)]
-        queue_type: AmqpQueueType,
-        /// Quorum queues only: `x-delivery-limit` (a message returned more often than this
-        /// is dead-lettered by the broker).
-        #[serde(default)]
-        delivery_limit: Option<u32>,
-        /// Declare the topology (idempotently); `false` only checks it exists (passive
-        /// declares): operators own the queues and exchanges.
-        #[serde(default = "default_true")]
-        declare: bool,
-        /// A Redis for the one-result-per-job marker (`SET <queue>:done:<job_id> 1 EX 86400
-        /// NX`); without it the marker lives in this process only.
-        #[serde(default)]
-        dedupe_redis_url: Option<String>,
-        /// Where each run's checkpoint and journal live, so a redelivered job resumes after its
-        /// last finished step and a `human_jury` halt waits for a decision: a Redis
-        /// (`redis://…`, replicas on any hosts) or a SQLite file (`sqlite:<path>`, relative to
-        /// this file; the replicas of one host). Without it a redelivered job runs from its
-        /// first step and a halt is the job's final result.
-        #[serde(default)]
-        checkpoint_store: Option<String>,
-    },
-}
-
-/// The kind of the queues the AMQP backend declares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum AmqpQueueType {
-    #[default]
-    Classic,
-    Quorum,
-}
-
-fn default_db_path() -> PathBuf {
-    PathBuf::from("var/lar-worker.db")
-}
-fn default_redis_url() -> String {
-    "redis://127.0.0.1:6379/0".to_string()
-}
-fn default_amqp_url() -> String {
-    "amqp://guest:guest@127.0.0.1:5672/%2f".to_string()
-}
-fn default_true() -> bool {
-    true
-}
-
-/// How messages on a queue are shaped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum PayloadFormat {
-    /// The message is the initial state; the result is the final state (the seed's format).
-    #[default]
-    State,
-    /// `{"id", "graph", "input", "user_id"}` in, `{"job_id", "run_id", "status", ...}` out.
-    Envelope,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct QueueSection {
-    /// The list/queue producers push to, e.g. `agent:jobs`.
-    pub name: String,
-    /// Where results go, e.g. `agent:results`.
-    pub results: String,
-    #[serde(default)]
-    pub payload: PayloadFormat,
-    /// The graph for state payloads, and for envelopes that name none.
-    pub graph: Option<PathBuf>,
-    /// Graphs an envelope may name: `{ loan_review = "graphs/loan_review.toml" }`.
-    #[serde(default)]
-    pub graphs: BTreeMap<String, PathBuf>,
-    /// Where human decisions arrive as messages `{"job_id", "choice", "rationale", "by",
-    /// "role"}`; replies (accepted/rejected) go to `<decisions>:replies`.
-    pub decisions: Option<String>,
-}
-
-/// The most jobs in flight in one process (a semaphore's permits; far above what one process
-/// serves).
-const MAX_CONCURRENCY: usize = 65_536;
-/// The longest lease and drain: a day. A longer lease leaves a crashed replica's jobs out of
-/// reach for longer, and systemd cannot be asked to wait longer than that for a drain.
-const MAX_DURATION_MS: u64 = 86_400_000;
-/// The longest retry delay: a week (an AMQP message expiry is a 32-bit number of ms).
-const MAX_BACKOFF_MS: u64 = 7 * 86_400_000;
 
 /// `text` with the password of every `scheme://user:password@host` in it masked, as
 /// [`crate::queue::amqp::redact`] does for one url.
@@ -346,182 +165,15 @@ impl Config {
         }
     }
 
+    /// Checks every section and returns the first problem. The order of the checks decides
+    /// which problem a config with several gets, and is kept as it always was: an AMQP
+    /// backend's checkpoint store first, then the worker section, the rest of the backend, the
+    /// queues.
     fn check(&self) -> Result<(), String> {
-        if let BackendSection::Amqp {
-            checkpoint_store: Some(spec),
-            ..
-        } = &self.backend
-        {
-            let known = ["redis://", "rediss://", "sqlite:"];
-            if !known.iter().any(|k| spec.starts_with(k)) {
-                return Err(format!(
-                    "backend.checkpoint_store: must start with redis://, rediss:// or sqlite: (got '{}')",
-                    crate::queue::amqp::redact(spec)
-                ));
-            }
-        }
-        let w = &self.worker;
-        if !(1..=MAX_CONCURRENCY).contains(&w.concurrency) {
-            return Err(format!(
-                "worker.concurrency: must be between 1 and {MAX_CONCURRENCY}"
-            ));
-        }
-        if !(1000..=MAX_DURATION_MS).contains(&w.lease_ms) {
-            return Err(format!(
-                "worker.lease_ms: must be between 1000 and {MAX_DURATION_MS} (a day)"
-            ));
-        }
-        if w.drain_timeout_ms > MAX_DURATION_MS {
-            return Err(format!(
-                "worker.drain_timeout_ms: must be at most {MAX_DURATION_MS} (a day)"
-            ));
-        }
-        if w.retry.initial_backoff_ms > MAX_BACKOFF_MS || w.retry.max_backoff_ms > MAX_BACKOFF_MS {
-            return Err(format!(
-                "worker.retry: backoffs must be at most {MAX_BACKOFF_MS} ms (a week; an AMQP \
-                 message's expiry must fit in 32 bits)"
-            ));
-        }
-        if w.max_message_bytes == 0 {
-            return Err("worker.max_message_bytes: must be more than 0".into());
-        }
-        if w.max_result_bytes < 4096 {
-            return Err("worker.max_result_bytes: must be at least 4096".into());
-        }
-        if w.retry.attempts == 0 {
-            return Err(
-                "worker.retry.attempts: must be at least 1 (the first attempt counts)".into(),
-            );
-        }
-        if !(0.0..=1.0).contains(&w.retry.jitter) {
-            return Err("worker.retry.jitter: must be between 0 and 1".into());
-        }
-        if !w.retry.multiplier.is_finite() || w.retry.multiplier < 1.0 {
-            return Err("worker.retry.multiplier: must be a number of at least 1".into());
-        }
-        if let BackendSection::Amqp {
-            url,
-            prefetch,
-            queue_type,
-            delivery_limit,
-            ..
-        } = &self.backend
-        {
-            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-                return Err("backend.url: an amqp backend needs an amqp:// or amqps:// url".into());
-            }
-            if *prefetch == Some(0) {
-                return Err("backend.prefetch: must be at least 1 (0 would mean unlimited)".into());
-            }
-            match (queue_type, delivery_limit) {
-                (AmqpQueueType::Classic, Some(_)) => {
-                    return Err(
-                        "backend.delivery_limit: only quorum queues have a delivery limit (set queue_type = \"quorum\")"
-                            .into(),
-                    )
-                }
-                (_, Some(0)) => {
-                    return Err("backend.delivery_limit: must be at least 1".into());
-                }
-                _ => {}
-            }
-        }
-        if self.queues.is_empty() {
-            return Err("queues: at least one [[queues]] entry is required".into());
-        }
-        let mut names = std::collections::HashSet::new();
-        for (i, q) in self.queues.iter().enumerate() {
-            if q.name.is_empty() || q.results.is_empty() {
-                return Err(format!(
-                    "queues[{i}]: 'name' and 'results' must not be empty"
-                ));
-            }
-            if q.name == q.results {
-                return Err(format!(
-                    "queues[{i}] ({}): 'results' must differ from 'name'",
-                    q.name
-                ));
-            }
-            if !names.insert(q.name.clone()) {
-                return Err(format!(
-                    "queues[{i}]: the queue '{}' is configured twice",
-                    q.name
-                ));
-            }
-            if q.graph.is_none() && q.graphs.is_empty() {
-                return Err(format!(
-                    "queues[{i}] ({}): needs 'graph' or 'graphs'",
-                    q.name
-                ));
-            }
-            if q.payload == PayloadFormat::State && q.graph.is_none() {
-                return Err(format!(
-                    "queues[{i}] ({}): a 'state' payload queue needs 'graph' (the message carries no graph name)",
-                    q.name
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A queue with its graphs loaded and validated.
-#[derive(Debug, Clone)]
-pub struct LoadedQueue {
-    pub names: crate::queue::QueueNames,
-    pub payload: PayloadFormat,
-    pub default_graph: Option<Arc<Graph>>,
-    pub graphs: HashMap<String, Arc<Graph>>,
-    /// The decisions queue and its replies, when configured.
-    pub decisions: Option<crate::queue::QueueNames>,
-}
-
-impl LoadedQueue {
-    /// The graph an envelope names (by its config key or the graph's own name).
-    pub fn graph_named(&self, name: &str) -> Option<&Arc<Graph>> {
-        self.graphs
-            .get(name)
-            .or_else(|| self.default_graph.as_ref().filter(|g| g.name == name))
-    }
-}
-
-/// Loads every graph the queues name, collecting all errors.
-pub fn load_queues(cfg: &Config, registry: &Registry) -> Result<Vec<LoadedQueue>, ConfigError> {
-    let mut errors = Vec::new();
-    let mut out = Vec::new();
-    let mut load = |p: &Path| match load_graph_file(p, registry) {
-        Ok(g) => Some(Arc::new(g)),
-        Err(e) => {
-            errors.push(e.to_string());
-            None
-        }
-    };
-    for q in &cfg.queues {
-        let default_graph = q.graph.as_deref().and_then(&mut load);
-        let mut graphs = HashMap::new();
-        for (name, path) in &q.graphs {
-            if let Some(g) = load(path) {
-                graphs.insert(name.clone(), g);
-            }
-        }
-        out.push(LoadedQueue {
-            names: crate::queue::QueueNames {
-                jobs: q.name.clone(),
-                results: q.results.clone(),
-            },
-            payload: q.payload,
-            default_graph,
-            graphs,
-            decisions: q.decisions.as_ref().map(|d| crate::queue::QueueNames {
-                jobs: d.clone(),
-                results: format!("{d}:replies"),
-            }),
-        });
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(ConfigError::Graph(errors.join("\n")))
+        self.backend.validate_checkpoint_store()?;
+        self.worker.validate()?;
+        self.backend.validate()?;
+        validate_queues(&self.queues)
     }
 }
 
@@ -670,5 +322,29 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_sections_are_checked_in_their_historical_order() {
+        let amqp = "[backend]\nkind = \"amqp\"\nurl = \"redis://x\"\n";
+        // An AMQP checkpoint store before the worker section...
+        let e = parse(&format!(
+            "[worker]\nconcurrency = 0\n{amqp}checkpoint_store = \"pg://h\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.starts_with("backend.checkpoint_store:"), "{e}");
+        // ... the worker section before the rest of the backend ...
+        let e = parse(&format!("[worker]\nconcurrency = 0\n{amqp}")).unwrap_err();
+        assert!(e.starts_with("worker.concurrency:"), "{e}");
+        // ... and the backend before the queues.
+        let check = |text: &str| toml::from_str::<Config>(text).unwrap().check().unwrap_err();
+        let bad_queue = "[[queues]]\nname = \"q\"\nresults = \"q\"\ngraph = \"g.toml\"\n";
+        let e = check(&format!("{amqp}{bad_queue}"));
+        assert_eq!(
+            e,
+            "backend.url: an amqp backend needs an amqp:// or amqps:// url"
+        );
+        let e = check(&format!("[backend]\nkind = \"embedded\"\n{bad_queue}"));
+        assert_eq!(e, "queues[0] (q): 'results' must differ from 'name'");
     }
 }
