@@ -37,17 +37,6 @@ impl Backoff {
     }
 }
 
-impl From<&crate::config::RetrySection> for Backoff {
-    fn from(r: &crate::config::RetrySection) -> Self {
-        Backoff {
-            initial: Duration::from_millis(r.initial_backoff_ms),
-            max: Duration::from_millis(r.max_backoff_ms),
-            multiplier: r.multiplier,
-            jitter: r.jitter,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -161,6 +161,6 @@ pub async fn open(spec: &str) -> Result<Box<dyn RunStore>, QueueError> {
     }
     Err(QueueError::Unsupported(format!(
         "checkpoint_store must be a redis:// URL or sqlite:<path>, not '{}'",
-        super::amqp::redact(spec)
+        crate::net::mask::redact(spec)
     )))
 }
