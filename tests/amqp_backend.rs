@@ -10,9 +10,10 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
+use lar_worker::queue::prelude::*;
 use lar_worker::config::AmqpQueueType;
 use lar_worker::queue::amqp::{delete_topology, AmqpBackend, AmqpOptions, Topology};
-use lar_worker::queue::{Backend, DeadLetter, Fenced, Finish, QueueNames};
+use lar_worker::queue::{DeadLetter, Fenced, Finish, QueueNames};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

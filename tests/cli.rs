@@ -4,6 +4,7 @@
 
 mod common;
 
+use lar_worker::queue::prelude::*;
 use common::{bin, manifest_dir, only_log, reference_logs_dir, run, write, SECRET};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -466,7 +467,7 @@ value = "done"
 #[test]
 fn decide_asks_for_the_queue_when_a_job_id_waits_on_two() {
     use lar_worker::queue::embedded::EmbeddedBackend;
-    use lar_worker::queue::{Backend, Finish, QueueNames};
+    use lar_worker::queue::{Finish, QueueNames};
     let dir = TempDir::new().unwrap();
     let graph = write(dir.path(), "g.toml", SIMPLE);
     let config = write(

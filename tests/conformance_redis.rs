@@ -18,7 +18,8 @@ async fn seed_python_interop() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
     use lar_worker::queue::redis::RedisBackend;
-    use lar_worker::queue::{Backend, QueueNames};
+    use lar_worker::queue::prelude::*;
+    use lar_worker::queue::QueueNames;
     use std::time::Duration;
 
     let jobs = format!("lar-test-adopt-{}", uuid::Uuid::new_v4());
@@ -89,7 +90,8 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_landing_after_a_clean_stop_is_reaped() {
     use lar_worker::queue::redis::RedisBackend;
-    use lar_worker::queue::{Backend, QueueNames};
+    use lar_worker::queue::prelude::*;
+    use lar_worker::queue::QueueNames;
     use std::time::Duration;
 
     let jobs = format!("lar-test-late-{}", uuid::Uuid::new_v4());
@@ -136,7 +138,8 @@ async fn a_message_landing_after_a_clean_stop_is_reaped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blmove_cut_off_at_shutdown_strands_nothing() {
     use lar_worker::queue::redis::RedisBackend;
-    use lar_worker::queue::{Backend, QueueNames};
+    use lar_worker::queue::prelude::*;
+    use lar_worker::queue::QueueNames;
     use std::sync::Arc;
     use std::time::Duration;
 
@@ -196,7 +199,8 @@ async fn a_blmove_cut_off_at_shutdown_strands_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_blocked_on_one_queue_does_not_hold_up_another() {
     use lar_worker::queue::redis::RedisBackend;
-    use lar_worker::queue::{Backend, QueueNames};
+    use lar_worker::queue::prelude::*;
+    use lar_worker::queue::QueueNames;
     use std::time::{Duration, Instant};
 
     let prefix = format!("lar-test-lanes-{}", uuid::Uuid::new_v4());

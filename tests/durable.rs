@@ -875,7 +875,7 @@ fn a_decision_that_does_not_fit_leaves_the_job_waiting(kind: Kind) {
     let job = pending_job_id(&mut env);
     let raw = env
         .rt
-        .block_on(env.backend.get_pending(&env.names, &job))
+        .block_on(env.backend.pauses().expect("pauses").get_pending(&env.names, &job))
         .unwrap()
         .expect("a pending record");
     let pending: lar_worker::durable::Pending = serde_json::from_slice(&raw).unwrap();
@@ -890,7 +890,12 @@ fn a_decision_that_does_not_fit_leaves_the_job_waiting(kind: Kind) {
     misfit.sign(&job, &lar_worker::audit::Secret::new(SECRET).unwrap());
     assert!(env
         .rt
-        .block_on(env.backend.submit_decision(&env.names, &pending, &misfit))
+        .block_on(
+            env.backend
+                .pauses()
+                .expect("pauses")
+                .submit_decision(&env.names, &pending, &misfit),
+        )
         .unwrap());
     let again = env.wait_results(1, Duration::from_secs(20));
     assert_eq!(again.len(), 1);

@@ -5,14 +5,19 @@
 
 mod common;
 
+use lar_worker::queue::prelude::*;
 use lar_worker::queue::embedded::EmbeddedBackend;
 use lar_worker::queue::redis::RedisBackend;
-use lar_worker::queue::{Backend, Claim, Fenced, Finish, QueueNames, StepWrite};
+use lar_worker::queue::{Claim, Fenced, Finish, QueueNames, StepWrite};
 use std::sync::Arc;
 use std::time::Duration;
 
 const REDIS: &str = "redis://127.0.0.1:6379/0";
 const LEASE: Duration = Duration::from_secs(30);
+
+/// A backend with durable runs and pauses: what these tests exercise.
+trait Durable: Backend + Runs + Pauses {}
+impl<T: Backend + Runs + Pauses> Durable for T {}
 
 fn names() -> QueueNames {
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -52,7 +57,7 @@ fn waiting(job_id: &str, payload: &[u8], step: u64) -> lar_worker::durable::Pend
     .unwrap()
 }
 
-async fn claim_all(b: &dyn Backend, q: &QueueNames, n: usize) -> Vec<Claim> {
+async fn claim_all(b: &dyn Durable, q: &QueueNames, n: usize) -> Vec<Claim> {
     let mut out = Vec::new();
     while out.len() < n {
         let got = b
@@ -66,18 +71,18 @@ async fn claim_all(b: &dyn Backend, q: &QueueNames, n: usize) -> Vec<Claim> {
 }
 
 /// Claims a job retried with no delay (Redis promotes due retries in its reaper).
-async fn claim_retried(b: &dyn Backend, q: &QueueNames) -> Claim {
+async fn claim_retried(b: &dyn Durable, q: &QueueNames) -> Claim {
     b.recover(q).await.unwrap();
     claim_all(b, q, 1).await.remove(0)
 }
 
-async fn journal(b: &dyn Backend, q: &QueueNames, job: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
+async fn journal(b: &dyn Durable, q: &QueueNames, job: &str) -> (Vec<Vec<u8>>, Vec<u8>) {
     let run = b.load_run(q, job).await.unwrap().expect("a stored run");
     (run.journal, run.checkpoint)
 }
 
 /// One job: saves are idempotent per index, gaps are refused, a finished claim is fenced off.
-async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
+async fn save_step_contract(b: &dyn Durable, q: &QueueNames) {
     b.enqueue(q, br#"{"x":1}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
     assert!(c.fresh, "a new job has no run to read");
@@ -171,7 +176,7 @@ async fn save_step_contract(b: &dyn Backend, q: &QueueNames) {
 }
 
 /// Many jobs saving at once (one Redis script call carries many): each gets its own answer.
-async fn concurrent_saves(b: Arc<dyn Backend>, q: &QueueNames) {
+async fn concurrent_saves(b: Arc<dyn Durable>, q: &QueueNames) {
     const JOBS: usize = 200;
     for i in 0..JOBS {
         b.enqueue(q, format!(r#"{{"i":{i}}}"#).as_bytes())
@@ -229,7 +234,7 @@ async fn cleanup_redis(q: &QueueNames) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_concurrent_saves_are_answered_one_by_one() {
     let q = names();
-    let b: Arc<dyn Backend> = Arc::new(redis().await);
+    let b: Arc<dyn Durable> = Arc::new(redis().await);
     concurrent_saves(Arc::clone(&b), &q).await;
     b.deregister(&q).await.unwrap();
     cleanup_redis(&q).await;
@@ -238,7 +243,7 @@ async fn redis_concurrent_saves_are_answered_one_by_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn embedded_concurrent_saves_are_answered_one_by_one() {
     let dir = tempfile::tempdir().unwrap();
-    let b: Arc<dyn Backend> =
+    let b: Arc<dyn Durable> =
         Arc::new(EmbeddedBackend::open(&dir.path().join("q.db"), "w1".into()).unwrap());
     concurrent_saves(b, &names()).await;
 }
@@ -246,7 +251,7 @@ async fn embedded_concurrent_saves_are_answered_one_by_one() {
 /// Epochs stay monotonic across a human pause: a holder whose lease expired before the job
 /// paused cannot write or finish once the decided job is claimed again (a reset epoch would
 /// hand the resumed claim the zombie's number).
-async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Backend, q: &QueueNames) {
+async fn a_zombie_stays_fenced_across_a_pause(b: &dyn Durable, q: &QueueNames) {
     let short = Duration::from_millis(300);
     b.enqueue(q, br#"{"x":1}"#).await.unwrap();
     let zombie = b
@@ -479,7 +484,7 @@ async fn embedded_a_re_sent_id_never_gets_an_old_epoch() {
 
 /// A copy of a paused job (a producer sent its id again) is claimed and dead-lettered: the
 /// paused run (its checkpoint and journal) and its pending record stay for the human.
-async fn a_copy_of_a_paused_job_leaves_its_run(b: &dyn Backend, q: &QueueNames) {
+async fn a_copy_of_a_paused_job_leaves_its_run(b: &dyn Durable, q: &QueueNames) {
     let job = br#"{"id":"paused-job","input":{}}"#;
     b.enqueue(q, job).await.unwrap();
     let first = claim_all(b, q, 1).await.remove(0);
@@ -520,7 +525,7 @@ async fn a_copy_of_a_paused_job_leaves_its_run(b: &dyn Backend, q: &QueueNames) 
 /// or audit disk, `keep_run`) keeps its checkpoint and journal: a redrive resumes after its
 /// last finished step instead of running the finished ones again. Its normal end forgets them.
 async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
-    b: &dyn Backend,
+    b: &dyn Durable,
     q: &QueueNames,
     payload: &[u8],
 ) {
@@ -560,7 +565,7 @@ async fn a_dead_letter_after_infrastructure_failures_keeps_its_run(
 /// Pauses the claimed job `c` at `halt`, submits a decision for that halt, and claims the job
 /// again: the returned claim carries the decision.
 async fn decided_and_claimed(
-    b: &dyn Backend,
+    b: &dyn Durable,
     q: &QueueNames,
     c: &Claim,
     halt: u64,
@@ -583,7 +588,7 @@ async fn decided_and_claimed(
 
 /// Dead-letters `claim` (keeping its run or not), redrives it and claims it back.
 async fn dead_and_redriven(
-    b: &dyn Backend,
+    b: &dyn Durable,
     q: &QueueNames,
     claim: &Claim,
     keep_run: bool,
@@ -602,7 +607,7 @@ async fn dead_and_redriven(
 }
 
 /// A redriven job that must start over: no decision comes back with it; it then completes.
-async fn starts_over_without_a_decision(b: &dyn Backend, q: &QueueNames, fresh: &Claim) {
+async fn starts_over_without_a_decision(b: &dyn Durable, q: &QueueNames, fresh: &Claim) {
     assert!(fresh.decision.is_none(), "{:?}", fresh.decision);
     let publish = Finish::Publish {
         result: b"done".to_vec(),
@@ -614,7 +619,7 @@ async fn starts_over_without_a_decision(b: &dyn Backend, q: &QueueNames, fresh: 
 /// A job dead-lettered while it carried a human's decision, its run kept (the store gave out
 /// while applying it), carries the decision again after a redrive: the human is not asked
 /// twice. A dead letter that does not keep its run (it starts over) keeps no decision.
-async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames) {
+async fn a_redriven_decision_keeps_its_decision(b: &dyn Durable, q: &QueueNames) {
     b.enqueue(q, br#"{"x":1}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
     assert_eq!(
@@ -661,7 +666,7 @@ async fn a_redriven_decision_keeps_its_decision(b: &dyn Backend, q: &QueueNames)
 /// A dead letter that kept a decision but whose job has no run to resume (the decision came
 /// for a job whose run was gone) goes back without it: the job starts over instead of being
 /// refused again at every redrive.
-async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Backend, q: &QueueNames) {
+async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Durable, q: &QueueNames) {
     b.enqueue(q, br#"{"x":2}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
     let decision = approval("cfo@example.com", 0);
@@ -677,7 +682,7 @@ async fn a_redrive_without_a_run_drops_the_decision(b: &dyn Backend, q: &QueueNa
 /// A decision is validated against the pending record read first (the halt at step 1 here).
 /// When the job has since been decided, resumed and halted again, the decision read for the
 /// earlier halt takes nothing: the later pause stays pending, for its own decision.
-async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &QueueNames) {
+async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Durable, q: &QueueNames) {
     b.enqueue(q, br#"{"x":1}"#).await.unwrap();
     let c = claim_all(b, q, 1).await.remove(0);
     for i in 0..3 {
@@ -721,7 +726,7 @@ async fn a_decision_for_an_earlier_halt_takes_nothing(b: &dyn Backend, q: &Queue
 /// halt), a human decides. The copy's pause re-creates the pending record; the resumed run
 /// then ends and publishes. That stale record must go with the run: otherwise a second
 /// decision (or its expiry) would resume the ended run and publish a second result.
-async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueNames) {
+async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Durable, q: &QueueNames) {
     let job = br#"{"id":"copied-job","input":{}}"#;
     let pending = br#"{"job_id":"copied-job","step":1}"#.to_vec();
     b.enqueue(q, job).await.unwrap();
@@ -791,13 +796,13 @@ async fn a_stale_pause_from_a_copy_goes_with_the_run(b: &dyn Backend, q: &QueueN
 }
 
 /// The same dead letter on an envelope queue, where the job names its id.
-async fn a_dead_letter_keeps_its_run_on_an_envelope_queue(b: &dyn Backend, q: &QueueNames) {
+async fn a_dead_letter_keeps_its_run_on_an_envelope_queue(b: &dyn Durable, q: &QueueNames) {
     let envelope = br#"{"id":"stuck","input":{}}"#;
     a_dead_letter_after_infrastructure_failures_keeps_its_run(b, q, envelope).await;
 }
 
 /// The same on a `state` queue, where the id is given at the first claim: the redrive keeps it.
-async fn a_redriven_state_job_keeps_its_id_and_run(b: &dyn Backend, q: &QueueNames) {
+async fn a_redriven_state_job_keeps_its_id_and_run(b: &dyn Durable, q: &QueueNames) {
     a_dead_letter_after_infrastructure_failures_keeps_its_run(b, q, br#"{"x":1}"#).await;
 }
 
@@ -833,7 +838,7 @@ macro_rules! on_both_backends {
                 let q = super::names();
                 let b = super::redis_for(&q, $envelope).await;
                 super::$scenario(&b, &q).await;
-                lar_worker::queue::Backend::deregister(&b, &q).await.unwrap();
+                lar_worker::queue::Consumer::deregister(&b, &q).await.unwrap();
                 super::cleanup_redis(&q).await;
             }
 

@@ -25,6 +25,11 @@ pub use self::redis::wrapper;
 
 pub use error::QueueError;
 pub use roles::{Admin, Backend, Consumer, Pauses, Runs};
+
+/// The four roles at once, for callers that use a backend directly (`use queue::prelude::*`).
+pub mod prelude {
+    pub use super::roles::{Admin, Backend, Consumer, Pauses, Runs};
+}
 pub use finish::{
     failed_attempt, redrive_decision, rules, AttemptRecord, DeadLetter, DecisionFate, Fenced, Finish,
     Message, Rules, RunFate,

@@ -22,7 +22,8 @@
 pub mod scenarios;
 
 use lar_worker::config::Config;
-use lar_worker::queue::{Backend, QueueDepth, QueueNames};
+use lar_worker::queue::prelude::*;
+use lar_worker::queue::{QueueDepth, QueueNames};
 use serde_json::Value;
 use std::fmt::Write as _;
 use std::future::Future;

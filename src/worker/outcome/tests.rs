@@ -85,7 +85,7 @@ fn claim(attempt: u32) -> Claim {
         history: Vec::new(),
         decision: None,
         fresh: false,
-        handle: ClaimHandle::Sqlite { seq: 1 },
+        handle: ClaimHandle::default(),
     }
 }
 
