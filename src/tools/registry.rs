@@ -88,3 +88,13 @@ impl Registry {
         self.tools.keys().map(String::as_str).collect()
     }
 }
+
+/// Graph loading checks `tool` names against the registry.
+impl crate::graph::load::KnownTools for Registry {
+    fn contains(&self, name: &str) -> bool {
+        Registry::contains(self, name)
+    }
+    fn names(&self) -> Vec<&str> {
+        Registry::names(self)
+    }
+}

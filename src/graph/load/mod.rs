@@ -22,7 +22,6 @@ mod tool_spec;
 use super::error::{GraphError, GraphErrors};
 use super::model::*;
 use super::reader::{kind, FieldReader};
-use crate::tools::Registry;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -44,8 +43,17 @@ impl Syntax {
     }
 }
 
+/// The tools registered in the worker (Rust functions a graph may name): what loading checks a
+/// graph's `tool` names against. The tool registry implements it; graph loading needs only
+/// these two questions, so it does not depend on the tools themselves.
+pub trait KnownTools {
+    fn contains(&self, name: &str) -> bool;
+    /// Every registered name, for the error that lists them.
+    fn names(&self) -> Vec<&str>;
+}
+
 /// Reads, parses and validates a graph file.
-pub fn load_graph_file(path: &Path, registry: &Registry) -> Result<Graph, GraphErrors> {
+pub fn load_graph_file(path: &Path, registry: &dyn KnownTools) -> Result<Graph, GraphErrors> {
     let file = path.display().to_string();
     let bytes = std::fs::read(path).map_err(|e| {
         GraphErrors(vec![GraphError {
@@ -69,7 +77,7 @@ pub fn parse_graph(
     syntax: Syntax,
     path: &Path,
     default_name: &str,
-    registry: &Registry,
+    registry: &dyn KnownTools,
 ) -> Result<Graph, GraphErrors> {
     let file = path.display().to_string();
     let top_error = |message: String| {
@@ -105,7 +113,7 @@ fn build(
     path: &Path,
     default_name: &str,
     digest: String,
-    registry: &Registry,
+    registry: &dyn KnownTools,
 ) -> Result<Graph, GraphErrors> {
     let mut r = FieldReader::new(file, None, top);
     let name = r
@@ -282,7 +290,7 @@ pub(super) struct NodeContext<'a> {
     pub index: &'a HashMap<String, usize>,
     pub tools: &'a BTreeMap<String, ToolSpec>,
     pub providers: &'a BTreeSet<String>,
-    pub registry: &'a Registry,
+    pub registry: &'a dyn KnownTools,
 }
 
 impl NodeContext<'_> {
@@ -319,7 +327,7 @@ fn parse_node(
     index: &HashMap<String, usize>,
     tools: &BTreeMap<String, ToolSpec>,
     providers: &BTreeSet<String>,
-    registry: &Registry,
+    registry: &dyn KnownTools,
 ) -> Result<Node, Vec<GraphError>> {
     let Value::Object(map) = raw else {
         return Err(vec![GraphError {

@@ -7,11 +7,20 @@ use crate::graph::Graph;
 /// The tools registered in the tests' worker.
 pub(super) const REGISTERED: &str = "echo, shout";
 
-fn registry() -> Registry {
-    let mut r = Registry::new();
-    r.register_fn("echo", |inputs| Ok(Value::Object(inputs.clone())));
-    r.register_fn("shout", |inputs| Ok(Value::Object(inputs.clone())));
-    r
+/// Tools known by name, as the worker's registry answers.
+struct Registered(&'static [&'static str]);
+
+impl KnownTools for Registered {
+    fn contains(&self, name: &str) -> bool {
+        self.0.contains(&name)
+    }
+    fn names(&self) -> Vec<&str> {
+        self.0.to_vec()
+    }
+}
+
+fn registry() -> Registered {
+    Registered(&["echo", "shout"])
 }
 
 /// Loads TOML graph text as the file `g.toml`.

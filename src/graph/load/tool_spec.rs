@@ -7,7 +7,7 @@ use crate::graph::error::GraphError;
 use crate::graph::model::{ToolSpec, DEFAULT_TOOL_TIMEOUT};
 use crate::graph::reader::{kind, FieldReader};
 use crate::net::secret::ValueSpec;
-use crate::tools::Registry;
+use super::KnownTools;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ pub(super) fn parse_tool(
     file: &str,
     name: &str,
     spec: &Value,
-    registry: &Registry,
+    registry: &dyn KnownTools,
     base_dir: &Path,
 ) -> Result<ToolSpec, Vec<GraphError>> {
     let Value::Object(map) = spec else {
