@@ -2,8 +2,8 @@
 //! and expiry: the job must be pending and the choice allowed; then the pending record goes and
 //! the job is queued to resume, atomically.
 
-use crate::durable::Pending;
 use crate::audit::Secret;
+use crate::durable::Pending;
 use crate::exec::Decision;
 use crate::queue::{Backend, QueueError, QueueNames};
 

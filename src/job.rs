@@ -47,7 +47,7 @@ pub fn log_header(run: &Run, user_id: Option<String>) -> RunLogHeader {
     RunLogHeader {
         run_id: run.run_id().to_string(),
         user_id,
-        timestamp: crate::exec::run::now_utc(),
+        timestamp: crate::clock::now_utc(),
         job_id: run.job_id().to_string(),
         graph_name: run.graph().name.clone(),
         graph_digest: run.graph().digest.clone(),

@@ -10,9 +10,9 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
-use lar_worker::queue::prelude::*;
 use lar_worker::config::AmqpQueueType;
 use lar_worker::queue::amqp::{delete_topology, AmqpBackend, AmqpOptions, Topology};
+use lar_worker::queue::prelude::*;
 use lar_worker::queue::{DeadLetter, Fenced, Finish, QueueNames};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, HashSet};
@@ -1589,7 +1589,7 @@ async fn a_later_pause_is_kept_while_the_earlier_decision_awaits_its_confirm() {
         .await
         .unwrap());
     // As if the confirm had not been seen yet: the entry is still in `deciding`.
-    let entry = json!({"at": lar_worker::queue::now_ms(), "decision": "{}", "props": "{}",
+    let entry = json!({"at": lar_worker::clock::now_ms(), "decision": "{}", "props": "{}",
         "pending": String::from_utf8(pause_record(&id, 1, payload)).unwrap()});
     let client = redis::Client::open(redis_url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

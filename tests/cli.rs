@@ -4,8 +4,8 @@
 
 mod common;
 
-use lar_worker::queue::prelude::*;
 use common::{bin, manifest_dir, only_log, reference_logs_dir, run, write, SECRET};
+use lar_worker::queue::prelude::*;
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::Command;

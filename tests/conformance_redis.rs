@@ -17,8 +17,8 @@ async fn seed_python_interop() {
 /// `recover` (every reaper tick) hands it back, and the job is claimed and worked once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
-    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::prelude::*;
+    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::QueueNames;
     use std::time::Duration;
 
@@ -89,8 +89,8 @@ async fn a_message_moved_but_never_adopted_goes_back_to_the_queue() {
 /// worker stopped claiming goes back to the queue instead of sitting in a list nobody reaps.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_landing_after_a_clean_stop_is_reaped() {
-    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::prelude::*;
+    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::QueueNames;
     use std::time::Duration;
 
@@ -137,8 +137,8 @@ async fn a_message_landing_after_a_clean_stop_is_reaped() {
 /// heartbeat goes, so no reaper can drop the worker while its list may still fill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blmove_cut_off_at_shutdown_strands_nothing() {
-    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::prelude::*;
+    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::QueueNames;
     use std::sync::Arc;
     use std::time::Duration;
@@ -198,8 +198,8 @@ async fn a_blmove_cut_off_at_shutdown_strands_nothing() {
 /// waited out its decisions queue's blocking claim: 0.5–1 s instead of 2 ms.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_blocked_on_one_queue_does_not_hold_up_another() {
-    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::prelude::*;
+    use lar_worker::queue::redis::RedisBackend;
     use lar_worker::queue::QueueNames;
     use std::time::{Duration, Instant};
 

@@ -90,7 +90,10 @@ impl Env {
             .unwrap();
         let cfg = lar_worker::config::Config::load(&config).unwrap();
         let backend = rt
-            .block_on(lar_worker::wiring::connect_backend(&cfg, "test-producer".into()))
+            .block_on(lar_worker::wiring::connect_backend(
+                &cfg,
+                "test-producer".into(),
+            ))
             .unwrap();
         let names = lar_worker::queue::QueueNames {
             jobs: queue.clone(),
@@ -875,7 +878,12 @@ fn a_decision_that_does_not_fit_leaves_the_job_waiting(kind: Kind) {
     let job = pending_job_id(&mut env);
     let raw = env
         .rt
-        .block_on(env.backend.pauses().expect("pauses").get_pending(&env.names, &job))
+        .block_on(
+            env.backend
+                .pauses()
+                .expect("pauses")
+                .get_pending(&env.names, &job),
+        )
         .unwrap()
         .expect("a pending record");
     let pending: lar_worker::durable::Pending = serde_json::from_slice(&raw).unwrap();

@@ -1,7 +1,7 @@
 //! The embedded (SQLite) backend against real files in temp dirs.
 
-use lar_worker::queue::prelude::*;
 use lar_worker::queue::embedded::EmbeddedBackend;
+use lar_worker::queue::prelude::*;
 use lar_worker::queue::{Claim, DeadLetter, Fenced, Finish, QueueNames};
 use std::collections::HashSet;
 use std::path::Path;

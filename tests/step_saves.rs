@@ -5,8 +5,8 @@
 
 mod common;
 
-use lar_worker::queue::prelude::*;
 use lar_worker::queue::embedded::EmbeddedBackend;
+use lar_worker::queue::prelude::*;
 use lar_worker::queue::redis::RedisBackend;
 use lar_worker::queue::{Claim, Fenced, Finish, QueueNames, StepWrite};
 use std::sync::Arc;

@@ -361,7 +361,8 @@ where
         Err(c) => return c,
     };
     let code = rt.block_on(async move {
-        let connect = crate::wiring::connect_backend(&loaded.config, crate::telemetry::worker_identity());
+        let connect =
+            crate::wiring::connect_backend(&loaded.config, crate::telemetry::worker_identity());
         let backend = match within(limit, connect).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {

@@ -12,7 +12,7 @@ use super::llm::{spend_budget, TOKEN_BUDGET};
 use super::node::{
     bump_visit, elapsed_us, exec_leaf, insert_outcome, Ctx, NodeOutcome, LAST_ERROR, NODE_COUNTS,
 };
-use super::run::now_utc;
+use crate::clock::now_utc;
 use crate::graph::Node;
 use serde_json::{Map, Value};
 use std::collections::HashMap;

@@ -252,7 +252,7 @@ impl Run {
         };
         let graph = Arc::clone(&self.graph);
         let node = graph.node(idx);
-        let started_at = now_utc();
+        let started_at = crate::clock::now_utc();
         let clock = Instant::now();
         let known = self.snapshot.take();
 
@@ -343,7 +343,7 @@ impl Run {
                 allowed: choices.join(", "),
             });
         }
-        let started_at = now_utc();
+        let started_at = crate::clock::now_utc();
         let clock = Instant::now();
         let before = match self.snapshot.take() {
             Some(known) => known,
@@ -485,5 +485,3 @@ impl Run {
         exec_node(&ctx, idx, &mut self.state).await
     }
 }
-
-pub use crate::clock::now_utc;

@@ -106,14 +106,21 @@ mod tests {
             "reset",
         ));
         assert!(QueueError::from(io).is_retryable());
-        let typed = ::redis::RedisError::from((::redis::ErrorKind::UnexpectedReturnType, "not a list"));
+        let typed =
+            ::redis::RedisError::from((::redis::ErrorKind::UnexpectedReturnType, "not a list"));
         assert!(!QueueError::from(typed).is_retryable());
     }
 
     #[test]
     fn the_message_keeps_its_old_shape() {
         // Operators grep for these prefixes; the classification is in the type, not the text.
-        assert_eq!(QueueError::Corrupt("x".into()).to_string(), "queue store: x");
-        assert_eq!(QueueError::Transport("x".into()).to_string(), "queue store: x");
+        assert_eq!(
+            QueueError::Corrupt("x".into()).to_string(),
+            "queue store: x"
+        );
+        assert_eq!(
+            QueueError::Transport("x".into()).to_string(),
+            "queue store: x"
+        );
     }
 }

@@ -139,8 +139,12 @@ pub fn rules(how: &Finish) -> Rules {
         Finish::Publish { .. } => (Message::Published, RunFate::Forgotten, Dropped, false),
         // A retry that keeps its run resumes it and applies the decision again; a retry from
         // the first step asks its human again (a decision kept would answer a run that is gone).
-        Finish::Retry { keep_run: true, .. } => (Message::Delayed, RunFate::Kept, StaysWithJob, true),
-        Finish::Retry { keep_run: false, .. } => (Message::Delayed, RunFate::Forgotten, Dropped, true),
+        Finish::Retry { keep_run: true, .. } => {
+            (Message::Delayed, RunFate::Kept, StaysWithJob, true)
+        }
+        Finish::Retry {
+            keep_run: false, ..
+        } => (Message::Delayed, RunFate::Forgotten, Dropped, true),
         Finish::DeadLetter(dl) if dl.keep_run => {
             (Message::DeadLettered, RunFate::Kept, KeptForRedrive, false)
         }
@@ -240,13 +244,55 @@ mod tests {
         use Message::*;
         use RunFate::*;
         let expected = [
-            ("publish", Published, Forgotten, Dropped, false, "publish", false),
-            ("publish+dead", Published, Forgotten, Dropped, false, "publish", false),
-            ("retry_keep", Delayed, Kept, StaysWithJob, true, "retry", false),
+            (
+                "publish", Published, Forgotten, Dropped, false, "publish", false,
+            ),
+            (
+                "publish+dead",
+                Published,
+                Forgotten,
+                Dropped,
+                false,
+                "publish",
+                false,
+            ),
+            (
+                "retry_keep",
+                Delayed,
+                Kept,
+                StaysWithJob,
+                true,
+                "retry",
+                false,
+            ),
             ("retry", Delayed, Forgotten, Dropped, true, "retry", true),
-            ("dead_keep", DeadLettered, Kept, KeptForRedrive, false, "dead", true),
-            ("dead", DeadLettered, Forgotten, Dropped, false, "dead", true),
-            ("release", HandedBack, Kept, StaysWithJob, false, "release", false),
+            (
+                "dead_keep",
+                DeadLettered,
+                Kept,
+                KeptForRedrive,
+                false,
+                "dead",
+                true,
+            ),
+            (
+                "dead",
+                DeadLettered,
+                Forgotten,
+                Dropped,
+                false,
+                "dead",
+                true,
+            ),
+            (
+                "release",
+                HandedBack,
+                Kept,
+                StaysWithJob,
+                false,
+                "release",
+                false,
+            ),
             ("pause", Paused, Kept, SettledByPause, false, "pause", false),
         ];
         let outcomes = every_outcome();
@@ -294,7 +340,10 @@ mod tests {
     fn a_decision_outlives_its_claim_only_with_its_run() {
         for (name, how) in every_outcome() {
             let r = rules(&how);
-            if matches!(r.decision, DecisionFate::StaysWithJob | DecisionFate::KeptForRedrive) {
+            if matches!(
+                r.decision,
+                DecisionFate::StaysWithJob | DecisionFate::KeptForRedrive
+            ) {
                 assert_eq!(r.run, RunFate::Kept, "{name}");
             }
         }

@@ -31,8 +31,8 @@ pub mod prelude {
     pub use super::roles::{Admin, Backend, Consumer, Pauses, Runs};
 }
 pub use finish::{
-    failed_attempt, redrive_decision, rules, AttemptRecord, DeadLetter, DecisionFate, Fenced, Finish,
-    Message, Rules, RunFate,
+    failed_attempt, redrive_decision, rules, AttemptRecord, DeadLetter, DecisionFate, Fenced,
+    Finish, Message, Rules, RunFate,
 };
 use serde::Serialize;
 
@@ -114,8 +114,6 @@ pub fn envelope_id(payload: &[u8]) -> Option<String> {
         _ => None,
     }
 }
-
-pub use crate::clock::now_ms;
 
 /// The JSON entry stored for a dead letter: the payload kept exactly (as text when it is UTF-8,
 /// as hex otherwise), the reason and every attempt.

@@ -118,8 +118,11 @@ pub trait Pauses: Send + Sync {
     async fn list_pending(&self, q: &QueueNames) -> Result<Vec<Vec<u8>>, QueueError>;
 
     /// One job's pending-decision record.
-    async fn get_pending(&self, q: &QueueNames, job_id: &str)
-        -> Result<Option<Vec<u8>>, QueueError>;
+    async fn get_pending(
+        &self,
+        q: &QueueNames,
+        job_id: &str,
+    ) -> Result<Option<Vec<u8>>, QueueError>;
 
     /// If the job is still pending at the halt `decision.step` names (any, when it is `None`):
     /// removes the pending record and queues the job again with `decision` attached,

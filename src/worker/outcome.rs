@@ -184,7 +184,7 @@ fn pending_for(queue: &str, claim: &Claim, report: &JobReport) -> Option<Pending
         node,
         step: report.steps as u64,
         request,
-        awaiting_since: halted_at(&report.last_step).unwrap_or_else(crate::exec::run::now_utc),
+        awaiting_since: halted_at(&report.last_step).unwrap_or_else(crate::clock::now_utc),
         payload: String::from_utf8_lossy(&claim.payload).into_owned(),
         expires_at_ms: request_expiry(&report.last_step),
         attempt: claim.attempt.saturating_sub(1),
@@ -237,7 +237,7 @@ fn dead_letter(claim: &Claim, reason: &str) -> DeadLetter {
     let mut attempts = claim.history.clone();
     attempts.push(AttemptRecord {
         attempt: claim.attempt,
-        at: crate::exec::run::now_utc(),
+        at: crate::clock::now_utc(),
         error: reason.to_string(),
     });
     DeadLetter {
@@ -284,7 +284,7 @@ fn request_expiry(last_step: &Option<Map<String, Value>>) -> Option<i64> {
         .as_u64()?;
     let since = halted_at(last_step)
         .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
-        .map_or_else(crate::queue::now_ms, |t| t.timestamp_millis());
+        .map_or_else(crate::clock::now_ms, |t| t.timestamp_millis());
     Some(since.saturating_add(i64::try_from(after).unwrap_or(i64::MAX)))
 }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
 /// The reserved key of a state-format result that carries the job's metadata.
-pub const META_KEY: &str = "__lar_worker";
+pub const META_KEY: &str = crate::queue::RESULT_META_KEY;
 
 /// A message that passed every check and can run.
 #[derive(Debug)]

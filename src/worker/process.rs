@@ -240,17 +240,20 @@ impl Worker {
     ) -> Result<(Run, RunLog), Start> {
         let names = &self.queues[qi].names;
         // A claim the backend found without a run (most first attempts) has none to read.
-        let runs = self.backend.runs().filter(|_| self.durable() && !claim.fresh);
-        let stored = match runs {
-            Some(runs) => runs
-                .load_run(names, &claim.job_id)
-                .await
-                .map_err(|e| match e.is_retryable() {
-                    true => Start::Store(format!("cannot read the checkpoint: {e}")),
-                    false => Start::Dead(format!("the stored run is unreadable: {e}")),
+        let runs = self
+            .backend
+            .runs()
+            .filter(|_| self.durable() && !claim.fresh);
+        let stored =
+            match runs {
+                Some(runs) => runs.load_run(names, &claim.job_id).await.map_err(|e| {
+                    match e.is_retryable() {
+                        true => Start::Store(format!("cannot read the checkpoint: {e}")),
+                        false => Start::Dead(format!("the stored run is unreadable: {e}")),
+                    }
                 })?,
-            None => None,
-        };
+                None => None,
+            };
         let Some(stored) = stored else {
             if claim.decision.is_some() {
                 return Err(Start::Dead(
@@ -347,7 +350,7 @@ impl Worker {
             None => (String::new(), Vec::new(), Value::Null),
         };
         let record = AuthorityRecord {
-            timestamp: crate::exec::run::now_utc(),
+            timestamp: crate::clock::now_utc(),
             action_description: prompt,
             stakeholder_id: decision.decided_by.clone(),
             stakeholder_role: decision.role.clone(),

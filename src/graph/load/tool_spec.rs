@@ -3,11 +3,11 @@
 //! refer to them by name, so they are read before the nodes.
 
 use super::http;
+use super::KnownTools;
 use crate::graph::error::GraphError;
 use crate::graph::model::{ToolSpec, DEFAULT_TOOL_TIMEOUT};
 use crate::graph::reader::{kind, FieldReader};
 use crate::net::secret::ValueSpec;
-use super::KnownTools;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,8 +7,8 @@ use super::connection::io;
 use super::headers::PERSISTENT;
 use super::{lock, AmqpBackend, Shared, Topology};
 use crate::queue::{
-    envelope_id, rules, Admin, Backend, Claim, Consumer, DecisionFate, Fenced, Finish, Message, Pauses,
-    QueueDepth, QueueError, QueueNames, RunFate, Runs, StepWrite, StoredRun,
+    envelope_id, rules, Admin, Backend, Claim, Consumer, DecisionFate, Fenced, Finish, Message,
+    Pauses, QueueDepth, QueueError, QueueNames, RunFate, Runs, StepWrite, StoredRun,
 };
 use async_trait::async_trait;
 use lapin::options::{BasicCancelOptions, QueueDeclareOptions};

@@ -337,7 +337,12 @@ impl Shared {
         error: String,
         keeps_decision: bool,
     ) -> Result<Fenced, QueueError> {
-        let history = failed_attempt(&claim.history, claim.attempt, error, crate::clock::now_utc());
+        let history = failed_attempt(
+            &claim.history,
+            claim.attempt,
+            error,
+            crate::clock::now_utc(),
+        );
         let mut headers = carried_headers(&h.props);
         if !keeps_decision {
             let mut without = FieldTable::default();

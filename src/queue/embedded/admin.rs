@@ -3,7 +3,8 @@
 //! them touches a claim's fence.
 
 use super::{limit, EmbeddedBackend};
-use crate::queue::{now_ms, QueueDepth, QueueError, QueueNames};
+use crate::clock::now_ms;
+use crate::queue::{QueueDepth, QueueError, QueueNames};
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
 /// Inserts a ready job with a given id (resumes and redrives keep the job's id). `epoch` is

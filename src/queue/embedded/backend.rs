@@ -5,8 +5,8 @@ use super::finish::{finish_once, sqlite_seq};
 use super::runs::save_step_once;
 use super::EmbeddedBackend;
 use crate::queue::{
-    Admin, Backend, Claim, Consumer, Fenced, Finish, Pauses, QueueDepth, QueueError, QueueNames, Runs,
-    StepWrite,
+    Admin, Backend, Claim, Consumer, Fenced, Finish, Pauses, QueueDepth, QueueError, QueueNames,
+    Runs, StepWrite,
 };
 use async_trait::async_trait;
 use std::time::Duration;

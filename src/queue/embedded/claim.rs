@@ -3,7 +3,8 @@
 //! whose lease ran out). Each is fenced on the claim's epoch where it touches a held job.
 
 use super::{limit, millis, parse_history, EmbeddedBackend};
-use crate::queue::{now_ms, Claim, ClaimHandle, QueueError, QueueNames};
+use crate::clock::now_ms;
+use crate::queue::{Claim, ClaimHandle, QueueError, QueueNames};
 use rusqlite::{params, Connection, TransactionBehavior};
 use std::time::{Duration, Instant};
 

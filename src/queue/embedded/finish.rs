@@ -3,9 +3,10 @@
 //! dead-letters or hands back the job, so a worker that lost its lease cannot publish.
 
 use super::{millis, parse_history, to_json_text};
+use crate::clock::now_ms;
 use crate::queue::{
-    dead_letter_entry, failed_attempt, now_ms, rules, Claim, ClaimHandle, DeadLetter, DecisionFate,
-    Fenced, Finish, QueueError, QueueNames, RunFate,
+    dead_letter_entry, failed_attempt, rules, Claim, ClaimHandle, DeadLetter, DecisionFate, Fenced,
+    Finish, QueueError, QueueNames, RunFate,
 };
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 

@@ -237,7 +237,9 @@ impl EmbeddedBackend {
             Ok(out)
         })
         .await
-        .map_err(|e| QueueError::Transport(format!("embedded queue: the blocking task failed: {e}")))?
+        .map_err(|e| {
+            QueueError::Transport(format!("embedded queue: the blocking task failed: {e}"))
+        })?
     }
 }
 

@@ -4,8 +4,9 @@
 //! store.
 
 use super::{admin::insert_job, to_json_text, EmbeddedBackend};
+use crate::clock::now_ms;
 use crate::durable::pending::waits_at;
-use crate::queue::{now_ms, Fenced, QueueError, QueueNames, StepWrite};
+use crate::queue::{Fenced, QueueError, QueueNames, StepWrite};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// `save_step` in one write transaction, fenced like `finish`.

@@ -9,8 +9,9 @@ use super::RedisBackend;
 use crate::queue::run_store::redis::run_key;
 use crate::queue::run_store::RunStore;
 use crate::queue::{
-    dead_letter_decision, dead_letter_entry, dead_letter_payload, failed_attempt, redrive_decision, rules, Admin, Backend, Claim, Consumer,
-    DecisionFate, Fenced, Finish, QueueDepth, RunFate, QueueError, Pauses, QueueNames, Runs, StepWrite, StoredRun,
+    dead_letter_decision, dead_letter_entry, dead_letter_payload, failed_attempt, redrive_decision,
+    rules, Admin, Backend, Claim, Consumer, DecisionFate, Fenced, Finish, Pauses, QueueDepth,
+    QueueError, QueueNames, RunFate, Runs, StepWrite, StoredRun,
 };
 use ::redis::AsyncCommands;
 use async_trait::async_trait;
@@ -113,8 +114,12 @@ impl Consumer for RedisBackend {
                 (result, dead)
             }
             Finish::Retry { delay, error, .. } => {
-                let history =
-                    failed_attempt(&claim.history, claim.attempt, error, crate::clock::now_utc());
+                let history = failed_attempt(
+                    &claim.history,
+                    claim.attempt,
+                    error,
+                    crate::clock::now_utc(),
+                );
                 (
                     Self::rewrap(claim, claim.attempt, history, keeps_decision),
                     (delay.as_millis() as u64).to_string().into_bytes(),

@@ -55,7 +55,8 @@ impl BatchedScript {
     /// Runs the body for one job; resolves with its return value.
     pub async fn call(&self, keys: Vec<String>, args: Vec<Vec<u8>>) -> Result<i64, QueueError> {
         let (done, wait) = oneshot::channel();
-        let stopped = || QueueError::Transport(format!("the Redis {} writer has stopped", self.name));
+        let stopped =
+            || QueueError::Transport(format!("the Redis {} writer has stopped", self.name));
         self.tx
             .send(Call { keys, args, done })
             .map_err(|_| stopped())?;

@@ -274,7 +274,7 @@ impl RunStore for RedisRunStore {
             .key(run_key(q, job_id))
             .arg(job_id)
             .arg(decision)
-            .arg(crate::queue::now_ms())
+            .arg(crate::clock::now_ms())
             .arg(step.map(|s| s.to_string()).unwrap_or_default());
         let mut conn = self.conn.clone();
         let entry: Option<Vec<u8>> = inv.invoke_async(&mut conn).await?;
@@ -311,7 +311,7 @@ impl RunStore for RedisRunStore {
     ) -> Result<Vec<(String, Deciding)>, QueueError> {
         let mut inv = self.stale_decisions.prepare_invoke();
         inv.key(deciding_key(q))
-            .arg(crate::queue::now_ms())
+            .arg(crate::clock::now_ms())
             .arg(stale_after.as_millis() as u64)
             .arg(run_key(q, ""));
         let mut conn = self.conn.clone();

@@ -3,8 +3,9 @@
 //! the host opens the same file; replicas on other hosts need the Redis store.
 
 use super::{answered_earlier, Deciding, Paused, RunStore};
+use crate::clock::now_ms;
 use crate::durable::pending::{step_of, waits_at};
-use crate::queue::{now_ms, Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
+use crate::queue::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;

@@ -551,9 +551,9 @@ fn the_expiry_counts_from_the_halt_step_not_from_each_pause() {
 /// The expiry of `step` must fall `after_ms` from the clock read around the call.
 fn expires_from_now(step: serde_json::Value, after_ms: i64) {
     let step = step.as_object().cloned();
-    let before = crate::queue::now_ms();
+    let before = crate::clock::now_ms();
     let expiry = request_expiry(&step).expect("an expiry");
-    let after = crate::queue::now_ms();
+    let after = crate::clock::now_ms();
     assert!(
         (before + after_ms..=after + after_ms).contains(&expiry),
         "{expiry} counts from now ({before}..={after}) plus {after_ms} ms"
