@@ -1,150 +1,30 @@
 //! Durable runs in a SQLite file (WAL), for the amqp backend on one host: the same contract
 //! as the Redis store (`run_store::redis`), each operation one transaction. Every replica of
 //! the host opens the same file; replicas on other hosts need the Redis store.
+//!
+//! Files: `schema.rs` (tables, WAL, the epoch sequence), `journal.rs` (a run's checkpoint and
+//! step journal), `deciding.rs` (decisions on their way); this file holds the store and its
+//! [`RunStore`] contract.
+
+mod deciding;
+mod journal;
+mod schema;
 
 use super::{answered_earlier, Deciding, Paused, RunStore};
 use crate::clock::now_ms;
-use crate::durable::pending::{step_of, waits_at};
+use crate::durable::pending::waits_at;
 use crate::queue::{Claim, Fenced, QueueError, QueueNames, StepWrite, StoredRun};
 use async_trait::async_trait;
+use deciding::*;
+use journal::*;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use schema::*;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS epochs (
-    queue  TEXT    NOT NULL,
-    job_id TEXT    NOT NULL,
-    epoch  INTEGER NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-CREATE TABLE IF NOT EXISTS pending (
-    queue      TEXT    NOT NULL,
-    job_id     TEXT    NOT NULL,
-    record     BLOB    NOT NULL,
-    props      TEXT    NOT NULL,
-    created_at INTEGER NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-CREATE TABLE IF NOT EXISTS deciding (
-    queue    TEXT    NOT NULL,
-    job_id   TEXT    NOT NULL,
-    decision TEXT    NOT NULL,
-    pending  TEXT    NOT NULL,
-    props    TEXT    NOT NULL,
-    at       INTEGER NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-CREATE TABLE IF NOT EXISTS deciding_confirmed (
-    queue  TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-";
-
-/// The checkpoint and journal tables, shared with the embedded backend's file.
-pub(in crate::queue) const RUN_TABLES: &str = "
-CREATE TABLE IF NOT EXISTS runs (
-    queue      TEXT NOT NULL,
-    job_id     TEXT NOT NULL,
-    checkpoint BLOB NOT NULL,
-    PRIMARY KEY (queue, job_id)
-);
-CREATE TABLE IF NOT EXISTS run_steps (
-    queue  TEXT    NOT NULL,
-    job_id TEXT    NOT NULL,
-    idx    INTEGER NOT NULL,
-    record BLOB    NOT NULL,
-    PRIMARY KEY (queue, job_id, idx)
-);
-CREATE TABLE IF NOT EXISTS epoch_seq (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    n  INTEGER NOT NULL
-);
-";
-
-/// Starts the file's epoch sequence, once, above `highest` (the largest epoch the file already
-/// holds, for files from before the sequence). Epochs come from this one sequence, never from
-/// a per-job counter: a job's row or entry goes when its run ends, and a counter started again
-/// at 1 would meet a cut-off holder that still has the old epoch.
-pub(in crate::queue) fn seed_epoch_seq(conn: &Connection, highest: &str) -> Result<(), QueueError> {
-    conn.execute(
-        &format!("INSERT OR IGNORE INTO epoch_seq (id, n) VALUES (1, COALESCE(({highest}), 0))"),
-        [],
-    )?;
-    Ok(())
-}
-
-/// The next epoch of the file's sequence (see [`seed_epoch_seq`]).
-pub(in crate::queue) fn next_epoch(conn: &Connection) -> Result<i64, QueueError> {
-    Ok(conn
-        .prepare_cached("UPDATE epoch_seq SET n = n + 1 WHERE id = 1 RETURNING n")?
-        .query_row([], |r| r.get(0))?)
-}
-
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Opens a SQLite file in WAL mode with `busy` as its busy timeout. Switching a file to WAL
-/// needs it to itself for a moment, and SQLite answers "database is locked" at once rather
-/// than waiting when another process (a replica starting at the same time) has it open: the
-/// switch is tried again until `busy` has passed.
-pub(in crate::queue) fn open_wal(path: &Path, busy: Duration) -> Result<Connection, QueueError> {
-    let conn = Connection::open(path)?;
-    conn.busy_timeout(busy)?;
-    let deadline = std::time::Instant::now() + busy;
-    let mode: String = loop {
-        match conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0)) {
-            Ok(mode) => break mode,
-            Err(rusqlite::Error::SqliteFailure(e, _))
-                if matches!(
-                    e.code,
-                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-                ) && std::time::Instant::now() < deadline =>
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(e) => return Err(e.into()),
-        }
-    };
-    if !mode.eq_ignore_ascii_case("wal") {
-        return Err(QueueError::Unsupported(format!(
-            "{}: SQLite refused WAL mode (journal_mode is '{mode}')",
-            path.display()
-        )));
-    }
-    Ok(conn)
-}
-
-/// The store's column on `runs` (added to files from before it): when a retired run goes, in
-/// ms since the epoch (see `RunStore::retire`); NULL for a live run. Its index holds only the
-/// retired runs, so the sweep never reads the live ones. Runs inside the opening's immediate
-/// transaction: replicas starting together must not both add the column.
-fn add_retire_at(tx: &rusqlite::Transaction<'_>) -> Result<(), QueueError> {
-    let has: i64 = tx.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('runs') WHERE name = 'retire_at'",
-        [],
-        |r| r.get(0),
-    )?;
-    if has == 0 {
-        tx.execute_batch("ALTER TABLE runs ADD COLUMN retire_at INTEGER")?;
-    }
-    tx.execute_batch(
-        "CREATE INDEX IF NOT EXISTS runs_retired ON runs (queue, retire_at)
-         WHERE retire_at IS NOT NULL",
-    )?;
-    Ok(())
-}
-
-/// Every table that holds something of a job's run.
-const JOB_TABLES: &[&str] = &[
-    "runs",
-    "run_steps",
-    "epochs",
-    "pending",
-    "deciding",
-    "deciding_confirmed",
-];
+pub(in crate::queue) use journal::{forget_run, read_run, write_step};
+pub(in crate::queue) use schema::{next_epoch, open_wal, seed_epoch_seq, RUN_TABLES};
 
 pub(in crate::queue) struct SqliteRunStore {
     conn: Arc<Mutex<Connection>>,
@@ -193,206 +73,6 @@ impl SqliteRunStore {
         .map_err(|e| {
             QueueError::Transport(format!("checkpoint store: the blocking task failed: {e}"))
         })?
-    }
-}
-
-/// Whether `epoch` is the job's current one.
-fn holds(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-    epoch: u64,
-) -> Result<bool, QueueError> {
-    let current: Option<i64> = tx
-        .prepare_cached("SELECT epoch FROM epochs WHERE queue = ?1 AND job_id = ?2")?
-        .query_row(params![queue, job_id], |r| r.get(0))
-        .optional()?;
-    Ok(current.is_some_and(|c| i64::try_from(epoch) == Ok(c)))
-}
-
-/// Journals `step` (unless the journal already ends with it: a retried save) and replaces the
-/// checkpoint; a step whose predecessor is missing is refused. The caller has fenced the write
-/// and commits the transaction.
-pub(in crate::queue) fn write_step(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-    step: StepWrite<'_>,
-) -> Result<(), QueueError> {
-    let held: i64 = tx
-        .prepare_cached("SELECT COUNT(*) FROM run_steps WHERE queue = ?1 AND job_id = ?2")?
-        .query_row(params![queue, job_id], |r| r.get(0))?;
-    let index = i64::try_from(step.index).unwrap_or(i64::MAX);
-    if held == index {
-        tx.prepare_cached(
-            "INSERT INTO run_steps (queue, job_id, idx, record) VALUES (?1, ?2, ?3, ?4)",
-        )?
-        .execute(params![queue, job_id, index, step.record])?;
-    } else if held != index.saturating_add(1) {
-        return Err(QueueError::Conflict(format!(
-            "the journal of job {job_id} holds {held} steps, this step is number {index}"
-        )));
-    }
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO runs (queue, job_id, checkpoint) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![queue, job_id, step.checkpoint])?;
-    Ok(())
-}
-
-/// A job's checkpoint and journal, if it has a checkpoint.
-pub(in crate::queue) fn read_run(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-) -> Result<Option<StoredRun>, QueueError> {
-    let checkpoint: Option<Vec<u8>> = tx
-        .prepare_cached("SELECT checkpoint FROM runs WHERE queue = ?1 AND job_id = ?2")?
-        .query_row(params![queue, job_id], |r| r.get(0))
-        .optional()?;
-    let Some(checkpoint) = checkpoint else {
-        return Ok(None);
-    };
-    let journal = tx
-        .prepare_cached(
-            "SELECT record FROM run_steps WHERE queue = ?1 AND job_id = ?2 ORDER BY idx",
-        )?
-        .query_map(params![queue, job_id], |r| r.get::<_, Vec<u8>>(0))?
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(Some(StoredRun {
-        checkpoint,
-        journal,
-    }))
-}
-
-/// Forgets a run's checkpoint and journal, unless the job waits for a human (a pending
-/// record): then the claim that ended was a copy of the paused job (a producer sent its id
-/// again), and the paused run is not its to end.
-pub(in crate::queue) fn forget_run(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-) -> Result<(), QueueError> {
-    // A pending record whose halt the journal shows answered is stale (a copy of the job
-    // paused again while the decision was on its way): it goes with the run, or a later
-    // decision of it would resume the ended run and publish a second result.
-    if let Some(record) = row_of(tx, "pending", "record", queue, job_id)? {
-        if !answered(tx, queue, job_id, &record)? {
-            return Ok(());
-        }
-        delete_rows(tx, &["pending"], queue, job_id)?;
-    }
-    delete_rows(tx, &["runs", "run_steps"], queue, job_id)
-}
-
-/// Deletes the job's rows in each of `tables` (keyed by queue and job id).
-fn delete_rows(
-    tx: &rusqlite::Transaction<'_>,
-    tables: &[&str],
-    queue: &str,
-    job_id: &str,
-) -> Result<(), QueueError> {
-    for table in tables {
-        tx.prepare_cached(&format!(
-            "DELETE FROM {table} WHERE queue = ?1 AND job_id = ?2"
-        ))?
-        .execute(params![queue, job_id])?;
-    }
-    Ok(())
-}
-
-/// A job's `deciding` entry and its confirmed mark.
-const DECIDING_TABLES: &[&str] = &["deciding", "deciding_confirmed"];
-
-/// The pending record inside the job's `deciding` entry, if it has one.
-fn deciding_of(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-) -> Result<Option<Vec<u8>>, QueueError> {
-    row_of(tx, "deciding", "pending", queue, job_id)
-}
-
-/// Whether a `deciding` entry's pending record answers the halt at `step` (any, when `None`;
-/// an entry without a readable step answers any).
-fn answers_halt(pending: &[u8], step: Option<u64>) -> bool {
-    match (step, step_of(pending)) {
-        (Some(want), Some(s)) => s == want,
-        _ => true,
-    }
-}
-
-/// `column` of the job's row in `table` (keyed by queue and job id), if it has one.
-fn row_of(
-    tx: &rusqlite::Transaction<'_>,
-    table: &str,
-    column: &str,
-    queue: &str,
-    job_id: &str,
-) -> Result<Option<Vec<u8>>, QueueError> {
-    Ok(tx
-        .prepare_cached(&format!(
-            "SELECT CAST({column} AS BLOB) FROM {table} WHERE queue = ?1 AND job_id = ?2"
-        ))?
-        .query_row(params![queue, job_id], |r| r.get(0))
-        .optional()?)
-}
-
-/// Whether the halt a pending record (or a deciding entry's) waits at is already journaled:
-/// its decision was applied, so the record is stale.
-fn answered(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-    pending: &[u8],
-) -> Result<bool, QueueError> {
-    let Some(step) = step_of(pending) else {
-        return Ok(false);
-    };
-    Ok(tx
-        .prepare_cached("SELECT 1 FROM run_steps WHERE queue = ?1 AND job_id = ?2 AND idx = ?3")?
-        .query_row(params![queue, job_id, step as i64], |_| Ok(()))
-        .optional()?
-        .is_some())
-}
-
-/// Whether [`delete_run`] would forget the run: nothing live waits for a human.
-fn run_is_done(
-    tx: &rusqlite::Transaction<'_>,
-    queue: &str,
-    job_id: &str,
-) -> Result<bool, QueueError> {
-    if let Some(p) = deciding_of(tx, queue, job_id)? {
-        if !answered(tx, queue, job_id, &p)? {
-            return Ok(false);
-        }
-    }
-    match row_of(tx, "pending", "record", queue, job_id)? {
-        Some(record) => answered(tx, queue, job_id, &record),
-        None => Ok(true),
-    }
-}
-
-/// Forgets a run and its epoch: the job is done with.
-fn delete_run(tx: &rusqlite::Transaction<'_>, queue: &str, job_id: &str) -> Result<(), QueueError> {
-    // A decision on its way to the broker needs the run as much as a pending one, unless
-    // the journal shows it applied.
-    match deciding_of(tx, queue, job_id)? {
-        Some(p) if !answered(tx, queue, job_id, &p)? => {}
-        Some(_) => {
-            delete_rows(tx, DECIDING_TABLES, queue, job_id)?;
-            forget_run(tx, queue, job_id)?;
-        }
-        None => forget_run(tx, queue, job_id)?,
-    }
-    delete_rows(tx, &["epochs"], queue, job_id)
-}
-
-fn to_deciding(decision: String, pending: Vec<u8>, props: String) -> Deciding {
-    Deciding {
-        decision,
-        pending: String::from_utf8_lossy(&pending).into_owned(),
-        props,
     }
 }
 
