@@ -1,7 +1,7 @@
 //! How a job ends, decided from values: the finish and verdict for a run's report, a retry or
 //! a dead letter for a failure, the dead letter for a message that cannot start, a result cut
 //! down to `worker.max_result_bytes`, and the counters a verdict moves. Plain functions of the
-//! claim, the report and the worker's [`Rules`] (no backend, no run), so every branch is
+//! claim, the report and the worker's [`Policy`] (no backend, no run), so every branch is
 //! tested below without processes or stores.
 
 use super::payload::{awaiting_message, result_message, without_state, ParsedJob, META_KEY};
@@ -26,8 +26,8 @@ pub enum Verdict {
     Release,
 }
 
-/// What the decisions below read from the worker and the job's queue.
-pub(super) struct Rules<'a> {
+/// What the decisions below read from the worker and the job's queue: its policy.
+pub(super) struct Policy<'a> {
     /// `worker.retry`: how many attempts, and whether a failed run is retried.
     pub(super) retry: &'a RetrySection,
     /// The delay before each retry.
@@ -48,11 +48,11 @@ pub(super) struct Rules<'a> {
 /// without its state (see [`without_state`]), a final one as a failure with a dead letter,
 /// so an operator sees it; retrying could never make it fit.
 pub(super) fn fit_result(
-    rules: &Rules,
+    policy: &Policy,
     claim: &Claim,
     (finish, verdict): (Finish, Verdict),
 ) -> (Finish, Verdict) {
-    let max = rules.max_result_bytes;
+    let max = policy.max_result_bytes;
     let size = match &finish {
         Finish::Publish { result, .. } | Finish::Pause { result, .. } if result.len() > max => {
             result.len()
@@ -64,7 +64,7 @@ pub(super) fn fit_result(
          without the run's state, which the signed audit log holds"
     );
     warn!(job_id = %claim.job_id, %reason, "result too large");
-    let format = rules.format;
+    let format = policy.format;
     if let Finish::Pause { result, pending } = &finish {
         if let Some(result) = without_state(format, result, None, &reason, max) {
             let pending = pending.clone();
@@ -101,15 +101,15 @@ pub(super) fn fit_result(
 
 /// How a run that ended (completed, failed, or halted) finishes its claim.
 pub(super) fn finish_for(
-    rules: &Rules,
+    policy: &Policy,
     claim: &Claim,
     job: &ParsedJob,
     report: &JobReport,
 ) -> (Finish, Verdict) {
-    let retry = rules.retry;
+    let retry = policy.retry;
     match &report.status {
         RunStatus::Completed => {
-            let result = result_message(rules.format, job, report, claim.attempt);
+            let result = result_message(policy.format, job, report, claim.attempt);
             (
                 Finish::Publish {
                     result,
@@ -118,14 +118,14 @@ pub(super) fn finish_for(
                 Verdict::Completed,
             )
         }
-        RunStatus::Halted if rules.pauses => match pending_for(rules.queue, claim, report) {
+        RunStatus::Halted if policy.pauses => match pending_for(policy.queue, claim, report) {
             Some(pending) => {
-                let result = awaiting_message(rules.format, job, report, &pending);
+                let result = awaiting_message(policy.format, job, report, &pending);
                 let pending = serde_json::to_vec(&pending).unwrap_or_default();
                 (Finish::Pause { result, pending }, Verdict::Halted)
             }
             None => {
-                let result = result_message(rules.format, job, report, claim.attempt);
+                let result = result_message(policy.format, job, report, claim.attempt);
                 (
                     Finish::Publish {
                         result,
@@ -136,7 +136,7 @@ pub(super) fn finish_for(
             }
         },
         RunStatus::Halted | RunStatus::Running => {
-            let result = result_message(rules.format, job, report, claim.attempt);
+            let result = result_message(policy.format, job, report, claim.attempt);
             (
                 Finish::Publish {
                     result,
@@ -148,9 +148,9 @@ pub(super) fn finish_for(
         RunStatus::Failed { reason } => {
             if retry.retry_failed_runs && claim.attempt < retry.attempts {
                 let error = format!("run {} failed: {reason}", report.run_id);
-                retry_or_dead(rules, claim, error, false)
+                retry_or_dead(policy, claim, error, false)
             } else {
-                let result = result_message(rules.format, job, report, claim.attempt);
+                let result = result_message(policy.format, job, report, claim.attempt);
                 let dead_letter = retry.retry_failed_runs.then(|| {
                     dead_letter(claim, &format!("run {} failed: {reason}", report.run_id))
                 });
@@ -195,14 +195,14 @@ fn pending_for(queue: &str, claim: &Claim, report: &JobReport) -> Option<Pending
 /// Another attempt after the backoff, or the dead letters once the attempts are spent.
 /// `keep_run`: see [`Finish::Retry`].
 pub(super) fn retry_or_dead(
-    rules: &Rules,
+    policy: &Policy,
     claim: &Claim,
     error: String,
     keep_run: bool,
 ) -> (Finish, Verdict) {
-    if claim.attempt < rules.retry.attempts {
-        let delay = rules.backoff.delay(claim.attempt);
-        let keep_run = keep_run && rules.durable;
+    if claim.attempt < policy.retry.attempts {
+        let delay = policy.backoff.delay(claim.attempt);
+        let keep_run = keep_run && policy.durable;
         (
             Finish::Retry {
                 delay,
@@ -215,7 +215,7 @@ pub(super) fn retry_or_dead(
         let reason = format!("gave up after {} attempts: {error}", claim.attempt);
         let mut dead = dead_letter(claim, &reason);
         // Infrastructure gave out, not the run: a redrive resumes it.
-        dead.keep_run = keep_run && rules.durable;
+        dead.keep_run = keep_run && policy.durable;
         (Finish::DeadLetter(dead), Verdict::DeadLetter)
     }
 }
@@ -225,9 +225,9 @@ pub(super) fn retry_or_dead(
 /// that keeps the job's stored run. The journal is the only evidence of the steps already
 /// taken (no final log exists), of tampering too, and a redrive after the cause is fixed
 /// resumes after the last finished step instead of running them again.
-pub(super) fn refused(rules: &Rules, claim: &Claim, reason: &str) -> (Finish, Verdict) {
+pub(super) fn refused(policy: &Policy, claim: &Claim, reason: &str) -> (Finish, Verdict) {
     let dead = DeadLetter {
-        keep_run: rules.durable,
+        keep_run: policy.durable,
         ..dead_letter(claim, reason)
     };
     (Finish::DeadLetter(dead), Verdict::DeadLetter)

@@ -1,7 +1,7 @@
 //! One claim from message to finish: parse, resume or start the run (applying a human decision
 //! when the delivery carries one), checkpoint every step, and decide how the claim ends.
 
-use super::outcome::{self, Rules, Verdict};
+use super::outcome::{self, Policy, Verdict};
 use super::payload::{parse, ParsedJob};
 use super::Worker;
 use crate::audit::ledger::{write_ledger_record, AuthorityRecord};
@@ -94,8 +94,8 @@ impl Worker {
     }
 
     /// What the outcome decisions read for a job of queue `qi`.
-    fn rules(&self, qi: usize) -> Rules<'_> {
-        Rules {
+    fn policy(&self, qi: usize) -> Policy<'_> {
+        Policy {
             retry: &self.cfg.retry,
             backoff: &self.backoff,
             durable: self.durable(),
@@ -119,17 +119,17 @@ impl Worker {
             Ok(j) => j,
             Err(reason) => {
                 warn!(job_id = %claim.job_id, %reason, "bad message: dead-lettered");
-                return outcome::refused(&self.rules(qi), claim, &reason);
+                return outcome::refused(&self.policy(qi), claim, &reason);
             }
         };
         let (mut run, mut log) = match self.start_or_resume(qi, claim, &job).await {
             Ok(pair) => pair,
             Err(Start::Dead(reason)) => {
                 warn!(job_id = %claim.job_id, %reason, "cannot resume: dead-lettered");
-                return outcome::refused(&self.rules(qi), claim, &reason);
+                return outcome::refused(&self.policy(qi), claim, &reason);
             }
             Err(Start::Store(error)) => {
-                return outcome::retry_or_dead(&self.rules(qi), claim, error, true)
+                return outcome::retry_or_dead(&self.policy(qi), claim, error, true)
             }
         };
         let sink = CheckpointSink {
@@ -154,7 +154,7 @@ impl Worker {
                     // ledger file; a failed write never leaves an applied, unrecorded decision.
                     if let Err(error) = self.record_authority(&run, &log, decision).await {
                         warn!(job_id = %claim.job_id, %error, "decision not applied");
-                        return outcome::retry_or_dead(&self.rules(qi), claim, error, true);
+                        return outcome::retry_or_dead(&self.policy(qi), claim, error, true);
                     }
                     if let Some(s) = sink_ref {
                         match s.persist(&run, &log).await {
@@ -163,11 +163,11 @@ impl Worker {
                                 return (Finish::Release, Verdict::Release)
                             }
                             Err(PersistError::Failed(e)) => {
-                                return outcome::retry_or_dead(&self.rules(qi), claim, e, true)
+                                return outcome::retry_or_dead(&self.policy(qi), claim, e, true)
                             }
                             Err(PersistError::Refused(e)) => {
                                 let reason = format!("the checkpoint store refused the step: {e}");
-                                return outcome::refused(&self.rules(qi), claim, &reason);
+                                return outcome::refused(&self.policy(qi), claim, &reason);
                             }
                         }
                     }
@@ -204,13 +204,13 @@ impl Worker {
             Ok(Driven::StoreRefused(e)) => {
                 let reason = format!("the checkpoint store refused the step: {e}");
                 warn!(job_id = %claim.job_id, %reason, "dead-lettered");
-                return outcome::refused(&self.rules(qi), claim, &reason);
+                return outcome::refused(&self.policy(qi), claim, &reason);
             }
             Err(e) => {
                 // The evidence could not be written: never publish without it.
                 let error = format!("cannot write the audit log: {e}");
                 warn!(job_id = %claim.job_id, %error, "infrastructure failure");
-                return outcome::retry_or_dead(&self.rules(qi), claim, error, true);
+                return outcome::retry_or_dead(&self.policy(qi), claim, error, true);
             }
         };
         // A completed run is counted in the metrics and evidenced by its signed log; a line per
@@ -223,7 +223,7 @@ impl Worker {
             info!(job_id = %claim.job_id, run_id = %report.run_id, status = report.status_name(),
                   steps = report.steps, attempt = claim.attempt, "run ended");
         }
-        let rules = self.rules(qi);
+        let rules = self.policy(qi);
         outcome::fit_result(
             &rules,
             claim,

@@ -1,7 +1,7 @@
 //! The outcome decisions, branch by branch: plain values in, the finish and verdict out.
 
 use super::{
-    count, finish_for, fit_result, refused, request_expiry, retry_or_dead, Rules, Verdict,
+    count, finish_for, fit_result, refused, request_expiry, retry_or_dead, Policy, Verdict,
 };
 use crate::backoff::Backoff;
 use crate::config::{PayloadFormat, RetrySection};
@@ -13,7 +13,7 @@ use crate::worker::stats::Stats;
 use serde_json::{json, Map, Value};
 use std::time::Duration;
 
-/// The worker's side of [`Rules`]: three attempts, failed runs retried, no jitter (so a
+/// The worker's side of [`Policy`]: three attempts, failed runs retried, no jitter (so a
 /// retry's delay is the initial backoff, 1 s).
 struct Setup {
     retry: RetrySection,
@@ -57,8 +57,8 @@ impl Setup {
         }
     }
 
-    fn rules(&self) -> Rules<'_> {
-        Rules {
+    fn rules(&self) -> Policy<'_> {
+        Policy {
             retry: &self.retry,
             backoff: &self.backoff,
             durable: self.durable,
