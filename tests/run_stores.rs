@@ -28,6 +28,7 @@ fn claim(job_id: &str, epoch: u64) -> Claim {
         history: Vec::new(),
         decision: None,
         fresh: false,
+        recoveries: 0,
         handle: ClaimHandle::default(),
     }
 }

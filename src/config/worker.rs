@@ -36,6 +36,10 @@ pub struct WorkerSection {
     /// log), as a failure with a dead letter: a broker refuses oversized messages (RabbitMQ 4:
     /// 16 MiB by default) by closing the channel, and a retry would meet the same refusal.
     pub max_result_bytes: usize,
+    /// A job whose worker died (or stopped renewing its lease) this many times while running it
+    /// is dead-lettered with the reason instead of being run again: one poison message must not
+    /// take down every replica in turn, for ever. Its checkpoint stays, so a redrive resumes.
+    pub max_recoveries: u32,
     /// fsync audit logs (and their directory) before a job counts as done.
     pub fsync: bool,
     /// Checkpoint after every step (resume after a crash, human pauses). Needs a backend that
@@ -55,6 +59,7 @@ impl Default for WorkerSection {
             drain_timeout_ms: 20_000,
             max_message_bytes: 1024 * 1024,
             max_result_bytes: 8 * 1024 * 1024,
+            max_recoveries: 3,
             fsync: true,
             checkpoints: true,
             retry: RetrySection::default(),
@@ -95,6 +100,9 @@ impl WorkerSection {
         }
         if self.max_result_bytes < 4096 {
             return Err("worker.max_result_bytes: must be at least 4096".into());
+        }
+        if !(1..=1000).contains(&self.max_recoveries) {
+            return Err("worker.max_recoveries: must be between 1 and 1000".into());
         }
         self.retry.validate_policy()
     }

@@ -233,6 +233,11 @@ impl Run {
         self.status == RunStatus::Running
     }
 
+    /// The node the run takes next (or, halted, waits at); `None` once it has ended.
+    pub fn next_node(&self) -> Option<&crate::graph::Node> {
+        self.next.map(|i| self.graph.node(i))
+    }
+
     /// The jury node a halted run waits at.
     pub fn waiting_node(&self) -> Option<&crate::graph::Node> {
         match self.status {

@@ -68,6 +68,11 @@ pub struct Claim {
     /// nothing to resume, and none can appear (only this claim's epoch may write one), so the
     /// worker starts the run without reading the store. False where the backend did not look.
     pub fresh: bool,
+    /// How many claims of this job were taken back from a holder that stopped renewing them
+    /// (its worker died, or hung past its lease) since the job last ended a claim itself. A
+    /// hand-back is not a recovery. The worker dead-letters a job that reached
+    /// `worker.max_recoveries` instead of running it again.
+    pub recoveries: u32,
     /// The backend's own reference to this claim; opaque outside `queue`.
     pub handle: ClaimHandle,
 }

@@ -42,6 +42,8 @@ pub(super) struct Policy<'a> {
     pub(super) queue: &'a str,
     /// `worker.max_result_bytes`.
     pub(super) max_result_bytes: usize,
+    /// `worker.max_recoveries`.
+    pub(super) max_recoveries: u32,
 }
 
 /// Keeps what is published within `worker.max_result_bytes`: an oversized result goes out
@@ -225,6 +227,25 @@ pub(super) fn retry_or_dead(
 /// that keeps the job's stored run. The journal is the only evidence of the steps already
 /// taken (no final log exists), of tampering too, and a redrive after the cause is fixed
 /// resumes after the last finished step instead of running them again.
+/// A job whose worker died `max_recoveries` times while running it is dead-lettered instead of
+/// run again (its run kept, so a redrive after the fix resumes). `at` names where the run
+/// stood: the step it was in when its workers died.
+pub(super) fn too_many_recoveries(
+    policy: &Policy,
+    claim: &Claim,
+    at: &str,
+) -> Option<(Finish, Verdict)> {
+    if claim.recoveries < policy.max_recoveries {
+        return None;
+    }
+    let reason = format!(
+        "its worker died {} times while running it ({at}); worker.max_recoveries is {}",
+        claim.recoveries, policy.max_recoveries
+    );
+    warn!(job_id = %claim.job_id, %reason, "poison job: dead-lettered");
+    Some(refused(policy, claim, &reason))
+}
+
 pub(super) fn refused(policy: &Policy, claim: &Claim, reason: &str) -> (Finish, Verdict) {
     let dead = DeadLetter {
         keep_run: policy.durable,

@@ -103,6 +103,7 @@ impl Worker {
             format: self.queues[qi].payload,
             queue: &self.queues[qi].names.jobs,
             max_result_bytes: self.cfg.max_result_bytes,
+            max_recoveries: self.cfg.max_recoveries,
         }
     }
 
@@ -132,6 +133,13 @@ impl Worker {
                 return outcome::retry_or_dead(&self.policy(qi), claim, error, true)
             }
         };
+        let at = match run.next_node() {
+            Some(node) => format!("in step {}, node '{}'", run.steps_taken(), node.id),
+            None => format!("after step {}", run.steps_taken()),
+        };
+        if let Some(end) = outcome::too_many_recoveries(&self.policy(qi), claim, &at) {
+            return end;
+        }
         let sink = CheckpointSink {
             worker: self,
             qi,

@@ -100,6 +100,7 @@ impl Shared {
                 decision,
                 // The run store is elsewhere; the worker reads it.
                 fresh: false,
+                recoveries: 0,
                 handle: ClaimHandle::default(),
             },
             unnamed,

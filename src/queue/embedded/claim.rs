@@ -86,6 +86,7 @@ fn claim_once(
                 history,
                 decision,
                 fresh,
+                recoveries: 0,
                 handle: ClaimHandle(Some(seq)),
             });
         }

@@ -70,6 +70,7 @@ impl RedisBackend {
                 history: w.history,
                 decision: w.decision,
                 fresh: false,
+                recoveries: 0,
                 handle: ClaimHandle::default(),
             },
             // A producer's message that only looks wrapped (the script checks its prefix and
@@ -85,6 +86,7 @@ impl RedisBackend {
                 history: Vec::new(),
                 decision: None,
                 fresh: false,
+                recoveries: 0,
                 handle: ClaimHandle::default(),
             },
         }

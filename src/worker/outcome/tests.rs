@@ -1,7 +1,8 @@
 //! The outcome decisions, branch by branch: plain values in, the finish and verdict out.
 
 use super::{
-    count, finish_for, fit_result, refused, request_expiry, retry_or_dead, Policy, Verdict,
+    count, finish_for, fit_result, refused, request_expiry, retry_or_dead, too_many_recoveries,
+    Policy, Verdict,
 };
 use crate::backoff::Backoff;
 use crate::config::{PayloadFormat, RetrySection};
@@ -66,6 +67,7 @@ impl Setup {
             format: PayloadFormat::State,
             queue: "jobs-q",
             max_result_bytes: self.max_result_bytes,
+            max_recoveries: 3,
         }
     }
 }
@@ -85,6 +87,7 @@ fn claim(attempt: u32) -> Claim {
         history: Vec::new(),
         decision: None,
         fresh: false,
+        recoveries: 0,
         handle: ClaimHandle::default(),
     }
 }
@@ -354,6 +357,39 @@ fn a_refused_message_keeps_no_run_without_checkpoints() {
     let (finish, verdict) = refused(&s.rules(), &claim(3), "invalid JSON");
     assert_eq!(verdict, Verdict::DeadLetter);
     assert!(!dead(finish).keep_run);
+}
+
+#[test]
+fn a_job_is_run_while_its_recoveries_stay_under_the_limit() {
+    let s = Setup::new();
+    for recoveries in 0..3 {
+        let c = Claim {
+            recoveries,
+            ..claim(1)
+        };
+        assert!(too_many_recoveries(&s.rules(), &c, "in step 2, node 'x'").is_none());
+    }
+}
+
+#[test]
+fn a_job_whose_worker_died_max_recoveries_times_is_dead_lettered_keeping_its_run() {
+    let s = Setup::new();
+    let c = Claim {
+        recoveries: 3,
+        ..claim(1)
+    };
+    let (finish, verdict) = too_many_recoveries(&s.rules(), &c, "in step 2, node 'x'").unwrap();
+    assert_eq!(verdict, Verdict::DeadLetter);
+    let d = dead(finish);
+    assert_eq!(
+        d.reason,
+        "its worker died 3 times while running it (in step 2, node 'x'); worker.max_recoveries is 3"
+    );
+    assert!(d.keep_run, "a redrive after the fix resumes");
+    assert_eq!(
+        d.attempts.last().map(|a| a.error.as_str()),
+        Some(d.reason.as_str())
+    );
 }
 
 /// A completed result over the setup's 4096 bytes.
