@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 const SECRET: &str = "amqp-backend-test-secret";
 
+#[path = "common/skip.rs"]
+mod skip;
+
 /// The broker-restart test holds it exclusively; every other test shares it, so none of them
 /// runs while the broker is down.
 static BROKER: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
@@ -1081,15 +1084,9 @@ async fn sigterm_hands_everything_back() {
     );
 }
 
-fn local_rabbitmqctl() -> bool {
-    Command::new("rabbitmqctl")
-        .arg("-q")
-        .arg("status")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
+/// Whether the local `rabbitmqctl` controls the broker these tests talk to (the reason when not).
+fn local_rabbitmqctl() -> Result<(), String> {
+    skip::rabbitmqctl_controls(&amqp_url())
 }
 
 /// Raises a memory alarm on the local broker (it blocks every publishing connection) until
@@ -1141,12 +1138,17 @@ impl Drop for MemoryAlarm {
 /// A memory alarm that outlasts any deadline (the broker stops reading from publishers): a
 /// finish waits for its confirm instead of giving up, so the result goes out once. Giving up
 /// after a deadline and retrying used to queue one more copy per try, all published when the
-/// alarm cleared. Skipped without a local `rabbitmqctl`; holds the broker alone (`BROKER`).
+/// alarm cleared. Needs a local `rabbitmqctl` controlling the test broker (else it fails, unless
+/// `LAR_TEST_ALLOW_SKIPS=1`); holds the broker alone (`BROKER`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_alarm_longer_than_any_deadline_publishes_one_result() {
-    if !local_rabbitmqctl() {
-        eprintln!("SKIPPED a_memory_alarm_longer_than_any_deadline_publishes_one_result: no local rabbitmqctl");
-        return;
+    if let Err(why) = local_rabbitmqctl() {
+        if skip::skip_or_fail(
+            "a_memory_alarm_longer_than_any_deadline_publishes_one_result",
+            &why,
+        ) {
+            return;
+        }
     }
     let _exclusive = BROKER.write().await;
     let names = Names::new("alarm");
@@ -1198,13 +1200,14 @@ async fn a_memory_alarm_longer_than_any_deadline_publishes_one_result() {
 /// how many there were.
 ///
 /// It stops the local broker for ~3 s, so the other tests of this file wait for it (the
-/// `BROKER` lock). Skipped when `rabbitmqctl` is not available (a remote broker) or when
-/// `LAR_TEST_SKIP_BROKER_RESTART` is set.
+/// `BROKER` lock). It needs a local `rabbitmqctl` that controls the broker at
+/// `LAR_TEST_AMQP_URL`: without one it fails with the reason, unless `LAR_TEST_ALLOW_SKIPS=1`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_restart_mid_run_loses_nothing() {
-    if std::env::var_os("LAR_TEST_SKIP_BROKER_RESTART").is_some() || !local_rabbitmqctl() {
-        eprintln!("SKIPPED broker_restart_mid_run_loses_nothing: no local rabbitmqctl (or LAR_TEST_SKIP_BROKER_RESTART)");
-        return;
+    if let Err(why) = local_rabbitmqctl() {
+        if skip::skip_or_fail("broker_restart_mid_run_loses_nothing", &why) {
+            return;
+        }
     }
     let _exclusive = BROKER.write().await;
     let names = Names::new("restart");

@@ -2,6 +2,8 @@
 //! step by step in-process.
 #![allow(dead_code)]
 
+pub mod skip;
+
 use lar_worker::exec::{Run, StepEnv, StepRecord};
 use lar_worker::graph::{load_graph_file, Graph, GraphErrors};
 use lar_worker::tools::Registry;

@@ -20,6 +20,8 @@
 #![allow(dead_code)]
 
 pub mod scenarios;
+#[path = "../common/skip.rs"]
+pub mod skip;
 
 use lar_worker::config::Config;
 use lar_worker::queue::prelude::*;

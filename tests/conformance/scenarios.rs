@@ -1002,11 +1002,12 @@ pub async fn seed_python_interop(kind: Kind) {
         .args(["-c", "import redis"])
         .output()
         .await;
-    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
-        eprintln!(
-            "SKIPPED seed_python_interop: python3 with the 'redis' package is not available \
-             here (pip install redis)"
-        );
+    if !probe.as_ref().is_ok_and(|o| o.status.success())
+        && super::skip::skip_or_fail(
+            "seed_python_interop",
+            "python3 with the 'redis' package is not available here (pip install redis)",
+        )
+    {
         return;
     }
     let fx = Fixture::new(
