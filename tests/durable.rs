@@ -1244,8 +1244,18 @@ output = "second_decision"
     env.decide("two-1", "approve", "a@x");
     wait_pending_at(&env, "second");
 
-    // The copy: the same job queued again carrying the first decision (step 1).
-    let first = r#"{"choice":"approve","rationale":"","decided_by":"a@x","step":1}"#;
+    // The copy: the same job queued again carrying the first decision (step 1), signed with
+    // the workers' secret as `decide` signs it, so only the halt check can refuse it.
+    let mut first = lar_worker::exec::Decision {
+        choice: "approve".into(),
+        rationale: "".into(),
+        decided_by: "a@x".into(),
+        role: None,
+        step: Some(1),
+        signature: None,
+    };
+    first.sign("two-1", &lar_worker::audit::Secret::new(SECRET).unwrap());
+    let first = serde_json::to_string(&first).unwrap();
     env.db()
         .execute(
             "INSERT INTO jobs (queue, job_id, payload, state, available_at, enqueued_at, decision)

@@ -420,3 +420,85 @@ enum Start {
     /// The store did not answer: retry later.
     Store(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{already_applied, answers_this_halt};
+    use crate::audit::runlog::{RunLog, RunLogHeader};
+    use crate::exec::{Decision, StepRecord};
+    use serde_json::{json, Map, Value};
+
+    fn log_of(steps: &[Value]) -> RunLog {
+        let mut log = RunLog::new(RunLogHeader {
+            run_id: "00000000-0000-4000-8000-000000000000".into(),
+            user_id: None,
+            timestamp: "t".into(),
+            job_id: "j".into(),
+            graph_name: "g".into(),
+            graph_digest: "d".into(),
+        });
+        for (i, extra) in steps.iter().enumerate() {
+            let mut rec: Map<String, Value> = extra.as_object().cloned().unwrap_or_default();
+            rec.insert("step".into(), Value::from(i as u64));
+            log.append(StepRecord::new(rec), None);
+        }
+        log
+    }
+
+    fn decision(step: Option<u64>) -> Decision {
+        Decision {
+            choice: "approve".into(),
+            rationale: "ok".into(),
+            decided_by: "a@x".into(),
+            role: None,
+            step,
+            signature: None,
+        }
+    }
+
+    #[test]
+    fn a_decision_answers_only_the_halt_its_step_names() {
+        // Halted after one step: the decision for this halt has step 1.
+        let log = log_of(&[json!({"halt": {"node": "first"}})]);
+        assert!(answers_this_halt(&log, &decision(Some(1))));
+        // A copy of an earlier decision, or one for a later halt, does not.
+        assert!(!answers_this_halt(&log, &decision(Some(0))));
+        assert!(!answers_this_halt(&log, &decision(Some(2))));
+    }
+
+    #[test]
+    fn a_late_copy_meets_the_next_halt_and_is_refused() {
+        // first jury halted (0), decided (1), second jury halted (2): a copy of the first
+        // decision (step 1) arrives while the run waits at step 3.
+        let log = log_of(&[
+            json!({"halt": {"node": "first"}}),
+            json!({"decision": {"choice": "approve", "decided_by": "a@x", "rationale": "ok"}}),
+            json!({"halt": {"node": "second"}}),
+        ]);
+        assert!(!answers_this_halt(&log, &decision(Some(1))));
+        assert!(answers_this_halt(&log, &decision(Some(3))));
+    }
+
+    #[test]
+    fn a_decision_without_a_step_is_refused_only_when_just_applied() {
+        let applied = log_of(&[
+            json!({"halt": {"node": "first"}}),
+            json!({"decision": {"choice": "approve", "decided_by": "a@x", "rationale": "ok"}}),
+        ]);
+        assert!(already_applied(&applied, &decision(None)));
+        assert!(!answers_this_halt(&applied, &decision(None)));
+        // Halted again since: the same words may answer the new halt.
+        let halted_again = log_of(&[
+            json!({"halt": {"node": "first"}}),
+            json!({"decision": {"choice": "approve", "decided_by": "a@x", "rationale": "ok"}}),
+            json!({"halt": {"node": "second"}}),
+        ]);
+        assert!(answers_this_halt(&halted_again, &decision(None)));
+        // Another author's decision was not applied.
+        let other = Decision {
+            decided_by: "b@x".into(),
+            ..decision(None)
+        };
+        assert!(answers_this_halt(&applied, &other));
+    }
+}

@@ -20,7 +20,10 @@ pub fn rabbitmqctl_controls(url: &str) -> Result<(), String> {
     let host_port = rest.rsplit_once('@').map(|(_, h)| h).unwrap_or(rest);
     let host_port = host_port.split('/').next().unwrap_or(host_port);
     let (host, port) = match host_port.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("bad port in {url}"))?),
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>().map_err(|_| format!("bad port in {url}"))?,
+        ),
         None => (host_port, 5672),
     };
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -40,12 +43,16 @@ pub fn rabbitmqctl_controls(url: &str) -> Result<(), String> {
     let listens = status["listeners"].as_array().is_some_and(|ls| {
         ls.iter().any(|l| {
             l["port"].as_u64() == Some(u64::from(port))
-                && l["protocol"].as_str().is_some_and(|p| p.starts_with("amqp"))
+                && l["protocol"]
+                    .as_str()
+                    .is_some_and(|p| p.starts_with("amqp"))
         })
     });
     if listens {
         Ok(())
     } else {
-        Err(format!("the local node does not listen for AMQP on port {port}"))
+        Err(format!(
+            "the local node does not listen for AMQP on port {port}"
+        ))
     }
 }
