@@ -1,11 +1,11 @@
 //! `batch` and `reduce` nodes: branches run concurrently on copies of the state, merge first
 //! writer wins with conflicts listed, every branch step is in the (verifiable) log, tokens and
-//! budgets add up; a reduction summarises keys and removes them.
+//! budgets add up, the branches share one budget; a reduction summarises keys and removes them.
 
 mod llm_common;
 
 use llm_common::*;
-use serde_json::json;
+use serde_json::{json, Value};
 use std::time::Duration;
 
 fn provider(env: &Env, server: &Server) -> String {
@@ -23,7 +23,8 @@ timeout_ms   = 5000
 }
 
 /// Branch 0: an llm call then a set of `shared`; branch 1: a set of `shared`; branch 2: an llm
-/// call on another model.
+/// call on another model. The calls have `max_tokens`, so under a budget large enough for both
+/// reservations they run together.
 fn three_branches(env: &Env, server: &Server) -> String {
     r#"
 entry = "fan_out"
@@ -42,6 +43,7 @@ provider = "local"
 model    = "model-a"
 prompt   = "Sentiment of: {text}"
 output   = "sentiment"
+max_tokens = 20
 
 [[nodes]]
 id    = "mark_a"
@@ -62,6 +64,7 @@ provider = "local"
 model    = "model-c"
 prompt   = "Language of: {text}"
 output   = "language"
+max_tokens = 20
 
 [[nodes]]
 id   = "recover"
@@ -91,7 +94,10 @@ async fn three_branches_merge_first_writer_wins_and_every_step_is_logged() {
     let env = Env::new();
     let graph = env.graph(&three_branches(&env, &server));
     let (report, log) = env
-        .run(graph, json!({"text": "this is awful", "token_budget": 100}))
+        .run(
+            graph,
+            json!({"text": "this is awful", "token_budget": 1000}),
+        )
         .await;
 
     assert_eq!(report.status_name(), "completed");
@@ -100,8 +106,8 @@ async fn three_branches_merge_first_writer_wins_and_every_step_is_logged() {
     assert_eq!(st["language"], "en");
     assert_eq!(st["shared"], "from-a", "branch 0 wrote first");
     assert_eq!(st["_batch_conflicts"], json!(["shared"]));
-    // Budget: 100 - 12 - 8, spent by both branches.
-    assert_eq!(st["token_budget"], 80);
+    // Budget: 1000 - 12 - 8, spent by both branches.
+    assert_eq!(st["token_budget"], 980);
     for n in [
         "fan_out",
         "sentiment",
@@ -206,6 +212,114 @@ async fn a_failing_branch_takes_the_batch_error_path() {
         .as_str()
         .unwrap()
         .starts_with("branch 0: "));
+}
+
+/// A batch of four branches, each one `llm` call (`max_tokens`, when given, on each node).
+fn four_calls(env: &Env, server: &Server, max_tokens: Option<u64>) -> String {
+    let mut toml = String::from(
+        r#"
+entry = "fan_out"
+
+[[nodes]]
+id       = "fan_out"
+type     = "batch"
+branches = [["c0"], ["c1"], ["c2"], ["c3"]]
+"#,
+    );
+    for b in 0..4 {
+        toml += &format!(
+            r#"
+[[nodes]]
+id       = "c{b}"
+type     = "llm"
+provider = "local"
+model    = "m1"
+prompt   = "{b} {{text}}"
+output   = "out{b}"
+"#
+        );
+        if let Some(m) = max_tokens {
+            toml += &format!("max_tokens = {m}\n");
+        }
+    }
+    toml + &provider(env, server)
+}
+
+#[tokio::test]
+async fn branches_share_the_budget_and_those_over_it_fail() {
+    // Every call uses 30 tokens (25 + 5) and takes 300 ms.
+    let server =
+        Server::start(|_, _| chat("ok", "m1", 25, 5).after(Duration::from_millis(300))).await;
+    let env = Env::new();
+    // Each call reserves max_tokens 5 + 3 bytes of prompt + 32 = 40. With 90: two calls run
+    // together (80), the others wait; once both settled 30 are left, one more runs alone and
+    // spends them; the last finds 0 left.
+    let graph = env.graph(&four_calls(&env, &server, Some(5)));
+    let (report, log) = env
+        .run(graph, json!({"text": "x", "token_budget": 90}))
+        .await;
+
+    assert_eq!(server.count(), 3, "one call was refused before it was sent");
+    assert_eq!(server.max_in_flight(), 2, "the calls that fit ran together");
+    assert_eq!(report.status_name(), "failed");
+    assert_eq!(report.state["token_budget"], 0);
+    let s = steps(&log);
+    let batch = &s[0];
+    let spent = batch["run_metadata"]["total_tokens"].as_u64().unwrap();
+    assert!(spent <= 90, "spent {spent} of a budget of 90");
+    assert_eq!(spent, 90);
+    assert_eq!(log["summary"]["total_tokens"], 90);
+    let subs = batch["batch_steps"].as_array().unwrap();
+    let refused: Vec<&Value> = subs.iter().filter(|r| r["outcome"] == "error").collect();
+    assert_eq!(refused.len(), 1);
+    let err = refused[0]["error"].as_str().unwrap();
+    assert!(
+        err.ends_with("token budget exhausted (token_budget = 0)"),
+        "{err}"
+    );
+    assert!(
+        refused[0]["run_metadata"].get("total_tokens").is_none(),
+        "the refused call spent nothing"
+    );
+    // The first two branches started at once and were never refused.
+    let b = refused[0]["branch"].as_u64().unwrap();
+    assert!(b >= 2, "branch {b} was refused");
+    assert!(batch["error"]
+        .as_str()
+        .unwrap()
+        .contains("token budget exhausted"));
+    assert_eq!(
+        batch["run_metadata"]["branch_errors"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn without_max_tokens_budgeted_calls_run_one_at_a_time() {
+    let server =
+        Server::start(|_, _| chat("ok", "m1", 25, 5).after(Duration::from_millis(100))).await;
+    let env = Env::new();
+    let graph = env.graph(&four_calls(&env, &server, None));
+    let (report, log) = env
+        .run(graph, json!({"text": "x", "token_budget": 1000}))
+        .await;
+    assert_eq!(report.status_name(), "completed");
+    assert_eq!(server.count(), 4);
+    // No bound on a call: each runs alone, so none can overspend beside another.
+    assert_eq!(server.max_in_flight(), 1);
+    assert_eq!(report.state["token_budget"], 1000 - 4 * 30);
+    assert_eq!(log["summary"]["total_tokens"], 120);
+
+    // Without a budget they run together as before.
+    let server =
+        Server::start(|_, _| chat("ok", "m1", 25, 5).after(Duration::from_millis(300))).await;
+    let graph = env.graph(&four_calls(&env, &server, None));
+    let (report, _) = env.run(graph, json!({"text": "x"})).await;
+    assert_eq!(report.status_name(), "completed");
+    assert_eq!(server.max_in_flight(), 4);
 }
 
 #[tokio::test]

@@ -109,6 +109,29 @@ async fn idempotent_tools_are_retried() {
 }
 
 #[tokio::test]
+async fn a_retry_after_date_is_waited_for() {
+    // The date is made when the 503 is sent: 3 s after the current second, so 2–3 s of wait.
+    let server = Server::start(|_, n| {
+        if n == 0 {
+            Resp::text(503, "down for a moment").header("Retry-After", &http_date_in(3))
+        } else {
+            Resp::json(200, json!({"plan": "pro"}))
+        }
+    })
+    .await;
+    let env = Env::new();
+    let toml = graph_toml(&env, &server, "idempotent = true\nmax_attempts = 3", "");
+    let started = std::time::Instant::now();
+    let (report, _) = env.run(env.graph(&toml), input()).await;
+    let took = started.elapsed();
+    assert_eq!(report.status_name(), "completed");
+    assert_eq!(report.state["account"], json!({"plan": "pro"}));
+    assert_eq!(server.count(), 2);
+    // The backoff is 10 ms: the wait came from the date.
+    assert!(took >= Duration::from_millis(1_800), "waited only {took:?}");
+}
+
+#[tokio::test]
 async fn non_idempotent_tools_make_one_attempt() {
     let server = Server::start(|_, _| Resp::text(503, "busy, try later")).await;
     let env = Env::new();

@@ -191,6 +191,31 @@ async fn retries_429_honouring_retry_after() {
 }
 
 #[tokio::test]
+async fn retries_429_honouring_a_retry_after_date() {
+    // 3 s after the current second when the 429 is sent: 2–3 s of wait.
+    let server = Server::start(|_, n| {
+        if n == 0 {
+            Resp::text(429, "rate limited").header("Retry-After", &http_date_in(3))
+        } else {
+            chat("billing", "m1", 10, 2)
+        }
+    })
+    .await;
+    let env = Env::new();
+    let graph = env.graph(&graph_toml(&env, &server, "max_attempts = 3", ""));
+    let started = Instant::now();
+    let (report, log) = env.run(graph, input()).await;
+    let took = started.elapsed();
+
+    assert_eq!(report.status_name(), "completed");
+    assert_eq!(report.state["category"], "billing");
+    assert_eq!(server.count(), 2);
+    // The backoff is 10 ms: the wait came from the date.
+    assert!(took >= Duration::from_millis(1_800), "waited only {took:?}");
+    assert_eq!(steps(&log)[0]["run_metadata"]["attempts"], 2);
+}
+
+#[tokio::test]
 async fn server_errors_until_attempts_run_out_take_the_error_path() {
     let server = Server::start(|_, _| Resp::text(500, "upstream exploded")).await;
     let env = Env::new();

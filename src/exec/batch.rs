@@ -2,11 +2,16 @@
 //! then the copies are merged into the run's state in branch order, first writer wins, and the
 //! keys that later branches wrote differently are listed in `_batch_conflicts`.
 //!
+//! The branches share the batch's `token_budget` (`super::budget`): each LLM call reserves from
+//! one counter before it starts and settles after with the tokens it used, so concurrent
+//! branches cannot together spend a budget each of them saw whole.
+//!
 //! The whole batch is ONE step of the run log: its record carries `batch_steps`, one sub-record
 //! per branch node run (branch, position, node, state_diff, run_metadata, outcome, error,
 //! prompt, system_instruction). Step numbers stay contiguous and each record is chained as any
 //! other, so `verify` and Lár's verifier see an ordinary log.
 
+use super::budget::SharedBudget;
 use super::diff::state_diff;
 use super::llm::{spend_budget, TOKEN_BUDGET};
 use super::node::{
@@ -38,11 +43,20 @@ pub(super) async fn run_batch(
     state: &mut Map<String, Value>,
 ) -> NodeOutcome {
     let base = state.clone();
+    // A numeric budget is shared; anything else (none, null, not a number) is left to each
+    // call's own check of its copy, which reports it.
+    let budget = match base.get(TOKEN_BUDGET) {
+        Some(Value::Number(n)) => Some(SharedBudget::new(
+            n.as_f64().unwrap_or(0.0),
+            n.as_i64().is_some(),
+        )),
+        _ => None,
+    };
     let mut runs = futures::future::join_all(
         branches
             .iter()
             .enumerate()
-            .map(|(b, chain)| run_branch(ctx, b, chain, base.clone())),
+            .map(|(b, chain)| run_branch(ctx, budget.as_ref(), b, chain, base.clone())),
     )
     .await;
 
@@ -95,7 +109,8 @@ pub(super) async fn run_batch(
         ),
     );
 
-    // Visit counts and the token budget add up over the branches.
+    // Visit counts and the token budget add up over the branches (the tokens spent are those
+    // the shared budget settled: each call's reported `total_tokens`).
     let mut records = Vec::new();
     let mut tokens = Tokens::default();
     for run in &runs {
@@ -172,6 +187,7 @@ pub(super) async fn run_batch(
 
 async fn run_branch(
     ctx: &Ctx<'_>,
+    budget: Option<&SharedBudget>,
     branch: usize,
     chain: &[usize],
     mut state: Map<String, Value>,
@@ -192,6 +208,7 @@ async fn run_branch(
             run_id: ctx.run_id,
             step: ctx.step,
             scope: Some(format!("b{branch}.{position}")),
+            budget,
         };
         let started_at = now_utc();
         let clock = Instant::now();

@@ -1,8 +1,10 @@
-//! An `llm` or `reduce` step: render the prompt, check the token budget, call the primary model
-//! then each fallback, account tokens in Lár's `run_metadata` fields, spend the budget, and
-//! parse the answer. Every failure is a step error with a reason; nothing here panics on what a
+//! An `llm` or `reduce` step: render the prompt, check the token budget (in a batch: reserve
+//! from the budget the branches share, `super::budget`), call the primary model then each
+//! fallback, account tokens in Lár's `run_metadata` fields, spend the budget, and parse the
+//! answer. Every failure is a step error with a reason; nothing here panics on what a
 //! server sends.
 
+use super::budget::reservation;
 use super::node::{Ctx, PromptTexts};
 use crate::graph::LlmSpec;
 use crate::llm::{self, ChatAnswer, ChatRequest};
@@ -59,10 +61,27 @@ pub(super) async fn call_llm(
     };
     texts.prompt = Some(prompt.clone());
 
-    // 2. The budget, before spending anything.
-    if let Err(why) = check_budget(state) {
-        return LlmResult::failed(format!("{who}: {why}"), meta, texts);
-    }
+    // 2. The budget, before spending anything. In a batch, the shared one: this may wait for
+    // other branches' calls to settle. The reservation is released on every return below.
+    let reserved = match ctx.budget {
+        Some(shared) => {
+            let tokens = reservation(
+                spec.max_tokens,
+                texts.system_instruction.as_deref(),
+                &prompt,
+            );
+            match shared.reserve(tokens).await {
+                Ok(r) => Some(r),
+                Err(why) => return LlmResult::failed(format!("{who}: {why}"), meta, texts),
+            }
+        }
+        None => {
+            if let Err(why) = check_budget(state) {
+                return LlmResult::failed(format!("{who}: {why}"), meta, texts);
+            }
+            None
+        }
+    };
 
     // 3. The provider, its secrets read now.
     let Some(provider) = ctx.graph.providers.get(&spec.provider) else {
@@ -130,6 +149,9 @@ pub(super) async fn call_llm(
         m.insert("output_tokens".into(), Value::from(u.completion));
         m.insert("total_tokens".into(), Value::from(u.total));
         spend_budget(state, u.total);
+        if let Some(r) = reserved {
+            r.settle(u.total);
+        }
     }
     m.insert("model".into(), Value::String(model));
     m.extend(meta);

@@ -3,6 +3,7 @@
 //! checkpoint needs to resume it after a crash or a human pause.
 
 mod batch;
+mod budget;
 pub mod diff;
 mod llm;
 mod node;

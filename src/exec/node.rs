@@ -2,6 +2,7 @@
 //! run nodes on copies of the state.
 
 use super::batch::run_batch;
+use super::budget::SharedBudget;
 use super::llm::{call_llm, LlmResult};
 use crate::graph::{Graph, NodeKind, RouteSelector, ToolSpec};
 use crate::tools::command::{run_command, CommandCall};
@@ -23,6 +24,9 @@ pub(super) struct Ctx<'a> {
     pub step: u64,
     /// Inside a batch: `b<branch>.<position>`.
     pub scope: Option<String>,
+    /// Inside a batch whose state has a numeric `token_budget`: the budget its branches share
+    /// (LLM calls reserve from it instead of checking their copy of the state).
+    pub budget: Option<&'a SharedBudget>,
 }
 
 /// The LLM texts Lár logs in a step, between `error` and `state_after`.

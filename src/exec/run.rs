@@ -486,6 +486,7 @@ impl Run {
             run_id: &self.run_id,
             step: self.step,
             scope: None,
+            budget: None,
         };
         exec_node(&ctx, idx, &mut self.state).await
     }

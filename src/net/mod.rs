@@ -147,7 +147,8 @@ pub fn display_target(method: &Method, url: &Url) -> String {
 }
 
 /// Sends the request, retrying 408, 429, 5xx, timeouts and connection failures (when allowed)
-/// up to `max_attempts`, waiting per `Retry-After` (seconds) or the backoff.
+/// up to `max_attempts`, waiting per `Retry-After` (seconds or an HTTP date, capped at
+/// [`RETRY_AFTER_CAP`]) or, without one, the backoff.
 pub async fn send(req: &Outgoing<'_>, redactor: &Redactor) -> Result<Reply, CallError> {
     let target = display_target(&req.method, &req.url);
     let client = client()?;
@@ -167,16 +168,15 @@ pub async fn send(req: &Outgoing<'_>, redactor: &Redactor) -> Result<Reply, Call
         if attempt >= max {
             return Err(err);
         }
-        let wait = retry_after
-            .map(|d| d.min(RETRY_AFTER_CAP))
-            .unwrap_or_else(|| req.retry.backoff.delay(attempt));
+        let wait = retry_after.unwrap_or_else(|| req.retry.backoff.delay(attempt));
         tracing::debug!(target = %target, attempt, wait_ms = wait.as_millis() as u64, error = %err, "retrying");
         tokio::time::sleep(wait).await;
     }
 }
 
 enum Failure {
-    /// Worth another attempt (with the server's `Retry-After`, if it gave one).
+    /// Worth another attempt (with the wait the server's `Retry-After` asks for, capped, if it
+    /// gave one).
     Transient(CallError, Option<Duration>),
     Final(CallError),
 }
@@ -276,11 +276,48 @@ fn is_transient(status: StatusCode) -> bool {
         || status.is_server_error()
 }
 
-/// `Retry-After` in seconds (integer or decimal); an HTTP date is ignored (the backoff applies).
+/// The server's `Retry-After`, if it gave a readable one.
 fn parse_retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let text = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    let secs: f64 = text.parse().ok()?;
-    (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs.min(86_400.0)))
+    let text = headers.get(RETRY_AFTER)?.to_str().ok()?;
+    retry_after(text, crate::clock::now_ms())
+}
+
+/// The wait a `Retry-After` value asks for, `now_ms` being the wall clock (ms since the Unix
+/// epoch), clamped to [`RETRY_AFTER_CAP`]:
+///
+/// - delay-seconds, `120` (a decimal such as `0.5` is accepted too);
+/// - an HTTP date (RFC 9110 §5.6.7): the IMF-fixdate `Sun, 06 Nov 1994 08:49:37 GMT`, or the
+///   obsolete RFC 850 `Sunday, 06-Nov-94 08:49:37 GMT` and asctime `Sun Nov  6 08:49:37 1994`
+///   forms. The wait is the date minus our clock (the server's `Date` is not consulted, so a
+///   skewed clock shifts it; the cap bounds the harm). A date already past means no wait.
+///
+/// Anything else (negative, not finite, an unknown form) is `None`: the backoff applies.
+fn retry_after(text: &str, now_ms: i64) -> Option<Duration> {
+    let text = text.trim();
+    let wait = if let Ok(secs) = text.parse::<f64>() {
+        if !(secs.is_finite() && secs >= 0.0) {
+            return None;
+        }
+        Duration::from_secs_f64(secs.min(RETRY_AFTER_CAP.as_secs_f64()))
+    } else {
+        let at_ms = http_date_ms(text)?;
+        Duration::from_millis(u64::try_from(at_ms.saturating_sub(now_ms)).unwrap_or(0))
+    };
+    Some(wait.min(RETRY_AFTER_CAP))
+}
+
+/// An HTTP date in any of its three forms, as ms since the Unix epoch. The weekday must match
+/// the date. RFC 850's two-digit year is read as chrono does (70–99 → 19xx, 00–69 → 20xx).
+fn http_date_ms(text: &str) -> Option<i64> {
+    const FORMS: [&str; 3] = [
+        "%a, %d %b %Y %H:%M:%S GMT", // IMF-fixdate
+        "%A, %d-%b-%y %H:%M:%S GMT", // RFC 850
+        "%a %b %e %H:%M:%S %Y",      // asctime
+    ];
+    FORMS
+        .iter()
+        .find_map(|form| chrono::NaiveDateTime::parse_from_str(text, form).ok())
+        .map(|t| t.and_utc().timestamp_millis())
 }
 
 /// The start of a body as one line of text, for error messages.
@@ -326,17 +363,86 @@ mod tests {
     use reqwest::header::HeaderValue;
 
     #[test]
-    fn retry_after_seconds() {
+    fn retry_after_header_is_read() {
         let mut h = HeaderMap::new();
+        assert_eq!(parse_retry_after(&h), None);
         h.insert(RETRY_AFTER, HeaderValue::from_static("2"));
         assert_eq!(parse_retry_after(&h), Some(Duration::from_secs(2)));
-        h.insert(RETRY_AFTER, HeaderValue::from_static("0.5"));
-        assert_eq!(parse_retry_after(&h), Some(Duration::from_millis(500)));
+        // A date long past: no wait (rather than the backoff).
         h.insert(
             RETRY_AFTER,
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
-        assert_eq!(parse_retry_after(&h), None);
+        assert_eq!(parse_retry_after(&h), Some(Duration::ZERO));
+    }
+
+    /// 1994-11-06T08:49:37Z, the RFC's example date, in ms.
+    const EXAMPLE_MS: i64 = 784_111_777_000;
+
+    #[test]
+    fn retry_after_seconds() {
+        assert_eq!(retry_after("2", 0), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(" 0.5 ", 0), Some(Duration::from_millis(500)));
+        assert_eq!(retry_after("0", 0), Some(Duration::ZERO));
+        assert_eq!(retry_after("3600", 0), Some(RETRY_AFTER_CAP));
+        assert_eq!(retry_after("1e300", 0), Some(RETRY_AFTER_CAP));
+        for bad in ["-1", "NaN", "inf", "", "soon", "1 s"] {
+            assert_eq!(retry_after(bad, 0), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_imf_fixdate() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        assert_eq!(http_date_ms(date), Some(EXAMPLE_MS));
+        assert_eq!(
+            retry_after(date, EXAMPLE_MS - 2_500),
+            Some(Duration::from_millis(2_500))
+        );
+    }
+
+    #[test]
+    fn retry_after_rfc850_and_asctime() {
+        for date in [
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+            "Sun Nov 6 08:49:37 1994",
+        ] {
+            assert_eq!(http_date_ms(date), Some(EXAMPLE_MS), "{date:?}");
+            assert_eq!(
+                retry_after(date, EXAMPLE_MS - 1_000),
+                Some(Duration::from_secs(1)),
+                "{date:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_date_is_clamped_and_past_is_no_wait() {
+        let date = "Sun, 06 Nov 1994 08:49:37 GMT";
+        // An hour ahead: the cap.
+        assert_eq!(
+            retry_after(date, EXAMPLE_MS - 3_600_000),
+            Some(RETRY_AFTER_CAP)
+        );
+        // Exactly now, or already past: no wait.
+        assert_eq!(retry_after(date, EXAMPLE_MS), Some(Duration::ZERO));
+        assert_eq!(retry_after(date, EXAMPLE_MS + 5_000), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn retry_after_rejects_malformed_dates() {
+        for bad in [
+            "Mon, 06 Nov 1994 08:49:37 GMT", // wrong weekday
+            "Sun, 06 Nov 1994 08:49:37 PST", // not GMT
+            "Sun, 31 Nov 1994 08:49:37 GMT", // no such day
+            "Sun, 06 Nov 1994 25:49:37 GMT",
+            "1994-11-06T08:49:37Z",
+            "Sun, 06 Nov 1994",
+        ] {
+            assert_eq!(http_date_ms(bad), None, "{bad:?}");
+            assert_eq!(retry_after(bad, 0), None, "{bad:?}");
+        }
     }
 
     #[test]

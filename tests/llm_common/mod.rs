@@ -106,6 +106,16 @@ pub fn chat(content: &str, model: &str, prompt_tokens: u64, completion_tokens: u
     )
 }
 
+/// An IMF-fixdate (`Sun, 06 Nov 1994 08:49:37 GMT`) `secs` whole seconds after the current
+/// second: the wait it asks for is between `secs - 1` and `secs` seconds.
+pub fn http_date_in(secs: i64) -> String {
+    let at = chrono::Utc::now().timestamp() + secs;
+    chrono::DateTime::from_timestamp(at, 0)
+        .unwrap()
+        .format("%a, %d %b %Y %H:%M:%S GMT")
+        .to_string()
+}
+
 type Handler = dyn Fn(&Req, usize) -> Resp + Send + Sync;
 
 pub struct Server {
