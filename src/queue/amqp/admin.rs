@@ -238,7 +238,8 @@ pub(super) fn dead_entry(q: &QueueNames, d: &lapin::message::Delivery) -> serde_
         attempts,
         keep_run: false,
     };
-    // A shovel moves the message itself back, with its decision header.
+    // A redrive moves the message itself back, with its decision header (kept while its run
+    // is stored), as a shovel would.
     let mut entry = dead_letter_entry(&q.jobs, &dl, &d.data, None);
     if let Some(at) = header_text(&headers, FAILED_AT_HEADER) {
         entry["failed_at"] = serde_json::Value::String(at);
