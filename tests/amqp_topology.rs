@@ -239,6 +239,40 @@ async fn a_refused_publish_does_not_cost_the_others_their_confirms() {
     let _ = conn.close(200, "ok").await;
 }
 
+/// A result over a MiB goes out on a channel of its own (one a low `max_message_size` may
+/// close), beside small ones on the shared channel: every one is confirmed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_result_on_its_own_channel_is_confirmed_with_the_small_ones() {
+    let names = Names::new("large");
+    let q = &names.q;
+    let b = backend(opts(), "large").await;
+    for i in 0..3 {
+        b.enqueue(q, format!("{{\"n\":{i}}}").as_bytes())
+            .await
+            .expect("enqueue");
+    }
+    let claims = claim_n(&b, q, 3, Duration::from_secs(10)).await;
+    let large = format!("{{\"blob\":\"{}\"}}", "x".repeat(3 << 20));
+    let finishes = claims.iter().enumerate().map(|(i, c)| {
+        let result = if i == 1 {
+            large.clone()
+        } else {
+            format!("{{\"result\":{i}}}")
+        };
+        b.finish(q, c, publish(result))
+    });
+    for outcome in futures::future::join_all(finishes).await {
+        assert_eq!(outcome.expect("finish"), Fenced::Done);
+    }
+    let results = b.results(q, 10, false).await.expect("results");
+    assert_eq!(results.len(), 3);
+    assert_eq!(
+        results.iter().filter(|r| r.len() == large.len()).count(),
+        1,
+        "the large result once"
+    );
+}
+
 /// One delay queue expires only from its head, so a 60 s retry held a 1 s retry queued after
 /// it for the whole minute. With a bucket per delay class the short one comes back within its
 /// bucket's time while the long one still waits.
