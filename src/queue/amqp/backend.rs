@@ -290,14 +290,20 @@ impl Admin for AmqpBackend {
             durable: true,
             ..QueueDeclareOptions::default()
         };
+        // The jobs, the dead letters, the results, then every delay bucket (summed).
         let mut counts = [0u64; 4];
-        for (i, name) in [&t.jobs, &t.delay, &t.dead, &t.results].iter().enumerate() {
+        let buckets = t.delays.iter().map(|b| &b.queue);
+        for (i, name) in [&t.jobs, &t.dead, &t.results]
+            .into_iter()
+            .chain(buckets)
+            .enumerate()
+        {
             let queue = io(
                 &format!("check queue '{name}'"),
                 ch.queue_declare(name, passive, FieldTable::default()),
             )
             .await?;
-            counts[i] = u64::from(queue.message_count());
+            counts[i.min(3)] += u64::from(queue.message_count());
         }
         let _ = io("close a channel", ch.close(200, "depth")).await;
         let held = lock(&s.held).values().filter(|h| h.queue == q.jobs).count();
@@ -309,9 +315,9 @@ impl Admin for AmqpBackend {
             ready: counts[0],
             // What this process holds: AMQP does not report other consumers' unacked count.
             claimed: (held + buffered) as u64,
-            delayed: counts[1],
-            dead: counts[2],
-            results: counts[3],
+            delayed: counts[3],
+            dead: counts[1],
+            results: counts[2],
         })
     }
 
@@ -332,13 +338,11 @@ impl Admin for AmqpBackend {
         Ok(got.into_iter().map(|d| d.data).collect())
     }
 
-    /// Not per job on AMQP: the dead letters are messages in `<queue>.dead`, readable only by
-    /// consuming them. Move them with a shovel (`rabbitmqctl set_parameter shovel ...`) after review.
+    /// Finds the job's dead letter in `<queue>.dead`, publishes it back to the work queue
+    /// under its own id (confirmed), then removes it; the others stay, in order
+    /// (`Shared::redrive` says how, and what a crash in between leaves).
     async fn redrive_dead_letter(&self, q: &QueueNames, job_id: &str) -> Result<bool, QueueError> {
-        Err(QueueError::Amqp(format!(
-            "redriving one dead letter ({job_id}) is not supported on amqp: move messages from '{}.dead' back to '{}' with a shovel after review",
-            q.jobs, q.jobs
-        )))
+        self.shared.redrive(q, job_id).await
     }
 
     async fn dead_letters(

@@ -96,6 +96,8 @@ pub(super) struct Live {
     pub(super) conn: Connection,
     /// The confirm-mode channel every publish goes out on (re-opened if it closes).
     pub(super) publish: Mutex<Option<Channel>>,
+    /// The confirm channel of each named exchange published to (see `publish.rs`).
+    pub(super) by_exchange: StdMutex<HashMap<String, Channel>>,
     pub(super) consumers: StdMutex<HashMap<String, Consuming>>,
     /// Work queues whose topology was declared (or checked) on this connection.
     pub(super) declared: StdMutex<HashSet<String>>,
@@ -224,6 +226,7 @@ impl Shared {
             stop,
             conn,
             publish: Mutex::new(None),
+            by_exchange: StdMutex::new(HashMap::new()),
             consumers: StdMutex::new(HashMap::new()),
             declared: StdMutex::new(HashSet::new()),
         });

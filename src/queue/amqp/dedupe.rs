@@ -36,7 +36,7 @@ impl Memo {
 
 impl Shared {
     /// The done marker of one life of a job. A dead letter moved back to the work queue (a
-    /// shovel, after review) is a new life: it carries the `x-lar-failed-at` its dead-lettering
+    /// redrive, or a shovel, after review) is a new life: it carries the `x-lar-failed-at` its dead-lettering
     /// stamped, so it gets a marker of its own and runs again instead of being acked as done.
     pub(super) fn memo_key(q: &QueueNames, job_id: &str, h: &Held) -> String {
         let redriven = h

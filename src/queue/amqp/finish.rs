@@ -8,12 +8,12 @@ use super::headers::{
     carried_headers, header_text, job_props, result_meta, text, DECISION_HEADER, FAILED_AT_HEADER,
     PERSISTENT,
 };
-use super::publish::Confirms;
+use super::publish::{Confirms, Publisher};
 use super::{lock, Shared, Topology};
 use crate::queue::run_store::{Deciding, Paused, RunStore};
 use crate::queue::{failed_attempt, Claim, DeadLetter, Fenced, QueueError, QueueNames};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel};
+use lapin::BasicProperties;
 use std::time::Duration;
 use tracing::{info, warn};
 
@@ -145,7 +145,7 @@ impl Shared {
     /// job's `reply_to` with its `correlation_id` when it has one; returns the confirms (the
     /// result's, the reply's).
     async fn publish_result(
-        ch: &Channel,
+        ch: &Publisher,
         q: &QueueNames,
         claim: &Claim,
         h: &Held,
@@ -361,19 +361,22 @@ impl Shared {
             "x-lar-history".into(),
             text(&serde_json::to_string(&history).unwrap_or_else(|_| "[]".into())),
         );
-        let props = job_props(&h.props, &claim.job_id, headers)
-            .with_expiration(ShortString::from(delay.as_millis().to_string()));
+        // The delay rounded up to its bucket (`Topology::delay_for`). The queue's TTL is the
+        // bucket's; the message carries it too, for a bucket an operator created without one.
         let t = Topology::of(q);
+        let bucket = t.delay_for(delay);
+        let props = job_props(&h.props, &claim.job_id, headers)
+            .with_expiration(ShortString::from(bucket.after.as_millis().to_string()));
         let ch = self.publisher().await?;
         let pending = vec![
             Self::publish(
                 &ch,
                 "",
-                &t.delay,
+                &bucket.queue,
                 true,
                 &claim.payload,
                 props,
-                format!("retry (queue '{}')", t.delay),
+                format!("retry (queue '{}')", bucket.queue),
             )
             .await?,
         ];

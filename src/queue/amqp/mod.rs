@@ -8,7 +8,7 @@
 //! | `Q`         | durable work queue; dead-letters (broker side) to `Q.dlx` with key `Q`      |
 //! | `Q.dlx`     | durable direct exchange for dead letters                                     |
 //! | `Q.dead`    | durable dead-letter queue, bound to `Q.dlx` with key `Q`                    |
-//! | `Q.delay`   | durable delay queue: no consumer; per-message TTL dead-letters back to `Q`  |
+//! | `Q.delay.T` | durable delay buckets (`T`: `1s`, `3s`, `10s`, `30s`, `1m` … `3d`, `7d`), no consumer; each one's `x-message-ttl` dead-letters back to `Q` |
 //! | results     | the configured results queue, durable                                        |
 //!
 //! With `queue_type = "quorum"` every queue is a quorum queue, the work queue carries
@@ -16,7 +16,9 @@
 //! at-least-once (`x-dead-letter-strategy`, which needs `x-overflow = reject-publish`).
 //!
 //! How a claim ends. Every message this backend publishes is persistent (delivery mode 2) and
-//! goes out on a channel in confirm mode; the delivery is acked (manual acks) only after every
+//! goes out on a channel in confirm mode: the connection's shared one, or, for what the broker
+//! may refuse by closing the channel (a named exchange, a body over 1 MiB), one of its own, so
+//! one refused publish cannot leave the others' outcomes unknown (`publish.rs`); the delivery is acked (manual acks) only after every
 //! confirm of its finish has arrived, so nothing leaves the broker's hands before its outcome is
 //! durable there. Finishes run concurrently (one task per job), so many confirms are in flight
 //! at once; no finish waits for another's round trip. Publishes and confirms have no deadline
@@ -29,12 +31,19 @@
 //!   asked for one, the dead-letter entry too when the worker gives one; confirm; done marker;
 //!   ack. A finish that is retried sends only what was not confirmed yet, and the reply is
 //!   best effort (the caller's queue may be gone or full; the results queue has the result).
-//! * `Retry`: the same body to `Q.delay` with `expiration` = the delay, `x-attempt` and the
-//!   attempt history (`x-lar-history`, JSON) in headers; confirm; ack. The broker moves it back
-//!   to `Q` when it expires.
+//! * `Retry`: the same body to the delay bucket of its delay, rounded up (a 20 s delay waits in
+//!   `Q.delay.30s`), with `expiration` = the bucket's, `x-attempt` and the attempt history
+//!   (`x-lar-history`, JSON) in headers; confirm; ack. The broker moves it back to `Q` when it
+//!   expires.
 //! * `DeadLetter`: the body untouched to `Q.dlx` with `x-lar-reason`, `x-lar-history`;
 //!   confirm; ack.
 //! * `Release`: `basic.nack(requeue = true)`.
+//!
+//! Redrive (`Admin::redrive_dead_letter`, `lar-worker dead-letters redrive ID`): the job's dead
+//! letter is found in `Q.dead` (read in order, unacked), published back to `Q` under its own
+//! id with a confirm, then acked; the dead letters read before it go back in place. A crash in
+//! between leaves a duplicate, never a loss (`admin.rs`, `Shared::redrive`, says why the done
+//! marker and the fencing absorb it).
 //!
 //! Fencing. AMQP has no leases: a delivery belongs to the channel it came on, and the broker
 //! redelivers it when that channel (or the connection) dies. A finish on a claim whose channel
@@ -52,8 +61,8 @@
 //! done marker is kept per job id: checked before publishing, set after the confirms, before
 //! the ack. It lives in this process (always) and in Redis when `dedupe_redis_url` is set
 //! (`SET <queue>:done:<job_id> 1 EX 86400 NX`), which covers redeliveries to other replicas
-//! and restarts. A dead letter shovelled back to `Q` is not a redelivery but a new life of the
-//! job: it carries the `x-lar-failed-at` header of its dead-lettering, and its marker is
+//! and restarts. A dead letter moved back to `Q` is not a redelivery but a new life of the
+//! job (a redrive, or a shovel): it carries the `x-lar-failed-at` header of its dead-lettering, and its marker is
 //! `<queue>:done:<job_id>:redriven:<failed_at>`, so it runs and publishes again. What remains: a result the broker stored whose confirm never reached the worker
 //! (the connection died in between) is indistinguishable from one the broker never got, so the
 //! redelivered job publishes again. Producers that need strict once-only consumption dedupe
@@ -62,9 +71,10 @@
 //! Known limits, by design of AMQP 0-9-1 and RabbitMQ:
 //! * `depth().claimed` counts what *this process* holds (handed out or buffered): the protocol
 //!   gives clients no unacknowledged count of a queue (the management plugin does).
-//! * The broker expires per-message TTLs only at the head of the delay queue, so a retry
-//!   with a long delay holds back shorter ones queued behind it: a retry never comes back
-//!   early, but may come back late.
+//! * The broker expires messages only at the head of a queue, so retries wait in buckets of
+//!   one delay each: a retry never comes back early, and at most one step of the ladder (about
+//!   3x) late, since its delay is rounded up to its bucket's. Retries still in the single
+//!   `Q.delay` of earlier versions come back as they did; `delete_topology` removes it.
 //! * On quorum queues every return counts toward `delivery_limit`, a shutdown's `Release` and
 //!   a crash included.
 //! * Checkpoints only with `checkpoint_store` (a Redis URL, or a SQLite file for the replicas
@@ -187,8 +197,8 @@ struct Shared {
     broken: mpsc::UnboundedSender<u64>,
 }
 
-/// The AMQP backend. Cheap to share; one connection with a publish channel and one consumer
-/// channel per consumed queue.
+/// The AMQP backend. Cheap to share; one connection with a shared publish channel (and one per
+/// dead-letter exchange published to) and one consumer channel per consumed queue.
 pub struct AmqpBackend {
     shared: Arc<Shared>,
     supervisor: tokio::task::JoinHandle<()>,

@@ -1,5 +1,5 @@
 //! Unit tests of the pieces that need no broker: url masking, result metadata, envelope
-//! ids, header values, the headers a copy carries, the done-marker memo.
+//! ids, header values, the headers a copy carries, the done-marker memo, the delay buckets.
 
 use super::dedupe::{Memo, MEMO_CAP};
 use super::headers::{carried_headers, result_meta, text, value_int, value_text};
@@ -74,4 +74,32 @@ fn memo_forgets_the_oldest() {
     assert_eq!(m.set.len(), MEMO_CAP);
     assert!(!m.set.contains("0"));
     assert!(m.set.contains(&(MEMO_CAP + 4).to_string()));
+}
+
+#[test]
+fn delays_round_up_to_their_bucket() {
+    use super::Topology;
+    use crate::queue::QueueNames;
+    use std::time::Duration;
+    let t = Topology::of(&QueueNames {
+        jobs: "jobs".into(),
+        results: "results".into(),
+    });
+    let at = |ms: u64| {
+        let b = t.delay_for(Duration::from_millis(ms));
+        (b.after.as_secs(), b.queue.as_str())
+    };
+    assert_eq!(at(0), (1, "jobs.delay.1s"));
+    assert_eq!(at(1_000), (1, "jobs.delay.1s"));
+    assert_eq!(at(1_001), (3, "jobs.delay.3s"));
+    assert_eq!(at(40_000), (60, "jobs.delay.1m"));
+    assert_eq!(at(7 * 86_400_000), (7 * 86_400, "jobs.delay.7d"));
+    assert_eq!(
+        at(u64::MAX / 2),
+        (7 * 86_400, "jobs.delay.7d"),
+        "the longest"
+    );
+    // Shortest first, each longer than the last, no two queues of one name.
+    assert!(t.delays.windows(2).all(|w| w[0].after < w[1].after));
+    assert_eq!(t.legacy_delay, "jobs.delay");
 }

@@ -1,6 +1,14 @@
 //! The topology of a work queue (its dead-letter exchange, dead-letter, delay and results
 //! queues): the names, declaring it (or only checking it, with `declare = false`) once per
 //! connection, and deleting it.
+//!
+//! Delays go through buckets: one delay queue per delay class ([`DELAY_LADDER`]), each with its
+//! own `x-message-ttl`, dead-lettering back into the work queue. RabbitMQ expires messages only
+//! at the head of a queue, so one delay queue for every delay would hold a 1 s retry behind a
+//! 60 s one queued before it; in a bucket every message has the same TTL, so the head is always
+//! the first one due and nothing waits behind a longer delay. A retry's delay is rounded **up**
+//! to its bucket ([`Topology::delay_for`]): it never comes back early, and at most one step of
+//! the ladder late (a 1.5 s delay waits 3 s; a 40 s one a minute).
 
 use super::connection::{amqp_err, io, redact, Live, CONNECT_TIMEOUT};
 use super::headers::text;
@@ -11,6 +19,7 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use std::time::Duration;
 
 /// The kind of the queues the AMQP backend declares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, Default)]
@@ -21,12 +30,46 @@ pub enum AmqpQueueType {
     Quorum,
 }
 
+/// The delay classes, shortest first, with the suffix of their queue's name: steps of about
+/// 3x from a second to a week (the longest backoff `worker.retry` allows). A delay is rounded
+/// up to the first bucket at least as long; a longer one (impossible with a valid config) goes
+/// to the last.
+pub const DELAY_LADDER: [(u64, &str); 14] = [
+    (1, "1s"),
+    (3, "3s"),
+    (10, "10s"),
+    (30, "30s"),
+    (60, "1m"),
+    (3 * 60, "3m"),
+    (10 * 60, "10m"),
+    (30 * 60, "30m"),
+    (3600, "1h"),
+    (3 * 3600, "3h"),
+    (10 * 3600, "10h"),
+    (86_400, "1d"),
+    (3 * 86_400, "3d"),
+    (7 * 86_400, "7d"),
+];
+
+/// One delay queue: messages wait in it `after`, then the broker moves them to the work queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DelayBucket {
+    pub after: Duration,
+    /// `<queue>.delay.<class>`, e.g. `jobs.delay.30s`.
+    pub queue: String,
+}
+
 /// The names of one work queue's topology.
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub jobs: String,
     pub results: String,
-    pub delay: String,
+    /// The delay buckets, shortest first (see [`DELAY_LADDER`]).
+    pub delays: Vec<DelayBucket>,
+    /// The single delay queue of earlier versions (`<queue>.delay`). No longer declared nor
+    /// published to; retries already in it still expire back to the work queue (its own
+    /// arguments say where), and [`delete_topology`] removes it.
+    pub legacy_delay: String,
     pub dead: String,
     pub dlx: String,
 }
@@ -36,10 +79,27 @@ impl Topology {
         Topology {
             jobs: q.jobs.clone(),
             results: q.results.clone(),
-            delay: format!("{}.delay", q.jobs),
+            delays: DELAY_LADDER
+                .iter()
+                .map(|(secs, class)| DelayBucket {
+                    after: Duration::from_secs(*secs),
+                    queue: format!("{}.delay.{class}", q.jobs),
+                })
+                .collect(),
+            legacy_delay: format!("{}.delay", q.jobs),
             dead: format!("{}.dead", q.jobs),
             dlx: format!("{}.dlx", q.jobs),
         }
+    }
+
+    /// The bucket a retry delayed by `delay` waits in: the shortest at least as long (the delay
+    /// rounded up), or the longest.
+    pub fn delay_for(&self, delay: Duration) -> &DelayBucket {
+        self.delays
+            .iter()
+            .find(|b| b.after >= delay)
+            .or_else(|| self.delays.last())
+            .expect("the ladder is not empty")
     }
 }
 
@@ -105,7 +165,8 @@ impl Shared {
                 ),
             )
             .await?;
-            for name in [&t.jobs, &t.results, &t.delay, &t.dead] {
+            let buckets = t.delays.iter().map(|b| &b.queue);
+            for name in [&t.jobs, &t.results, &t.dead].into_iter().chain(buckets) {
                 io(
                     &format!("check queue '{name}'"),
                     ch.queue_declare(name, qopts, FieldTable::default()),
@@ -156,16 +217,20 @@ impl Shared {
             ch.queue_declare(&t.jobs, qopts, typed(&work)),
         )
         .await?;
-        let mut delay: Vec<(&str, AMQPValue)> = vec![
-            ("x-dead-letter-exchange", text("")),
-            ("x-dead-letter-routing-key", text(&t.jobs)),
-        ];
-        delay.extend(at_least_once.iter().cloned());
-        io(
-            &format!("declare queue '{}'", t.delay),
-            ch.queue_declare(&t.delay, qopts, typed(&delay)),
-        )
-        .await?;
+        for bucket in &t.delays {
+            let ttl = i64::try_from(bucket.after.as_millis()).unwrap_or(i64::MAX);
+            let mut delay: Vec<(&str, AMQPValue)> = vec![
+                ("x-dead-letter-exchange", text("")),
+                ("x-dead-letter-routing-key", text(&t.jobs)),
+                ("x-message-ttl", AMQPValue::LongLongInt(ttl)),
+            ];
+            delay.extend(at_least_once.iter().cloned());
+            io(
+                &format!("declare queue '{}'", bucket.queue),
+                ch.queue_declare(&bucket.queue, qopts, typed(&delay)),
+            )
+            .await?;
+        }
         io(
             &format!("declare queue '{}'", t.results),
             ch.queue_declare(&t.results, qopts, typed(&[])),
@@ -189,7 +254,9 @@ pub async fn delete_topology(url: &str, q: &QueueNames) -> Result<(), QueueError
     };
     let t = Topology::of(q);
     let mut first_err = None;
-    for name in [&t.jobs, &t.results, &t.delay, &t.dead] {
+    let buckets = t.delays.iter().map(|b| &b.queue);
+    let queues = [&t.jobs, &t.results, &t.dead, &t.legacy_delay];
+    for name in queues.into_iter().chain(buckets) {
         // A channel per delete: an error closes the channel.
         let ch = io("open a channel", conn.create_channel()).await?;
         match io(
