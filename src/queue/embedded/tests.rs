@@ -64,12 +64,10 @@ fn a_version_2_file_gains_the_pending_epoch() {
     {
         let conn = Connection::open(&path).unwrap();
         // The version 2 schema: SCHEMA without `pending.epoch` and `jobs.recoveries`.
-        conn.execute_batch(
-            &without_recoveries(SCHEMA).replace(
-                "    created_at INTEGER NOT NULL,\n    epoch      INTEGER NOT NULL DEFAULT 0,\n",
-                "    created_at INTEGER NOT NULL,\n",
-            ),
-        )
+        conn.execute_batch(&without_recoveries(SCHEMA).replace(
+            "    created_at INTEGER NOT NULL,\n    epoch      INTEGER NOT NULL DEFAULT 0,\n",
+            "    created_at INTEGER NOT NULL,\n",
+        ))
         .unwrap();
         conn.execute(
             "INSERT INTO pending (queue, job_id, record, created_at) VALUES ('q', 'j', x'7b7d', 1)",
@@ -98,7 +96,10 @@ fn without_recoveries(schema: &str) -> String {
         "    decision     TEXT,\n    recoveries   INTEGER NOT NULL DEFAULT 0\n",
         "    decision     TEXT\n",
     );
-    assert_ne!(old, schema, "SCHEMA no longer has the recoveries column as written here");
+    assert_ne!(
+        old, schema,
+        "SCHEMA no longer has the recoveries column as written here"
+    );
     old
 }
 
