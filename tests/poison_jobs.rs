@@ -281,11 +281,14 @@ fn wait_for(env: &Env, replicas: &[Supervisor], what: &str, mut done: impl FnMut
     while !done() {
         assert!(
             start.elapsed() < WITHIN,
-            "{what} within {WITHIN:?} ({:?}): the replicas died {} times ({:?}); dead letters: {:?}; \
-             results: {}; depth: {:?}\n{}",
+            "{what} within {WITHIN:?} ({:?}): the replicas died {} times ({} by SIGKILL); \
+             dead letters: {:?}; results: {}; depth: {:?}\n{}",
             env.kind,
             deaths(replicas).len(),
-            deaths(replicas),
+            deaths(replicas)
+                .iter()
+                .filter(|s| s.signal() == Some(9))
+                .count(),
             env.dead(),
             env.results().len(),
             env.depth(),
