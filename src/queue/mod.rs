@@ -71,8 +71,8 @@ pub struct Claim {
     /// How many claims of this job were taken back from a holder that did not end them (its
     /// worker died, or hung past its lease: an expired lease, or a dead worker's claims, handed
     /// back by the backend's `recover`) since the job's life last ended (published,
-    /// dead-lettered or paused: [`Rules::resets_recoveries`]). A retry keeps the count; a
-    /// hand-back, a retry, a redrive or a decision's resume is not a recovery. Counted in the
+    /// dead-lettered or paused: [`Rules::resets_recoveries`]). A retry keeps the count, and
+    /// neither it nor a hand-back, a redrive or a decision's resume adds one. Counted in the
     /// store (embedded: the `recoveries` column; Redis: the `Q:recoveries` hash), never in the
     /// message, so a producer cannot forge it; 0 where a backend does not count (AMQP). The
     /// worker dead-letters a job that reached `worker.max_recoveries` instead of running it
