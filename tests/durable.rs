@@ -115,6 +115,21 @@ impl Env {
         self.worker_logging_to(Stdio::null())
     }
 
+    /// Adds a `[worker]` setting to the config, before any worker reads it.
+    fn worker_setting(&self, line: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let with = text.replacen("[worker]\n", &format!("[worker]\n{line}\n"), 1);
+        assert_ne!(text, with);
+        std::fs::write(&self.config, with).unwrap();
+    }
+
+    /// For replicas struck at random whatever they run: a job held through several strikes
+    /// (killed, frozen past its lease, cut off) is no poison job, and must not be dead-lettered
+    /// as one after `worker.max_recoveries` (3) of them.
+    fn forgive_recoveries(&self) {
+        self.worker_setting("max_recoveries = 1000");
+    }
+
     fn worker_logging_to(&self, stderr: impl Into<Stdio>) -> Proc {
         Proc(
             Command::new(BIN)
@@ -1845,6 +1860,7 @@ fn backlog_under_fire(
         lease_ms,
         &[("note.sh", NOTING_TOOL)],
     );
+    env.forgive_recoveries();
     for i in 0..CHAOS_JOBS {
         env.push(&format!(r#"{{"id":"chaos-{i}","input":{{"n":{i}}}}}"#));
     }
@@ -1911,6 +1927,7 @@ fn paused_jobs_decided_while_replicas_die(kind: Kind) {
          [[nodes]]\nid = \"s3\"\ntype = \"tool\"\ntool = \"note\"\noutput = \"r3\"\n{NOTING_TOOL_DEF}"
     );
     let mut env = Env::new(kind, &graph, "envelope", 1500, &[("note.sh", NOTING_TOOL)]);
+    env.forgive_recoveries();
     for i in 0..JOBS {
         env.push(&format!(r#"{{"id":"jury-{i}","input":{{"n":{i}}}}}"#));
     }

@@ -2,7 +2,8 @@
 //!
 //! The outcome set ([`Finish`], [`DeadLetter`], [`AttemptRecord`]) and one pure function,
 //! [`rules`], that says for each outcome what happens to the job's message, to its stored run
-//! (checkpoint and journal) and to a human decision the claim carried; plus the redrive rule
+//! (checkpoint and journal), to a human decision the claim carried and to the job's count of
+//! recoveries; plus the redrive rule
 //! ([`redrive_decision`]) and how a failed attempt is appended ([`failed_attempt`]). Backends
 //! translate a [`Rules`] into their own transaction (embedded), script mode (Redis) or broker
 //! calls (AMQP); none of them decides these things for itself.
@@ -109,6 +110,13 @@ pub struct Rules {
     pub decision: DecisionFate,
     /// Whether the finish counts as a failed attempt (appended to the job's history).
     pub counts_attempt: bool,
+    /// Whether the finish sets the job's count of recoveries ([`crate::queue::Claim::recoveries`])
+    /// back to 0: a finish that ends the job's life (published, dead-lettered, paused for a
+    /// human) does; a retry and a hand-back do not, so a job that kills its worker on its
+    /// second attempt still counts the deaths of its first. A finish never adds a recovery:
+    /// only a claim taken back from a holder that did not end it does (an expired lease, a
+    /// dead worker's claims), in the backend's `recover`.
+    pub resets_recoveries: bool,
 }
 
 impl Rules {
@@ -153,11 +161,16 @@ pub fn rules(how: &Finish) -> Rules {
         Finish::Release => (Message::HandedBack, RunFate::Kept, StaysWithJob, false),
         Finish::Pause { .. } => (Message::Paused, RunFate::Kept, SettledByPause, false),
     };
+    let resets_recoveries = matches!(
+        message,
+        Message::Published | Message::DeadLettered | Message::Paused
+    );
     Rules {
         message,
         run,
         decision,
         counts_attempt,
+        resets_recoveries,
     }
 }
 
@@ -237,7 +250,7 @@ mod tests {
     }
 
     /// The whole table, one row per outcome: message, run, decision, attempt, script mode,
-    /// and whether a decision on its way is dropped.
+    /// whether a decision on its way is dropped, and whether the recoveries reset.
     #[test]
     fn the_finish_table() {
         use DecisionFate::*;
@@ -245,7 +258,7 @@ mod tests {
         use RunFate::*;
         let expected = [
             (
-                "publish", Published, Forgotten, Dropped, false, "publish", false,
+                "publish", Published, Forgotten, Dropped, false, "publish", false, true,
             ),
             (
                 "publish+dead",
@@ -255,6 +268,7 @@ mod tests {
                 false,
                 "publish",
                 false,
+                true,
             ),
             (
                 "retry_keep",
@@ -264,8 +278,11 @@ mod tests {
                 true,
                 "retry",
                 false,
+                false,
             ),
-            ("retry", Delayed, Forgotten, Dropped, true, "retry", true),
+            (
+                "retry", Delayed, Forgotten, Dropped, true, "retry", true, false,
+            ),
             (
                 "dead_keep",
                 DeadLettered,
@@ -273,6 +290,7 @@ mod tests {
                 KeptForRedrive,
                 false,
                 "dead",
+                true,
                 true,
             ),
             (
@@ -282,6 +300,7 @@ mod tests {
                 Dropped,
                 false,
                 "dead",
+                true,
                 true,
             ),
             (
@@ -292,8 +311,18 @@ mod tests {
                 false,
                 "release",
                 false,
+                false,
             ),
-            ("pause", Paused, Kept, SettledByPause, false, "pause", false),
+            (
+                "pause",
+                Paused,
+                Kept,
+                SettledByPause,
+                false,
+                "pause",
+                false,
+                true,
+            ),
         ];
         let outcomes = every_outcome();
         assert_eq!(outcomes.len(), expected.len());
@@ -307,6 +336,7 @@ mod tests {
             );
             assert_eq!(r.script_mode(), row.5, "{name}");
             assert_eq!(r.drops_decision_on_its_way(), row.6, "{name}");
+            assert_eq!(r.resets_recoveries, row.7, "{name}");
         }
     }
 
@@ -320,6 +350,28 @@ mod tests {
             );
         }
         assert!(!rules(&Finish::Release).counts_attempt);
+    }
+
+    #[test]
+    fn recoveries_reset_exactly_when_the_jobs_life_ends() {
+        for (name, how) in every_outcome() {
+            let ends_life = matches!(
+                how,
+                Finish::Publish { .. } | Finish::DeadLetter(_) | Finish::Pause { .. }
+            );
+            assert_eq!(rules(&how).resets_recoveries, ends_life, "{name}");
+        }
+        // A retry keeps the count (a job that kills its worker on attempt 2 still counts), and
+        // a hand-back neither counts nor resets.
+        for keep_run in [true, false] {
+            let retry = Finish::Retry {
+                delay: Duration::ZERO,
+                error: "e".into(),
+                keep_run,
+            };
+            assert!(!rules(&retry).resets_recoveries);
+        }
+        assert!(!rules(&Finish::Release).resets_recoveries);
     }
 
     #[test]

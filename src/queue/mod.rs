@@ -68,10 +68,15 @@ pub struct Claim {
     /// nothing to resume, and none can appear (only this claim's epoch may write one), so the
     /// worker starts the run without reading the store. False where the backend did not look.
     pub fresh: bool,
-    /// How many claims of this job were taken back from a holder that stopped renewing them
-    /// (its worker died, or hung past its lease) since the job last ended a claim itself. A
-    /// hand-back is not a recovery. The worker dead-letters a job that reached
-    /// `worker.max_recoveries` instead of running it again.
+    /// How many claims of this job were taken back from a holder that did not end them (its
+    /// worker died, or hung past its lease: an expired lease, or a dead worker's claims, handed
+    /// back by the backend's `recover`) since the job's life last ended (published,
+    /// dead-lettered or paused: [`Rules::resets_recoveries`]). A retry keeps the count, and
+    /// neither it nor a hand-back, a redrive or a decision's resume adds one. Counted in the
+    /// store (embedded: the `recoveries` column; Redis: the `Q:recoveries` hash), never in the
+    /// message, so a producer cannot forge it; 0 where a backend does not count (AMQP). The
+    /// worker dead-letters a job that reached `worker.max_recoveries` instead of running it
+    /// again.
     pub recoveries: u32,
     /// The backend's own reference to this claim; opaque outside `queue`.
     pub handle: ClaimHandle,

@@ -1,6 +1,6 @@
 //! Claims and leases: `claim` (poll or wait for ready jobs, then take them in one write
 //! transaction), `extend` (renew the leases of held claims) and `recover` (hand back the jobs
-//! whose lease ran out). Each is fenced on the claim's epoch where it touches a held job.
+//! whose lease ran out, counting a recovery for each). Each is fenced on the claim's epoch where it touches a held job.
 
 use super::{limit, millis, parse_history, EmbeddedBackend};
 use crate::clock::now_ms;
@@ -39,7 +39,7 @@ fn claim_once(
     let lease_until = now.saturating_add(millis(lease));
     let rows = {
         let mut select = tx.prepare_cached(
-            "SELECT seq, job_id, payload, attempt, history, decision FROM jobs
+            "SELECT seq, job_id, payload, attempt, history, decision, recoveries FROM jobs
              WHERE queue = ?1 AND state = 'ready' AND available_at <= ?2
              ORDER BY available_at, seq LIMIT ?3",
         )?;
@@ -51,6 +51,7 @@ fn claim_once(
                 row.get::<_, i64>(3)?,
                 row.get::<_, String>(4)?,
                 row.get::<_, Option<String>>(5)?,
+                row.get::<_, i64>(6)?,
             ))
         })?;
         rows.collect::<Result<Vec<_>, _>>()?
@@ -62,7 +63,7 @@ fn claim_once(
         )?;
         let mut has_run =
             tx.prepare_cached("SELECT 1 FROM runs WHERE queue = ?1 AND job_id = ?2")?;
-        for (seq, job_id, payload, attempt, history, decision) in rows {
+        for (seq, job_id, payload, attempt, history, decision, recoveries) in rows {
             let epoch = crate::queue::run_store::sqlite::next_epoch(&tx)?;
             update.execute(params![seq, worker, lease_until, epoch])?;
             let fresh = !has_run.exists(params![queue, job_id])?;
@@ -86,7 +87,9 @@ fn claim_once(
                 history,
                 decision,
                 fresh,
-                recoveries: 0,
+                // Out of range only in a damaged file: clamped.
+                recoveries: u32::try_from(recoveries.clamp(0, i64::from(u32::MAX)))
+                    .unwrap_or(u32::MAX),
                 handle: ClaimHandle(Some(seq)),
             });
         }
@@ -197,9 +200,13 @@ impl EmbeddedBackend {
             move |conn, _| {
                 let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
                 // The epoch is left alone: the next claim raises it, which fences the old holder.
+                // A claim taken back from a holder that did not end it is a recovery (see
+                // `Claim::recoveries`); the job's row goes when its life ends, and with it the
+                // count (a retry and a hand-back keep the row, and the count).
                 let moved = tx
                     .prepare_cached(
-                        "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL
+                        "UPDATE jobs SET state = 'ready', owner = NULL, lease_until = NULL,
+                         recoveries = recoveries + 1
                      WHERE queue = ?1 AND state = 'claimed' AND lease_until < ?2",
                     )?
                     .execute(params![queue, now_ms()])?;

@@ -65,6 +65,9 @@ pub(super) fn finish_once(
     };
     let now = now_ms();
     let rules = rules(&how);
+    // The job's count of recoveries lives on its row: a finish that resets it
+    // (`rules.resets_recoveries`: publish, dead letter, pause) deletes the row, and a retry or
+    // a hand-back keeps the row and the count as they are.
     if rules.run == RunFate::Forgotten {
         crate::queue::run_store::sqlite::forget_run(&tx, &q.jobs, job_id)?;
     }

@@ -8,7 +8,9 @@
 //! Tables:
 //! - `jobs`: one row per accepted job, from enqueue until its outcome is durable. `state` is
 //!   `ready` or `claimed`; a ready row whose `available_at` lies in the future is a delayed
-//!   retry. `epoch` grows with every claim and fences `extend` and `finish`.
+//!   retry. `epoch` grows with every claim and fences `extend` and `finish`. `recoveries`
+//!   counts the claims `recover` took back from a holder whose lease ran out (the row, and
+//!   the count, go when the job's life ends; see `Claim::recoveries`).
 //! - `results`: published results, by results-queue name.
 //! - `dead_letters`: JSON entries built with [`dead_letter_entry`], by jobs-queue name.
 //!

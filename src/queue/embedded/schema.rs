@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use std::path::Path;
 
 /// The schema version this code writes (`PRAGMA user_version`).
-pub(super) const SCHEMA_VERSION: i64 = 3;
+pub(super) const SCHEMA_VERSION: i64 = 4;
 
 /// The tables of the queue file (the run tables come from `run_store::sqlite::RUN_TABLES`).
 pub(super) const SCHEMA: &str = include_str!("sql/schema.sql");
@@ -27,6 +27,10 @@ const MIGRATE_TO_2: &str = include_str!("sql/migrate_to_2.sql");
 /// Version 3 keeps a paused job's epoch with its pending record, so the claim that resumes it
 /// gets a newer epoch than every earlier holder.
 const MIGRATE_TO_3: &str = include_str!("sql/migrate_to_3.sql");
+
+/// Version 4 counts a job's recoveries: how many of its claims `recover` took back from a
+/// holder whose lease ran out (see `Claim::recoveries`).
+const MIGRATE_TO_4: &str = include_str!("sql/migrate_to_4.sql");
 
 /// Creates the schema where it is missing and migrates an older file to [`SCHEMA_VERSION`], in
 /// one write transaction; refuses a file from a newer lar-worker (`path` names it in the error).
@@ -54,6 +58,10 @@ pub(super) fn create_or_migrate(conn: &mut Connection, path: &Path) -> Result<()
     // table from SCHEMA below.
     if had_jobs && version == 2 {
         tx.execute_batch(MIGRATE_TO_3)?;
+    }
+    // Every file from before version 4 has a `jobs` table without `recoveries`.
+    if had_jobs && version < 4 {
+        tx.execute_batch(MIGRATE_TO_4)?;
     }
     tx.execute_batch(SCHEMA)?;
     tx.execute_batch(crate::queue::run_store::sqlite::RUN_TABLES)?;

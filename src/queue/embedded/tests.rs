@@ -63,8 +63,8 @@ fn a_version_2_file_gains_the_pending_epoch() {
     let path = dir.path().join("q.db");
     {
         let conn = Connection::open(&path).unwrap();
-        // The version 2 schema: SCHEMA without `pending.epoch`.
-        conn.execute_batch(&SCHEMA.replace(
+        // The version 2 schema: SCHEMA without `pending.epoch` and `jobs.recoveries`.
+        conn.execute_batch(&without_recoveries(SCHEMA).replace(
             "    created_at INTEGER NOT NULL,\n    epoch      INTEGER NOT NULL DEFAULT 0,\n",
             "    created_at INTEGER NOT NULL,\n",
         ))
@@ -88,4 +88,50 @@ fn a_version_2_file_gains_the_pending_epoch() {
         })
         .unwrap();
     assert_eq!(epoch, 0);
+}
+
+/// SCHEMA as it was before version 4: `jobs` without `recoveries`.
+fn without_recoveries(schema: &str) -> String {
+    let old = schema.replace(
+        "    decision     TEXT,\n    recoveries   INTEGER NOT NULL DEFAULT 0\n",
+        "    decision     TEXT\n",
+    );
+    assert_ne!(
+        old, schema,
+        "SCHEMA no longer has the recoveries column as written here"
+    );
+    old
+}
+
+#[test]
+fn a_version_3_file_gains_the_recoveries_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(&without_recoveries(SCHEMA)).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (queue, job_id, payload, state, available_at, enqueued_at)
+             VALUES ('q', 'j', x'7b7d', 'ready', 0, 0)",
+            [],
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 3).unwrap();
+    }
+    let b = EmbeddedBackend::open(&path, "w1".into()).unwrap();
+    let conn = b.conn.lock().unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!((version, SCHEMA_VERSION), (4, 4));
+    let recoveries: i64 = conn
+        .query_row("SELECT recoveries FROM jobs WHERE job_id = 'j'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(recoveries, 0, "a job queued before the upgrade starts at 0");
+    drop(conn);
+    drop(b);
+    // And opening it again (now version 4) migrates nothing twice.
+    drop(EmbeddedBackend::open(&path, "w2".into()).unwrap());
 }

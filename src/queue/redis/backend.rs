@@ -156,6 +156,7 @@ impl Consumer for RedisBackend {
             run_key(q, &claim.job_id),
             k.pending,
             k.decided,
+            k.recoveries,
         ];
         let args = vec![
             claim.job_id.clone().into_bytes(),
@@ -166,6 +167,7 @@ impl Consumer for RedisBackend {
             flag(claim.decision.is_some()),
             flag(rules.drops_decision_on_its_way()),
             flag(rules.run == RunFate::Forgotten),
+            flag(rules.resets_recoveries),
         ];
         let done = self.scripts.finish.call(keys, args).await?;
         Ok(if done == 1 {
@@ -185,7 +187,8 @@ impl Consumer for RedisBackend {
             .key(&k.delayed)
             .key(&k.workers)
             .key(&k.epochs)
-            .key(&k.processing);
+            .key(&k.processing)
+            .key(&k.recoveries);
         inv.arg("")
             .arg(&k.processing_prefix)
             .arg(&k.heartbeat_prefix);

@@ -26,15 +26,15 @@ impl RedisBackend {
         }
     }
 
-    /// The (stored, epoch, id, has run) quadruples CLAIM and ADOPT return. The id is the one
-    /// the script filed the claim and epoch under: the finish must name exactly it, whatever
-    /// Rust would make of the message (a decoder stricter than cjson, a message that only
-    /// looks wrapped).
+    /// The (stored, epoch, id, has run, recoveries) quintuples CLAIM and ADOPT return. The id
+    /// is the one the script filed the claim and epoch under: the finish must name exactly it,
+    /// whatever Rust would make of the message (a decoder stricter than cjson, a message that
+    /// only looks wrapped). The recoveries come from the queue's hash, not the message.
     pub(super) fn decode_claims(&self, items: Vec<::redis::Value>) -> Vec<Claim> {
-        let mut out = Vec::with_capacity(items.len() / 4);
+        let mut out = Vec::with_capacity(items.len() / 5);
         let mut it = items.into_iter();
-        while let (Some(stored), Some(epoch), Some(id), Some(has_run)) =
-            (it.next(), it.next(), it.next(), it.next())
+        while let (Some(stored), Some(epoch), Some(id), Some(has_run), Some(recoveries)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
         {
             // The script only returns bytes, numbers and a UTF-8 id (candidates are ours); a
             // claim that still does not decode is left to its lease, and says so.
@@ -44,12 +44,15 @@ impl RedisBackend {
                     ::redis::from_redis_value::<u64>(epoch)?,
                     ::redis::from_redis_value::<String>(id)?,
                     ::redis::from_redis_value::<i64>(has_run)?,
+                    ::redis::from_redis_value::<i64>(recoveries)?,
                 ))
             })();
             match decoded {
-                Ok((stored, epoch, id, has_run)) => {
+                Ok((stored, epoch, id, has_run, recoveries)) => {
                     let mut claim = Self::to_claim(stored, epoch, id);
                     claim.fresh = has_run == 0;
+                    claim.recoveries =
+                        u32::try_from(recoveries.clamp(0, i64::from(u32::MAX))).unwrap_or(u32::MAX);
                     out.push(claim);
                 }
                 Err(e) => {
@@ -109,7 +112,8 @@ impl RedisBackend {
             .key(&k.epochs)
             .key(&k.epoch_seq)
             .key(&k.delayed)
-            .key(run_key(q, ""));
+            .key(run_key(q, ""))
+            .key(&k.recoveries);
         inv.arg(&self.worker_id)
             .arg(lease.as_millis() as u64)
             .arg(n)

@@ -21,6 +21,7 @@ pub(super) fn keys(q: &QueueNames, worker: &str) -> Keys {
         heartbeat_prefix: format!("{p}:hb:"),
         pending: format!("{p}:pending"),
         decided: format!("{p}:decided"),
+        recoveries: format!("{p}:recoveries"),
         results: q.results.clone(),
     }
 }
@@ -40,5 +41,8 @@ pub(super) struct Keys {
     pub(super) heartbeat_prefix: String,
     pub(super) pending: String,
     pub(super) decided: String,
+    /// id → how many of the job's claims the reaper took back from a holder that did not end
+    /// them (see `Claim::recoveries`); the entry goes when the job's life ends.
+    pub(super) recoveries: String,
     pub(super) results: String,
 }

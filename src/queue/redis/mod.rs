@@ -10,7 +10,9 @@
 //! of retries by due time · `Q:dead` dead letters · `Q:workers` set · `Q:hb:<worker>` heartbeat ·
 //! `Q:run:<job>` hash of a durable run (`ckpt` its checkpoint, `0`, `1`, … its step records) ·
 //! `Q:pending` hash of jobs waiting for a human · `Q:decided` hash id→halt step of a decision on
-//! its way (until its message ends).
+//! its way (until its message ends) · `Q:recoveries` hash id→how many of the job's claims the
+//! reaper took back from a holder that did not end them (until the job's life ends: a
+//! publish, a dead letter, a pause).
 //! The reaper touches other workers' processing lists by name, so this backend needs a
 //! non-cluster Redis (or all keys of a queue in one hash slot: name queues `{agent}:jobs`).
 //!

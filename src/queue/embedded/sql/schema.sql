@@ -11,7 +11,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until  INTEGER,
     history      TEXT    NOT NULL DEFAULT '[]',
     enqueued_at  INTEGER NOT NULL,
-    decision     TEXT
+    decision     TEXT,
+    recoveries   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_claim ON jobs (queue, state, available_at);
 CREATE TABLE IF NOT EXISTS results (

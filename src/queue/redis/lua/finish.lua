@@ -1,11 +1,13 @@
 -- Ends one claim, fenced on its epoch. Run per job in batches (batch.rs): the body reads its
 -- keys as K and its arguments as A.
 -- KEYS: 1 processing, 2 leases, 3 claims, 4 owners, 5 epochs, 6 results, 7 dead, 8 queue,
---   9 delayed, 10 run (checkpoint + journal), 11 pending, 12 decided.
+--   9 delayed, 10 run (checkpoint + journal), 11 pending, 12 decided, 13 recoveries.
 -- ARGV: 1 id, 2 epoch, 3 mode, 4 a, 5 b, 6 '1' when the claim carries a decision (else ''),
---   7 '1' when the finish drops a decision on its way, 8 '1' when it forgets the run.
--- The mode says where the message goes; 7 and 8 say what happens to the decision and the run.
--- All three come from the finish rules (queue/finish.rs), not from this script.
+--   7 '1' when the finish drops a decision on its way, 8 '1' when it forgets the run, 9 '1'
+--   when it resets the job's count of recoveries.
+-- The mode says where the message goes; 7, 8 and 9 say what happens to the decision, the run
+-- and the recoveries. All four come from the finish rules (queue/finish.rs), not from this
+-- script.
 -- Modes: publish (a = result or '', b = dead entry or ''), retry (a = new stored message, b =
 -- delay ms), dead (a = entry), release (a = stored message), pause (a = awaiting_decision
 -- result, b = pending record). A run to forget stays, though, while the job waits for a human
@@ -48,6 +50,8 @@ local mode = A[3]
 if A[6] == '1' and A[7] == '1' then
   redis.call('HDEL', K[12], A[1])
 end
+-- The job's life ended (published, dead-lettered, paused): its next life counts afresh.
+if A[9] == '1' then redis.call('HDEL', K[13], A[1]) end
 if mode == 'publish' then
   if A[4] ~= '' then redis.call('RPUSH', K[6], A[4]) end
   if A[5] ~= '' then redis.call('RPUSH', K[7], A[5]) end

@@ -1,7 +1,12 @@
 -- Hands back to the queue what no live claim holds; returns how many messages it moved.
 -- KEYS: 1 queue, 2 leases, 3 claims, 4 owners, 5 delayed, 6 workers, 7 epochs, 8 own
---   processing list.
+--   processing list, 9 recoveries.
 -- ARGV: 1 _, 2 processing-list prefix, 3 heartbeat prefix.
+-- Every claim it takes back from its holder (an expired lease, a claim in a dead worker's
+-- list) is a recovery: `recoveries` (id -> count) grows by one for its job, and the next claim
+-- hands the count out (finish.lua resets it when the job's life ends). A message no claim
+-- holds (one a BLMOVE moved that ADOPT never wrapped, or a stale copy) is handed back without
+-- counting: nobody was running it.
 -- Besides expired leases, dead workers' lists and due retries, it hands back any message in
 -- the caller's own processing list that no claim holds: one a BLMOVE moved whose ADOPT never
 -- ran (the connection dropped in between, or its reply timed out first). A raw message there
@@ -36,6 +41,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now, 'LIMIT', 0
   if stored then
     if owner then redis.call('LREM', ARGV[2] .. owner, 1, stored) end
     redis.call('LPUSH', KEYS[1], stored)
+    redis.call('HINCRBY', KEYS[9], id, 1)
     moved = moved + 1
   end
   redis.call('ZREM', KEYS[2], id)
@@ -53,6 +59,9 @@ for _, w in ipairs(redis.call('SMEMBERS', KEYS[6])) do
       if string.sub(item, 1, #PREFIX) == PREFIX then
         local ok, obj = pcall(cjson.decode, item)
         if ok and type(obj) == 'table' and type(obj.id) == 'string' then
+          if redis.call('HGET', KEYS[3], obj.id) == item then
+            redis.call('HINCRBY', KEYS[9], obj.id, 1)
+          end
           redis.call('ZREM', KEYS[2], obj.id)
           redis.call('HDEL', KEYS[3], obj.id)
           redis.call('HDEL', KEYS[4], obj.id)
