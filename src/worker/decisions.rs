@@ -92,6 +92,9 @@ impl Worker {
 
     /// One decision message: submitted, or rejected with a reply saying why.
     async fn decide_from_message(&self, qi: usize, claim: &Claim) -> Finish {
+        if let Some(pause) = super::hooks::slow_decisions() {
+            tokio::time::sleep(pause).await;
+        }
         let names = &self.queues[qi].names;
         let parsed: Result<(String, Decision), String> =
             super::payload::within_size(&claim.payload, self.cfg.max_message_bytes)
