@@ -317,121 +317,349 @@ fn a_stuck_runtime_stops_the_watchdog() {
     }
 }
 
-/// A private redis-server on a free port; its process, URL and a connection.
-fn private_redis(dir: &Path) -> (Child, String, redis::Connection) {
-    let port = free_port();
-    let child = Command::new("redis-server")
-        .current_dir(dir)
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-        .args(["--save", "", "--appendonly", "no"])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let url = format!("redis://127.0.0.1:{port}/0");
-    let conn = wait_for(Duration::from_secs(5), || {
-        redis::Client::open(url.as_str())
-            .ok()?
-            .get_connection()
-            .ok()
-    })
-    .expect("redis up");
-    (child, url, conn)
+mod failing_finish {
+    //! A real backend (the shared Redis) whose finishes fail on demand, run in process.
+    use async_trait::async_trait;
+    use lar_worker::queue::{
+        Admin, Backend, Claim, Consumer, Fenced, Finish, Pauses, QueueDepth, QueueError,
+        QueueNames, Runs,
+    };
+    use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    /// What the store does with a finish.
+    pub const TAKES: u8 = 0;
+    /// Fails every finish with a transport error (retryable), as a store that does not answer.
+    pub const FAILS: u8 = 1;
+    /// Refuses a publish (not retryable), as a store that refuses the write for good.
+    pub const REFUSES_PUBLISH: u8 = 2;
+
+    pub struct Flaky {
+        pub inner: Arc<dyn Backend>,
+        pub mode: AtomicU8,
+        pub failed_tries: AtomicU64,
+        pub first_failure: Mutex<Option<Instant>>,
+        pub extends: AtomicU64,
+    }
+
+    #[async_trait]
+    impl Consumer for Flaky {
+        fn kind(&self) -> &'static str {
+            self.inner.kind()
+        }
+        async fn claim(
+            &self,
+            q: &QueueNames,
+            max: usize,
+            lease: Duration,
+            wait: Duration,
+        ) -> Result<Vec<Claim>, QueueError> {
+            self.inner.claim(q, max, lease, wait).await
+        }
+        async fn extend(
+            &self,
+            q: &QueueNames,
+            claims: &[(String, u64)],
+            lease: Duration,
+        ) -> Result<Vec<bool>, QueueError> {
+            self.extends.fetch_add(1, Ordering::Relaxed);
+            self.inner.extend(q, claims, lease).await
+        }
+        async fn finish(
+            &self,
+            q: &QueueNames,
+            claim: &Claim,
+            how: Finish,
+        ) -> Result<Fenced, QueueError> {
+            let fail = match self.mode.load(Ordering::Relaxed) {
+                FAILS => Some(QueueError::Transport(
+                    "test: the store does not answer".into(),
+                )),
+                REFUSES_PUBLISH if matches!(how, Finish::Publish { .. }) => Some(
+                    QueueError::Conflict("test: the store refuses this publish".into()),
+                ),
+                _ => None,
+            };
+            if let Some(e) = fail {
+                self.failed_tries.fetch_add(1, Ordering::Relaxed);
+                self.first_failure
+                    .lock()
+                    .unwrap()
+                    .get_or_insert_with(Instant::now);
+                return Err(e);
+            }
+            self.inner.finish(q, claim, how).await
+        }
+        async fn recover(&self, q: &QueueNames) -> Result<u64, QueueError> {
+            self.inner.recover(q).await
+        }
+        async fn heartbeat(&self, q: &QueueNames, ttl: Duration) -> Result<(), QueueError> {
+            self.inner.heartbeat(q, ttl).await
+        }
+        async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
+            self.inner.deregister(q).await
+        }
+    }
+
+    #[async_trait]
+    impl Admin for Flaky {
+        async fn enqueue(
+            &self,
+            q: &QueueNames,
+            payload: &[u8],
+        ) -> Result<Option<String>, QueueError> {
+            self.inner.enqueue(q, payload).await
+        }
+        async fn depth(&self, q: &QueueNames) -> Result<QueueDepth, QueueError> {
+            self.inner.depth(q).await
+        }
+        async fn results(
+            &self,
+            q: &QueueNames,
+            max: usize,
+            take: bool,
+        ) -> Result<Vec<Vec<u8>>, QueueError> {
+            self.inner.results(q, max, take).await
+        }
+        async fn dead_letters(
+            &self,
+            q: &QueueNames,
+            max: usize,
+        ) -> Result<Vec<serde_json::Value>, QueueError> {
+            self.inner.dead_letters(q, max).await
+        }
+        async fn redrive_dead_letter(
+            &self,
+            q: &QueueNames,
+            job_id: &str,
+        ) -> Result<bool, QueueError> {
+            self.inner.redrive_dead_letter(q, job_id).await
+        }
+    }
+
+    impl Backend for Flaky {
+        fn runs(&self) -> Option<&dyn Runs> {
+            self.inner.runs()
+        }
+        fn pauses(&self) -> Option<&dyn Pauses> {
+            self.inner.pauses()
+        }
+    }
 }
 
-/// A finish the store keeps failing (here: every write refused with OOM, a retryable error,
-/// as a full Redis does) is given up within its bound (3 leases) instead of being held for
-/// ever, and counted in `/metrics`; once the store takes writes again the job comes back (its
-/// lease lapsed) and completes, once.
-#[test]
-fn a_finish_the_store_keeps_failing_is_given_up_and_the_job_completes_once() {
-    const LEASE: Duration = Duration::from_millis(2000);
-    let dir = tempfile::tempdir().unwrap();
-    let (mut redis_proc, url, mut r) = private_redis(dir.path());
-    let queue = "fin:jobs";
-    let side = dir.path().join("side.txt");
-    let graph = shell_step_graph(
-        dir.path(),
-        &format!(
-            "echo run >> {}; sleep 3; echo '{{\"ok\":true}}'",
-            side.display()
-        ),
-    );
-    let port = free_port();
-    let config = write_config(
-        dir.path(),
-        &url,
-        queue,
-        &graph,
-        &format!(
-            "concurrency = 1\nlease_ms = {}\ncheckpoints = false",
-            LEASE.as_millis()
-        ),
-        "",
-        Some(port),
-    );
-    let child = spawn(&config, &[]);
-    let _: () = r.rpush(queue, "{\"n\":1}").unwrap();
-    let runs = |n: usize| {
-        std::fs::read_to_string(&side)
-            .map(|s| s.lines().count() >= n)
-            .unwrap_or(false)
-    };
-    let started = wait_for(Duration::from_secs(20), || runs(1).then_some(()));
-    // The step runs (3 s); from now on the store refuses every write, the finish included.
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("1")
-        .query(&mut r)
-        .unwrap();
-    let refused_at = Instant::now();
-    let abandoned = |page: &str| {
+/// A worker in this process on the shared Redis with a [`failing_finish::Flaky`] backend in
+/// `mode`; lease 1 s, so a finish is given up after 3 s.
+struct InProcess {
+    _dir: tempfile::TempDir,
+    queue: String,
+    flaky: std::sync::Arc<failing_finish::Flaky>,
+    worker: std::sync::Arc<lar_worker::worker::Worker>,
+    shutdown: tokio_util::sync::CancellationToken,
+    running: tokio::task::JoinHandle<()>,
+}
+
+impl InProcess {
+    async fn start(tag: &str, mode: u8) -> InProcess {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let queue = unique_queue(tag);
+        let config = write_config(
+            dir.path(),
+            "redis://127.0.0.1:6379/0",
+            &queue,
+            &bench_graph(),
+            &format!(
+                "concurrency = 1\nlease_ms = 1000\nunsigned = true\nlog_dir = \"{}\"",
+                dir.path().join("audit").display()
+            ),
+            "",
+            None,
+        );
+        // The template's own log_dir is relative to the test's cwd: use the one above.
+        let text =
+            std::fs::read_to_string(&config)
+                .unwrap()
+                .replacen("log_dir = \"audit\"\n", "", 1);
+        std::fs::write(&config, text).unwrap();
+        let cfg = lar_worker::config::Config::load(&config).unwrap();
+        let registry = lar_worker::tools::Registry::with_builtins();
+        let queues = lar_worker::config::load_queues(&cfg, &registry).unwrap();
+        let inner = lar_worker::wiring::connect_backend(&cfg, format!("test-{tag}"))
+            .await
+            .unwrap();
+        let flaky = Arc::new(failing_finish::Flaky {
+            inner,
+            mode: std::sync::atomic::AtomicU8::new(mode),
+            failed_tries: Default::default(),
+            first_failure: Default::default(),
+            extends: Default::default(),
+        });
+        let audit = lar_worker::job::AuditSettings {
+            log_dir: cfg.worker.log_dir.clone(),
+            secret: None,
+            durable: false,
+            writer: None,
+        };
+        let backend: Arc<dyn lar_worker::queue::Backend> = flaky.clone();
+        let worker =
+            lar_worker::worker::Worker::new(backend, queues, registry, audit, cfg.worker.clone());
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn(
+            worker
+                .clone()
+                .run(shutdown.clone(), lar_worker::worker::RunOptions::default()),
+        );
+        InProcess {
+            _dir: dir,
+            queue,
+            flaky,
+            worker,
+            shutdown,
+            running,
+        }
+    }
+
+    fn names(&self) -> lar_worker::queue::QueueNames {
+        lar_worker::queue::QueueNames {
+            jobs: self.queue.clone(),
+            results: format!("{}:out", self.queue),
+        }
+    }
+
+    async fn abandoned(&self) -> f64 {
+        let page = self.worker.metrics_text().await;
         metric(
-            page,
-            &format!("lar_worker_finishes_abandoned_total{{queue=\"{queue}\"}}"),
+            &page,
+            &format!(
+                "lar_worker_finishes_abandoned_total{{queue=\"{}\"}}",
+                self.queue
+            ),
         )
-    };
-    let given_up = wait_for(Duration::from_secs(30), || {
-        let (_, page) = http_get(port, "/metrics")?;
-        (abandoned(&page)? >= 1.0).then_some(refused_at.elapsed())
-    });
-    let results_meanwhile: u64 = r.llen(format!("{queue}:out")).unwrap();
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory")
-        .arg("0")
-        .query(&mut r)
+        .unwrap_or(-1.0)
+    }
+
+    async fn results(&self) -> Vec<Value> {
+        self.flaky
+            .inner
+            .results(&self.names(), 100, false)
+            .await
+            .unwrap()
+            .iter()
+            .map(|b| serde_json::from_slice(b).unwrap())
+            .collect()
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.running).await;
+        let mut r = local_redis();
+        forget_queue(&mut r, &self.queue);
+    }
+}
+
+async fn wait_async<T, F: std::future::Future<Output = Option<T>>>(
+    within: Duration,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if let Some(v) = f().await {
+            return Some(v);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// A finish the store keeps failing (a retryable error, its lease renewed meanwhile) is given
+/// up after its bound (3 leases) instead of being held for ever, and counted in `/metrics`;
+/// the claim is handed back (here the store takes nothing, so its lease lapses), and once the
+/// store takes finishes again the job comes back and completes, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finish_the_store_keeps_failing_is_given_up_and_the_job_completes_once() {
+    use lar_worker::queue::Admin;
+    use std::sync::atomic::Ordering;
+    const BOUND: Duration = Duration::from_secs(3);
+    let w = InProcess::start("finfail", failing_finish::FAILS).await;
+    w.flaky
+        .enqueue(&w.names(), br#"{"kind":"sum","numbers":[20,22]}"#)
+        .await
         .unwrap();
-    let done = wait_for(Duration::from_secs(40), || {
-        let n: u64 = r.llen(format!("{queue}:out")).ok()?;
-        (n >= 1).then_some(())
-    });
+    let given_up = wait_async(Duration::from_secs(30), || async {
+        (w.abandoned().await >= 1.0).then(Instant::now)
+    })
+    .await;
+    let tries = w.flaky.failed_tries.load(Ordering::Relaxed);
+    let first = *w.flaky.first_failure.lock().unwrap();
+    let extends_while_failing = w.flaky.extends.load(Ordering::Relaxed);
+    let meanwhile = w.results().await.len();
+    // The store takes finishes again.
+    w.flaky.mode.store(failing_finish::TAKES, Ordering::Relaxed);
+    let done = wait_async(Duration::from_secs(30), || async {
+        (!w.results().await.is_empty()).then_some(())
+    })
+    .await;
     // Time for a second result, were there one to come.
-    std::thread::sleep(LEASE * 2);
-    let results: Vec<String> = r.lrange(format!("{queue}:out"), 0, -1).unwrap();
-    let page = http_get(port, "/metrics")
-        .map(|(_, p)| p)
-        .unwrap_or_default();
-    let err = stop(child);
-    let _ = redis_proc.kill();
-    let _ = redis_proc.wait();
-    assert!(started.is_some(), "the step never started: {err}");
-    let took = given_up.unwrap_or_else(|| panic!("the finish was never given up: {err}"));
-    // The step's 3 s, then the bound (3 leases), then the hand-back try (at most 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let results = w.results().await;
+    let abandoned = w.abandoned().await;
+    w.stop().await;
+    let given_up = given_up.expect("the finish was never given up");
+    let took = given_up.duration_since(first.expect("a finish failed"));
+    // The bound, then the hand-back try (itself failing at once here), and scheduling slack.
     assert!(
-        took < Duration::from_secs(3) + LEASE * 3 + Duration::from_secs(4),
-        "given up after {took:?}: {err}"
+        took >= BOUND - Duration::from_millis(200) && took < BOUND + Duration::from_secs(3),
+        "given up after {took:?}"
     );
-    assert_eq!(results_meanwhile, 0, "nothing was published while refused");
+    assert!(tries >= 3, "retried within the bound: {tries} tries");
+    assert!(extends_while_failing > 0, "the lease was renewed meanwhile");
+    assert_eq!(meanwhile, 0, "nothing was published while failing");
     assert!(
         done.is_some(),
-        "the job never completed after the store recovered: {err}"
+        "the job never completed after the store recovered"
     );
     assert_eq!(results.len(), 1, "completed once: {results:?}");
-    let result: Value = serde_json::from_str(&results[0]).unwrap();
-    assert_eq!(result["state"]["status"], "done", "{result}");
-    assert_eq!(abandoned(&page), Some(1.0), "{page}");
-    assert!(err.contains("giving up the finish"), "{err}");
+    assert_eq!(results[0]["result"], 42, "{}", results[0]);
+    assert_eq!(abandoned, 1.0);
+}
+
+/// A finish the store refuses (not retryable) is not retried: it is given up at once, counted,
+/// and the job is dead-lettered with the reason (handing it back would only run it again into
+/// the same refusal).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_finish_is_not_retried_and_the_job_is_dead_lettered_with_the_reason() {
+    use lar_worker::queue::Admin;
+    use std::sync::atomic::Ordering;
+    let w = InProcess::start("finrefused", failing_finish::REFUSES_PUBLISH).await;
+    w.flaky
+        .enqueue(&w.names(), br#"{"kind":"sum","numbers":[1,2]}"#)
+        .await
+        .unwrap();
+    let dead = wait_async(Duration::from_secs(20), || async {
+        let d = w.flaky.dead_letters(&w.names(), 10).await.ok()?;
+        (!d.is_empty()).then_some((Instant::now(), d))
+    })
+    .await;
+    let abandoned = w.abandoned().await;
+    let tries = w.flaky.failed_tries.load(Ordering::Relaxed);
+    let first = *w.flaky.first_failure.lock().unwrap();
+    let results = w.results().await;
+    w.stop().await;
+    let (at, dead) = dead.expect("the job was never dead-lettered");
+    assert!(
+        at.duration_since(first.unwrap()) < Duration::from_secs(2),
+        "at once"
+    );
+    assert_eq!(tries, 1, "a refusal is not retried");
+    assert_eq!(abandoned, 1.0);
+    assert!(results.is_empty(), "{results:?}");
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    let reason = dead[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("refused to finish") && reason.contains("refuses this publish"),
+        "{reason}"
+    );
 }
 
 /// A claim loop that panics (a test hook, three times) is restarted with backoff; while its
