@@ -17,7 +17,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// this module knows nothing else of it, so `ops` does not depend on `worker`.
 #[async_trait::async_trait]
 pub trait WorkerProbe: Send + Sync {
-    /// `/live`: whether the consumer made progress within the watchdog window.
+    /// `/live`: whether the worker's loops turned within the watchdog window.
     fn alive(&self) -> bool;
     /// `/ready`: the READY checks.
     async fn readiness(&self) -> Readiness;
@@ -65,7 +65,7 @@ pub async fn serve(
                             (
                                 "503 Service Unavailable",
                                 "text/plain",
-                                "wedged: no progress\n".to_string(),
+                                "wedged: a loop stopped turning\n".to_string(),
                             )
                         }
                     }

@@ -19,6 +19,14 @@ pub struct Readiness {
     pub checks: Vec<Check>,
 }
 
+impl Readiness {
+    /// Adds checks of the caller's own (the worker's claim loops): ready only if they pass too.
+    pub fn add(&mut self, checks: Vec<Check>) {
+        self.ready &= checks.iter().all(|c| c.ok);
+        self.checks.extend(checks);
+    }
+}
+
 /// How long each check may take (the queue store's answer, the audit directory's probe file).
 const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
 

@@ -64,6 +64,8 @@ impl StepMetrics {
 pub struct QueueSample {
     pub queue: String,
     pub counters: Vec<(&'static str, u64)>,
+    /// Finishes given up: the store kept failing or refused them.
+    pub finishes_abandoned: u64,
     pub ready: Option<u64>,
     pub claimed: Option<u64>,
     pub delayed: Option<u64>,
@@ -92,6 +94,19 @@ pub fn render(queues: &[QueueSample], in_flight: u64, steps: &StepMetrics) -> St
                 esc(&q.queue)
             );
         }
+    }
+    let _ = writeln!(
+        out,
+        "# HELP lar_worker_finishes_abandoned_total Finishes given up because the queue store kept failing or refused them; the claim was dead-lettered, handed back or left to lease expiry."
+    );
+    let _ = writeln!(out, "# TYPE lar_worker_finishes_abandoned_total counter");
+    for q in queues {
+        let _ = writeln!(
+            out,
+            "lar_worker_finishes_abandoned_total{{queue=\"{}\"}} {}",
+            esc(&q.queue),
+            q.finishes_abandoned
+        );
     }
     let _ = writeln!(
         out,

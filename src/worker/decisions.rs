@@ -59,7 +59,7 @@ impl Worker {
     }
 
     /// Finishes a decision message, trying again on a store error for as long as the worker
-    /// runs (the claim is held, its lease renewed), as job finishes do. Giving up would leave
+    /// runs (the claim is held, its lease renewed), unlike job finishes (bounded). Giving up would leave
     /// an AMQP delivery unacked on a live channel, which no lease brings back: the human's
     /// decision would wait for the broker's consumer timeout (30 min by default) or for ever.
     /// On shutdown it is left to redelivery.
@@ -92,6 +92,9 @@ impl Worker {
 
     /// One decision message: submitted, or rejected with a reply saying why.
     async fn decide_from_message(&self, qi: usize, claim: &Claim) -> Finish {
+        if let Some(pause) = super::hooks::slow_decisions() {
+            tokio::time::sleep(pause).await;
+        }
         let names = &self.queues[qi].names;
         let parsed: Result<(String, Decision), String> =
             super::payload::within_size(&claim.payload, self.cfg.max_message_bytes)

@@ -60,8 +60,10 @@ impl Worker {
         let mut renew = tokio::time::interval(renew_every);
         renew.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            renew.tick().await;
+            // Waiting for the next renewal is a turn; a renewal that never returns is not.
+            self.turning(&self.renewal_beat, renew.tick()).await;
             self.renew_all().await;
+            self.turn(&self.renewal_beat);
         }
     }
 
@@ -176,7 +178,6 @@ impl Drop for Holding {
         self.worker.track(self.claim.clone(), false);
         if self.claim.lane == Lane::Jobs {
             self.worker.in_flight_count.fetch_sub(1, Ordering::Relaxed);
-            self.worker.touch();
         }
     }
 }

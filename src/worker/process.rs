@@ -28,7 +28,6 @@ impl StepSink for CheckpointSink<'_> {
             return Ok(());
         };
         self.worker.steps.observe(last);
-        self.worker.touch();
         if !self.worker.durable() {
             return Ok(());
         }

@@ -13,6 +13,10 @@ pub struct Stats {
     pub released: AtomicU64,
     /// Finishes refused because the lease had moved to another worker.
     pub fenced: AtomicU64,
+    /// Finishes given up (the store kept failing past the bound, refused them, or the stop
+    /// came): the claim was dead-lettered, handed back, or left to lease expiry. Not a job
+    /// outcome (the job ends later, elsewhere), so not among [`Stats::counters`].
+    pub finishes_abandoned: AtomicU64,
 }
 
 impl Stats {
