@@ -2,8 +2,6 @@
 //! step by step in-process.
 #![allow(dead_code)]
 
-pub mod skip;
-
 use lar_worker::exec::{Run, StepEnv, StepRecord};
 use lar_worker::graph::{load_graph_file, Graph, GraphErrors};
 use lar_worker::tools::Registry;

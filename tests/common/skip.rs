@@ -1,6 +1,7 @@
-//! Loud skips: a test that cannot run here (a tool missing, a remote broker) fails with its
-//! reason, unless the one variable `LAR_TEST_ALLOW_SKIPS=1` says skips are acceptable on this
-//! machine. A green run then always means the test ran.
+//! Loud skips, included with `#[path]` by the tests that need them: a test that cannot run here
+//! (a tool missing, a remote broker) fails with its reason, unless the one variable
+//! `LAR_TEST_ALLOW_SKIPS=1` says skips are acceptable on this machine. A green run then always
+//! means the test ran.
 
 /// Skips the calling test when skips are allowed (returns `true`: the caller returns), else
 /// panics with the reason.
