@@ -235,6 +235,21 @@ impl Worker {
                 Err(e) => error!(error = %e, "a claim loop ended abnormally"),
             }
         }
+        // Nothing more is claimed: a pushing backend stops its deliveries, so a job handed back
+        // during the drain goes to another replica, not to this one's buffer.
+        let stop_all = async {
+            for (_, _, names) in self.lanes() {
+                if let Err(e) = self.backend.stop_claiming(names).await {
+                    warn!(queue = %names.jobs, error = %e, "cannot stop the deliveries");
+                }
+            }
+        };
+        if tokio::time::timeout(DEREGISTER_GRACE, stop_all)
+            .await
+            .is_err()
+        {
+            warn!("the queue store did not stop its deliveries in time");
+        }
         let extend = self.cfg.drain_timeout() + STOP_MARGIN;
         self.notifier.notify(&format!(
             "STOPPING=1\nEXTEND_TIMEOUT_USEC={}\nSTATUS=draining {} jobs",

@@ -122,6 +122,10 @@ use tokio::sync::{mpsc, Mutex};
 /// Where this process's delivery numbers start (see `Shared::epoch`).
 const LOCAL_EPOCHS: u64 = 1 << 63;
 
+/// The default of [`AmqpOptions::detach_after`]: half of RabbitMQ's default `consumer_timeout`
+/// (30 minutes).
+pub const DETACH_AFTER: Duration = Duration::from_secs(15 * 60);
+
 /// Everything the backend needs from workers.toml.
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
@@ -137,6 +141,10 @@ pub struct AmqpOptions {
     pub checkpoint_store: Option<String>,
     /// Queues whose messages are envelopes (their `id` is the job id when no `message_id`).
     pub envelope_queues: Vec<String>,
+    /// With a `checkpoint_store`: a claim held this long is taken into the store and its
+    /// delivery acked (see "Long jobs" above), so the broker's `consumer_timeout` never
+    /// closes the channel under it. `None`: never (deliveries stay unacked until the finish).
+    pub detach_after: Option<Duration>,
 }
 
 impl AmqpOptions {
@@ -151,6 +159,7 @@ impl AmqpOptions {
             dedupe_redis_url: None,
             checkpoint_store: None,
             envelope_queues: Vec::new(),
+            detach_after: Some(DETACH_AFTER),
         }
     }
 }
@@ -182,6 +191,11 @@ struct Shared {
     /// Checkpoints and journals, with each job's epoch, when a store is configured.
     runs: Option<Box<dyn RunStore>>,
     memo: StdMutex<Memo>,
+    /// Job ids this process returned with a nack (a hand-back whose copy failed): their next
+    /// redelivery here is not a recovery.
+    returned: StdMutex<HashSet<String>>,
+    /// Recovery counts, without a store to keep them (see `Shared::count_recovery`).
+    counts: StdMutex<HashMap<String, u32>>,
     closing: AtomicBool,
     /// Reports of a failed connection (its generation) to the supervisor.
     broken: mpsc::UnboundedSender<u64>,
@@ -221,6 +235,8 @@ impl AmqpBackend {
             dedupe,
             runs,
             memo: StdMutex::new(Memo::default()),
+            returned: StdMutex::new(HashSet::new()),
+            counts: StdMutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             broken,
         });
