@@ -387,7 +387,15 @@ impl Shared {
         }
         .await;
         match copied {
-            Ok(()) => Ok(self.settle(h).await),
+            Ok(()) => {
+                if let Some(runs) = &self.runs {
+                    // Before the ack, while the claim holds the job.
+                    if let Err(e) = runs.let_go(q, c).await {
+                        warn!(job_id = %c.job_id, error = %e, "cannot let go of the handed-back job's epoch");
+                    }
+                }
+                Ok(self.settle(h).await)
+            }
             Err(e) if h.detached => Err(e),
             Err(e) => {
                 warn!(job_id = %c.job_id, error = %e, "cannot publish the handed-back copy: nacking it back");

@@ -137,6 +137,12 @@ pub trait RunStore: Send + Sync {
     /// epoch from the sequence, so every earlier holder stays fenced off.
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
 
+    /// The claim was handed back (its job untouched, the run kept): forgets the job's epoch
+    /// entry while `claim` still holds it, keeping its recovery count, so a copy delivered
+    /// later and lost with a worker before it started is no recovery. The next delivery takes
+    /// a new epoch from the sequence, so every earlier holder stays fenced off.
+    async fn let_go(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
+
     /// Stores a paused run's pending record and the delivery properties its resume message
     /// carries, while `claim` still holds the job. While a decision for this halt (or a later
     /// one) is on its way, a copy of the job pausing again asks nobody

@@ -317,14 +317,11 @@ impl RunStore for RedisRunStore {
     }
 
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
-        let mut inv = self.release.prepare_invoke();
-        inv.key(epochs_key(q))
-            .key(recoveries_key(q))
-            .arg(&claim.job_id)
-            .arg(claim.epoch);
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(done == 1)
+        self.forget_epoch(q, claim, false).await
+    }
+
+    async fn let_go(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
+        self.forget_epoch(q, claim, true).await
     }
 
     async fn pause(
@@ -433,6 +430,24 @@ impl RunStore for RedisRunStore {
 }
 
 impl RedisRunStore {
+    /// [`RELEASE`]: forgets the job's epoch entry, and its recovery count unless `keep_count`.
+    async fn forget_epoch(
+        &self,
+        q: &QueueNames,
+        claim: &Claim,
+        keep_count: bool,
+    ) -> Result<bool, QueueError> {
+        let mut inv = self.release.prepare_invoke();
+        inv.key(epochs_key(q))
+            .key(recoveries_key(q))
+            .arg(&claim.job_id)
+            .arg(claim.epoch)
+            .arg(if keep_count { "1" } else { "" });
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(done == 1)
+    }
+
     /// [`END_RUN`]: forgets the run now (`keep` None) or retires it.
     async fn end_or_retire(
         &self,

@@ -348,6 +348,20 @@ impl RunStore for SqliteRunStore {
         .await
     }
 
+    async fn let_go(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
+        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
+        self.with_conn(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            if !holds(&tx, &queue, &job_id, epoch)? {
+                return Ok(false);
+            }
+            delete_rows(&tx, &["epochs"], &queue, &job_id)?;
+            tx.commit()?;
+            Ok(true)
+        })
+        .await
+    }
+
     async fn pause(
         &self,
         q: &QueueNames,
