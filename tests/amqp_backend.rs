@@ -352,8 +352,10 @@ async fn retry_then_dead_letter_with_attempt_history() {
     let _ = conn.close(200, "ok").await;
 }
 
-/// A quorum queue with `delivery_limit`: a message handed back (nack, requeue) more often
-/// than the limit is dead-lettered by the broker, reason and all.
+/// A quorum queue with `delivery_limit`: hand-backs (`Finish::Release`, a copy then the ack)
+/// cost the message nothing, however many; a message whose holder loses its channel more
+/// often than the limit is dead-lettered by the broker, reason and all, and each of those
+/// redeliveries is a recovery on the claim (`x-delivery-count`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_delivery_limit_dead_letters_a_poison_message() {
     let _shared = BROKER.read().await;
@@ -366,6 +368,19 @@ async fn quorum_delivery_limit_dead_letters_a_poison_message() {
     let b = backend(o, "poison").await;
     let body = br#"{"poison":true}"#;
     let id = b.enqueue(q, body).await.expect("enqueue").expect("id");
+    for _ in 0..5 {
+        let c = claim_one(&b, q, Duration::from_secs(10)).await;
+        assert_eq!((c.job_id.as_str(), c.recoveries), (id.as_str(), 0));
+        assert_eq!(
+            b.finish(q, &c, Finish::Release).await.expect("release"),
+            Fenced::Done
+        );
+    }
+    assert_eq!(
+        b.depth(q).await.expect("depth").dead,
+        0,
+        "a hand-back costs nothing"
+    );
     let mut deliveries = 0;
     let start = Instant::now();
     loop {
@@ -375,18 +390,21 @@ async fn quorum_delivery_limit_dead_letters_a_poison_message() {
             .expect("claim");
         for c in got {
             assert_eq!(c.job_id, id);
+            assert_eq!(c.recoveries, deliveries, "each redelivery is a recovery");
             deliveries += 1;
-            assert_eq!(
-                b.finish(q, &c, Finish::Release).await.expect("release"),
-                Fenced::Done
-            );
+            let gen = b.connection_generation();
+            b.simulate_connection_loss().await;
+            eventually("the reconnect", Duration::from_secs(30), || async {
+                (b.connection_generation() > gen).then_some(())
+            })
+            .await;
         }
         let d = b.depth(q).await.expect("depth");
         if d.dead == 1 && d.ready == 0 {
             break;
         }
         assert!(
-            start.elapsed() < Duration::from_secs(30) && deliveries <= 10,
+            start.elapsed() < Duration::from_secs(60) && deliveries <= 10,
             "not dead-lettered after {deliveries} deliveries: {d:?}"
         );
     }

@@ -51,8 +51,8 @@ pub(super) struct Held {
     /// The broker redelivered it and this process had not handed it back: its previous
     /// holder died or lost its channel (counted in [`Shared::fence`]).
     pub(super) redelivered: bool,
-    /// The recoveries its message says (`x-lar-recoveries` of a hand-back's copy, a quorum
-    /// queue's `x-delivery-count`): the floor of its count.
+    /// The recoveries before this delivery its message says (`x-lar-recoveries` of a
+    /// hand-back's copy, a quorum queue's `x-delivery-count`): the floor of its count.
     pub(super) carried: u32,
 }
 
@@ -193,7 +193,14 @@ impl Shared {
                 .map(|n| n.clamp(0, i64::from(u32::MAX)) as u32)
                 .unwrap_or(0)
         };
-        let carried = as_int(RECOVERIES_HEADER).max(as_int("x-delivery-count"));
+        // The recoveries before this delivery: a copy's header, or the returns a quorum queue
+        // counted (this one included, when it is a redelivery).
+        let returns = as_int("x-delivery-count");
+        let carried = as_int(RECOVERIES_HEADER).max(if d.redelivered {
+            returns.saturating_sub(1)
+        } else {
+            returns
+        });
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         lock(&self.held).insert(
             (job_id.clone(), epoch),
