@@ -5,8 +5,8 @@
 use super::claims::Held;
 use super::dedupe::MARKER_TTL_SECS;
 use super::headers::{
-    carried_headers, header_text, job_props, result_meta, text, DECISION_HEADER, FAILED_AT_HEADER,
-    PERSISTENT,
+    carried_headers, header_text, job_props, result_meta, text, without, DECISION_HEADER,
+    FAILED_AT_HEADER, PERSISTENT, RECOVERIES_HEADER,
 };
 use super::publish::{Confirms, Publisher};
 use super::{lock, Shared, Topology};
@@ -37,7 +37,8 @@ impl Shared {
         h: &Held,
         dl: &DeadLetter,
     ) -> BasicProperties {
-        let mut headers = carried_headers(&h.props);
+        // A dead letter ends the job's life: a redrive starts its count again.
+        let mut headers = without(carried_headers(&h.props), RECOVERIES_HEADER);
         headers.insert("x-lar-reason".into(), text(&dl.reason));
         headers.insert(
             "x-lar-history".into(),
@@ -65,7 +66,7 @@ impl Shared {
         if self.already_done(&marker).await? {
             info!(job_id = %claim.job_id, "a result for this job is already published (a redelivery): acking without publishing again");
             self.retire(q, claim).await;
-            return Ok(self.ack(h).await);
+            return Ok(self.settle(h).await);
         }
         let ch = self.publisher().await?;
         // Parts a previous try of this finish got confirmed are not sent again.
@@ -134,7 +135,7 @@ impl Shared {
         }
         self.mark_done(marker, &claim.job_id).await;
         self.retire(q, claim).await;
-        let fenced = self.ack(h).await;
+        let fenced = self.settle(h).await;
         if fenced == Fenced::Lost {
             info!(job_id = %claim.job_id, "result published but the ack was lost: the redelivery will be acked by the done marker");
         }
@@ -246,11 +247,11 @@ impl Shared {
                 // This delivery is a copy of a job a human has already answered; the
                 // decision's own message resumes the run.
                 info!(job_id = %claim.job_id, "a decision for this job is already on its way: acking the copy");
-                return Ok(self.ack(h).await);
+                return Ok(self.settle(h).await);
             }
             Paused::Fenced => {
                 // A newer delivery of the same job id holds the run; this copy is redundant.
-                self.ack(h).await;
+                self.settle(h).await;
                 return Ok(Fenced::Lost);
             }
         }
@@ -266,7 +267,7 @@ impl Shared {
         if let Some(Err(e)) = outcomes.next() {
             warn!(job_id = %claim.job_id, error = %e, "the reply_to copy was not taken; the result is in the results queue");
         }
-        Ok(self.ack(h).await)
+        Ok(self.settle(h).await)
     }
 
     /// Publishes the message that resumes a decided job (its original payload, the decision
@@ -343,7 +344,9 @@ impl Shared {
             error,
             crate::clock::now_utc(),
         );
-        let mut headers = carried_headers(&h.props);
+        // The job ended this claim itself: its recovery count starts again (a store keeps
+        // it while the run is kept, see `RunStore::claim_epoch`).
+        let mut headers = without(carried_headers(&h.props), RECOVERIES_HEADER);
         if !keeps_decision {
             let mut without = FieldTable::default();
             for (k, v) in headers.inner() {
@@ -381,7 +384,7 @@ impl Shared {
             .await?,
         ];
         Self::confirmed(&ch, pending).await?;
-        Ok(self.ack(h).await)
+        Ok(self.settle(h).await)
     }
 
     /// Retires the claim's run just before the ack that ends it, so a crash between the ack
@@ -420,6 +423,6 @@ impl Shared {
         if !dl.keep_run {
             self.retire(q, claim).await;
         }
-        Ok(self.ack(h).await)
+        Ok(self.settle(h).await)
     }
 }
