@@ -1512,7 +1512,8 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
         "the stop took {took:?}, past the drain and its margin"
     );
     assert!(env.results_now().is_empty());
-    let w2 = env.worker();
+    let w2_log = env.dir.path().join("w2.log");
+    let w2 = env.worker_logging_to(std::fs::File::create(&w2_log).unwrap());
     let results = env.wait_results(1, Duration::from_secs(40));
     stop(w2);
     assert_eq!(results.len(), 1);
@@ -1528,7 +1529,9 @@ fn sigterm_hands_a_long_run_back_at_a_step_boundary(kind: Kind) {
     assert_eq!(
         lines.len(),
         20,
-        "no step ran twice: the stop waited for the step to end"
+        "no step ran twice: the stop waited for the step to end; {done_before} ran before the \
+         stop: {lines:?}\nw1: {log}\nw2: {}",
+        std::fs::read_to_string(&w2_log).unwrap_or_default()
     );
 }
 
