@@ -534,3 +534,250 @@ fn decide_asks_for_the_queue_when_a_job_id_waits_on_two() {
         "{out}"
     );
 }
+
+/// Runs `cmd` with its output in files under `dir`; a command still running after `within`
+/// is killed and fails the test (a daemon that should have refused to start must not hang
+/// the suite). Returns (exit code, stdout, stderr, how long it took).
+fn run_within(
+    dir: &Path,
+    cmd: &mut Command,
+    within: std::time::Duration,
+) -> (i32, String, String, std::time::Duration) {
+    let (out_path, err_path) = (dir.join("cmd.out"), dir.join("cmd.err"));
+    let started = std::time::Instant::now();
+    let mut child = cmd
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > within {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after {within:?}: {}",
+                std::fs::read_to_string(&err_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let took = started.elapsed();
+    let (out, err) = (
+        std::fs::read_to_string(&out_path).unwrap(),
+        std::fs::read_to_string(&err_path).unwrap(),
+    );
+    assert!(!err.contains("panicked"), "the binary panicked:\n{err}");
+    (
+        status
+            .code()
+            .unwrap_or_else(|| panic!("killed by a signal: {err}")),
+        out,
+        err,
+        took,
+    )
+}
+
+/// A config file `name` for the embedded backend in `dir`, with `worker_extra` in `[worker]`.
+fn daemon_config(dir: &Path, name: &str, worker_extra: &str) -> std::path::PathBuf {
+    write(dir, "g.toml", SIMPLE);
+    write(
+        dir,
+        name,
+        &format!(
+            "[worker]\nlog_dir = \"audit\"\n{worker_extra}\n\
+             [backend]\nkind = \"embedded\"\npath = \"queue.db\"\n\
+             [[queues]]\nname = \"d:jobs\"\nresults = \"d:results\"\ngraph = \"g.toml\"\n"
+        ),
+    )
+}
+
+/// `lar-worker run --exit-when-idle` on `config`, without any of the environment's overrides.
+fn daemon(config: &Path) -> Command {
+    let mut cmd = bin();
+    for var in [
+        "LAR_SECRET_FILE",
+        "LAR_BACKEND_URL",
+        "LAR_DB_PATH",
+        "LAR_CONCURRENCY",
+        "LAR_ADMIN_LISTEN",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd.args(["run", "--exit-when-idle", "--config"])
+        .arg(config);
+    cmd
+}
+
+/// `lar-worker run` refuses an invalid configuration with exit 2 and the reason on stderr,
+/// before it opens a queue or writes anything. `--exit-when-idle` makes a daemon that wrongly
+/// starts exit 0 at once; the last run shows the same file, made valid, does start.
+#[test]
+fn run_refuses_an_invalid_config_with_exit_2() {
+    let limit = std::time::Duration::from_secs(30);
+    for (what, worker_extra, needle) in [
+        (
+            "unknown field",
+            "concurency = 4",
+            "unknown field `concurency`",
+        ),
+        (
+            "out of range",
+            "concurrency = 0",
+            "worker.concurrency: must be between 1",
+        ),
+        ("not TOML", "lease_ms = = 5", "TOML parse error"),
+        ("a graph that is not there", "", "nope.toml: cannot read"),
+    ] {
+        let dir = TempDir::new().unwrap();
+        let config = daemon_config(dir.path(), "workers.toml", worker_extra);
+        if what == "a graph that is not there" {
+            let text = std::fs::read_to_string(&config).unwrap();
+            std::fs::write(&config, text.replace("\"g.toml\"", "\"nope.toml\"")).unwrap();
+        }
+        let (code, out, err, _) = run_within(
+            dir.path(),
+            daemon(&config).env("HMAC_SECRET", SECRET),
+            limit,
+        );
+        assert_eq!(code, 2, "{what}: stdout {out}\nstderr {err}");
+        assert!(
+            err.contains("error: ") && err.contains(needle),
+            "{what}: expected {needle:?} in stderr:\n{err}"
+        );
+        assert!(
+            !dir.path().join("queue.db").exists() && !dir.path().join("audit").exists(),
+            "{what}: nothing opened or written"
+        );
+    }
+    let dir = TempDir::new().unwrap();
+    let config = daemon_config(dir.path(), "workers.toml", "concurrency = 4");
+    let (code, out, err, _) = run_within(
+        dir.path(),
+        daemon(&config).env("HMAC_SECRET", SECRET),
+        limit,
+    );
+    assert_eq!(code, 0, "the valid config runs: {out}{err}");
+}
+
+/// `lar-worker run` without a secret (no HMAC_SECRET, or an empty one, no secret_file, no
+/// systemd credential) and not unsigned exits 2 with the reason, as does a secret_file that is
+/// not there. The same config runs with `--unsigned`, `unsigned = true` or a secret.
+#[test]
+fn run_without_a_secret_exits_2() {
+    let limit = std::time::Duration::from_secs(30);
+    let dir = TempDir::new().unwrap();
+    let config = daemon_config(dir.path(), "workers.toml", "");
+    let no_credential = dir.path().join("credentials");
+    std::fs::create_dir(&no_credential).unwrap();
+    // (what, a variable set to a value that gives no secret)
+    let cases = [
+        ("nothing", None),
+        (
+            "an empty HMAC_SECRET",
+            Some(("HMAC_SECRET", std::ffi::OsString::new())),
+        ),
+        (
+            "a credentials directory without hmac_secret",
+            Some(("CREDENTIALS_DIRECTORY", no_credential.into_os_string())),
+        ),
+    ];
+    for (what, var) in &cases {
+        let mut cmd = daemon(&config);
+        if let Some((name, value)) = var {
+            cmd.env(name, value);
+        }
+        let (code, out, err, _) = run_within(dir.path(), &mut cmd, limit);
+        assert_eq!(code, 2, "{what}: stdout {out}\nstderr {err}");
+        assert!(err.contains("error: no HMAC secret"), "{what}: {err}");
+        assert!(!dir.path().join("audit").exists(), "{what}: nothing ran");
+    }
+    let missing = dir.path().join("no-such-secret");
+    let with_file = daemon_config(
+        dir.path(),
+        "with-file.toml",
+        &format!("secret_file = \"{}\"", missing.display()),
+    );
+    let (code, _, err, _) = run_within(dir.path(), &mut daemon(&with_file), limit);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("error: cannot read secret file") && err.contains("no-such-secret"),
+        "{err}"
+    );
+    assert!(!dir.path().join("audit").exists(), "nothing ran");
+
+    // The refusals were for the secret alone: the same config starts with one.
+    let (code, _, err, _) = run_within(dir.path(), daemon(&config).arg("--unsigned"), limit);
+    assert_eq!(code, 0, "--unsigned: {err}");
+    let unsigned = daemon_config(dir.path(), "unsigned.toml", "unsigned = true");
+    let (code, _, err, _) = run_within(dir.path(), &mut daemon(&unsigned), limit);
+    assert_eq!(code, 0, "unsigned = true: {err}");
+    let (code, _, err, _) = run_within(
+        dir.path(),
+        daemon(&config).env("HMAC_SECRET", SECRET),
+        limit,
+    );
+    assert_eq!(code, 0, "HMAC_SECRET: {err}");
+}
+
+/// `results` and `dead-letters` give up on a server that accepts the connection and never
+/// answers (a listener posing as Redis), after `--timeout` and with exit 1, instead of hanging
+/// a script (`results --take` is the exception: it waits for what it removes).
+#[test]
+fn results_and_dead_letters_give_up_on_a_server_that_never_answers() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = std::sync::Arc::clone(&accepted);
+    std::thread::spawn(move || {
+        // Held open, never read, never answered.
+        let mut held = Vec::new();
+        for stream in listener.incoming().flatten() {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    let dir = TempDir::new().unwrap();
+    write(dir.path(), "g.toml", SIMPLE);
+    let config = write(
+        dir.path(),
+        "workers.toml",
+        &format!(
+            "[backend]\nkind = \"redis\"\nurl = \"redis://127.0.0.1:{port}/0\"\n\
+             [[queues]]\nname = \"silent:jobs\"\nresults = \"silent:results\"\ngraph = \"g.toml\"\n"
+        ),
+    );
+    let timeout = std::time::Duration::from_secs(1);
+    for args in [
+        vec!["results"],
+        vec!["dead-letters", "list"],
+        vec!["dead-letters", "show", "some-job"],
+        vec!["dead-letters", "redrive", "some-job"],
+    ] {
+        let before = accepted.load(std::sync::atomic::Ordering::SeqCst);
+        let mut cmd = bin();
+        cmd.env_remove("LAR_BACKEND_URL")
+            .args(&args)
+            .arg("--config")
+            .arg(&config)
+            .args(["--timeout", "1"]);
+        let (code, out, err, took) =
+            run_within(dir.path(), &mut cmd, std::time::Duration::from_secs(30));
+        let what = args.join(" ");
+        assert_eq!(code, 1, "`{what}`: stdout {out}\nstderr {err}");
+        assert!(
+            err.contains("no answer from the backend within 1 s (--timeout)"),
+            "`{what}`: {err}"
+        );
+        assert!(
+            accepted.load(std::sync::atomic::Ordering::SeqCst) > before,
+            "`{what}` reached the silent server"
+        );
+        assert!(
+            took >= timeout && took < timeout + std::time::Duration::from_secs(4),
+            "`{what}` gave up after {took:?}, not about the timeout"
+        );
+    }
+}
