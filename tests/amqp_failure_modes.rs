@@ -375,7 +375,10 @@ impl Drop for BrokerEnv {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_longer_than_the_consumer_timeout_completes_once() {
     if let Err(why) = local_rabbitmqctl() {
-        if skip::skip_or_fail("a_job_longer_than_the_consumer_timeout_completes_once", &why) {
+        if skip::skip_or_fail(
+            "a_job_longer_than_the_consumer_timeout_completes_once",
+            &why,
+        ) {
             return;
         }
     }

@@ -454,7 +454,7 @@ impl Worker {
                 }
                 let alone = suspect.then(|| {
                     (
-                        Arc::clone(&permits),
+                        Arc::clone(permits),
                         u32::try_from(self.cfg.concurrency).unwrap_or(u32::MAX),
                     )
                 });
