@@ -143,8 +143,11 @@ mod connection;
 mod consumer;
 mod dedupe;
 mod finish;
+mod hand_back;
 mod headers;
+mod holds;
 mod publish;
+mod recoveries;
 #[cfg(test)]
 mod tests;
 mod topology;
