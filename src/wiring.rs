@@ -32,7 +32,6 @@ pub async fn connect_backend(
             declare,
             dedupe_redis_url,
             checkpoint_store,
-            detach_after_ms,
         } => {
             let opts = crate::queue::amqp::AmqpOptions {
                 url: url.clone(),
@@ -44,11 +43,6 @@ pub async fn connect_backend(
                 dedupe_redis_url: dedupe_redis_url.clone(),
                 checkpoint_store: checkpoint_store.clone(),
                 envelope_queues,
-                detach_after: match detach_after_ms {
-                    Some(0) => None,
-                    Some(ms) => Some(std::time::Duration::from_millis(*ms)),
-                    None => Some(crate::queue::amqp::DETACH_AFTER),
-                },
             };
             let backend = crate::queue::amqp::AmqpBackend::connect(opts, worker_id).await?;
             // Declare (or check) every configured queue now: a wrong topology fails the start.

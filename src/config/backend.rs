@@ -47,13 +47,6 @@ pub enum BackendSection {
         /// first step and a halt is the job's final result.
         #[serde(default)]
         checkpoint_store: Option<String>,
-        /// With `checkpoint_store`: a job running this long is taken into the store (its
-        /// lease renewed there, fenced on its epoch) and its delivery acked, so the broker's
-        /// `consumer_timeout` (30 minutes by default) never closes the channel under a long
-        /// run. Keep it below the broker's `consumer_timeout`; 0 turns it off. Default 15
-        /// minutes.
-        #[serde(default)]
-        detach_after_ms: Option<u64>,
     },
 }
 
@@ -141,7 +134,6 @@ mod tests {
             declare: true,
             dedupe_redis_url: None,
             checkpoint_store: None,
-            detach_after_ms: None,
         }
     }
 

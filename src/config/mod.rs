@@ -201,10 +201,8 @@ mod tests {
                 declare,
                 dedupe_redis_url,
                 checkpoint_store,
-                detach_after_ms,
             } => {
                 assert_eq!(checkpoint_store, None);
-                assert_eq!(detach_after_ms, None);
                 assert_eq!(url, "amqp://guest:guest@127.0.0.1:5672/%2f");
                 assert_eq!(prefetch, None);
                 assert_eq!(queue_type, AmqpQueueType::Classic);

@@ -55,13 +55,6 @@ pub trait Consumer: Send + Sync {
         Ok(())
     }
 
-    /// Called once when the worker stops claiming from `q` (shutdown), before its in-flight
-    /// claims finish: a backend that pushes deliveries stops them here, so that what those
-    /// claims hand back is not pushed to this stopping process again. Default: nothing.
-    async fn stop_claiming(&self, _q: &QueueNames) -> Result<(), QueueError> {
-        Ok(())
-    }
-
     /// Called once on a clean exit, after every claim is finished: drops registrations.
     async fn deregister(&self, _q: &QueueNames) -> Result<(), QueueError> {
         Ok(())

@@ -26,7 +26,7 @@ use lease::{Held, Holding, Lane};
 use liveness::{Beat, ClaimLoopState};
 use stats::Stats;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -82,8 +82,6 @@ pub struct Worker {
     /// The value: whether the claim is finishing (its finish sent), so a renewal that finds
     /// it gone is not reported as a lost lease (the finish took it).
     in_flight: Mutex<HashMap<Held, bool>>,
-    /// A job recovered from a dead holder is running (or waiting to run) alone here.
-    alone: AtomicBool,
 }
 
 /// Options that are not part of workers.toml.
@@ -122,7 +120,6 @@ impl Worker {
             started: Instant::now(),
             notifier: Notifier::from_env(),
             in_flight: Mutex::new(HashMap::new()),
-            alone: AtomicBool::new(false),
         })
     }
 
@@ -246,21 +243,6 @@ impl Worker {
                 }
                 Err(e) => error!(error = %e, "a claim loop ended abnormally"),
             }
-        }
-        // Nothing more is claimed: a pushing backend stops its deliveries, so a job handed back
-        // during the drain goes to another replica, not to this one's buffer.
-        let stop_all = async {
-            for (_, _, names) in self.lanes() {
-                if let Err(e) = self.backend.stop_claiming(names).await {
-                    warn!(queue = %names.jobs, error = %e, "cannot stop the deliveries");
-                }
-            }
-        };
-        if tokio::time::timeout(DEREGISTER_GRACE, stop_all)
-            .await
-            .is_err()
-        {
-            warn!("the queue store did not stop its deliveries in time");
         }
         let extend = self.cfg.drain_timeout() + STOP_MARGIN;
         self.notifier.notify(&format!(
@@ -439,50 +421,11 @@ impl Worker {
                 let sd = shutdown.clone();
                 let holding = Holding::start(self, qi, &claim);
                 let span = tracing::info_span!("job", job_id = %claim.job_id, attempt = claim.attempt, queue = %names.jobs);
-                // A job taken back from a holder that died runs alone: the death is then its
-                // own next time, and a neighbour that died beside a poison job is not blamed
-                // with it again (its count stays at the one death they shared).
-                // Only one at a time: a second one waiting beside the first would die with it
-                // (and be blamed), so it goes back to the queue, at no cost, for another replica.
-                let suspect = claim.recoveries > 0 && self.cfg.concurrency > 1;
-                if suspect && self.alone.swap(true, Ordering::SeqCst) {
-                    info!(job_id = %claim.job_id, "a recovered job is already running alone here: handing this one back");
-                    let _ = self.backend.finish(&names, &claim, Finish::Release).await;
-                    drop(holding);
-                    drop(permit);
-                    continue;
-                }
-                let alone = suspect.then(|| {
-                    (
-                        Arc::clone(permits),
-                        u32::try_from(self.cfg.concurrency).unwrap_or(u32::MAX),
-                    )
-                });
                 tasks.spawn(
                     async move {
-                        let mut permit = Some(permit);
-                        let mut all = None;
-                        if let Some((permits, n)) = alone {
-                            drop(permit.take());
-                            tokio::select! {
-                                p = permits.acquire_many_owned(n) => all = p.ok(),
-                                _ = sd.cancelled() => {}
-                            }
-                            if all.is_none() {
-                                // Stopping before it could run alone: back to the queue.
-                                let names = &w.queues[qi].names;
-                                let _ = w.backend.finish(names, &claim, Finish::Release).await;
-                                w.alone.store(false, Ordering::SeqCst);
-                                drop(holding);
-                                return;
-                            }
-                        }
-                        Arc::clone(&w).handle(qi, claim, sd, hs).await;
+                        w.handle(qi, claim, sd, hs).await;
                         drop(holding);
                         drop(permit);
-                        if all.take().is_some() {
-                            w.alone.store(false, Ordering::SeqCst);
-                        }
                     }
                     .instrument(span),
                 );

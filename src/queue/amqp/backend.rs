@@ -11,17 +11,12 @@ use crate::queue::{
     Pauses, QueueDepth, QueueError, QueueNames, RunFate, Runs, StepWrite, StoredRun,
 };
 use async_trait::async_trait;
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{BasicCancelOptions, QueueDeclareOptions};
 use lapin::types::{FieldTable, ShortString};
 use lapin::BasicProperties;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 use tracing::{info, warn};
-
-/// A claim in the store renews its hold for this long at its finish (the check that it still
-/// holds the job; the finish drops the hold right after).
-const HOLD_AT_FINISH: Duration = Duration::from_secs(60);
 
 /// A decision still in the store's `deciding` hash after this long is published again.
 const DECISION_REDELIVER_AFTER: Duration = Duration::from_secs(60);
@@ -79,20 +74,17 @@ impl Consumer for AmqpBackend {
         Ok(out)
     }
 
-    /// Whether each claim's channel is still open; with a checkpoint store, also takes a
-    /// claim held past `detach_after` into the store (acking its delivery) and renews the
-    /// holds of those taken.
     async fn extend(
         &self,
-        q: &QueueNames,
+        _q: &QueueNames,
         claims: &[(String, u64)],
-        lease: Duration,
+        _lease: Duration,
     ) -> Result<Vec<bool>, QueueError> {
-        let mut out = Vec::with_capacity(claims.len());
-        for key in claims {
-            out.push(self.shared.extend_one(q, key, lease).await);
-        }
-        Ok(out)
+        let held = lock(&self.shared.held);
+        Ok(claims
+            .iter()
+            .map(|key| held.get(key).is_some_and(|h| self.shared.is_live(h)))
+            .collect())
     }
 
     async fn finish(
@@ -106,15 +98,6 @@ impl Consumer for AmqpBackend {
         let Some(h) = lock(&s.held).get(&key).cloned() else {
             return Ok(Fenced::Lost);
         };
-        if let (true, Some(runs)) = (h.detached, &s.runs) {
-            // A claim in the store is fenced by its hold: one taken back (its lease passed)
-            // publishes nothing; the job's copy is someone else's now.
-            if !runs.renew_hold(q, &key.0, key.1, HOLD_AT_FINISH).await? {
-                lock(&s.held).remove(&key);
-                return Ok(Fenced::Lost);
-            }
-        }
-        let ends_life = matches!(how, Finish::Publish { .. } | Finish::DeadLetter(_));
         let rules = rules(&how);
         // A retry of a failed run starts from its first step, so its run is forgotten before
         // the retry is published: a crash in between then only repeats what the retry would
@@ -152,8 +135,7 @@ impl Consumer for AmqpBackend {
                         .await
                 }
                 Finish::DeadLetter(dl) => s.finish_dead(q, claim, &h, dl).await,
-                // A hand-back costs no attempt: a copy, then the ack (see `hand_back`).
-                Finish::Release => s.hand_back(q, claim, &h).await,
+                Finish::Release => Ok(s.requeue(&h).await),
                 Finish::Pause { result, pending } => {
                     s.finish_pause(q, claim, &h, result, pending).await
                 }
@@ -161,9 +143,6 @@ impl Consumer for AmqpBackend {
         };
         if out.is_ok() {
             lock(&s.held).remove(&key);
-        }
-        if let (Ok(Fenced::Done), true) = (&out, ends_life) {
-            s.forget_recoveries(q, claim).await;
         }
         if let (Ok(Fenced::Done), Some(runs), true) = (&out, &s.runs, ends_run) {
             // After the ack: a crash in between leaves the run retired (above), to expire or be
@@ -187,14 +166,6 @@ impl Consumer for AmqpBackend {
         let Some(runs) = &s.runs else {
             return Ok(0);
         };
-        // Long claims taken into the store whose worker stopped renewing them.
-        let mut moved = match s.recover_holds(q).await {
-            Ok(n) => n,
-            Err(e) => {
-                warn!(queue = %q.jobs, error = %e, "cannot publish expired holds again; tried next tick");
-                0
-            }
-        };
         // A sweep that fails (the file busy) is tried again next tick; the decisions below
         // must not wait for it.
         match runs.sweep_retired(q).await {
@@ -204,6 +175,7 @@ impl Consumer for AmqpBackend {
             }
             Err(e) => warn!(queue = %q.jobs, error = %e, "cannot sweep retired runs"),
         }
+        let mut moved = 0;
         for (job_id, entry) in runs.stale_decisions(q, DECISION_REDELIVER_AFTER).await? {
             info!(%job_id, "publishing a decision again: its resume message was never confirmed");
             // One entry failing (the broker refusing it) must not hold back the others; it
@@ -216,29 +188,6 @@ impl Consumer for AmqpBackend {
             }
         }
         Ok(moved)
-    }
-
-    /// Cancels the queue's consumer and hands back, as copies, what it buffered; the channel
-    /// stays open for the claims in flight, until `deregister`.
-    async fn stop_claiming(&self, q: &QueueNames) -> Result<(), QueueError> {
-        let s = &self.shared;
-        lock(&s.wanted).remove(&q.jobs);
-        let Some(live) = lock(&s.live).clone() else {
-            return Ok(());
-        };
-        let consuming = lock(&live.consumers).get(&q.jobs).map(|c| {
-            (
-                c.channel.clone(),
-                c.tag.clone(),
-                Arc::clone(&c.stopping),
-                c.pumped.lock().map(|mut p| p.take()).ok().flatten(),
-            )
-        });
-        if let Some((channel, tag, stopping, pumped)) = consuming {
-            s.stop_consumer_parts(q, &channel, &tag, &stopping, pumped)
-                .await;
-        }
-        Ok(())
     }
 
     async fn deregister(&self, q: &QueueNames) -> Result<(), QueueError> {
@@ -255,12 +204,16 @@ impl Consumer for AmqpBackend {
             return Ok(());
         };
         let consuming = lock(&live.consumers).remove(&q.jobs);
-        let buffer = s.buffer(&q.jobs);
         if let Some(c) = consuming {
-            s.stop_consumer(q, &c).await;
             c.stopping.store(true, Ordering::SeqCst);
             if c.channel.status().connected() {
-                // What is still unacked goes back with the close.
+                let _ = io(
+                    "basic.cancel",
+                    c.channel
+                        .basic_cancel(&c.tag, BasicCancelOptions::default()),
+                )
+                .await;
+                // Deliveries still buffered are unacked: closing the channel hands them back.
                 let _ = io(
                     "close the consumer channel",
                     c.channel.close(200, "stopping"),
@@ -268,6 +221,7 @@ impl Consumer for AmqpBackend {
                 .await;
             }
         }
+        let buffer = s.buffer(&q.jobs);
         let mut rx = buffer.rx.lock().await;
         while rx.try_recv().is_ok() {
             buffer.len.fetch_sub(1, Ordering::SeqCst);

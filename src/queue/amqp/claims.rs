@@ -1,13 +1,10 @@
 //! Claims: a buffered delivery adopted as a claim (and stamped with a job id when its
-//! message names none), its epoch and recovery count (`recoveries.rs`), the deliveries this
-//! process holds, and settling them with the broker (the ack; hand-backs are in
-//! `hand_back.rs`, long claims taken into the store in `holds.rs`).
+//! message names none), its epoch from the checkpoint store, the deliveries this process
+//! holds, and settling them with the broker (ack, or nack to requeue).
 
 use super::connection::io;
 use super::consumer::Pending;
-use super::headers::{
-    carried_headers, header, header_text, job_props, value_int, DECISION_HEADER, RECOVERIES_HEADER,
-};
+use super::headers::{carried_headers, header, header_text, job_props, value_int, DECISION_HEADER};
 use super::{lock, Shared};
 use crate::queue::{
     envelope_id, AttemptRecord, Claim, ClaimHandle, Fenced, QueueError, QueueNames,
@@ -15,8 +12,7 @@ use crate::queue::{
 use lapin::options::{BasicAckOptions, BasicNackOptions};
 use lapin::{BasicProperties, Channel};
 use std::sync::atomic::Ordering;
-use std::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// A claim handed to the worker: what its finish needs.
 #[derive(Clone)]
@@ -29,22 +25,6 @@ pub(super) struct Held {
     /// What a finish already got confirmed: a retried finish publishes only the rest, so a
     /// result the broker stored is never published twice because another part failed.
     pub(super) sent: Sent,
-    pub(super) job_id: String,
-    /// The claim's epoch (the store's, once fenced).
-    pub(super) epoch: u64,
-    /// The job's message body, kept only where a long claim may be taken into the store.
-    pub(super) payload: Vec<u8>,
-    /// When it was handed out (a claim held past `detach_after` is taken into the store).
-    pub(super) since: Instant,
-    /// Taken into the checkpoint store and its delivery acked ([`Shared::detach`]): the
-    /// store's hold, fenced on the epoch, is the claim now, not the channel.
-    pub(super) detached: bool,
-    /// The broker redelivered it and this process had not handed it back: its previous
-    /// holder died or lost its channel (counted in [`Shared::fence`]).
-    pub(super) redelivered: bool,
-    /// The recoveries before this delivery its message says (`x-lar-recoveries` of a
-    /// hand-back's copy, a quorum queue's `x-delivery-count`): the floor of its count.
-    pub(super) carried: u32,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -57,9 +37,6 @@ impl Shared {
     /// Whether a claim's delivery can still be settled: its channel is the current
     /// connection's and open.
     pub(super) fn is_live(&self, h: &Held) -> bool {
-        if h.detached {
-            return true; // fenced by the store's hold (`settle`)
-        }
         let current = lock(&self.live).as_ref().map(|l| l.generation);
         current == Some(h.generation) && h.channel.status().connected()
     }
@@ -101,23 +78,6 @@ impl Shared {
                 .map_err(|e| warn!(%job_id, error = %e, "unreadable decision header ignored"))
                 .ok()
         });
-        // A hand-back publishes a copy (never redelivered), so a redelivery means the
-        // delivery's holder died or lost its channel, unless this process nacked it back.
-        let redelivered = d.redelivered && !lock(&self.returned).remove(&job_id);
-        let as_int = |key| {
-            header(&headers, key)
-                .and_then(value_int)
-                .map(|n| n.clamp(0, i64::from(u32::MAX)) as u32)
-                .unwrap_or(0)
-        };
-        // The recoveries before this delivery: a copy's header, or the returns a quorum queue
-        // counted (this one included, when it is a redelivery).
-        let returns = as_int("x-delivery-count");
-        let carried = as_int(RECOVERIES_HEADER).max(if d.redelivered {
-            returns.saturating_sub(1)
-        } else {
-            returns
-        });
         let epoch = self.epoch.fetch_add(1, Ordering::SeqCst) + 1;
         lock(&self.held).insert(
             (job_id.clone(), epoch),
@@ -128,17 +88,6 @@ impl Shared {
                 queue: q.jobs.clone(),
                 props,
                 sent: Sent::default(),
-                job_id: job_id.clone(),
-                epoch,
-                payload: if self.runs.is_some() && self.opts.detach_after.is_some() {
-                    d.data.clone()
-                } else {
-                    Vec::new()
-                },
-                since: Instant::now(),
-                detached: false,
-                redelivered,
-                carried,
             },
         );
         Some((
@@ -151,7 +100,7 @@ impl Shared {
                 decision,
                 // The run store is elsewhere; the worker reads it.
                 fresh: false,
-                recoveries: carried,
+                recoveries: 0,
                 handle: ClaimHandle::default(),
             },
             unnamed,
@@ -191,55 +140,18 @@ impl Shared {
     }
 
     /// Gives a delivered claim the job's next epoch from the checkpoint store, so checkpoint
-    /// writes of any earlier holder of the job (a worker cut off from the broker) are refused,
-    /// and its recovery count ([`Shared::count_recovery`]).
+    /// writes of any earlier holder of the job (a worker cut off from the broker) are refused.
     pub(super) async fn fence(&self, q: &QueueNames, c: &mut Claim) -> Result<(), QueueError> {
-        let key = (c.job_id.clone(), c.epoch);
-        let (redelivered, carried) = match lock(&self.held).get(&key) {
-            Some(h) => (h.redelivered, h.carried),
-            None => (false, 0),
-        };
         let Some(runs) = &self.runs else {
-            c.recoveries = self
-                .count_recovery(q, &c.job_id, redelivered, carried)
-                .await;
             return Ok(());
         };
-        let (epoch, counted) = runs.claim_epoch(q, &c.job_id, redelivered).await?;
+        let epoch = runs.next_epoch(q, &c.job_id).await?;
         let mut held = lock(&self.held);
-        if let Some(mut h) = held.remove(&key) {
-            h.epoch = epoch;
+        if let Some(h) = held.remove(&(c.job_id.clone(), c.epoch)) {
             held.insert((c.job_id.clone(), epoch), h);
         }
         c.epoch = epoch;
-        c.recoveries = counted.max(carried);
-        if redelivered || c.recoveries > 0 {
-            info!(job_id = %c.job_id, redelivered, carried, counted, "a job recovered from a holder that died");
-        }
         Ok(())
-    }
-
-    /// Settles a delivery whose finish is out: the ack, or, for a claim in the store, dropping
-    /// its hold (`Lost` when it was taken back).
-    pub(super) async fn settle(&self, h: &Held) -> Fenced {
-        if !h.detached {
-            return self.ack(h).await;
-        }
-        let Some(runs) = &self.runs else {
-            return Fenced::Lost;
-        };
-        let q = QueueNames {
-            jobs: h.queue.clone(),
-            results: String::new(),
-        };
-        match runs.drop_hold(&q, &h.job_id, h.epoch).await {
-            Ok(true) => Fenced::Done,
-            Ok(false) => Fenced::Lost,
-            Err(e) => {
-                warn!(job_id = %h.job_id, error = %e, "cannot drop the hold: it expires and the job is published again");
-                Fenced::Lost
-            }
-        }
     }
 
     /// Whether this process still holds the claim's delivery on a live channel.

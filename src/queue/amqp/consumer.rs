@@ -6,16 +6,13 @@ use super::connection::{io, Live};
 use super::{lock, Shared};
 use crate::queue::{QueueError, QueueNames};
 use futures::StreamExt;
-use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use lapin::Channel;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, info, warn};
-
-/// How long a stopping consumer's pump may take to move its last deliveries to the buffer.
-const PUMP_ENDS_WITHIN: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// A delivery as the consumer received it, waiting to be claimed.
 pub(super) struct Pending {
@@ -37,9 +34,6 @@ pub(super) struct Consuming {
     pub(super) tag: String,
     /// Set before a deliberate cancel, so the consumer task does not report a failure.
     pub(super) stopping: Arc<AtomicBool>,
-    /// The pump task: it ends when the consumer's stream does (after a cancel); taken by
-    /// the first stop.
-    pub(super) pumped: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Forwards a consumer's deliveries into its queue's buffer; reports the connection when the
@@ -126,7 +120,7 @@ impl Shared {
         )
         .await?;
         let stopping = Arc::new(AtomicBool::new(false));
-        let pumped = tokio::spawn(pump(
+        tokio::spawn(pump(
             consumer,
             ch.clone(),
             live.generation,
@@ -141,51 +135,10 @@ impl Shared {
                 channel: ch,
                 tag,
                 stopping,
-                pumped: std::sync::Mutex::new(Some(pumped)),
             },
         );
         info!(queue = %q.jobs, prefetch = self.opts.prefetch, generation = live.generation, "amqp consuming");
         Ok(())
-    }
-
-    /// Stops a consumer once (the first caller): `basic.cancel`, waits for its pump to move
-    /// what came before the cancel-ok into the buffer, and hands those deliveries back as
-    /// copies ([`Shared::hand_back_buffered`]).
-    pub(super) async fn stop_consumer(&self, q: &QueueNames, c: &Consuming) {
-        let pumped = c.pumped.lock().map(|mut p| p.take()).ok().flatten();
-        self.stop_consumer_parts(q, &c.channel, &c.tag, &c.stopping, pumped)
-            .await;
-    }
-
-    pub(super) async fn stop_consumer_parts(
-        &self,
-        q: &QueueNames,
-        channel: &Channel,
-        tag: &str,
-        stopping: &AtomicBool,
-        pumped: Option<tokio::task::JoinHandle<()>>,
-    ) {
-        if stopping.swap(true, Ordering::SeqCst) || !channel.status().connected() {
-            return;
-        }
-        let _ = io(
-            "basic.cancel",
-            channel.basic_cancel(tag, BasicCancelOptions::default()),
-        )
-        .await;
-        if let Some(pumped) = pumped {
-            let _ = tokio::time::timeout(PUMP_ENDS_WITHIN, pumped).await;
-        }
-        let buffer = self.buffer(&q.jobs);
-        let mut rx = buffer.rx.lock().await;
-        let mut pending = Vec::new();
-        while let Ok(p) = rx.try_recv() {
-            buffer.len.fetch_sub(1, Ordering::SeqCst);
-            pending.push(p);
-        }
-        drop(rx);
-        // As copies: the close would return them as redeliveries.
-        self.hand_back_buffered(q, pending).await;
     }
 
     /// Makes sure `q` is consumed on the current connection (or will be after a reconnect).

@@ -5,8 +5,8 @@
 use super::claims::Held;
 use super::dedupe::MARKER_TTL_SECS;
 use super::headers::{
-    carried_headers, header_text, job_props, result_meta, text, without, DECISION_HEADER,
-    FAILED_AT_HEADER, PERSISTENT, RECOVERIES_HEADER,
+    carried_headers, header_text, job_props, result_meta, text, DECISION_HEADER, FAILED_AT_HEADER,
+    PERSISTENT,
 };
 use super::publish::{Confirms, Publisher};
 use super::{lock, Shared, Topology};
@@ -37,8 +37,7 @@ impl Shared {
         h: &Held,
         dl: &DeadLetter,
     ) -> BasicProperties {
-        // A dead letter ends the job's life: a redrive starts its count again.
-        let mut headers = without(carried_headers(&h.props), RECOVERIES_HEADER);
+        let mut headers = carried_headers(&h.props);
         headers.insert("x-lar-reason".into(), text(&dl.reason));
         headers.insert(
             "x-lar-history".into(),
@@ -66,7 +65,7 @@ impl Shared {
         if self.already_done(&marker).await? {
             info!(job_id = %claim.job_id, "a result for this job is already published (a redelivery): acking without publishing again");
             self.retire(q, claim).await;
-            return Ok(self.settle(h).await);
+            return Ok(self.ack(h).await);
         }
         let ch = self.publisher().await?;
         // Parts a previous try of this finish got confirmed are not sent again.
@@ -135,7 +134,7 @@ impl Shared {
         }
         self.mark_done(marker, &claim.job_id).await;
         self.retire(q, claim).await;
-        let fenced = self.settle(h).await;
+        let fenced = self.ack(h).await;
         if fenced == Fenced::Lost {
             info!(job_id = %claim.job_id, "result published but the ack was lost: the redelivery will be acked by the done marker");
         }
@@ -247,11 +246,11 @@ impl Shared {
                 // This delivery is a copy of a job a human has already answered; the
                 // decision's own message resumes the run.
                 info!(job_id = %claim.job_id, "a decision for this job is already on its way: acking the copy");
-                return Ok(self.settle(h).await);
+                return Ok(self.ack(h).await);
             }
             Paused::Fenced => {
                 // A newer delivery of the same job id holds the run; this copy is redundant.
-                self.settle(h).await;
+                self.ack(h).await;
                 return Ok(Fenced::Lost);
             }
         }
@@ -267,7 +266,7 @@ impl Shared {
         if let Some(Err(e)) = outcomes.next() {
             warn!(job_id = %claim.job_id, error = %e, "the reply_to copy was not taken; the result is in the results queue");
         }
-        Ok(self.settle(h).await)
+        Ok(self.ack(h).await)
     }
 
     /// Publishes the message that resumes a decided job (its original payload, the decision
@@ -344,9 +343,7 @@ impl Shared {
             error,
             crate::clock::now_utc(),
         );
-        // The job ended this claim itself: its recovery count starts again (a store keeps
-        // it while the run is kept, see `RunStore::claim_epoch`).
-        let mut headers = without(carried_headers(&h.props), RECOVERIES_HEADER);
+        let mut headers = carried_headers(&h.props);
         if !keeps_decision {
             let mut without = FieldTable::default();
             for (k, v) in headers.inner() {
@@ -384,7 +381,7 @@ impl Shared {
             .await?,
         ];
         Self::confirmed(&ch, pending).await?;
-        Ok(self.settle(h).await)
+        Ok(self.ack(h).await)
     }
 
     /// Retires the claim's run just before the ack that ends it, so a crash between the ack
@@ -423,6 +420,6 @@ impl Shared {
         if !dl.keep_run {
             self.retire(q, claim).await;
         }
-        Ok(self.settle(h).await)
+        Ok(self.ack(h).await)
     }
 }

@@ -8,9 +8,6 @@ use lapin::BasicProperties;
 pub(super) const PERSISTENT: u8 = 2;
 /// The header that carries a human decision on a resumed job's message.
 pub(super) const DECISION_HEADER: &str = "x-lar-decision";
-/// How often the job was recovered from a dead holder in its current life, on the copies a
-/// hand-back publishes (the count without a store, see `Shared::count_recovery`).
-pub(super) const RECOVERIES_HEADER: &str = "x-lar-recoveries";
 /// Stamped by each dead-lettering: a redriven copy is a new life of its job (see `memo_key`).
 pub(super) const FAILED_AT_HEADER: &str = "x-lar-failed-at";
 
@@ -42,17 +39,6 @@ pub(super) fn value_int(v: &AMQPValue) -> Option<i64> {
         AMQPValue::LongString(_) | AMQPValue::ShortString(_) => value_text(v)?.trim().parse().ok(),
         _ => None,
     }
-}
-
-/// `headers` without `key`.
-pub(super) fn without(headers: FieldTable, key: &str) -> FieldTable {
-    let mut out = FieldTable::default();
-    for (k, v) in headers.inner() {
-        if k.as_str() != key {
-            out.insert(k.clone(), v.clone());
-        }
-    }
-    out
 }
 
 pub(super) fn header_text(h: &FieldTable, key: &str) -> Option<String> {

@@ -37,14 +37,7 @@
 //!   expires.
 //! * `DeadLetter`: the body untouched to `Q.dlx` with `x-lar-reason`, `x-lar-history`;
 //!   confirm; ack.
-//! * `Release` (a hand-back): a copy of the message (same `message_id`, headers and
-//!   properties, the job's recovery count in `x-lar-recoveries`) to `Q`; confirm; ack. A
-//!   `basic.nack(requeue)` would count toward a quorum queue's `x-delivery-limit` and come back
-//!   `redelivered`, as if its worker had died; the copy costs neither, and queues at the back.
-//!   A crash between the copy's confirm and the ack leaves two messages of one job: one epoch
-//!   holds its run and the done marker keeps it to one result. The worker first stops the
-//!   consumer (`stop_claiming`, at shutdown), so the copies go to other replicas, and the
-//!   deliveries it buffered are handed back the same way, not returned by the channel's close.
+//! * `Release`: `basic.nack(requeue = true)`.
 //!
 //! Redrive (`Admin::redrive_dead_letter`, `lar-worker dead-letters redrive ID`): the job's dead
 //! letter is found in `Q.dead` (read in order, unacked), published back to `Q` under its own
@@ -56,8 +49,7 @@
 //! redelivers it when that channel (or the connection) dies. A finish on a claim whose channel
 //! is gone does nothing and returns [`Fenced::Lost`](crate::queue::Fenced::Lost); the broker's redelivery is the takeover.
 //! `extend` reports whether the claim's channel is still open (the broker's `consumer_timeout`,
-//! 30 minutes by default, bounds how long one delivery may stay unacked: see "Long jobs"), or,
-//! for a claim held in the store, renews its hold.
+//! 30 minutes by default, bounds how long one delivery may stay unacked).
 //!
 //! Job ids. A job is known by its `message_id` (or, on envelope queues, its `id`). A message
 //! with neither is stamped when first delivered: a copy with a new `message_id` is published
@@ -83,9 +75,8 @@
 //!   one delay each: a retry never comes back early, and at most one step of the ladder (about
 //!   3x) late, since its delay is rounded up to its bucket's. Retries still in the single
 //!   `Q.delay` of earlier versions come back as they did; `delete_topology` removes it.
-//! * On quorum queues a return by the broker counts toward `delivery_limit` (a crash, a lost
-//!   channel, and the fallback nack of a hand-back whose copy the broker refused); a
-//!   hand-back does not.
+//! * On quorum queues every return counts toward `delivery_limit`, a shutdown's `Release` and
+//!   a crash included.
 //! * Checkpoints only with `checkpoint_store` (a Redis URL, or a SQLite file for the replicas
 //!   of one host; `run_store`): each run's checkpoint and journal live there, and every
 //!   delivery bumps the job's epoch there,
@@ -105,32 +96,6 @@
 //!   decision header, exactly as anyone allowed to write the redis backend's list can: the
 //!   worker still applies a decision only to a run halted at a jury, with an allowed choice.
 //!
-//! Recoveries (`Claim::recoveries`, which the worker dead-letters at `max_recoveries`). Since a
-//! hand-back is a copy, a delivery the broker marks `redelivered` means its holder died or
-//! lost its channel (unless this process nacked it back itself). With a `checkpoint_store`
-//! the count is kept there by job id (`RunStore::claim_epoch`): a redelivery counts when the
-//! job's epoch entry shows a claim that never ended (a delivery only buffered by the dead
-//! worker has none, and a hand-back lets go of its entry), and the count goes with the run
-//! (result, dead letter, retry from the first step). A job held in the store whose lease passes
-//! (below) counts one too. Without a store the count is one more than the message says
-//! (`x-lar-recoveries`, a quorum queue's `x-delivery-count`) and than the dedupe Redis keeps
-//! (`<queue>:recoveries:<job_id>`, a day); with neither, it lives in this process only: the
-//! worker a poison job kills takes its count with it, so on a classic queue without a store
-//! nothing stops such a job (a quorum queue's `delivery_limit` does), and a buffered delivery
-//! lost with a worker counts as a recovery it was not.
-//!
-//! Long jobs. The broker closes a channel whose delivery stays unacked past its
-//! `consumer_timeout` (30 minutes by default; global on RabbitMQ 3.10) and redelivers, while
-//! the run goes on. With a `checkpoint_store`, a claim held longer than `detach_after`
-//! (15 minutes by default) is taken into the store, a *hold*: its message, fenced on the
-//! claim's epoch, with a lease of `worker.lease_ms` that `extend` renews. Then the delivery is
-//! acked, so the broker holds nothing that can time out. Its finish checks the hold first (one
-//! taken back publishes nothing) and drops it where an ack would be. `recover` (every replica,
-//! every 500 ms) publishes the message of a hold whose lease passed again (its worker died or
-//! hung), counting a recovery; the store's new epoch fences the old holder. Only long claims
-//! pay the store write. Without a store nothing can hold a delivery for the broker: set
-//! `consumer_timeout` above the longest job.
-//!
 //! Connection loss. A supervisor task reconnects with [`Backoff::reconnect`](crate::backoff::Backoff::reconnect), declares again
 //! and re-consumes every queue that was being consumed. Deliveries buffered from the dead
 //! channel are dropped (the broker redelivers them), and claims already handed out finish as
@@ -143,11 +108,8 @@ mod connection;
 mod consumer;
 mod dedupe;
 mod finish;
-mod hand_back;
 mod headers;
-mod holds;
 mod publish;
-mod recoveries;
 #[cfg(test)]
 mod tests;
 mod topology;
@@ -170,10 +132,6 @@ use tokio::sync::{mpsc, Mutex};
 /// Where this process's delivery numbers start (see `Shared::epoch`).
 const LOCAL_EPOCHS: u64 = 1 << 63;
 
-/// The default of [`AmqpOptions::detach_after`]: half of RabbitMQ's default `consumer_timeout`
-/// (30 minutes).
-pub const DETACH_AFTER: Duration = Duration::from_secs(15 * 60);
-
 /// Everything the backend needs from workers.toml.
 #[derive(Debug, Clone)]
 pub struct AmqpOptions {
@@ -189,10 +147,6 @@ pub struct AmqpOptions {
     pub checkpoint_store: Option<String>,
     /// Queues whose messages are envelopes (their `id` is the job id when no `message_id`).
     pub envelope_queues: Vec<String>,
-    /// With a `checkpoint_store`: a claim held this long is taken into the store and its
-    /// delivery acked (see "Long jobs" above), so the broker's `consumer_timeout` never
-    /// closes the channel under it. `None`: never (deliveries stay unacked until the finish).
-    pub detach_after: Option<Duration>,
 }
 
 impl AmqpOptions {
@@ -207,7 +161,6 @@ impl AmqpOptions {
             dedupe_redis_url: None,
             checkpoint_store: None,
             envelope_queues: Vec::new(),
-            detach_after: Some(DETACH_AFTER),
         }
     }
 }
@@ -239,11 +192,6 @@ struct Shared {
     /// Checkpoints and journals, with each job's epoch, when a store is configured.
     runs: Option<Box<dyn RunStore>>,
     memo: StdMutex<Memo>,
-    /// Job ids this process returned with a nack (a hand-back whose copy failed): their next
-    /// redelivery here is not a recovery.
-    returned: StdMutex<HashSet<String>>,
-    /// Recovery counts, without a store to keep them (see `Shared::count_recovery`).
-    counts: StdMutex<HashMap<String, u32>>,
     closing: AtomicBool,
     /// Reports of a failed connection (its generation) to the supervisor.
     broken: mpsc::UnboundedSender<u64>,
@@ -283,8 +231,6 @@ impl AmqpBackend {
             dedupe,
             runs,
             memo: StdMutex::new(Memo::default()),
-            returned: StdMutex::new(HashSet::new()),
-            counts: StdMutex::new(HashMap::new()),
             closing: AtomicBool::new(false),
             broken,
         });

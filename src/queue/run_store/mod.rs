@@ -48,58 +48,7 @@ pub(super) fn answered_earlier(decided_pending: &[u8], new_pending: &[u8]) -> bo
 pub trait RunStore: Send + Sync {
     /// A new epoch for a job just delivered: fences off every earlier holder, and takes back
     /// the job's run if it was retired ([`RunStore::retire`]).
-    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
-        Ok(self.claim_epoch(q, job_id, false).await?.0)
-    }
-
-    /// As [`RunStore::next_epoch`], and the job's recovery count (see `Claim::recoveries`):
-    /// when the broker marked the delivery `redelivered` and the job's epoch entry shows an
-    /// earlier holder (a claim that never ended: its worker died or lost its channel), the
-    /// count grows by one first. The count goes when the job's run ends or its dead letter
-    /// releases it ([`RunStore::end_run`], [`RunStore::release`]); a hand-back keeps it.
-    async fn claim_epoch(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        redelivered: bool,
-    ) -> Result<(u64, u32), QueueError>;
-
-    /// Takes a claim's delivery into the store (the amqp backend acks the delivery after it,
-    /// so the broker's `consumer_timeout` no longer applies): `message` is what republishes
-    /// the job, kept with the claim's epoch until `lease` from now. `false` when `claim` no
-    /// longer holds the job.
-    async fn hold(
-        &self,
-        q: &QueueNames,
-        claim: &Claim,
-        message: &str,
-        lease: Duration,
-    ) -> Result<bool, QueueError>;
-
-    /// Renews a hold for `lease` from now; `false` when the claim (`epoch`) no longer holds
-    /// the job or its hold was taken back ([`RunStore::expired_holds`]).
-    async fn renew_hold(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        epoch: u64,
-        lease: Duration,
-    ) -> Result<bool, QueueError>;
-
-    /// Drops the hold of `epoch` (the claim ended: its finish is out); `false` when another
-    /// holds it. Epoch 0 is a hold [`RunStore::expired_holds`] took back.
-    async fn drop_hold(&self, q: &QueueNames, job_id: &str, epoch: u64)
-        -> Result<bool, QueueError>;
-
-    /// Holds whose lease passed (their worker died or hung): each taken back (its epoch set
-    /// to 0, so the old holder can neither renew nor drop it, and stamped for `again` so no
-    /// other replica takes it meanwhile), its recovery counted; returned as (job id, message)
-    /// to publish again, after which the caller drops it (epoch 0).
-    async fn expired_holds(
-        &self,
-        q: &QueueNames,
-        again: Duration,
-    ) -> Result<Vec<(String, String)>, QueueError>;
+    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError>;
 
     /// As [`super::Backend::save_step`]: idempotent per index, a gap refused.
     async fn save_step(
@@ -136,12 +85,6 @@ pub trait RunStore: Send + Sync {
     /// only the job's epoch entry, while `claim` still holds it. The next delivery takes a new
     /// epoch from the sequence, so every earlier holder stays fenced off.
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
-
-    /// The claim was handed back (its job untouched, the run kept): forgets the job's epoch
-    /// entry while `claim` still holds it, keeping its recovery count, so a copy delivered
-    /// later and lost with a worker before it started is no recovery. The next delivery takes
-    /// a new epoch from the sequence, so every earlier holder stays fenced off.
-    async fn let_go(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError>;
 
     /// Stores a paused run's pending record and the delivery properties its resume message
     /// carries, while `claim` still holds the job. While a decision for this halt (or a later

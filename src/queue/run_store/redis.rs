@@ -32,19 +32,8 @@ const SAVE_STEP: &str = include_str!("lua/save_step.lua");
 /// `next_epoch(seq)`, on the queue's one sequence (see `lua/prelude_next_epoch.lua`).
 pub(in crate::queue) const NEXT_EPOCH_FN: &str = include_str!("lua/prelude_next_epoch.lua");
 
-/// The job's next epoch and its recovery count (after [`NEXT_EPOCH_FN`], see
-/// `lua/claim_epoch.lua`).
-const CLAIM_EPOCH: &str = include_str!("lua/claim_epoch.lua");
-
-/// `now_ms()`, Redis's clock (the redis backend's prelude).
-const NOW_FN: &str = include_str!("../redis/lua/prelude_now.lua");
-
-/// Holds: deliveries taken into the store (see `lua/hold.lua`, `renew_hold.lua`,
-/// `drop_hold.lua`, `expired_holds.lua`).
-const HOLD: &str = include_str!("lua/hold.lua");
-const RENEW_HOLD: &str = include_str!("lua/renew_hold.lua");
-const DROP_HOLD: &str = include_str!("lua/drop_hold.lua");
-const EXPIRED_HOLDS: &str = include_str!("lua/expired_holds.lua");
+/// The job's next epoch (after [`NEXT_EPOCH_FN`], see `lua/next_epoch.lua`).
+const NEXT_EPOCH: &str = include_str!("lua/next_epoch.lua");
 
 /// Forgets or retires a finished run, if the epoch still holds the job (see `lua/end_run.lua`).
 const END_RUN: &str = include_str!("lua/end_run.lua");
@@ -88,16 +77,6 @@ pub(in crate::queue) fn epoch_seq_key(q: &QueueNames) -> String {
     format!("{}:epoch_seq", q.jobs)
 }
 
-/// Each job's recovery count in its current life (amqp backend).
-fn recoveries_key(q: &QueueNames) -> String {
-    format!("{}:recoveries", q.jobs)
-}
-
-/// Deliveries taken into the store, by job: epoch, lease deadline, message (amqp backend).
-fn holds_key(q: &QueueNames) -> String {
-    format!("{}:holds", q.jobs)
-}
-
 /// Jobs waiting for a human (amqp backend).
 pub(in crate::queue) fn pending_key(q: &QueueNames) -> String {
     format!("{}:pending", q.jobs)
@@ -111,11 +90,7 @@ fn deciding_key(q: &QueueNames) -> String {
 pub(in crate::queue) struct RedisRunStore {
     conn: ConnectionManager,
     save_step: BatchedScript,
-    claim_epoch: Script,
-    hold: Script,
-    renew_hold: Script,
-    drop_hold: Script,
-    expired_holds: Script,
+    next_epoch: Script,
     end_run: Script,
     release: Script,
     pause: Script,
@@ -130,11 +105,7 @@ impl RedisRunStore {
     pub fn new(conn: ConnectionManager) -> Self {
         RedisRunStore {
             save_step: BatchedScript::start("step", "", SAVE_STEP, 2, 6, conn.clone()),
-            claim_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{CLAIM_EPOCH}")),
-            hold: Script::new(&format!("{NOW_FN}{HOLD}")),
-            renew_hold: Script::new(&format!("{NOW_FN}{RENEW_HOLD}")),
-            drop_hold: Script::new(DROP_HOLD),
-            expired_holds: Script::new(&format!("{NOW_FN}{EXPIRED_HOLDS}")),
+            next_epoch: Script::new(&format!("{NEXT_EPOCH_FN}{NEXT_EPOCH}")),
             end_run: Script::new(&format!("{STEP_FNS}{END_RUN}")),
             release: Script::new(RELEASE),
             pause: Script::new(&format!("{STEP_FNS}{PAUSE}")),
@@ -149,89 +120,14 @@ impl RedisRunStore {
 
 #[async_trait]
 impl RunStore for RedisRunStore {
-    async fn claim_epoch(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        redelivered: bool,
-    ) -> Result<(u64, u32), QueueError> {
+    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
-        let mut inv = self.claim_epoch.prepare_invoke();
+        let mut inv = self.next_epoch.prepare_invoke();
         inv.key(epochs_key(q))
             .key(epoch_seq_key(q))
             .key(run_key(q, job_id))
-            .key(recoveries_key(q))
-            .arg(job_id)
-            .arg(if redelivered { "1" } else { "" });
-        let (epoch, n): (u64, i64) = inv.invoke_async(&mut conn).await?;
-        Ok((epoch, u32::try_from(n.max(0)).unwrap_or(u32::MAX)))
-    }
-
-    async fn hold(
-        &self,
-        q: &QueueNames,
-        claim: &Claim,
-        message: &str,
-        lease: std::time::Duration,
-    ) -> Result<bool, QueueError> {
-        let mut inv = self.hold.prepare_invoke();
-        inv.key(epochs_key(q))
-            .key(holds_key(q))
-            .arg(&claim.job_id)
-            .arg(claim.epoch)
-            .arg(lease.as_millis().max(1).to_string())
-            .arg(message);
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(done == 1)
-    }
-
-    async fn renew_hold(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        epoch: u64,
-        lease: std::time::Duration,
-    ) -> Result<bool, QueueError> {
-        let mut inv = self.renew_hold.prepare_invoke();
-        inv.key(epochs_key(q))
-            .key(holds_key(q))
-            .arg(job_id)
-            .arg(epoch)
-            .arg(lease.as_millis().max(1).to_string());
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(done == 1)
-    }
-
-    async fn drop_hold(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        epoch: u64,
-    ) -> Result<bool, QueueError> {
-        let mut inv = self.drop_hold.prepare_invoke();
-        inv.key(holds_key(q)).arg(job_id).arg(epoch);
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(done == 1)
-    }
-
-    async fn expired_holds(
-        &self,
-        q: &QueueNames,
-        again: std::time::Duration,
-    ) -> Result<Vec<(String, String)>, QueueError> {
-        let mut inv = self.expired_holds.prepare_invoke();
-        inv.key(holds_key(q))
-            .key(recoveries_key(q))
-            .arg(again.as_millis().max(1).to_string());
-        let mut conn = self.conn.clone();
-        let flat: Vec<String> = inv.invoke_async(&mut conn).await?;
-        Ok(flat
-            .chunks_exact(2)
-            .map(|p| (p[0].clone(), p[1].clone()))
-            .collect())
+            .arg(job_id);
+        Ok(inv.invoke_async(&mut conn).await?)
     }
 
     async fn save_step(
@@ -317,11 +213,11 @@ impl RunStore for RedisRunStore {
     }
 
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
-        self.forget_epoch(q, claim, false).await
-    }
-
-    async fn let_go(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
-        self.forget_epoch(q, claim, true).await
+        let mut inv = self.release.prepare_invoke();
+        inv.key(epochs_key(q)).arg(&claim.job_id).arg(claim.epoch);
+        let mut conn = self.conn.clone();
+        let done: i64 = inv.invoke_async(&mut conn).await?;
+        Ok(done == 1)
     }
 
     async fn pause(
@@ -430,24 +326,6 @@ impl RunStore for RedisRunStore {
 }
 
 impl RedisRunStore {
-    /// [`RELEASE`]: forgets the job's epoch entry, and its recovery count unless `keep_count`.
-    async fn forget_epoch(
-        &self,
-        q: &QueueNames,
-        claim: &Claim,
-        keep_count: bool,
-    ) -> Result<bool, QueueError> {
-        let mut inv = self.release.prepare_invoke();
-        inv.key(epochs_key(q))
-            .key(recoveries_key(q))
-            .arg(&claim.job_id)
-            .arg(claim.epoch)
-            .arg(if keep_count { "1" } else { "" });
-        let mut conn = self.conn.clone();
-        let done: i64 = inv.invoke_async(&mut conn).await?;
-        Ok(done == 1)
-    }
-
     /// [`END_RUN`]: forgets the run now (`keep` None) or retires it.
     async fn end_or_retire(
         &self,
@@ -460,7 +338,6 @@ impl RedisRunStore {
             .key(run_key(q, &claim.job_id))
             .key(pending_key(q))
             .key(deciding_key(q))
-            .key(recoveries_key(q))
             .arg(&claim.job_id)
             .arg(claim.epoch)
             .arg(

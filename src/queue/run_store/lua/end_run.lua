@@ -1,6 +1,6 @@
 -- Forgets a finished run, if `epoch` still holds the job; with ms, retires it instead (it
 -- expires after ms, the epoch entry stays for the `end_run` that follows).
--- KEYS: 1 epochs, 2 run, 3 pending, 4 deciding, 5 recoveries (forgotten with the epoch entry).
+-- KEYS: 1 epochs, 2 run, 3 pending, 4 deciding.
 -- ARGV: 1 id, 2 epoch, 3 '' or ms.
 -- A run waiting for a human (pending, or decided with its resume message on the way) is kept:
 -- the claim that ended was a copy of the paused job. A pending or deciding entry whose halt
@@ -21,8 +21,5 @@ if not live then
     redis.call('PEXPIRE', KEYS[2], ARGV[3])
   end
 end
-if ARGV[3] == '' then
-  redis.call('HDEL', KEYS[1], ARGV[1])
-  redis.call('HDEL', KEYS[5], ARGV[1])
-end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1]) end
 return 1

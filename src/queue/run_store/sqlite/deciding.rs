@@ -95,7 +95,7 @@ pub(super) fn delete_run(
         }
         None => forget_run(tx, queue, job_id)?,
     }
-    delete_rows(tx, &["epochs", "recoveries"], queue, job_id)
+    delete_rows(tx, &["epochs"], queue, job_id)
 }
 
 pub(super) fn to_deciding(decision: String, pending: Vec<u8>, props: String) -> Deciding {

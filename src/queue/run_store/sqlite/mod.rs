@@ -48,7 +48,6 @@ impl SqliteRunStore {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         tx.execute_batch(SCHEMA)?;
         tx.execute_batch(RUN_TABLES)?;
-        tx.execute_batch(AMQP_TABLES)?;
         add_retire_at(&tx)?;
         seed_epoch_seq(&tx, "SELECT MAX(epoch) FROM epochs")?;
         tx.commit()?;
@@ -79,28 +78,10 @@ impl SqliteRunStore {
 
 #[async_trait]
 impl RunStore for SqliteRunStore {
-    async fn claim_epoch(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        redelivered: bool,
-    ) -> Result<(u64, u32), QueueError> {
+    async fn next_epoch(&self, q: &QueueNames, job_id: &str) -> Result<u64, QueueError> {
         let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
         self.with_conn(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let held_before = row_of(&tx, "epochs", "epoch", &queue, &job_id)?.is_some();
-            if redelivered && held_before {
-                tx.prepare_cached(
-                    "INSERT INTO recoveries (queue, job_id, n) VALUES (?1, ?2, 1)
-                     ON CONFLICT (queue, job_id) DO UPDATE SET n = n + 1",
-                )?
-                .execute(params![queue, job_id])?;
-            }
-            let recoveries: i64 = tx
-                .prepare_cached("SELECT n FROM recoveries WHERE queue = ?1 AND job_id = ?2")?
-                .query_row(params![queue, job_id], |r| r.get(0))
-                .optional()?
-                .unwrap_or(0);
             let epoch = next_epoch(&tx)?;
             tx.prepare_cached(
                 "INSERT INTO epochs (queue, job_id, epoch) VALUES (?1, ?2, ?3)
@@ -113,120 +94,7 @@ impl RunStore for SqliteRunStore {
             )?
             .execute(params![queue, job_id])?;
             tx.commit()?;
-            Ok((
-                u64::try_from(epoch).unwrap_or(0),
-                u32::try_from(recoveries.max(0)).unwrap_or(u32::MAX),
-            ))
-        })
-        .await
-    }
-
-    async fn hold(
-        &self,
-        q: &QueueNames,
-        claim: &Claim,
-        message: &str,
-        lease: Duration,
-    ) -> Result<bool, QueueError> {
-        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
-        let message = message.to_string();
-        let until = now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-        self.with_conn(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if !holds(&tx, &queue, &job_id, epoch)? {
-                return Ok(false);
-            }
-            tx.prepare_cached(
-                "INSERT OR REPLACE INTO holds (queue, job_id, epoch, until_ms, message)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?
-            .execute(params![queue, job_id, epoch as i64, until, message])?;
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
-    }
-
-    async fn renew_hold(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        epoch: u64,
-        lease: Duration,
-    ) -> Result<bool, QueueError> {
-        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
-        let until = now_ms().saturating_add(i64::try_from(lease.as_millis()).unwrap_or(i64::MAX));
-        self.with_conn(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if !holds(&tx, &queue, &job_id, epoch)? {
-                return Ok(false);
-            }
-            let n = tx
-                .prepare_cached(
-                    "UPDATE holds SET until_ms = ?4 WHERE queue = ?1 AND job_id = ?2 AND epoch = ?3",
-                )?
-                .execute(params![queue, job_id, epoch as i64, until])?;
-            tx.commit()?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    async fn drop_hold(
-        &self,
-        q: &QueueNames,
-        job_id: &str,
-        epoch: u64,
-    ) -> Result<bool, QueueError> {
-        let (queue, job_id) = (q.jobs.clone(), job_id.to_string());
-        self.with_conn(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "DELETE FROM holds WHERE queue = ?1 AND job_id = ?2 AND epoch = ?3",
-                )?
-                .execute(params![queue, job_id, epoch as i64])?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    async fn expired_holds(
-        &self,
-        q: &QueueNames,
-        again: Duration,
-    ) -> Result<Vec<(String, String)>, QueueError> {
-        let queue = q.jobs.clone();
-        let again = i64::try_from(again.as_millis()).unwrap_or(i64::MAX);
-        self.with_conn(move |conn| {
-            let now = now_ms();
-            let due =
-                |c: &Connection| -> Result<Vec<(String, i64, String)>, QueueError> {
-                    Ok(c.prepare_cached(
-                    "SELECT job_id, epoch, message FROM holds WHERE queue = ?1 AND until_ms <= ?2",
-                )?
-                .query_map(params![queue, now], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                .collect::<Result<_, _>>()?)
-                };
-            if due(conn)?.is_empty() {
-                return Ok(Vec::new());
-            }
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let due = due(&tx)?;
-            for (job_id, epoch, _) in &due {
-                if *epoch != 0 {
-                    tx.prepare_cached(
-                        "INSERT INTO recoveries (queue, job_id, n) VALUES (?1, ?2, 1)
-                         ON CONFLICT (queue, job_id) DO UPDATE SET n = n + 1",
-                    )?
-                    .execute(params![queue, job_id])?;
-                }
-                tx.prepare_cached(
-                    "UPDATE holds SET epoch = 0, until_ms = ?3 WHERE queue = ?1 AND job_id = ?2",
-                )?
-                .execute(params![queue, job_id, now.saturating_add(again)])?;
-            }
-            tx.commit()?;
-            Ok(due.into_iter().map(|(j, _, m)| (j, m)).collect())
+            Ok(u64::try_from(epoch).unwrap_or(0))
         })
         .await
     }
@@ -335,20 +203,6 @@ impl RunStore for SqliteRunStore {
     }
 
     async fn release(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
-        let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
-        self.with_conn(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            if !holds(&tx, &queue, &job_id, epoch)? {
-                return Ok(false);
-            }
-            delete_rows(&tx, &["epochs", "recoveries"], &queue, &job_id)?;
-            tx.commit()?;
-            Ok(true)
-        })
-        .await
-    }
-
-    async fn let_go(&self, q: &QueueNames, claim: &Claim) -> Result<bool, QueueError> {
         let (queue, job_id, epoch) = (q.jobs.clone(), claim.job_id.clone(), claim.epoch);
         self.with_conn(move |conn| {
             let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;

@@ -12,10 +12,6 @@ pub(super) const SCHEMA: &str = include_str!("sql/schema.sql");
 /// The checkpoint and journal tables, shared with the embedded backend's file.
 pub(in crate::queue) const RUN_TABLES: &str = include_str!("sql/run_tables.sql");
 
-/// The amqp backend's tables beside the runs: each job's recovery count in its current life,
-/// and the deliveries taken into the store (holds, see `RunStore::hold`).
-pub(super) const AMQP_TABLES: &str = include_str!("sql/amqp_tables.sql");
-
 /// Starts the file's epoch sequence, once, above `highest` (the largest epoch the file already
 /// holds, for files from before the sequence). Epochs come from this one sequence, never from
 /// a per-job counter: a job's row or entry goes when its run ends, and a counter started again
@@ -96,5 +92,4 @@ pub(super) const JOB_TABLES: &[&str] = &[
     "pending",
     "deciding",
     "deciding_confirmed",
-    "recoveries",
 ];
